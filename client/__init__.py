@@ -1,0 +1,1 @@
+"""Hospital side of the federation: ClientApp, site state store, `osteo-client`."""

@@ -1,0 +1,1 @@
+"""Hydra config groups (data only); composed by `osteo_model.config.compose`."""

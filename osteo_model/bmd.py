@@ -1,0 +1,70 @@
+"""Bone-density arithmetic shared by preparation, synthesis, calibration and reports.
+
+Hui 1997 standardisation, T-scores on a device's young-adult reference, WHO categories and the
+patient-level L1-L4 rule. The numbers live in ``osteo_model.constants``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+
+from osteo_model.constants import (
+    CATEGORIES,
+    HUI_1997,
+    HUI_SBMD_CONSTANT,
+    MANUFACTURER_ALIASES,
+    MIN_LEVELS_FOR_DIAGNOSIS,
+    T_NORMAL_MIN,
+    T_OSTEOPOROSIS_MAX,
+    YOUNG_ADULT_REFERENCE,
+)
+
+
+def normalise_manufacturer(name: str) -> str | None:
+    """Map a DXA export's manufacturer spelling to a HUI_1997 key; None if unknown."""
+    return MANUFACTURER_ALIASES.get(str(name).strip().lower())
+
+
+def to_sbmd(bmd: np.ndarray | float, manufacturer: str) -> np.ndarray | float:
+    """Device areal BMD -> standardised BMD (Hui et al. 1997)."""
+    slope, offset = HUI_1997[manufacturer]
+    return slope * (bmd - offset) + HUI_SBMD_CONSTANT
+
+
+def from_sbmd(sbmd: np.ndarray | float, manufacturer: str) -> np.ndarray | float:
+    """Standardised BMD -> device areal BMD (inverse of Hui et al. 1997)."""
+    slope, offset = HUI_1997[manufacturer]
+    return (sbmd - HUI_SBMD_CONSTANT) / slope + offset
+
+
+def t_score(bmd: np.ndarray | float, manufacturer: str) -> np.ndarray | float:
+    """T-score of a device BMD on that device's young-adult reference."""
+    mean, sd = YOUNG_ADULT_REFERENCE[manufacturer]
+    return (bmd - mean) / sd
+
+
+def category_from_t(t: np.ndarray | float) -> np.ndarray | int:
+    """WHO category index (0 normal, 1 osteopenia, 2 osteoporosis); -1 where t is NaN."""
+    t_arr = np.asarray(t, dtype=float)
+    cat = np.where(t_arr <= T_OSTEOPOROSIS_MAX, 2, np.where(t_arr < T_NORMAL_MIN, 1, 0))
+    cat = np.where(np.isnan(t_arr), -1, cat)
+    return int(cat) if cat.ndim == 0 else cat
+
+
+def category_name(index: int) -> str:
+    return CATEGORIES[index] if index >= 0 else "unknown"
+
+
+def patient_bmd(level_bmds: Iterable[float]) -> float:
+    """Patient-level L1-L4 BMD as clinicians report it (ISCD Official Positions 2019).
+
+    Mean of the evaluable levels among L1-L4 (DXA's total is area-weighted; with equal-sized
+    vertebrae that is the mean); NaN when fewer than two levels remain, since a diagnosis must not
+    rest on a single vertebra.
+    """
+    values = [v for v in level_bmds if v is not None and not math.isnan(v)]
+    if len(values) < MIN_LEVELS_FOR_DIAGNOSIS:
+        return float("nan")
+    return float(np.mean(values))

@@ -1,0 +1,92 @@
+"""Clinical constants, each once, with its source (see ../shared/reference/clinical.md)."""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4")
+"""Lumbar levels that DXA reports and this project models, in anatomical order."""
+
+# --- Vertebra label conventions -------------------------------------------------------------------
+# TotalSegmentator v2 `total` task: L5=27, L4=28, L3=29, L2=30, L1=31 (TotalSegmentator class map).
+# VerSe challenge: L1=20 ... L4=23 (Sekuboyina et al. 2021, VerSe label ids).
+LABEL_PRESETS: Mapping[str, Mapping[str, int]] = MappingProxyType(
+    {
+        "totalseg_total": MappingProxyType({"L1": 31, "L2": 30, "L3": 29, "L4": 28}),
+        "verse": MappingProxyType({"L1": 20, "L2": 21, "L3": 22, "L4": 23}),
+        "plain": MappingProxyType({"L1": 1, "L2": 2, "L3": 3, "L4": 4}),
+    }
+)
+
+# --- WHO T-score categories (WHO 1994 technical report; clinical.md) --------------------------------
+T_NORMAL_MIN = -1.0
+"""normal: T >= -1.0"""
+T_OSTEOPOROSIS_MAX = -2.5
+"""osteoporosis: T <= -2.5; osteopenia in between."""
+CATEGORIES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
+
+# --- Standardised BMD: Hui et al. 1997, J Bone Miner Res 12:1463 (spine) ----------------------------
+# sBMD = slope * (BMD - offset) + HUI_SBMD_CONSTANT   (g/cm^2)
+HUI_SBMD_CONSTANT = 1.0436
+HUI_1997: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {
+        "hologic": (1.0550, 0.972),
+        "ge_lunar": (0.9683, 1.100),
+        "norland": (0.9743, 0.969),
+    }
+)
+"""manufacturer -> (slope, offset) of the Hui 1997 sBMD equation."""
+
+MANUFACTURER_ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "hologic": "hologic",
+        "ge lunar": "ge_lunar",
+        "ge_lunar": "ge_lunar",
+        "ge-lunar": "ge_lunar",
+        "lunar": "ge_lunar",
+        "ge healthcare": "ge_lunar",
+        "ge": "ge_lunar",
+        "norland": "norland",
+    }
+)
+"""Spellings seen in DXA exports, normalised to the keys of HUI_1997."""
+
+# --- Young-adult spine (L1-L4) reference for T-scores, per manufacturer (g/cm^2) ------------------
+# Hologic's young-adult reference, L1-L4 mean 1.047, SD 0.110 (Kelly 1988, Hologic reference database);
+# the other manufacturers' values follow from Genant et al. 1994 spine cross-calibration
+# (Lunar = 1.074 x Hologic + 0.054; Norland = 1.068 x Hologic - 0.070; SD scaled by the slope):
+# Lunar 1.178 / 0.118 agrees with Lunar's own published 1.18 / 0.12.
+YOUNG_ADULT_REFERENCE: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {
+        "hologic": (1.047, 0.110),
+        "ge_lunar": (1.074 * 1.047 + 0.054, 1.074 * 0.110),
+        "norland": (1.068 * 1.047 - 0.070, 1.068 * 0.110),
+    }
+)
+"""manufacturer -> (young-adult mean, SD) of L1-L4 areal BMD on that manufacturer's scale."""
+
+# --- DXA areal BMD across L1-L4, reference means (g/cm^2, SD ~0.12-0.13; clinical.md table) --------
+LEVEL_REFERENCE_BMD: Mapping[str, Mapping[str, float]] = MappingProxyType(
+    {
+        "male": MappingProxyType({"L1": 0.999, "L2": 1.073, "L3": 1.081, "L4": 1.071}),
+        "female": MappingProxyType({"L1": 0.960, "L2": 1.064, "L3": 1.100, "L4": 1.086}),
+    }
+)
+
+# --- Clinical reporting of the lumbar spine (ISCD Official Positions 2019, adult) --------------------
+# Use L1-L4; exclude vertebrae with local structural change; use as many as possible, at least two;
+# classification must not rest on a single vertebra.
+MIN_LEVELS_FOR_DIAGNOSIS = 2
+MAX_EXCLUDED_LEVELS = 2
+
+# --- CT-only rules -----------------------------------------------------------------------------------
+PICKHARDT_L1_HU_SENSITIVE = 160.0
+"""Pickhardt et al. 2013, Ann Intern Med: L1 trabecular HU <= 160 is 90 % sensitive for osteoporosis."""
+PICKHARDT_L1_HU_SPECIFIC = 110.0
+"""Pickhardt et al. 2013: L1 trabecular HU <= 110 is > 90 % specific for osteoporosis."""
+TOTALSEG_OSTEOPOROSIS_HU = 90.25
+"""TotalSegmentator spine report: osteoporosis below 90.25 HU median body attenuation (non-contrast)."""
+
+# --- Plausibility bounds (engineering limits, not diagnostic thresholds) ---------------------------
+BMD_PLAUSIBLE_RANGE = (0.2, 2.5)
+"""Areal spine BMD outside this range (g/cm^2) is a data error, not a patient."""

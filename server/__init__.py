@@ -1,0 +1,1 @@
+"""Coordinating-site side of the federation: ServerApp, strategy, checkpoints, provisioning, `flower-server`."""
