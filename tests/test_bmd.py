@@ -1,0 +1,51 @@
+"""BMD arithmetic against the published equations and thresholds."""
+import math
+
+import numpy as np
+import pytest
+
+from osteo_model import bmd
+from osteo_model.constants import HUI_1997, YOUNG_ADULT_REFERENCE
+
+
+@pytest.mark.parametrize("manufacturer", sorted(HUI_1997))
+def test_hui_roundtrip(manufacturer: str) -> None:
+    device = np.linspace(0.5, 1.5, 11)
+    np.testing.assert_allclose(bmd.from_sbmd(bmd.to_sbmd(device, manufacturer), manufacturer), device)
+
+
+def test_hui_values_from_paper() -> None:
+    # Hui 1997: sBMD = 1.0550 (Hologic - 0.972) + 1.0436; = 0.9683 (Lunar - 1.100) + 1.0436
+    assert bmd.to_sbmd(0.972, "hologic") == pytest.approx(1.0436)
+    assert bmd.to_sbmd(1.2, "ge_lunar") == pytest.approx(0.9683 * 0.1 + 1.0436)
+    # The same patient reads higher on Lunar than on Hologic (Fan 2010: Hologic ~11.7 % lower).
+    s = 0.9
+    assert bmd.from_sbmd(s, "ge_lunar") > bmd.from_sbmd(s, "hologic")
+
+
+def test_young_adult_lunar_matches_published_reference() -> None:
+    mean, sd = YOUNG_ADULT_REFERENCE["ge_lunar"]
+    assert mean == pytest.approx(1.18, abs=0.01) and sd == pytest.approx(0.12, abs=0.01)
+
+
+def test_who_categories_at_thresholds() -> None:
+    t = np.array([-2.6, -2.5, -2.49, -1.01, -1.0, 0.5, np.nan])
+    assert bmd.category_from_t(t).tolist() == [2, 2, 1, 1, 0, 0, -1]
+    assert bmd.category_from_t(-3.0) == 2
+    assert bmd.category_name(1) == "osteopenia"
+
+
+def test_t_score_on_device_reference() -> None:
+    mean, sd = YOUNG_ADULT_REFERENCE["hologic"]
+    assert bmd.t_score(mean - 2.5 * sd, "hologic") == pytest.approx(-2.5)
+
+
+def test_manufacturer_spellings() -> None:
+    assert bmd.normalise_manufacturer(" GE Lunar ") == "ge_lunar"
+    assert bmd.normalise_manufacturer("HOLOGIC") == "hologic"
+    assert bmd.normalise_manufacturer("Acme DXA") is None
+
+
+def test_patient_level_rule_needs_two_levels() -> None:
+    assert bmd.patient_bmd([0.8, float("nan"), 1.0, None]) == pytest.approx(0.9)
+    assert math.isnan(bmd.patient_bmd([0.8, float("nan"), float("nan"), float("nan")]))
