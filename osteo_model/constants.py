@@ -17,6 +17,8 @@ LABEL_PRESETS: Mapping[str, Mapping[str, int]] = MappingProxyType(
         "plain": MappingProxyType({"L1": 1, "L2": 2, "L3": 3, "L4": 4}),
     }
 )
+TOTALSEG_TOTAL_NEIGHBOURS: Mapping[str, int] = MappingProxyType({"T12": 32, "L5": 27})
+"""TotalSegmentator v2 `total` ids of the vertebrae next to L1-L4 (class map; clinical.md)."""
 
 # --- WHO T-score categories (WHO 1994 technical report; clinical.md) --------------------------------
 T_NORMAL_MIN = -1.0
@@ -90,3 +92,9 @@ TOTALSEG_OSTEOPOROSIS_HU = 90.25
 # --- Plausibility bounds (engineering limits, not diagnostic thresholds) ---------------------------
 BMD_PLAUSIBLE_RANGE = (0.2, 2.5)
 """Areal spine BMD outside this range (g/cm^2) is a data error, not a patient."""
+
+CT_AIR_CHECK_HU = -500.0
+"""Air is -1000 HU by definition of the Hounsfield scale, and every CT field of view holds some (outside
+the body, lungs, bowel gas). If even the CT_AIR_CHECK_PERCENTILE-th percentile lies above this, the values
+are not HU (e.g. raw stored values without the DICOM rescale intercept, which puts air near 0)."""
+CT_AIR_CHECK_PERCENTILE = 0.5

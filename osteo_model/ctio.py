@@ -1,0 +1,262 @@
+"""Reading a site's CT studies and label maps, with the checks that keep bad scans out of the cache.
+
+A CT is a NIfTI/NRRD file or a DICOM series folder (read with SimpleITK, which applies the DICOM
+rescale slope/intercept). Every problem is an ``InputError`` naming the file, so preparation can
+quarantine that study and carry on.
+"""
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from osteo_model.constants import CT_AIR_CHECK_HU, CT_AIR_CHECK_PERCENTILE
+from osteo_model.errors import InputError
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+SLICE_TOLERANCE = 0.05
+"""Relative deviation of one slice step from the series' median step that counts as irregular."""
+SPACE_TOLERANCE = 1e-3
+"""Tolerance (mm for spacing/origin, cosine for direction) when comparing two images' geometry."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical space of an image, as read from its header (no voxels)."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, img: sitk.Image | sitk.ImageFileReader) -> "Geometry":
+        return cls(tuple(img.GetSize()), tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
+
+
+def is_dicom_series(path: Path) -> bool:
+    return path.is_dir()
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_file() and not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise InputError(path, f"unsupported image format (expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)")
+
+
+def _series_files(folder: Path) -> list[str]:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(folder, "no DICOM series found in folder")
+    if len(series) > 1:
+        raise InputError(folder, f"folder holds {len(series)} DICOM series; put one series per folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    if len(files) < 2:
+        raise InputError(folder, "DICOM series has fewer than two slices")
+    return list(files)
+
+
+def _read_header(file: str | Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(file))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(file, f"unreadable image header ({_first_line(exc)})") from None
+    return reader
+
+
+def check_slice_positions(folder: Path, files: list[str]) -> float:
+    """Check a DICOM series for missing, duplicate or irregularly spaced slices; return the slice step.
+
+    Positions come from ImagePositionPatient projected on the slice normal (from
+    ImageOrientationPatient), so gantry order or file names do not matter.
+    """
+    positions = []
+    normal = None
+    for f in files:
+        header = _read_header(f)
+        try:
+            ipp = [float(v) for v in header.GetMetaData("0020|0032").split("\\")]
+            iop = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
+        except (RuntimeError, ValueError):
+            raise InputError(f, "DICOM slice lacks ImagePositionPatient/ImageOrientationPatient") from None
+        if normal is None:
+            normal = np.cross(iop[:3], iop[3:6])
+        positions.append(float(np.dot(ipp, normal)))
+    steps = np.diff(np.sort(positions))
+    if np.any(steps < SPACE_TOLERANCE):
+        raise InputError(folder, "DICOM series has duplicate slice positions")
+    step = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - step)))
+    if steps[worst] > 1.5 * step:
+        missing = int(round(steps[worst] / step)) - 1
+        raise InputError(folder, f"DICOM series is missing {missing} slice(s): gap of {steps[worst]:.2f} mm where the step is {step:.2f} mm")
+    if abs(steps[worst] - step) > SLICE_TOLERANCE * step:
+        raise InputError(folder, f"DICOM series has irregular slice spacing: {steps[worst]:.2f} mm vs median {step:.2f} mm")
+    return step
+
+
+def read_geometry(path: Path) -> Geometry:
+    """Header-only geometry of a CT or label map; validates DICOM slice positions on the way."""
+    _check_exists(path)
+    if is_dicom_series(path):
+        files = _series_files(path)
+        step = check_slice_positions(path, files)
+        first = _read_header(files[0])
+        size = (*first.GetSize()[:2], len(files))
+        spacing = (*first.GetSpacing()[:2], step)
+        # GDCM sorts the files along the slice normal, so the first file holds the series origin.
+        return Geometry(size, spacing, tuple(first.GetOrigin()), tuple(first.GetDirection()))
+    return Geometry.of(_read_header(path))
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Byte offset where a NIfTI-1/2 file's voxel data ends, from its header; None if not NIfTI."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    return offset + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+
+
+def check_nifti_complete(path: Path) -> None:
+    """ITK reads a cut-off NIfTI without complaint (the missing voxels come back as zeros).
+
+    Compare the data size the header promises with the file size (or, gzipped, with the size the
+    gzip trailer records, modulo 2^32) so a truncated download or copy is caught.
+    """
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as fh:
+            end = _nifti_data_end(fh.read(540))
+        if name.endswith(".gz"):
+            with open(path, "rb") as fh:
+                fh.seek(-4, 2)
+                stored = struct.unpack("<I", fh.read(4))[0]
+            complete = end is None or stored == end % 2**32
+        else:
+            complete = end is None or path.stat().st_size >= end
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise InputError(path, f"unreadable image ({exc})") from None
+    if not complete:
+        raise InputError(path, "unreadable or truncated image (file shorter than its header says)")
+
+
+def read_image(path: Path) -> sitk.Image:
+    """Read a CT or label map (file or DICOM series folder) with voxels."""
+    _check_exists(path)
+    try:
+        if is_dicom_series(path):
+            files = _series_files(path)
+            check_slice_positions(path, files)
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            img = reader.Execute()
+        else:
+            check_nifti_complete(path)
+            img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"unreadable or truncated image ({_first_line(exc)})") from None
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"expected a 3-D scalar image, got {img.GetDimension()}-D with {img.GetNumberOfComponentsPerPixel()} component(s)")
+    return img
+
+
+def check_hounsfield(ct: np.ndarray, path: Path) -> None:
+    """Reject a CT that is not in Hounsfield units.
+
+    Every CT field of view holds some air (−1000 HU by definition: outside the body, lungs, bowel).
+    Stored values written without the rescale intercept (typically −1024) put air near 0 instead.
+    """
+    low = float(np.percentile(ct, CT_AIR_CHECK_PERCENTILE))
+    if low > CT_AIR_CHECK_HU:
+        raise InputError(
+            path,
+            f"CT does not look like Hounsfield units: no air (the {CT_AIR_CHECK_PERCENTILE}th percentile is {low:.0f}, "
+            f"expected below {CT_AIR_CHECK_HU:.0f}); raw stored values without rescale slope/intercept?",
+        )
+
+
+def _grid(g: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-centre corners and per-axis step vectors: what makes two geometries the same grid."""
+    direction = np.asarray(g.direction).reshape(3, 3)
+    steps = direction * np.asarray(g.spacing)  # column i: one voxel step along index axis i
+    corners = np.array([[(n - 1) * bit for n, bit in zip(g.size, bits)] for bits in np.ndindex(2, 2, 2)])
+    points = np.asarray(g.origin) + corners @ steps.T
+    return points[np.lexsort(np.round(points, 2).T)], np.sort(np.abs(steps), axis=1)
+
+
+def same_grid(a: Geometry, b: Geometry) -> bool:
+    """True when both geometries sample the same physical points, maybe in another axis order/sign."""
+    (pa, sa), (pb, sb) = _grid(a), _grid(b)
+    return sorted(a.size) == sorted(b.size) and np.allclose(pa, pb, atol=SPACE_TOLERANCE * 10) and np.allclose(
+        sa[np.lexsort(sa.T)], sb[np.lexsort(sb.T)], atol=SPACE_TOLERANCE)
+
+
+def check_same_space(ct: Geometry, labels: Geometry, labels_path: Path) -> None:
+    """The label map must lie voxel for voxel on the CT grid (size, spacing, origin, direction).
+
+    A label map on the same grid stored in another axis orientation (e.g. a NIfTI mask of a DICOM
+    series) is accepted: ``read_study`` reorients it, which moves voxels without interpolating.
+    """
+    if same_grid(ct, labels):
+        return
+    if sorted(ct.size) != sorted(labels.size):
+        raise InputError(labels_path, f"label map size {labels.size} differs from CT size {ct.size}")
+    for name in ("spacing", "origin", "direction"):
+        a, b = np.asarray(getattr(ct, name)), np.asarray(getattr(labels, name))
+        if a.shape != b.shape or not np.allclose(a, b, atol=SPACE_TOLERANCE, rtol=SPACE_TOLERANCE):
+            raise InputError(labels_path, f"label map {name} {tuple(np.round(b, 4))} differs from CT {name} {tuple(np.round(a, 4))}")
+    raise InputError(labels_path, "label map does not lie on the CT's voxel grid")
+
+
+def _reorient_like(labels: sitk.Image, ct: sitk.Image) -> sitk.Image:
+    """Labels on the CT's grid in another axis order: permute/flip them into the CT's voxel order."""
+    if Geometry.of(labels) == Geometry.of(ct):
+        return labels
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(ct.GetDirection())
+    labels = sitk.DICOMOrient(labels, code)
+    # Exact on the grid: adopt the CT's header to drop float round-off in origin/direction.
+    labels.CopyInformation(ct)
+    return labels
+
+
+def read_study(ct_path: Path, labels_path: Path) -> tuple[sitk.Image, np.ndarray]:
+    """Read a CT (checked to be in HU) and its label map (checked to be in the CT's space).
+
+    Returns the CT image (float32 HU) and the label array in numpy (z, y, x) order.
+    """
+    ct = read_image(ct_path)
+    labels = read_image(labels_path)
+    check_same_space(Geometry.of(ct), Geometry.of(labels), labels_path)
+    labels = _reorient_like(labels, ct)
+    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        label_arr = sitk.GetArrayViewFromImage(labels)
+        if not np.all(np.mod(label_arr, 1) == 0):
+            raise InputError(labels_path, "label map holds non-integer values; expected integer vertebra ids")
+    label_arr = sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
+    ct = sitk.Cast(ct, sitk.sitkFloat32)
+    check_hounsfield(sitk.GetArrayViewFromImage(ct), ct_path)
+    return ct, label_arr
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__

@@ -1,0 +1,331 @@
+"""``osteo-prepare``: a site folder -> the site's prepared cache, incrementally.
+
+1. Validate everything first: studies table, DXA table, CT<->DXA pairing; per study a content key
+   (input bytes + the settings that shape its entry + its DXA pairing) and, unless an entry
+   ``<cache_dir>/entries/<key>.npz`` already exists, the CT/label headers (DICOM slice positions,
+   label map in the CT's space).
+2. Studies without an entry are read, cropped and featurised (pyradiomics) in a process pool, one
+   study per task, each entry written atomically by its worker; the others are skipped as cached.
+3. Consolidate this run's entries into the memory-mappable cache (``osteo_model.cache``) and write
+   ``quarantine.csv``: every case left out, and why.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from osteo_model import ctio, dxa
+from osteo_model.cache import INDEX_COLUMNS, write_site_cache
+from osteo_model.constants import LEVELS
+from osteo_model.crops import LevelExclusion, VertebraCrop, check_crop_cfg, crop_levels, crop_spacing_mm
+from osteo_model.errors import InputError
+from osteo_model.labels import label_map_from_cfg
+from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED, Problem, write_quarantine_csv
+from osteo_model.radiomics_features import extractor_for, n_workers, params_digest, params_path
+
+ENTRY_VERSION = 1
+"""Bump when the content of an entry changes, so old entries are recomputed."""
+STUDY_COLUMNS = ("study_id", "patient_id", "ct_date", "ct", "labels")
+
+
+@dataclass(frozen=True)
+class Study:
+    study_id: str
+    patient_id: str
+    ct_date: pd.Timestamp
+    ct: Path
+    labels: Path
+    scanner: str = ""
+
+
+@dataclass
+class Summary:
+    prepared: int = 0
+    cached: int = 0
+    quarantined: int = 0
+    vertebrae: int = 0
+    labeled_vertebrae: int = 0
+    excluded_levels: int = 0
+    unlabeled_studies: int = 0
+    dxa_rows_quarantined: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"prepared {self.prepared}, skipped as cached {self.cached}, quarantined {self.quarantined} studies; "
+                f"{self.vertebrae} vertebrae ({self.labeled_vertebrae} labeled), {self.excluded_levels} levels excluded, "
+                f"{self.unlabeled_studies} studies unlabeled, {self.dxa_rows_quarantined} DXA rows quarantined")
+
+
+def load_studies(site_dir: Path, table_name: str) -> tuple[list[Study], list[Problem]]:
+    """Read ``studies.csv``; rows without ids, with a duplicate study_id or a bad date are quarantined."""
+    path = site_dir / table_name
+    if not path.is_file():
+        raise InputError(path, "studies table not found")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"unreadable studies table ({exc})") from None
+    missing = [c for c in STUDY_COLUMNS if c not in raw.columns]
+    if missing:
+        raise InputError(path, f"studies table lacks columns {missing}")
+    raw = raw.apply(lambda col: col.str.strip())
+    duplicated = raw["study_id"].duplicated(keep=False)
+    studies, problems = [], []
+    for i, r in raw.iterrows():
+        case = r["study_id"] or f"{table_name} line {i + 2}"
+        date = pd.to_datetime(r["ct_date"], format="%Y-%m-%d", errors="coerce")
+        reason = ("missing study_id or patient_id" if not (r["study_id"] and r["patient_id"])
+                  else "duplicate study_id" if duplicated[i]
+                  else "ct_date not YYYY-MM-DD" if pd.isna(date) else None)
+        if reason:
+            problems.append(Problem(case, table_name, reason))
+            continue
+        studies.append(Study(r["study_id"], r["patient_id"], date, site_dir / r["ct"], site_dir / r["labels"],
+                             r.get("scanner", "")))
+    return studies, problems
+
+
+def _relative(path: Path | None, site_dir: Path) -> str:
+    if path is None:
+        return ""
+    try:
+        return str(path.relative_to(site_dir))
+    except ValueError:
+        return str(path)
+
+
+def _hash_inputs(digest: Any, path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "file not found")
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+
+
+def study_key(study: Study, pairing: dxa.Pairing, settings: str) -> str:
+    """Content key of a study's entry: its files' bytes, its DXA pairing and the settings."""
+    digest = hashlib.sha256(f"{ENTRY_VERSION}|{settings}".encode())
+    meta = {"study": asdict(study) | {"ct": study.ct.name, "labels": study.labels.name},
+            "dxa": pairing.dxa, "interval": pairing.interval_days}
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    _hash_inputs(digest, study.ct)
+    _hash_inputs(digest, study.labels)
+    return digest.hexdigest()[:32]
+
+
+def _index_row(study: Study, pairing: dxa.Pairing, crop: VertebraCrop, spacing: str) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "study_id": study.study_id, "patient_id": study.patient_id, "level": crop.level,
+        "level_idx": LEVELS.index(crop.level), "ct_date": study.ct_date.date().isoformat(),
+        "scanner": study.scanner, "spacing_mm": spacing, "hu_mean": crop.hu_mean, "hu_median": crop.hu_median,
+        "hu_std": crop.hu_std, "body_volume_ml": crop.body_volume_ml,
+        "dxa_manufacturer": "", "dxa_model": "", "dxa_date": "", "interval_days": np.nan, "sex": "", "age": np.nan,
+        **dxa.level_labels(pairing.dxa, crop.level),
+    }
+    if pairing.dxa is not None:
+        row.update(dxa_manufacturer=pairing.dxa["manufacturer"], dxa_model=pairing.dxa["model"],
+                   dxa_date=pairing.dxa["dxa_date"].date().isoformat(), interval_days=pairing.interval_days,
+                   sex=pairing.dxa["sex"], age=pairing.dxa["age"])
+    row["labeled"] = bool(np.isfinite(row["bmd"]))
+    return row
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    """Everything a worker process needs to prepare one study's entry."""
+
+    study: Study
+    pairing: dxa.Pairing
+    entry: Path
+    label_map: dict[str, int]
+    crop: DictConfig
+    params_file: str
+
+
+def prepare_study(task: StudyTask) -> tuple[Path | None, str] | None:
+    """Read, crop and featurise one study, then write its entry; (file, reason) if it cannot be used."""
+    study = task.study
+    try:
+        ct, label_arr = ctio.read_study(study.ct, study.labels)
+    except InputError as exc:
+        return exc.path, exc.reason
+    try:
+        results = crop_levels(ct, label_arr, task.label_map, task.crop)
+        crops = [r for r in results if isinstance(r, VertebraCrop)]
+        excluded = [r for r in results if isinstance(r, LevelExclusion)]
+        extractor = extractor_for(task.params_file, crop_spacing_mm(task.crop))
+        features, errors = extractor.extract_many([c.crop for c in crops], [c.mask for c in crops])
+    except (RuntimeError, ValueError) as exc:  # a scan our cropping cannot handle: quarantine, carry on
+        return study.ct, f"preparation failed ({type(exc).__name__}: {exc})"
+    kept = [i for i, e in enumerate(errors) if e is None]
+    excluded += [LevelExclusion(crops[i].level, f"radiomics failed: {e}") for i, e in enumerate(errors) if e]
+    spacing = ",".join(f"{v:.3g}" for v in ct.GetSpacing())
+    rows = [_index_row(study, task.pairing, crops[i], spacing) for i in kept]
+    _write_entry(task.entry, [crops[i] for i in kept], features[kept], rows, excluded, int(task.crop.size))
+    return None
+
+
+def _run(tasks: list[StudyTask], n_jobs: int) -> Iterator[tuple[StudyTask, tuple[Path | None, str] | None]]:
+    """(task, failure) in completion order: in this process for one job, else in a process pool."""
+    if n_jobs == 1 or len(tasks) < 2:
+        yield from ((t, prepare_study(t)) for t in tasks)
+        return
+    with ProcessPoolExecutor(min(n_jobs, len(tasks))) as pool:
+        futures = {pool.submit(prepare_study, t): t for t in tasks}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+def _write_entry(path: Path, crops: list[VertebraCrop], features: np.ndarray, rows: list[dict], excluded: list[LevelExclusion], size: int) -> None:
+    """Write one study's entry atomically: a reader finds the whole entry or none."""
+    shape = (len(crops), size, size, size)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            crops=np.stack([c.crop for c in crops]) if crops else np.zeros(shape, np.int16),
+            masks=np.stack([c.mask for c in crops]) if crops else np.zeros(shape, np.uint8),
+            features=features.astype(np.float32),
+            rows=np.array(json.dumps(rows, default=float)),
+            excluded=np.array(json.dumps([asdict(e) for e in excluded])),
+        )
+    os.replace(tmp, path)
+
+
+def _load_entry(path: Path) -> dict[str, Any]:
+    with np.load(path) as z:
+        return {"crops": z["crops"], "masks": z["masks"], "features": z["features"],
+                "rows": json.loads(str(z["rows"])), "excluded": [LevelExclusion(**e) for e in json.loads(str(z["excluded"]))]}
+
+
+def prepare_site(cfg: DictConfig, progress: bool = True) -> Summary:
+    """Prepare ``cfg.site`` into ``cfg.site.cache_dir``; return the summary (also printed)."""
+    run = _SiteRun(cfg, progress)
+    valid, dxa_table = run.validate()
+    failed = run.prepare(valid)
+    parts = run.collect([(s, k) for s, k in valid if s.study_id not in failed])
+    manufacturer = dxa.dominant_manufacturer(dxa_table, cfg.site.dxa_manufacturer)
+    _consolidate(run.cache_dir, cfg, parts, run.feature_names, run.label_map, manufacturer)
+    summary = run.summary
+    summary.vertebrae = sum(len(p["rows"]) for p in parts)
+    summary.labeled_vertebrae = sum(r["labeled"] for p in parts for r in p["rows"])
+    write_quarantine_csv(run.cache_dir / "quarantine.csv", summary.problems)
+    report = f"; see {run.cache_dir / 'quarantine.csv'}" if summary.problems else ""
+    print(f"osteo-prepare {cfg.site.name}: {summary.line()}; cache {run.cache_dir}{report}")
+    return summary
+
+
+class _SiteRun:
+    """One preparation run of one site: its settings, its summary and the problems found so far."""
+
+    def __init__(self, cfg: DictConfig, progress: bool) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.site_dir, self.cache_dir = Path(cfg.site.dir), Path(cfg.site.cache_dir)
+        self.entries_dir = self.cache_dir / "entries"
+        self.label_map = label_map_from_cfg(cfg.site)
+        check_crop_cfg(cfg.crop)
+        self.params_file = str(params_path(cfg.radiomics))
+        self.feature_names = extractor_for(self.params_file, crop_spacing_mm(cfg.crop)).names
+        self.settings = json.dumps({"crop": OmegaConf.to_container(cfg.crop, resolve=True),
+                                    "radiomics": params_digest(cfg.radiomics), "labels": self.label_map}, sort_keys=True)
+        self.summary = Summary()
+        self.pairings: dict[str, dxa.Pairing] = {}
+
+    def report(self, problem: Problem) -> None:
+        self.summary.problems.append(problem)
+
+    def quarantine(self, case: str, path: Path | None, reason: str) -> None:
+        """Leave a whole study out."""
+        self.report(Problem(case, _relative(path, self.site_dir), reason))
+        self.summary.quarantined += 1
+
+    def validate(self) -> tuple[list[tuple[Study, str]], pd.DataFrame]:
+        """Tables, pairing and every study's headers, before any heavy work: (study, key) of the valid ones."""
+        studies, bad_rows = load_studies(self.site_dir, self.cfg.site.studies_table)
+        dxa_path = self.site_dir / self.cfg.site.dxa_table
+        dxa_table, dxa_problems = dxa.read_dxa(dxa_path)
+        studies_df = pd.DataFrame([asdict(s) for s in studies], columns=[f.name for f in fields(Study)])
+        self.pairings, pair_problems = dxa.pair_studies(studies_df, dxa_table, int(self.cfg.site.max_dxa_interval_days), dxa_path.name)
+        for problem in bad_rows + dxa_problems + pair_problems:
+            self.report(problem)
+        self.summary.quarantined += len(bad_rows)
+        self.summary.dxa_rows_quarantined = sum(p.action == QUARANTINED for p in dxa_problems)
+        valid = []
+        for study in tqdm(studies, desc="validate", unit="study", disable=not self.progress):
+            try:
+                key = study_key(study, self.pairings[study.study_id], self.settings)
+                if not self.entry(key).is_file():  # an entry exists only for inputs that passed before
+                    ct_geometry = ctio.read_geometry(study.ct)
+                    ctio.check_same_space(ct_geometry, ctio.read_geometry(study.labels), study.labels)
+                valid.append((study, key))
+            except InputError as exc:
+                self.quarantine(study.study_id, exc.path, exc.reason)
+        return valid, dxa_table
+
+    def entry(self, key: str) -> Path:
+        return self.entries_dir / f"{key}.npz"
+
+    def prepare(self, valid: list[tuple[Study, str]]) -> set[str]:
+        """Write the entries that do not exist yet (one process per core); the ids of studies that failed."""
+        self.entries_dir.mkdir(parents=True, exist_ok=True)
+        tasks = [StudyTask(s, self.pairings[s.study_id], self.entry(k), self.label_map, self.cfg.crop, self.params_file)
+                 for s, k in valid if not self.entry(k).is_file()]
+        self.summary.cached = len(valid) - len(tasks)
+        failed = set()
+        for task, failure in tqdm(_run(tasks, n_workers(self.cfg.radiomics)), total=len(tasks), desc="prepare",
+                                  unit="study", disable=not self.progress):
+            if failure is None:
+                self.summary.prepared += 1
+            else:
+                self.quarantine(task.study.study_id, *failure)
+                failed.add(task.study.study_id)
+        return failed
+
+    def collect(self, done: list[tuple[Study, str]]) -> list[dict[str, Any]]:
+        """Load this run's entries in table order (stale entries of other inputs/settings stay out)."""
+        parts = []
+        for study, key in done:
+            entry = _load_entry(self.entry(key))
+            labels_file = _relative(study.labels, self.site_dir)
+            for e in entry["excluded"]:
+                self.report(Problem(study.study_id, labels_file, e.reason, e.level, LEVEL_EXCLUDED))
+            self.summary.excluded_levels += len(entry["excluded"])
+            if not entry["rows"]:
+                self.quarantine(study.study_id, study.labels, "no usable vertebra")
+                continue
+            parts.append(entry)
+            self.summary.unlabeled_studies += self.pairings[study.study_id].dxa is None
+        return parts
+
+
+def _consolidate(cache_dir: Path, cfg: DictConfig, parts: list[dict], feature_names: list[str],
+                 label_map: dict[str, int], manufacturer: str) -> None:
+    size = int(cfg.crop.size)
+
+    def stack(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.concatenate([p[name] for p in parts]) if parts else np.zeros((0, *shape), dtype)
+
+    table = pd.DataFrame([r for p in parts for r in p["rows"]], columns=list(INDEX_COLUMNS))
+    manifest = {
+        "site": cfg.site.name,
+        "crop": OmegaConf.to_container(cfg.crop, resolve=True),
+        "crop_spacing_mm": crop_spacing_mm(cfg.crop),
+        "label_map": label_map,
+        "radiomics_params_sha256": params_digest(cfg.radiomics),
+        "dxa_manufacturer": manufacturer,
+        "n_studies": int(table["study_id"].nunique()),
+    }
+    write_site_cache(cache_dir, table, stack("crops", (size,) * 3, np.int16), stack("masks", (size,) * 3, np.uint8),
+                     stack("features", (len(feature_names),), np.float32), feature_names, manifest)

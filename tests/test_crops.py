@@ -1,0 +1,102 @@
+"""Vertebral body crops on the blocky phantom: body found, statistics, exclusions, label maps."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from omegaconf import OmegaConf
+
+from conftest import BODY_VOLUME_ML, LEVEL_Z0
+from osteo_model.constants import LEVELS
+from osteo_model.crops import BODY, CORE, LevelExclusion, VertebraCrop, crop_levels
+from osteo_model.errors import ConfigError
+from osteo_model.labels import level_boxes, resolve_label_map
+
+CROP = OmegaConf.create(
+    {"fov_mm": 48.0, "size": 32, "trabecular_erosion_mm": 3.0, "min_body_volume_ml": 4.0, "edge_margin_vox": 1})
+TOTAL = resolve_label_map("totalseg_total")
+
+
+def run(ct, labels, crop_cfg=CROP, label_map=TOTAL):
+    return {r.level: r for r in crop_levels(ct, sitk.GetArrayFromImage(labels), label_map, crop_cfg)}
+
+
+def test_four_body_crops_with_trabecular_statistics(spine_phantom):
+    ct, labels = spine_phantom(trabecular_hu=150.0)
+    results = run(ct, labels)
+    assert list(results) == list(LEVELS)
+    for level, r in results.items():
+        assert isinstance(r, VertebraCrop), r
+        # The posterior arch carries the same label: only the body box counts.
+        assert r.body_volume_ml == pytest.approx(BODY_VOLUME_ML)
+        # Core = body eroded by 3 mm (one 2-mm voxel): the 500-HU shell is gone, the noisy interior stays.
+        assert abs(r.hu_mean - 150.0) < 8 and abs(r.hu_median - 150.0) < 10 and 30 < r.hu_std < 50
+        assert r.crop.shape == r.mask.shape == (32, 32, 32)
+        assert r.crop.dtype == np.int16 and r.mask.dtype == np.uint8
+        assert set(np.unique(r.mask)) == {0, BODY, CORE}
+        # Centred on the body: the mask's centroid is the crop centre (index 15.5).
+        np.testing.assert_allclose(np.argwhere(r.mask > 0).mean(axis=0), 15.5, atol=0.8)
+        # Body voxels at 1.5 mm: 32 x 24 x 20 mm box -> about the same volume.
+        assert (r.mask > 0).sum() * 1.5**3 / 1000 == pytest.approx(BODY_VOLUME_ML, rel=0.15)
+        # Resampled: the core edge picks up some of the 500-HU shell by interpolation.
+        assert r.crop[r.mask == CORE].mean() == pytest.approx(150.0, abs=25)
+
+
+def test_crop_size_and_fov_are_config(spine_phantom):
+    ct, labels = spine_phantom()
+    r = run(ct, labels, OmegaConf.merge(CROP, {"fov_mm": 64.0, "size": 16}))["L2"]
+    assert r.crop.shape == (16, 16, 16)
+    assert (r.mask > 0).sum() * 4.0**3 / 1000 == pytest.approx(BODY_VOLUME_ML, rel=0.35)
+
+
+def test_missing_level_is_excluded_others_kept(spine_phantom):
+    ct, labels = spine_phantom(levels=("L1", "L2", "L4"))
+    results = run(ct, labels)
+    assert isinstance(results["L3"], LevelExclusion) and "missing" in results["L3"].reason
+    assert all(isinstance(results[lv], VertebraCrop) for lv in ("L1", "L2", "L4"))
+
+
+def test_vertebra_cut_by_scan_edge_is_truncated(spine_phantom):
+    ct, labels = spine_phantom()
+    top = LEVEL_Z0["L1"] + 5  # the scan ends half way through L1
+    results = run(ct[:, :, :top], labels[:, :, :top])
+    assert isinstance(results["L1"], LevelExclusion) and "truncated" in results["L1"].reason
+    assert all(isinstance(results[lv], VertebraCrop) for lv in ("L2", "L3", "L4"))
+
+
+def test_tiny_vertebra_is_excluded(spine_phantom):
+    ct, labels = spine_phantom()
+    arr = sitk.GetArrayFromImage(labels)
+    arr[arr == TOTAL["L3"]] = 0
+    z = LEVEL_Z0["L3"]
+    arr[z + 4 : z + 6, 10:12, 16:18] = TOTAL["L3"]  # 8 voxels = 0.064 ml
+    tiny = sitk.GetImageFromArray(arr)
+    tiny.CopyInformation(labels)
+    results = run(ct, tiny)
+    assert isinstance(results["L3"], LevelExclusion) and "tiny" in results["L3"].reason
+    assert isinstance(results["L2"], VertebraCrop)
+
+
+def test_body_only_masks_are_kept_whole(spine_phantom):
+    """Masks of bodies alone (no canal gap, e.g. TotalSegmentator vertebrae_body) are not cut."""
+    ct, labels = spine_phantom()
+    arr = sitk.GetArrayFromImage(labels)
+    arr[:, 18:, :] = 0  # drop the posterior arch
+    body_only = sitk.GetImageFromArray(arr)
+    body_only.CopyInformation(labels)
+    assert run(ct, body_only)["L1"].body_volume_ml == pytest.approx(BODY_VOLUME_ML)
+
+
+def test_label_presets_and_custom_map(spine_phantom):
+    assert resolve_label_map("verse") == {"L1": 20, "L2": 21, "L3": 22, "L4": 23}
+    assert resolve_label_map("totalseg_total", {"L1": 5, "L2": 6}) == {"L1": 5, "L2": 6}
+    with pytest.raises(ConfigError, match="unknown site.label_preset"):
+        resolve_label_map("nnunet")
+    with pytest.raises(ConfigError, match="unknown levels"):
+        resolve_label_map(None, {"L5": 3})
+    plain = resolve_label_map("plain")
+    ct, labels = spine_phantom(label_map=plain)
+    assert all(isinstance(r, VertebraCrop) for r in run(ct, labels, label_map=plain).values())
+    boxes = level_boxes(sitk.GetArrayFromImage(labels), plain)
+    assert boxes["L1"][0] == slice(LEVEL_Z0["L1"], LEVEL_Z0["L1"] + 10)
+    assert level_boxes(np.zeros((3, 3, 3), np.int32), plain)["L2"] is None

@@ -1,0 +1,121 @@
+"""CT/label reading: formats, DICOM slice checks, HU plausibility, label map in CT space."""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import write_dicom_series
+from osteo_model.ctio import Geometry, check_same_space, read_geometry, read_image, read_study
+from osteo_model.errors import InputError
+
+
+def test_nifti_and_nrrd_read_with_labels(tmp_path, spine_phantom):
+    ct, labels = spine_phantom()
+    for suffix in (".nii.gz", ".nrrd"):
+        sitk.WriteImage(ct, str(tmp_path / f"ct{suffix}"))
+        sitk.WriteImage(labels, str(tmp_path / f"lab{suffix}"))
+        img, lab = read_study(tmp_path / f"ct{suffix}", tmp_path / f"lab{suffix}")
+        assert img.GetSize() == ct.GetSize() and img.GetSpacing() == ct.GetSpacing()
+        assert lab.shape == sitk.GetArrayFromImage(labels).shape
+        assert set(np.unique(lab)) == {0, 28, 29, 30, 31}
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_image(tmp_path / "nope.nii.gz")
+    (tmp_path / "ct.png").write_bytes(b"x")
+    with pytest.raises(InputError, match="unsupported"):
+        read_image(tmp_path / "ct.png")
+
+
+def test_garbage_file_is_unreadable(tmp_path):
+    bad = tmp_path / "ct.nii.gz"
+    bad.write_bytes(gzip.compress(b"this is not a nifti header" * 20))
+    with pytest.raises(InputError) as err:
+        read_image(bad)
+    assert err.value.path == bad
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_truncated_file_is_unreadable(tmp_path, spine_phantom, suffix):
+    ct, _ = spine_phantom()
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(ct, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    read_geometry(path)  # the header is intact: only reading the voxels finds the damage
+    with pytest.raises(InputError, match="unreadable or truncated"):
+        read_image(path)
+
+
+def test_dicom_series_reads_in_order_with_geometry(tmp_path, spine_phantom):
+    ct, _ = spine_phantom()
+    folder = write_dicom_series(ct, tmp_path / "dcm")
+    img = read_image(folder)
+    assert img.GetSize() == ct.GetSize()
+    np.testing.assert_allclose(img.GetSpacing(), ct.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(img.GetOrigin(), ct.GetOrigin(), atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(ct))
+    assert read_geometry(folder).size == ct.GetSize()
+
+
+def test_dicom_series_with_missing_slice(tmp_path, spine_phantom):
+    folder = write_dicom_series(spine_phantom()[0], tmp_path / "dcm", skip=(30,))
+    with pytest.raises(InputError, match="missing 1 slice"):
+        read_geometry(folder)
+    with pytest.raises(InputError, match="missing"):
+        read_image(folder)
+
+
+def test_dicom_series_with_irregular_slices(tmp_path, spine_phantom):
+    folder = write_dicom_series(spine_phantom()[0], tmp_path / "dcm", shift_mm={30: 0.6})
+    with pytest.raises(InputError, match="irregular slice spacing"):
+        read_geometry(folder)
+
+
+def test_ct_not_in_hounsfield_units(tmp_path, spine_phantom):
+    """Raw stored values (HU + 1024, no rescale) put air near 0: refused, naming the CT."""
+    ct, labels = spine_phantom()
+    folder = write_dicom_series(ct, tmp_path / "raw", stored_offset=1024)
+    lab_path = tmp_path / "lab.nii.gz"
+    sitk.WriteImage(labels, str(lab_path))
+    with pytest.raises(InputError, match="Hounsfield") as err:
+        read_study(folder, lab_path)
+    assert err.value.path == folder
+    ok = write_dicom_series(ct, tmp_path / "hu")
+    read_study(ok, lab_path)  # the same data in HU passes
+
+
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        (lambda img: img[:, :, :-2], "size"),
+        (lambda img: (img.SetSpacing((2.0, 2.0, 2.5)), img)[1], "spacing"),
+        (lambda img: (img.SetOrigin((-30.0, -20.0, 110.0)), img)[1], "origin"),
+        (lambda img: (img.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1)), img)[1], "direction"),
+    ],
+)
+def test_label_map_not_in_ct_space(tmp_path, spine_phantom, change, what):
+    ct, labels = spine_phantom()
+    labels = change(labels)
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "lab.nii.gz"))
+    with pytest.raises(InputError, match=what) as err:
+        read_study(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")
+    assert err.value.path == tmp_path / "lab.nii.gz"
+    with pytest.raises(InputError, match=what):
+        check_same_space(read_geometry(tmp_path / "ct.nii.gz"), read_geometry(tmp_path / "lab.nii.gz"), tmp_path / "lab.nii.gz")
+
+
+def test_label_map_on_same_grid_in_other_orientation_is_reoriented(tmp_path, spine_phantom):
+    """A mask stored with a flipped y axis (as TotalSegmentator writes for DICOM input) covers the same voxels."""
+    ct, labels = spine_phantom()
+    flipped = sitk.Flip(labels, [False, True, False])
+    assert Geometry.of(flipped) != Geometry.of(labels)
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(flipped, str(tmp_path / "lab.nii.gz"))
+    _, lab = read_study(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")
+    np.testing.assert_array_equal(lab, sitk.GetArrayFromImage(labels))

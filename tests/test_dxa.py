@@ -1,0 +1,109 @@
+"""DXA table validation, CT<->DXA pairing and per-level labels."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from osteo_model import bmd
+from osteo_model.dxa import dominant_manufacturer, level_labels, pair_studies, read_dxa
+from osteo_model.errors import InputError
+from osteo_model.quarantine import QUARANTINED, UNLABELED, VALUE_DROPPED
+
+HEADER = "patient_id,dxa_date,manufacturer,model,bmd_l1,bmd_l2,bmd_l3,bmd_l4,t_l1,t_l2,t_l3,t_l4,sex,age\n"
+
+
+def write(tmp_path, *rows: str):
+    path = tmp_path / "dxa.csv"
+    path.write_text(HEADER + "".join(r + "\n" for r in rows))
+    return path
+
+
+def test_valid_rows_are_normalised(tmp_path):
+    table, problems = read_dxa(write(
+        tmp_path,
+        "p1,2024-01-10,GE Lunar,Prodigy,1.0,1.1,,1.2,,,,,F,61",
+        "p2,2024-02-01,HOLOGIC,Horizon,0.8,0.9,0.95,1.0,-2.0,,,,male,70",
+    ))
+    assert problems == []
+    assert list(table["manufacturer"]) == ["ge_lunar", "hologic"]
+    assert list(table["sex"]) == ["female", "male"]
+    assert math.isnan(table.iloc[0]["bmd_l3"])  # an excluded level stays missing, the row is kept
+    assert table.iloc[1]["line"] == 3
+
+
+def test_bad_rows_are_quarantined_the_rest_kept(tmp_path):
+    table, problems = read_dxa(write(
+        tmp_path,
+        "p1,2024-01-10,Acme Bone,X1,1.0,1.0,1.0,1.0,,,,,F,60",   # unknown device
+        "p2,2024-01-10,Hologic,Horizon,,,,,,,,,F,60",            # no BMD at all
+        "p3,2024-01-10,Hologic,Horizon,9.5,0.9,0.9,0.9,,,,,F,60",  # absurd L1 only
+        "p4,2024-01-10,Hologic,Horizon,950,960,970,980,,,,,F,60",  # absurd everywhere (mg/cm2)
+        "p5,2024-01-10,Hologic,Horizon,1.0,1.0,1.0,1.0,,,,,F,60",  # duplicate key ...
+        "p5,2024-01-10,Hologic,Horizon,1.1,1.0,1.0,1.0,,,,,F,60",  # ... of this one
+        "p6,10/01/2024,Hologic,Horizon,1.0,1.0,1.0,1.0,,,,,F,60",  # bad date
+        "p7,2024-01-10,Norland,XR-46,1.0,1.0,1.0,1.0,,,,,M,60",    # fine
+    ))
+    assert list(table["patient_id"]) == ["p3", "p7"]
+    assert math.isnan(table.iloc[0]["bmd_l1"]) and table.iloc[0]["bmd_l2"] == 0.9
+    by_line = {(p.case, p.level): p for p in problems}
+    assert by_line[("dxa.csv line 2", "")].reason.startswith("unknown DXA device")
+    assert "no usable BMD" in by_line[("dxa.csv line 3", "")].reason
+    assert by_line[("dxa.csv line 4", "L1")].action == VALUE_DROPPED
+    assert "implausible" in by_line[("dxa.csv line 5", "L4")].reason
+    assert "no usable BMD" in by_line[("dxa.csv line 5", "")].reason
+    assert "duplicate key" in by_line[("dxa.csv line 6", "")].reason and "line 7" in by_line[("dxa.csv line 6", "")].reason
+    assert ("dxa.csv line 7", "") in by_line
+    assert "YYYY-MM-DD" in by_line[("dxa.csv line 8", "")].reason
+    quarantined = {p.case for p in problems if p.action == QUARANTINED}
+    assert quarantined == {f"dxa.csv line {n}" for n in (2, 3, 5, 6, 7, 8)}
+
+
+def test_missing_columns_and_absent_file(tmp_path):
+    (tmp_path / "dxa.csv").write_text("patient_id,dxa_date\np1,2024-01-01\n")
+    with pytest.raises(InputError, match="lacks columns"):
+        read_dxa(tmp_path / "dxa.csv")
+    table, problems = read_dxa(tmp_path / "none.csv")
+    assert len(table) == 0 and problems == []
+
+
+def test_pairing_nearest_within_window_else_unlabeled(tmp_path):
+    table, _ = read_dxa(write(
+        tmp_path,
+        "p1,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
+        "p1,2024-06-01,Hologic,H,0.9,0.9,0.9,0.9,,,,,F,60",
+        "p2,2023-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
+    ))
+    studies = pd.DataFrame({
+        "study_id": ["a", "b", "c"], "patient_id": ["p1", "p2", "p3"],
+        "ct_date": pd.to_datetime(["2024-05-01", "2024-05-01", "2024-05-01"]),
+    })
+    pairings, problems = pair_studies(studies, table, max_days=180, dxa_file="dxa.csv")
+    assert pairings["a"].dxa["bmd_l1"] == 0.9 and pairings["a"].interval_days == 31
+    assert pairings["b"].dxa is None and pairings["c"].dxa is None
+    assert [(p.case, p.action) for p in problems] == [("b", UNLABELED)]
+    assert "486 days" in problems[0].reason and "limit 180" in problems[0].reason
+
+
+def test_level_labels_use_given_t_score_else_compute():
+    row = {"manufacturer": "hologic", "bmd_l1": 0.75, "bmd_l2": 1.05, "bmd_l3": math.nan, "bmd_l4": 0.9,
+           "t_l1": math.nan, "t_l2": -0.5, "t_l3": math.nan, "t_l4": math.nan}
+    l1 = level_labels(row, "L1")
+    assert l1["t_score"] == pytest.approx(bmd.t_score(0.75, "hologic"))
+    assert l1["category"] == 2  # (0.75 - 1.047) / 0.110 = -2.7
+    assert l1["sbmd"] == pytest.approx(1.0550 * (0.75 - 0.972) + 1.0436)
+    assert level_labels(row, "L2")["t_score"] == -0.5 and level_labels(row, "L2")["category"] == 0
+    assert level_labels(row, "L3")["category"] == -1 and math.isnan(level_labels(row, "L3")["bmd"])
+    assert level_labels(None, "L1")["category"] == -1
+
+
+def test_dominant_manufacturer(tmp_path):
+    table, _ = read_dxa(write(
+        tmp_path,
+        "p1,2024-01-01,Lunar,P,1.0,1.0,1.0,1.0,,,,,F,60",
+        "p2,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
+        "p3,2024-01-01,GE,P,1.0,1.0,1.0,1.0,,,,,F,60",
+    ))
+    assert dominant_manufacturer(table, "hologic") == "ge_lunar"
+    assert dominant_manufacturer(table.iloc[:0], "norland") == "norland"

@@ -1,0 +1,65 @@
+"""The pipeline on real CT from ../shared/data/real (TotalSegmentator's public test cases)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from osteo_model.cache import SiteCache
+from osteo_model.constants import LEVELS
+from osteo_model.ctio import read_image, read_study
+from osteo_model.prepare import prepare_site
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+EXAMPLE, DICOM = REAL / "totalseg_example", REAL / "totalseg_dicom"
+pytestmark = pytest.mark.skipif(not (EXAMPLE / "ct.nii.gz").is_file(), reason="../shared/data/real not present")
+
+
+@pytest.fixture
+def real_site(tmp_path: Path) -> Path:
+    """The example CT as a one-study site in the README format (files referenced where they lie)."""
+    site = tmp_path / "real"
+    site.mkdir()
+    pd.DataFrame([{"study_id": "example", "patient_id": "x", "ct_date": "2020-01-01", "ct": str(EXAMPLE / "ct.nii.gz"),
+                   "labels": str(EXAMPLE / "seg_total.nii.gz")}]).to_csv(site / "studies.csv", index=False)
+    return site
+
+
+def test_example_yields_four_plausible_crops(real_site, prepare_cfg):
+    cfg = prepare_cfg(real_site, "site.label_preset=totalseg_total")
+    summary = prepare_site(cfg, progress=False)
+    assert (summary.prepared, summary.quarantined, summary.excluded_levels) == (1, 0, 0)
+    cache = SiteCache.open(cfg.site.cache_dir)
+    t = cache.table
+    assert list(t["level"]) == list(LEVELS) and not t["labeled"].any()
+    assert cache.crops.shape == (4, 32, 32, 32) and np.isfinite(cache.features).all()
+    report = json.loads((EXAMPLE / "spine_report.json").read_text())["results"]
+    for row in t.itertuples():
+        # TotalSegmentator's own eroded-body medians are 110-124 HU; bodies on seg_vertebral_bodies 125-148.
+        assert abs(row.hu_median - report[f"vertebrae_{row.level}_intensity_median"]) < 20, row
+        assert 80 < row.hu_mean < 180
+        # Our body is the whole vertebra anterior of the canal: a little larger than the report's body.
+        assert 0.9 < row.body_volume_ml / report[f"vertebrae_{row.level}_volume_ml"] < 1.4, row
+    # Crops hold bone: the trabecular core is denser than soft tissue, the crop has air/fat around.
+    core = np.asarray(cache.crops)[np.asarray(cache.masks) == 2]
+    assert 60 < np.median(core) < 200
+    # Radiomics: a texture feature that varies between vertebrae.
+    assert np.ptp(np.asarray(cache.features), axis=0).max() > 0
+
+
+def test_dicom_series_reads_with_geometry():
+    img = read_image(DICOM / "ct")
+    assert img.GetSize() == (512, 512, 20)
+    np.testing.assert_allclose(img.GetSpacing(), (0.9765625, 0.9765625, 2.0), atol=1e-5)
+    np.testing.assert_allclose(img.GetOrigin(), (-249.51171875, -437.51171875, -804.5), atol=1e-3)
+    arr = sitk.GetArrayViewFromImage(img)
+    assert arr.min() == -1024 and 1000 < arr.max() < 3000  # rescaled to HU
+    # Its TotalSegmentator mask is stored y-flipped on the same grid: it is reoriented, not refused.
+    ct, labels = read_study(DICOM / "ct", DICOM / "seg_total.nii.gz")
+    assert labels.shape == (20, 512, 512)
+    t12 = sitk.GetArrayViewFromImage(ct)[labels == 32]
+    assert 150 < np.median(t12) < 300  # bone, so the mask landed on the vertebra
