@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from osteo_model.cache import SiteCache
-from osteo_model.config import compose, merge_site_file
+from osteo_model.config import compose, compose_site
 from osteo_model.prepare import prepare_site
 from osteo_model.radiomics_features import FeatureExtractor, n_workers, params_path
 from osteofl.simulation.synth import generate
@@ -43,8 +43,8 @@ def run() -> list[tuple[str, float, str]]:
         synth_cfg = compose([*base, f"synth.sites=[{SITE}]", "synth.external_site=null",
                              f"synth.labeled_per_site={n_studies // 2}", f"synth.unlabeled_per_site={n_studies - n_studies // 2}"])
         t_synth, _ = _timed(generate, synth_cfg)
-        serial_cfg = merge_site_file(compose([*base, "radiomics.n_jobs=1", f"site.cache_dir={root}/serial"]))
-        parallel_cfg = merge_site_file(compose([*base, f"radiomics.n_jobs={jobs}", f"site.cache_dir={root}/parallel"]))
+        serial_cfg = compose_site([*base, "radiomics.n_jobs=1", f"site.cache_dir={root}/serial"])
+        parallel_cfg = compose_site([*base, f"radiomics.n_jobs={jobs}", f"site.cache_dir={root}/parallel"])
         t_one, summary = _timed(prepare_site, serial_cfg, progress=False)
         cpu_one = _cpu[prepare_site]  # 1 process: all work happens in this one
         t_all, _ = _timed(prepare_site, parallel_cfg, progress=False)

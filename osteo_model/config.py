@@ -6,7 +6,10 @@ from typing import Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+
+from osteo_model.errors import ConfigError
 
 CONFIG_MODULE = "osteofl.configs"
 
@@ -17,13 +20,26 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-def merge_site_file(cfg: DictConfig) -> DictConfig:
-    """Merge ``<site dir>/site.yaml`` (a hospital's own settings) over the ``site`` group, if present."""
+def compose_site(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the config of one site: defaults < the site's own ``site.yaml`` < command-line overrides.
+
+    ``<site dir>/site.yaml`` holds a hospital's settings beside its data (label preset, pairing window);
+    an explicit ``site.*`` override on the command line still wins over it.
+    """
+    cfg = compose(overrides)
     site_file = Path(cfg.site.dir) / "site.yaml"
-    if site_file.is_file():
-        OmegaConf.set_struct(cfg, False)
-        cfg.site = OmegaConf.merge(cfg.site, OmegaConf.load(site_file))
-        OmegaConf.set_struct(cfg, True)
+    if not site_file.is_file():
+        return cfg
+    try:
+        site_settings = OmegaConf.load(site_file)
+    except Exception as exc:  # yaml errors come in several types; all mean the same to the user
+        raise ConfigError(site_file, f"not valid YAML: {str(exc).splitlines()[0]}") from exc
+    OmegaConf.set_struct(cfg, False)
+    cfg.site = OmegaConf.merge(cfg.site, site_settings)
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if override.key_or_group.startswith("site.") and not override.is_delete():
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
+    OmegaConf.set_struct(cfg, True)
     return cfg
 
 

@@ -5,7 +5,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from osteo_model.config import compose, merge_site_file, resolve_device
+from osteo_model.config import compose, compose_site, resolve_device
+from osteo_model.errors import ConfigError
 
 
 def test_compose_defaults_and_interpolation() -> None:
@@ -30,10 +31,27 @@ def test_site_yaml_merges_over_group(tmp_path) -> None:
     site_dir = tmp_path / "data" / "sites" / "h1"
     site_dir.mkdir(parents=True)
     (site_dir / "site.yaml").write_text("label_preset: verse\nmax_dxa_interval_days: 30\n")
-    cfg = merge_site_file(compose([f"paths.root={tmp_path}", "site.name=h1"]))
+    cfg = compose_site([f"paths.root={tmp_path}", "site.name=h1"])
     assert cfg.site.label_preset == "verse"
     assert cfg.site.max_dxa_interval_days == 30
     assert cfg.site.name == "h1"
+
+
+def test_command_line_wins_over_site_yaml(tmp_path) -> None:
+    site_dir = tmp_path / "data" / "sites" / "h1"
+    site_dir.mkdir(parents=True)
+    (site_dir / "site.yaml").write_text("label_preset: verse\nmax_dxa_interval_days: 30\n")
+    cfg = compose_site([f"paths.root={tmp_path}", "site.name=h1", "site.label_preset=plain"])
+    assert cfg.site.label_preset == "plain"
+    assert cfg.site.max_dxa_interval_days == 30
+
+
+def test_broken_site_yaml_names_the_file(tmp_path) -> None:
+    site_dir = tmp_path / "data" / "sites" / "h1"
+    site_dir.mkdir(parents=True)
+    (site_dir / "site.yaml").write_text("label_preset: [unclosed\n")
+    with pytest.raises(ConfigError, match="site.yaml"):
+        compose_site([f"paths.root={tmp_path}", "site.name=h1"])
 
 
 def test_device_auto_resolves() -> None:

@@ -238,13 +238,13 @@ def test_dicom_series_studies_and_bad_table_rows(make_site, prepare_cfg):
 
 def test_synthetic_sites_round_trip(tmp_path):
     """osteo-synth writes a site as a hospital would; preparation reads it back, consistent with the truth."""
-    from osteo_model.config import compose, merge_site_file
+    from osteo_model.config import compose, compose_site
     from osteofl.simulation.synth import generate
 
     base = [f"paths.root={tmp_path}", "site.name=site_b", "synth.sites=[site_b]", "synth.external_site=null",
             "synth.labeled_per_site=6", "synth.unlabeled_per_site=2", "synth.n_jobs=1", "radiomics.n_jobs=1"]
     generate(compose(base))
-    cfg = merge_site_file(compose(base))
+    cfg = compose_site(base)
     summary = prepare_site(cfg, progress=False)
     truth = pd.read_csv(tmp_path / "data/ground_truth/site_b.csv", dtype={"study_id": str})
     cache = SiteCache.open(cfg.site.cache_dir)

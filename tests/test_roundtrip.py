@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from osteo_model.cache import SiteCache
-from osteo_model.config import compose, merge_site_file
+from osteo_model.config import compose, compose_site
 from osteo_model.prepare import prepare_site
 from osteofl.simulation.synth import generate
 
@@ -16,7 +16,7 @@ def test_synthetic_site_prepares_with_labels_paired_and_hu_tracking_truth(tmp_pa
     overrides = [f"paths.root={tmp_path}", "synth.sites=[site_b]", "synth.external_site=", "synth.labeled_per_site=8",
                  "synth.unlabeled_per_site=3", "synth.phantom.truncated_fraction=0.2", "synth.n_jobs=2"]
     generate(compose(overrides))
-    cfg = merge_site_file(compose([*overrides, "site.name=site_b", "radiomics.n_jobs=2"]))
+    cfg = compose_site([*overrides, "site.name=site_b", "radiomics.n_jobs=2"])
     assert cfg.site.dxa_manufacturer == "ge_lunar"  # from the site.yaml the generator writes
     summary = prepare_site(cfg, progress=False)
     truth = pd.read_csv(Path(cfg.paths.ground_truth) / "site_b.csv")

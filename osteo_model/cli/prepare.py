@@ -5,11 +5,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
-from osteo_model.config import compose, merge_site_file
-from osteo_model.errors import OsteoError
+from osteo_model.cli._common import run_cli
+from osteo_model.config import compose_site
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,17 +20,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.site:
         overrides = [f"site.name={args.site}", *overrides]
-    from osteo_model.prepare import prepare_site  # heavy imports after argument errors
 
-    try:
-        prepare_site(merge_site_file(compose(overrides)), progress=not args.no_progress)
-    except OsteoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (HydraException, OmegaConfBaseException) as exc:
-        print(f"error: config: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
+    def body() -> None:
+        from osteo_model.prepare import prepare_site  # heavy imports after argument errors
+
+        prepare_site(compose_site(overrides), progress=not args.no_progress)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
