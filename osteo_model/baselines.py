@@ -1,0 +1,106 @@
+"""Baselines in the same harness and on the same splits as the model.
+
+- ``hu_threshold``: the CT-only L1 trabecular-HU rule. Score -HU (AUC needs no threshold); category
+  from Pickhardt et al. 2013: HU <= 110 (> 90 % specific) osteoporosis, <= 160 (90 % sensitive)
+  osteopenia-or-worse, else normal; also the binary TotalSegmentator rule (< 90.25 HU, non-contrast).
+  Vertebra level: each vertebra's own HU; patient level: the study's L1 HU, as the rule is defined.
+- ``radiomics_linear``: radiomic features -> ridge regression of sBMD (device BMD via inverse Hui
+  1997, category from the T-score) and logistic regression for osteoporosis, fit on the pooled
+  training splits.
+- The CNN without self-supervision / without MoE and calibration: the same ``train_central`` with
+  ``CNN_VARIANTS`` overrides (see osteo_model.experiments).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from osteo_model import bmd as bmdlib
+from osteo_model.calibration import t_and_category
+from osteo_model.constants import PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC, TOTALSEG_OSTEOPOROSIS_HU
+from osteo_model.dataset import SiteData
+from osteo_model.metrics import OSTEOPOROSIS, auc, compute_metrics
+
+CNN_VARIANTS: Mapping[str, tuple[str, ...]] = {
+    "cnn_no_ssl": ("train.ssl_epochs=0",),
+    "cnn_no_moe_calibration": ("model.moe=false", "model.calibration=fixed"),
+}
+"""Config overrides that turn the full model into each CNN ablation."""
+
+
+def hu_category(hu: np.ndarray) -> np.ndarray:
+    """Pickhardt 2013 thresholds as a 3-class rule."""
+    hu = np.asarray(hu, float)
+    return np.where(hu <= PICKHARDT_L1_HU_SPECIFIC, 2, np.where(hu <= PICKHARDT_L1_HU_SENSITIVE, 1, 0))
+
+
+def hu_threshold(table: pd.DataFrame) -> dict[str, float]:
+    """Metrics of the HU rule on the labeled rows of ``table`` (cache index rows of one split)."""
+    t = table[np.isfinite(table["bmd"].to_numpy(float))]
+    res: dict[str, float] = {"num_examples": float(len(t))}
+    if not len(t):
+        return res
+    hu = t["hu_mean"].to_numpy(float)
+    cat = t["category"].to_numpy(int)
+    osteo = cat == OSTEOPOROSIS
+    pred = hu_category(hu)
+    flag = hu < TOTALSEG_OSTEOPOROSIS_HU
+    res.update({
+        "auc": auc(osteo, -hu),
+        "acc3": float(np.mean(pred == cat)),
+        "totalseg_sensitivity": float(flag[osteo].mean()) if osteo.any() else float("nan"),
+        "totalseg_specificity": float((~flag[~osteo]).mean()) if (~osteo).any() else float("nan"),
+    })
+    l1 = t[t["level"] == "L1"]
+    if len(l1):
+        pat_cat = []
+        for study in l1["study_id"]:
+            g = t[t["study_id"] == study]
+            pat = bmdlib.patient_bmd(g["bmd"].to_numpy(float))
+            device = str(g["dxa_manufacturer"].iloc[0])
+            pat_cat.append(int(bmdlib.category_from_t(bmdlib.t_score(pat, device))) if np.isfinite(pat) else -1)
+        pat_cat = np.array(pat_cat)
+        ok = pat_cat >= 0
+        res["patient_auc_l1"] = auc(pat_cat[ok] == OSTEOPOROSIS, -l1["hu_mean"].to_numpy(float)[ok])
+    return res
+
+
+def _xy(data: SiteData, split: str) -> tuple[np.ndarray, pd.DataFrame]:
+    rows = data.splits[split]
+    x = np.nan_to_num(np.asarray(data.cache.features[rows], dtype=np.float64), posinf=0.0, neginf=0.0)
+    return x, data.cache.table.iloc[rows]
+
+
+class RadiomicsLinear:
+    """Ridge (sBMD) + logistic regression (osteoporosis) on standardised radiomic features."""
+
+    def __init__(self, alpha: float = 1.0, c: float = 0.1) -> None:
+        self.reg = make_pipeline(StandardScaler(), Ridge(alpha=alpha))
+        self.clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight="balanced"))
+
+    def fit(self, datas: Mapping[str, SiteData]) -> "RadiomicsLinear":
+        xs, ts = zip(*(_xy(d, "train") for d in datas.values()))
+        x, t = np.concatenate(xs), pd.concat(ts)
+        self.reg.fit(x, t["sbmd"].to_numpy(float))
+        y = t["category"].to_numpy(int) == OSTEOPOROSIS
+        self.clf = self.clf.fit(x, y) if len(np.unique(y)) == 2 else None
+        return self
+
+    def predict(self, data: SiteData, split: str) -> dict[str, np.ndarray]:
+        x, _ = _xy(data, split)
+        sbmd = self.reg.predict(x)
+        device_bmd = np.asarray(bmdlib.from_sbmd(sbmd, data.manufacturer))
+        t, cat = t_and_category(device_bmd, data.manufacturer)
+        p_osteo = self.clf.predict_proba(x)[:, 1] if self.clf is not None else -t
+        p = np.stack([np.zeros_like(p_osteo), np.zeros_like(p_osteo), p_osteo], 1)
+        return {"sbmd": sbmd, "bmd": device_bmd, "p": p, "t": t, "category": cat}
+
+    def evaluate(self, data: SiteData, split: str) -> dict[str, float]:
+        res = compute_metrics(self.predict(data, split), data.cache.table.iloc[data.splits[split]], data.manufacturer)
+        res.pop("acc3_head", None)  # no 3-class head: its p holds only the osteoporosis probability
+        return res

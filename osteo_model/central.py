@@ -1,0 +1,148 @@
+"""Central (pooled) training: the centralised baseline the federation is measured against.
+
+All training sites' caches are pooled: one set of shared modules, one local expert and calibration head
+per site (model.build_site_models), batches interleaved across sites. Self-supervision first, then the
+multi-task phase; a checkpoint after every epoch (atomic) from which ``train.resume=true`` carries on.
+``train.pretrained=<checkpoint>`` starts from another run's self-supervised encoder, SSL head and feature
+statistics (e.g. train.ssl_epochs=0 to go straight to the supervised phase).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from osteo_model.config import resolve_device
+from osteo_model.dataset import SiteData, load_site_data
+from osteo_model.errors import ConfigError, StateError
+from osteo_model.model import (
+    OsteoNet, build_site_models, feature_stats, load_local, load_pretrained, load_shared, local_state, set_feature_stats,
+    set_sbmd_prior, shared_state,
+)
+from osteo_model.training import (
+    evaluate, load_checkpoint, make_optimizer, param_groups, save_checkpoint, train_pooled,
+)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_sites(cfg, sites) -> dict[str, SiteData]:
+    """SiteData of each named site's cache under ``paths.cache_root``."""
+    return {str(s): load_site_data(Path(cfg.paths.cache_root) / str(s), cfg) for s in sites}
+
+
+def _feature_names(datas: Mapping[str, SiteData]) -> list[str]:
+    names = {tuple(d.cache.feature_names) for d in datas.values()}
+    if len(names) != 1:
+        raise ConfigError(None, "site caches have different radiomic feature sets: re-run osteo-prepare with one radiomics config")
+    return list(names.pop())
+
+
+def pooled_feature_stats(datas: Mapping[str, SiteData]) -> tuple[np.ndarray, np.ndarray]:
+    """Standardisation statistics over the pooled SSL rows of all training sites."""
+    return feature_stats(np.concatenate([np.asarray(d.cache.features[d.splits["unlabeled"]]) for d in datas.values()]))
+
+
+def pooled_train_sbmd(datas: Mapping[str, SiteData]) -> float:
+    """Mean sBMD of the pooled labeled training rows (initial value of the sBMD head)."""
+    values = np.concatenate([d.cache.table["sbmd"].to_numpy(float)[d.splits["train"]] for d in datas.values()])
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def set_epoch_lr(optimizer, plan: list[tuple[str, int]], k: int) -> None:
+    """Cosine decay over each phase's epochs (per group, from its base lr): without it the last epoch's
+    weights land at a random point of Adam's oscillation and carry a systematic offset of a few
+    hundredths of g/cm^2."""
+    phase, epoch = plan[k]
+    n = sum(1 for p, _ in plan if p == phase)
+    factor = 0.5 * (1 + math.cos(math.pi * epoch / n))
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        group["lr"] = group["base_lr"] * factor
+
+
+def _plan(cfg) -> list[tuple[str, int]]:
+    return [("ssl", i) for i in range(int(cfg.train.ssl_epochs))] + [("task", i) for i in range(int(cfg.train.task_epochs))]
+
+
+def checkpoint_payload(models: Mapping[str, OsteoNet], cfg, feature_names: list[str], **extra) -> dict:
+    first = next(iter(models.values()))
+    return {
+        "shared": shared_state(first),
+        "local": {s: local_state(m) for s, m in models.items()},
+        "manufacturers": {s: m.manufacturer for s, m in models.items()},
+        "feature_names": feature_names,
+        "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+        **extra,
+    }
+
+
+def models_from_checkpoint(state: dict, cfg, new_sites: Mapping[str, str] | None = None) -> dict[str, OsteoNet]:
+    """Rebuild the per-site models of a checkpoint (with the checkpoint's model config); ``new_sites``
+    (site -> manufacturer) get the shared weights and an untrained local expert and calibration."""
+    cfg = OmegaConf.merge(cfg, {"model": state["model_cfg"]})
+    manufacturers = {**state["manufacturers"], **(new_sites or {})}
+    models = build_site_models(cfg, len(state["feature_names"]), manufacturers)
+    load_shared(next(iter(models.values())), state["shared"])
+    for site, local in state["local"].items():
+        load_local(models[site], local)
+    return models
+
+
+def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: Callable[[str], None] = print) -> tuple[dict[str, OsteoNet], list[dict]]:
+    """SSL then multi-task training on the pooled sites; returns the per-site models and the history."""
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg)
+    names = _feature_names(datas)
+    models = build_site_models(cfg, len(names), {s: d.manufacturer for s, d in datas.items()})
+    first = next(iter(models.values()))
+    pretrained = OmegaConf.select(cfg, "train.pretrained")
+    if pretrained:
+        state = load_checkpoint(pretrained)
+        if state["feature_names"] != names:
+            raise StateError(Path(pretrained), "pretrained with another radiomic feature set")
+        load_pretrained(first, state["shared"])
+        log(f"self-supervised weights from {pretrained}")
+    else:
+        set_feature_stats(first, *pooled_feature_stats(datas))
+    groups = [param_groups(m, cfg) for m in models.values()]
+    optimizer = make_optimizer([groups[0][0], *(g[1] for g in groups)], cfg)  # shared once, each site's local
+    plan, done, history = _plan(cfg), 0, []
+    ckpt = out_dir / CHECKPOINT
+    if bool(cfg.train.resume) and ckpt.is_file():
+        state = load_checkpoint(ckpt)
+        if state.get("plan") != [list(p) for p in plan]:
+            raise StateError(ckpt, "checkpoint was written with other ssl_epochs/task_epochs: resume with the same settings")
+        restored = models_from_checkpoint(state, cfg)
+        for site, model in models.items():
+            model.load_state_dict(restored[site].state_dict())
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:
+            raise StateError(ckpt, f"optimizer state does not fit this model/config ({exc})") from exc
+        done, history = int(state["done"]), list(state["history"])
+        log(f"resumed from {ckpt} after {done}/{len(plan)} epochs")
+    for k in range(done, len(plan)):
+        phase, epoch = plan[k]
+        if phase == "task" and epoch == 0 and np.isfinite(prior := pooled_train_sbmd(datas)):
+            set_sbmd_prior(first, prior)
+        set_epoch_lr(optimizer, plan, k)
+        t0 = time.perf_counter()
+        record = {"phase": phase, "epoch": epoch, **train_pooled(models, datas, cfg, phase, optimizer, device)}
+        if phase == "task":
+            for site, m in models.items():
+                val = evaluate(m, datas[site], cfg, "val", device)
+                record.update({f"val_{site}_{key}": val.get(key, float("nan")) for key in ("auc", "mae_bmd")})
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        log(f"[{k + 1}/{len(plan)}] {phase} epoch {epoch}: loss {record.get('loss', float('nan')):.4f} "
+            f"({record['num_examples']:.0f} crops, {record['seconds']:.1f} s)")
+        save_checkpoint(ckpt, checkpoint_payload(
+            models, cfg, names, optimizer=optimizer.state_dict(), done=k + 1, plan=[list(p) for p in plan], history=history,
+        ))
+    return models, history

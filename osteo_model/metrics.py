@@ -1,0 +1,120 @@
+"""Aggregate evaluation metrics (nothing per patient leaves this module).
+
+Vertebra level: osteoporosis AUC (osteoporosis vs not) from the diagnosis head's probability ("auc")
+and from the calibrated T-score ("auc_t"); 3-class accuracy and macro-F1 of the category implied by the
+calibrated T-score ("acc3", "f1_macro" - the reported category) and of the head's argmax ("acc3_head");
+MAE and Pearson r in standardised (sBMD) and device (BMD) scale; Bland-Altman bias and 95 % limits of
+agreement of device BMD, overall and per DXA manufacturer.
+
+Patient level ("patient_*"): per study, the mean of the evaluable levels' BMD (osteo_model.bmd.patient_bmd,
+ISCD 2019: L1-L4, at least two levels) for prediction and for DXA alike, its T-score on the device
+reference and the WHO category from that T-score.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import f1_score, roc_auc_score
+
+from osteo_model import bmd as bmdlib
+
+OSTEOPOROSIS = 2
+NAN = float("nan")
+
+
+def auc(is_positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC; NaN when only one class is present."""
+    y = np.asarray(is_positive, dtype=bool)
+    s = np.asarray(score, dtype=float)
+    ok = np.isfinite(s)
+    if ok.sum() == 0 or len(np.unique(y[ok])) < 2:
+        return NAN
+    return float(roc_auc_score(y[ok], s[ok]))
+
+
+def pearson_r(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return NAN
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def bland_altman(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """(bias, lower, upper): mean of pred - truth and bias -+ 1.96 SD of the differences."""
+    d = np.asarray(pred, float) - np.asarray(truth, float)
+    if len(d) == 0:
+        return NAN, NAN, NAN
+    bias, sd = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    return bias, bias - 1.96 * sd, bias + 1.96 * sd
+
+
+def _classification(prefix: str, true_cat: np.ndarray, pred_cat: np.ndarray) -> dict[str, float]:
+    if len(true_cat) == 0:
+        return {f"{prefix}acc3": NAN, f"{prefix}f1_macro": NAN}
+    return {
+        f"{prefix}acc3": float(np.mean(true_cat == pred_cat)),
+        f"{prefix}f1_macro": float(f1_score(true_cat, pred_cat, labels=[0, 1, 2], average="macro", zero_division=0)),
+    }
+
+
+def patient_level(pred_bmd: np.ndarray, table: pd.DataFrame) -> pd.DataFrame:
+    """Per study: predicted and DXA patient BMD (mean of evaluable levels), T-scores and categories."""
+    df = pd.DataFrame({
+        "study": table["study_id"].astype(str).to_numpy(),
+        "device": table["dxa_manufacturer"].astype(str).to_numpy(),
+        "pred": np.asarray(pred_bmd, float),
+        "true": table["bmd"].to_numpy(float),
+    })
+    rows = []
+    for (study, device), g in df.groupby(["study", "device"], sort=False):
+        p, t = bmdlib.patient_bmd(g["pred"]), bmdlib.patient_bmd(g["true"])
+        if np.isnan(t) or bmdlib.normalise_manufacturer(device) is None:
+            continue
+        rows.append({"device": device, "pred": p, "true": t,
+                     "t_pred": bmdlib.t_score(p, device), "t_true": bmdlib.t_score(t, device)})
+    out = pd.DataFrame(rows, columns=["device", "pred", "true", "t_pred", "t_true"])
+    out["cat_pred"] = bmdlib.category_from_t(out["t_pred"].to_numpy(float)) if len(out) else []
+    out["cat_true"] = bmdlib.category_from_t(out["t_true"].to_numpy(float)) if len(out) else []
+    return out
+
+
+def compute_metrics(pred: dict[str, np.ndarray], table: pd.DataFrame, manufacturer: str | None = None) -> dict[str, float]:
+    """Aggregate metrics of predictions (training.predict) against the cache rows they came from.
+
+    Only labeled rows count; ``manufacturer`` is unused except as documentation of the site's device
+    (each row's own ``dxa_manufacturer`` gives its truth's device).
+    """
+    labeled = np.isfinite(table["bmd"].to_numpy(float))
+    t = table.loc[labeled]
+    n = int(labeled.sum())
+    res: dict[str, float] = {"num_examples": float(n)}
+    if n == 0:
+        return res
+    p = pred["p"][labeled]
+    true_cat = t["category"].to_numpy(int)
+    sbmd_p, bmd_p = pred["sbmd"][labeled], pred["bmd"][labeled]
+    sbmd_t, bmd_t = t["sbmd"].to_numpy(float), t["bmd"].to_numpy(float)
+    osteo = true_cat == OSTEOPOROSIS
+    res["auc"] = auc(osteo, p[:, OSTEOPOROSIS])
+    res["auc_t"] = auc(osteo, -pred["t"][labeled])
+    res.update(_classification("", true_cat, pred["category"][labeled]))
+    res["acc3_head"] = float(np.mean(p.argmax(1) == true_cat))
+    res["mae_sbmd"] = float(np.mean(np.abs(sbmd_p - sbmd_t)))
+    res["r_sbmd"] = pearson_r(sbmd_p, sbmd_t)
+    res["mae_bmd"] = float(np.mean(np.abs(bmd_p - bmd_t)))
+    res["r_bmd"] = pearson_r(bmd_p, bmd_t)
+    res["bias_bmd"], res["loa_low_bmd"], res["loa_high_bmd"] = bland_altman(bmd_p, bmd_t)
+    if "level_pred" in pred:
+        res["level_acc"] = float(np.mean(pred["level_pred"][labeled] == t["level_idx"].to_numpy(int)))
+    devices = t["dxa_manufacturer"].astype(str).to_numpy()
+    for dev in np.unique(devices):
+        sel = devices == dev
+        res[f"bias_bmd_{dev}"], res[f"loa_low_bmd_{dev}"], res[f"loa_high_bmd_{dev}"] = bland_altman(bmd_p[sel], bmd_t[sel])
+    pat = patient_level(bmd_p, t)
+    res["patient_n"] = float(len(pat))
+    if len(pat):
+        res["patient_auc_t"] = auc(pat["cat_true"].to_numpy() == OSTEOPOROSIS, -pat["t_pred"].to_numpy(float))
+        res.update(_classification("patient_", pat["cat_true"].to_numpy(int), pat["cat_pred"].to_numpy(int)))
+        res["patient_mae_bmd"] = float(np.mean(np.abs(pat["pred"] - pat["true"])))
+    return res
+

@@ -1,0 +1,104 @@
+"""DP-SGD with Opacus and a privacy accountant whose state survives rounds, runs and restarts.
+
+The site's epsilon is cumulative: the accountant's history (noise multiplier, sample rate, steps of every
+DP step taken so far) is saved as plain JSON-able data and restored before the next round; epsilon is
+always computed from the whole history.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from osteo_model.errors import ConfigError, StateError
+
+
+class EpsilonAccountant:
+    """RDP accountant with JSON-able state: ``state()`` / ``load_state()`` / ``epsilon(delta)``."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.accountant = RDPAccountant()
+        if state:
+            self.load_state(state)
+
+    def state(self) -> dict[str, Any]:
+        return {"mechanism": self.accountant.mechanism(),
+                "history": [list(map(float, h[:2])) + [int(h[2])] for h in self.accountant.history]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("mechanism") != self.accountant.mechanism() or not isinstance(state.get("history"), list):
+            raise StateError(None, f"privacy accountant state is not an RDP history: {sorted(state)}")
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
+    def epsilon(self, delta: float) -> float:
+        return float(self.accountant.get_epsilon(delta)) if self.accountant.history else 0.0
+
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.accountant.history)
+
+
+_WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, GradSampleModule]" = weakref.WeakKeyDictionary()
+"""model -> its current Opacus wrapper, so that wrapping it again (next round) replaces the old hooks."""
+
+
+@dataclass
+class PrivateTraining:
+    """What training.train_steps(..., private=...) uses: the Opacus-wrapped model, DP optimizer and the
+    Poisson-sampled loader; ``accountant`` accumulates every DP step taken."""
+
+    model: GradSampleModule
+    optimizer: torch.optim.Optimizer
+    data_loader: DataLoader
+    accountant: EpsilonAccountant
+    delta: float
+
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.delta)
+
+    def release(self) -> nn.Module:
+        """Remove Opacus's hooks and return the plain model (make_private also does this itself when the
+        same model is wrapped again)."""
+        _WRAPPERS.pop(self.model._module, None)
+        self.model._close()
+        return self.model._module
+
+
+def make_private(
+    model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, privacy_cfg,
+    accountant_state: dict[str, Any] | None = None,
+) -> PrivateTraining:
+    """Wrap for DP-SGD (per-sample clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier``).
+
+    ``accountant_state``: a previous ``PrivateTraining.accountant.state()`` so epsilon keeps adding up.
+    """
+    previous = _WRAPPERS.pop(model, None)
+    if previous is not None:  # wrapped in an earlier round: Opacus refuses to hook a model twice
+        previous._close()
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError(None, f"model not usable with DP-SGD: {errors[0]}")
+    accountant = EpsilonAccountant(accountant_state)
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant = accountant.accountant
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        noise_multiplier=float(privacy_cfg.noise_multiplier),
+        max_grad_norm=float(privacy_cfg.max_grad_norm),
+        poisson_sampling=True,
+    )
+    _WRAPPERS[model] = dp_model
+    return PrivateTraining(dp_model, dp_optimizer, dp_loader, accountant, float(privacy_cfg.delta))
+
+
+def budget_exhausted(accountant: EpsilonAccountant, privacy_cfg) -> bool:
+    """True when the site's cumulative epsilon has reached ``privacy.epsilon_budget``."""
+    return accountant.epsilon(float(privacy_cfg.delta)) >= float(privacy_cfg.epsilon_budget)

@@ -1,0 +1,228 @@
+"""Training engine shared by central training (osteo-train) and the federated client.
+
+Phase "ssl": predict each crop's standardised radiomic texture vector (plus vertebra level, which every
+crop has, and an optional augmentation-consistency term) on all of a site's crops.
+Phase "task": sBMD regression, device-BMD calibration, 3-class diagnosis, level, and MoE load balancing
+on the labeled training split.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from osteo_model import losses, metrics
+from osteo_model.calibration import t_and_category
+from osteo_model.dataset import CropDataset, SiteData
+from osteo_model.errors import StateError
+from osteo_model.model import local_parameters, shared_parameters, unwrap
+
+PHASES = ("ssl", "task")
+
+
+def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], cfg, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW at ``train.lr`` x ``lr_scale`` (params may be torch parameter groups with their own lr)."""
+    return torch.optim.AdamW(list(params), lr=float(cfg.train.lr) * lr_scale, weight_decay=float(cfg.train.weight_decay))
+
+
+def param_groups(model: nn.Module, cfg) -> list[dict]:
+    """Shared parameters at ``train.lr``, local ones (device expert, calibration) at
+    ``train.local_lr_factor`` times that: they see only their own site's batches, and a calibration
+    offset of a few hundredths of g/cm^2 should be learned within a few epochs."""
+    return [{"params": shared_parameters(model)},
+            {"params": local_parameters(model), "lr": float(cfg.train.lr) * float(cfg.train.local_lr_factor)}]
+
+
+def phase_rows(data: SiteData, phase: str) -> np.ndarray:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
+    return data.splits["unlabeled" if phase == "ssl" else "train"]
+
+
+def make_loader(data: SiteData, cfg, phase: str, shuffle: bool = True, augment: bool = True) -> DataLoader:
+    """Batches of the phase's rows (all crops for ssl, the labeled training split for task)."""
+    ds = CropDataset(data.cache, phase_rows(data, phase), augment=augment, seed=int(cfg.seed))
+    return DataLoader(
+        ds,
+        batch_size=max(1, min(int(cfg.train.batch_size), len(ds))),
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(int(cfg.seed)),
+        num_workers=int(cfg.data.num_workers),
+    )
+
+
+def _second_view(x: torch.Tensor) -> torch.Tensor:
+    """Axial 90-degree rotation + flip of the whole batch: a texture-preserving second view."""
+    return torch.flip(torch.rot90(x, 1, dims=(3, 4)), dims=(4,))
+
+
+def _loss_terms(net: nn.Module, batch: dict[str, torch.Tensor], cfg, phase: str, per_sample: bool):
+    out = net(batch["x"])
+    if phase == "ssl":
+        target = unwrap(net).feature_norm(batch["features"])
+        terms = {"ssl": losses.ssl_loss(out["ssl"], target), "level": losses.task_losses(out, batch)["level"]}
+        if float(cfg.train.loss.consistency) > 0:
+            terms["consistency"] = losses.consistency_loss(out["ssl"], net(_second_view(batch["x"]))["ssl"])
+        return terms, out
+    terms = losses.task_losses(out, batch)
+    terms["balance"] = losses.balance_loss(out["gate"], per_sample=per_sample)
+    return terms, out
+
+
+def _step(net, batch, cfg, phase, optimizer, device, per_sample: bool) -> dict[str, float]:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    terms, out = _loss_terms(net, batch, cfg, phase, per_sample)
+    loss = sum(float(cfg.train.loss[k]) * v for k, v in terms.items())
+    if per_sample:
+        # Opacus needs a (here zero) per-sample gradient for every trainable parameter, including the
+        # heads the phase does not train; a zero-weighted term routes one through every output.
+        loss = loss + sum(0.0 * o.sum() for o in out.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
+
+class _Meter:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.n = 0
+
+    def add(self, values: Mapping[str, float], n: int) -> None:
+        for k, v in values.items():
+            self.sums[k] += v * n
+        self.n += n
+
+    def result(self) -> dict[str, float]:
+        return {**{k: v / max(self.n, 1) for k, v in self.sums.items()}, "num_examples": float(self.n)}
+
+
+def train_steps(
+    model: nn.Module,
+    data: SiteData,
+    cfg,
+    phase: str,
+    optimizer: torch.optim.Optimizer,
+    device: str,
+    max_steps: int | None = None,
+    private=None,
+) -> dict[str, float]:
+    """One pass over the phase's rows (or ``max_steps`` batches, cycling); mean losses + num_examples.
+
+    ``private``: the ``privacy.PrivateTraining`` from ``make_private``; its wrapped model, DP optimizer
+    and Poisson-sampled loader are used instead of ``model``/``optimizer``/our loader.
+    """
+    net = private.model if private is not None else model
+    opt = private.optimizer if private is not None else optimizer
+    loader = private.data_loader if private is not None else make_loader(data, cfg, phase)
+    net.to(device).train()
+    meter, steps = _Meter(), 0
+    if len(loader.dataset) == 0:
+        return meter.result()
+    while True:
+        for batch in loader:
+            if len(batch["x"]) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            meter.add(_step(net, batch, cfg, phase, opt, device, private is not None), len(batch["x"]))
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return meter.result()
+        if max_steps is None:
+            return meter.result()
+
+
+def train_pooled(
+    models: Mapping[str, nn.Module], datas: Mapping[str, SiteData], cfg, phase: str,
+    optimizer: torch.optim.Optimizer, device: str,
+) -> dict[str, float]:
+    """One pass over every site's rows, batches interleaved across sites (central training).
+
+    ``models`` share their shared modules (model.build_site_models); each batch goes through its own
+    site's model so each site's local expert and calibration learn only from that site.
+    """
+    iters = {s: iter(make_loader(datas[s], cfg, phase)) for s in models if len(phase_rows(datas[s], phase))}
+    meter = _Meter()
+    for m in models.values():
+        m.to(device).train()
+    while iters:
+        for site in list(iters):
+            batch = next(iters[site], None)
+            if batch is None:
+                del iters[site]
+                continue
+            meter.add(_step(models[site], batch, cfg, phase, optimizer, device, False), len(batch["x"]))
+    return meter.result()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: SiteData, rows: np.ndarray, device: str, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Per-vertebra predictions: sbmd, device bmd, diagnosis probabilities p (N, 3), T-score, category
+    (from T), predicted level. Stays at the site (use metrics for anything that leaves)."""
+    net = unwrap(model).to(device).eval()
+    ds = CropDataset(data.cache, rows, augment=False)
+    out: dict[str, list[np.ndarray]] = defaultdict(list)
+    for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        o = net(batch["x"].to(device))
+        out["sbmd"].append(o["sbmd"].cpu().numpy())
+        out["bmd"].append(o["bmd"].cpu().numpy())
+        out["p"].append(torch.softmax(o["diagnosis"], 1).cpu().numpy())
+        out["level_pred"].append(o["level"].argmax(1).cpu().numpy())
+        out["gate"].append(o["gate"].cpu().numpy())
+    if not out:
+        return {k: np.zeros((0, 3) if k == "p" else 0) for k in ("sbmd", "bmd", "p", "level_pred", "t", "category")}
+    pred = {k: np.concatenate(v) for k, v in out.items()}
+    pred["t"], pred["category"] = t_and_category(pred["bmd"], unwrap(model).manufacturer)
+    return pred
+
+
+def evaluate(model: nn.Module, data: SiteData, cfg, split: str, device: str) -> dict[str, float]:
+    """Aggregate metrics of ``split`` (no per-patient values): see metrics.compute_metrics."""
+    rows = data.splits[split]
+    pred = predict(model, data, rows, device)
+    return metrics.compute_metrics(pred, data.cache.table.iloc[rows], data.manufacturer)
+
+
+def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int) -> dict[str, float]:
+    """Onboard a site: train ONLY its local expert and calibration head on its labeled training split."""
+    params = local_parameters(model)
+    if not params or not len(data.splits["train"]):
+        return {"num_examples": 0.0}
+    local_ids = {id(p) for p in params}
+    frozen = [p for p in unwrap(model).parameters() if id(p) not in local_ids and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        optimizer = make_optimizer(params, cfg, lr_scale=float(cfg.train.local_lr_factor))
+        result: dict[str, float] = {"num_examples": 0.0}
+        for _ in range(int(epochs)):
+            result = train_steps(model, data, cfg, "task", optimizer, device)
+        return result
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    """Atomic torch.save: a reader sees the old checkpoint or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(path, "checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for truncated/corrupt files
+        raise StateError(path, f"checkpoint unreadable ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,75 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from osteo_model import metrics
+
+
+def _table(bmd, category, study, device="hologic", level=None):
+    n = len(bmd)
+    return pd.DataFrame({
+        "study_id": study, "patient_id": study, "bmd": bmd, "sbmd": np.asarray(bmd) + 0.1,
+        "category": category, "dxa_manufacturer": device,
+        "level_idx": level if level is not None else [i % 4 for i in range(n)],
+    })
+
+
+def _pred(bmd, p_osteo, cat):
+    bmd = np.asarray(bmd, float)
+    p = np.stack([1 - np.asarray(p_osteo), np.zeros(len(bmd)), np.asarray(p_osteo)], 1)
+    return {"sbmd": bmd + 0.1, "bmd": bmd, "p": p, "t": (bmd - 1.047) / 0.11, "category": np.asarray(cat),
+            "level_pred": np.array([i % 4 for i in range(len(bmd))])}
+
+
+def test_auc_and_pearson():
+    assert metrics.auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert metrics.auc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert np.isnan(metrics.auc([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert metrics.pearson_r([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+
+
+def test_bland_altman_known_values():
+    bias, lo, hi = metrics.bland_altman([1.1, 1.2, 1.3], [1.0, 1.0, 1.0])
+    sd = np.std([0.1, 0.2, 0.3], ddof=1)
+    assert bias == pytest.approx(0.2) and lo == pytest.approx(0.2 - 1.96 * sd) and hi == pytest.approx(0.2 + 1.96 * sd)
+
+
+def test_compute_metrics_perfect_and_biased_predictions():
+    bmd = np.array([1.1, 1.0, 0.85, 0.7, 1.05, 0.95, 0.9, 0.72])
+    cat = np.array([0, 0, 1, 2, 0, 1, 1, 2])
+    table = _table(bmd, cat, ["s1"] * 4 + ["s2"] * 4, device=["hologic"] * 4 + ["ge_lunar"] * 4)
+    res = metrics.compute_metrics(_pred(bmd, cat == 2, cat), table)
+    assert res["num_examples"] == 8 and res["auc"] == 1.0 and res["acc3"] == 1.0 and res["f1_macro"] == 1.0
+    assert res["mae_bmd"] == pytest.approx(0.0) and res["bias_bmd"] == pytest.approx(0.0)
+    assert res["level_acc"] == 1.0 and res["patient_n"] == 2 and res["patient_mae_bmd"] == pytest.approx(0.0)
+    biased = bmd + np.where(np.arange(8) < 4, 0.05, -0.02)
+    res = metrics.compute_metrics(_pred(biased, cat == 2, cat), table)
+    assert res["bias_bmd_hologic"] == pytest.approx(0.05) and res["bias_bmd_ge_lunar"] == pytest.approx(-0.02)
+    assert res["mae_bmd"] == pytest.approx(0.035)
+
+
+def test_unlabeled_rows_do_not_count():
+    table = _table([1.0, np.nan], [0, -1], ["s1", "s1"])
+    res = metrics.compute_metrics(_pred([1.0, 0.5], [0, 1], [0, 2]), table)
+    assert res["num_examples"] == 1
+
+
+def test_patient_level_mean_of_evaluable_levels():
+    table = _table([1.0, 0.8, np.nan, 0.9, 0.7, np.nan, np.nan, np.nan], [0] * 8, ["s1"] * 4 + ["s2"] * 4)
+    pat = metrics.patient_level(np.full(8, 0.9), table)
+    # s1: mean of 1.0, 0.8, 0.9 (L3 missing); s2 has one level only -> not evaluable (ISCD: >= 2 levels)
+    assert len(pat) == 1 and pat["true"].iloc[0] == pytest.approx(0.9) and pat["pred"].iloc[0] == pytest.approx(0.9)
+    # T on the Hologic reference: (0.9 - 1.047) / 0.110 = -1.34 -> osteopenia
+    assert pat["t_true"].iloc[0] == pytest.approx((0.9 - 1.047) / 0.110) and pat["cat_true"].iloc[0] == 1
+
+
+def test_hu_threshold_rule_uses_pickhardt_thresholds():
+    from osteo_model.baselines import hu_category, hu_threshold
+
+    assert hu_category([109.0, 110.0, 111.0, 160.0, 161.0]).tolist() == [2, 2, 1, 1, 0]
+    table = _table([0.7, 0.9, 1.1, 0.75], [2, 1, 0, 2], ["s1"] * 4, level=[0, 1, 2, 3])
+    table["hu_mean"] = [80.0, 130.0, 200.0, 100.0]
+    table["level"] = ["L1", "L2", "L3", "L4"]
+    res = hu_threshold(table)
+    assert res["auc"] == 1.0 and res["acc3"] == 1.0
+    assert res["totalseg_sensitivity"] == 0.5 and res["totalseg_specificity"] == 1.0  # 100 HU >= 90.25

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from osteo_model import model as osteo
+from osteo_model.dataset import load_site_data
+from osteo_model.errors import ConfigError, StateError
+from osteo_model.privacy import EpsilonAccountant, budget_exhausted, make_private
+from osteo_model.training import make_loader, make_optimizer, train_steps
+
+from model_helpers import make_caches, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp")
+    make_caches(root, n_patients=8)
+    cfg = tiny_cfg(root, "privacy=dp")
+    return cfg, load_site_data(root / "data" / "cache" / "site_a", cfg)
+
+
+@pytest.mark.parametrize("phase", ["task", "ssl"])
+def test_one_private_step(site, phase):
+    cfg, data = site
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+    before = osteo.shared_state(model)
+    opt = make_optimizer(model.parameters(), cfg)
+    private = make_private(model, opt, make_loader(data, cfg, phase), cfg.privacy)
+    res = train_steps(model, data, cfg, phase, opt, "cpu", max_steps=1, private=private)
+    assert res["num_examples"] > 0
+    assert private.epsilon() > 0 and private.accountant.steps() == 1
+    assert osteo.shared_keys(private.model) == list(before)  # ownership survives the Opacus wrapper
+    assert any(not torch.equal(v, osteo.shared_state(model)[k]) for k, v in before.items())
+    assert private.release() is model
+    again = make_private(model, make_optimizer(model.parameters(), cfg), make_loader(data, cfg, phase), cfg.privacy)
+    # wrapping the same model again in a later round (without release) replaces the old hooks
+    make_private(model, make_optimizer(model.parameters(), cfg), make_loader(data, cfg, phase), cfg.privacy)
+    assert again.model._module is model
+
+
+def test_epsilon_accumulates_across_restored_accountants(site):
+    cfg, data = site
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+    opt = make_optimizer(model.parameters(), cfg)
+    first = make_private(model, opt, make_loader(data, cfg, "task"), cfg.privacy)
+    train_steps(model, data, cfg, "task", opt, "cpu", max_steps=2, private=first)
+    eps1, state = first.epsilon(), first.accountant.state()
+    restored = EpsilonAccountant(state)
+    assert restored.epsilon(cfg.privacy.delta) == pytest.approx(eps1)
+    opt = make_optimizer(model.parameters(), cfg)
+    second = make_private(model, opt, make_loader(data, cfg, "task"), cfg.privacy, accountant_state=state)
+    train_steps(model, data, cfg, "task", opt, "cpu", max_steps=2, private=second)
+    assert second.accountant.steps() == 4 and second.epsilon() > eps1
+    assert budget_exhausted(second.accountant, OmegaConf.merge(cfg.privacy, {"epsilon_budget": eps1}))
+    assert not budget_exhausted(second.accountant, OmegaConf.merge(cfg.privacy, {"epsilon_budget": 1e6}))
+
+
+def test_bad_accountant_state_and_batchnorm_rejected(site):
+    cfg, data = site
+    with pytest.raises(StateError):
+        EpsilonAccountant({"mechanism": "gdp", "history": []})
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3), torch.nn.BatchNorm3d(4))
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), make_loader(data, cfg, "task"), cfg.privacy)

@@ -1,0 +1,177 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from osteo_model import model as osteo
+from osteo_model.central import load_sites, train_central
+from osteo_model.cli import evaluate as eval_cli, train as train_cli
+from osteo_model.dataset import CropDataset, load_site_data
+from osteo_model.errors import StateError
+from osteo_model.training import (
+    evaluate, fit_local, load_checkpoint, make_optimizer, save_checkpoint, train_steps,
+)
+
+from model_helpers import make_caches, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sites")
+    make_caches(root)
+    return root
+
+
+def _site(root, *extra, site="site_a"):
+    cfg = tiny_cfg(root, *extra)
+    return cfg, load_site_data(root / "data" / "cache" / site, cfg)
+
+
+def test_splits_are_by_patient_and_deterministic(root):
+    cfg, data = _site(root)
+    pid = data.cache.table["patient_id"].to_numpy()
+    sets = {k: set(pid[v]) for k, v in data.splits.items()}
+    assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"] and not sets["val"] & sets["test"]
+    assert all(data.cache.table["labeled"].to_numpy()[data.splits["train"]])
+    assert not sets["unlabeled"] & (sets["val"] | sets["test"])  # held-out crops never used, even for SSL
+    assert len(data.splits["unlabeled"]) > len(data.splits["train"])  # unlabeled studies are in the SSL pool
+    _, again = _site(root)
+    assert all(np.array_equal(data.splits[k], again.splits[k]) for k in data.splits)
+    _, other = _site(root, "seed=1")
+    assert not np.array_equal(data.splits["test"], other.splits["test"])
+    _, few = _site(root, "data.label_fraction=0.25")
+    assert set(pid[few.splits["train"]]) < sets["train"] and len(set(pid[few.splits["train"]])) == 2
+    assert np.array_equal(few.splits["test"], data.splits["test"])
+    assert data.manufacturer == "hologic"
+
+
+def test_augmentation_only_permutes_axial_plane(root):
+    cfg, data = _site(root)
+    plain = CropDataset(data.cache, data.splits["train"][:1])[0]["x"]
+    aug = CropDataset(data.cache, data.splits["train"][:1], augment=True, seed=3)[0]["x"]
+    assert aug.shape == plain.shape
+    assert torch.equal(torch.sort(aug[1].flatten()).values, torch.sort(plain[1].flatten()).values)  # mask permuted
+    # intensities keep their distribution up to a small jitter (no blur: SD of the HU channel is kept)
+    assert abs(float(aug[0].std() / plain[0].std()) - 1) < 0.05
+    # z (axis 0 of the crop) is never flipped: per-slice mask sums are unchanged
+    assert torch.equal(aug[1].sum((1, 2)), plain[1].sum((1, 2)))
+
+
+def test_train_steps_and_evaluate_report_aggregates(root):
+    cfg, data = _site(root)
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+    osteo.set_feature_stats(model, *osteo.feature_stats(data.cache.features))
+    opt = make_optimizer(model.parameters(), cfg)
+    ssl = train_steps(model, data, cfg, "ssl", opt, "cpu")
+    assert ssl["num_examples"] == len(data.splits["unlabeled"]) and np.isfinite(ssl["ssl"])
+    task = train_steps(model, data, cfg, "task", opt, "cpu", max_steps=3)
+    assert task["num_examples"] == 3 * 8 and {"sbmd", "calib", "diag", "level", "balance"} <= set(task)
+    res = evaluate(model, data, cfg, "test", "cpu")
+    assert res["num_examples"] == len(data.splits["test"])
+    assert {"auc", "acc3", "f1_macro", "mae_sbmd", "mae_bmd", "r_sbmd", "bias_bmd"} <= set(res)
+    assert all(isinstance(v, float) for v in res.values())
+
+
+@pytest.mark.slow
+def test_ssl_learns_texture_features(root):
+    """The fake crops' texture statistics are predictable from the crop: SSL loss must fall well below
+    the loss of a constant prediction."""
+    cfg, data = _site(root)
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+    osteo.set_feature_stats(model, *osteo.feature_stats(data.cache.features))
+    opt = make_optimizer(model.parameters(), cfg)
+    first = train_steps(model, data, cfg, "ssl", opt, "cpu", max_steps=20)["ssl"]
+    train_steps(model, data, cfg, "ssl", opt, "cpu", max_steps=80)
+    last = train_steps(model, data, cfg, "ssl", opt, "cpu", max_steps=20)["ssl"]
+    assert last < 0.5 * first
+
+
+def test_fit_local_changes_only_local_parameters(root):
+    cfg, data = _site(root)
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+    shared0, local0 = osteo.shared_state(model), osteo.local_state(model)
+    res = fit_local(model, data, cfg, "cpu", epochs=2)
+    assert res["num_examples"] == len(data.splits["train"])
+    assert all(torch.equal(v, osteo.shared_state(model)[k]) for k, v in shared0.items())
+    assert any(not torch.equal(v, osteo.local_state(model)[k]) for k, v in local0.items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_central_training_checkpoints_and_resumes(root, tmp_path):
+    cfg = tiny_cfg(root, "train.ssl_epochs=1", "train.task_epochs=1")
+    datas = load_sites(cfg, ["site_a", "site_b"])
+    logs = []
+    models, history = train_central(cfg, datas, tmp_path, log=logs.append)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["done"] == 2 and [h["phase"] for h in history] == ["ssl", "task"]
+    assert set(state["local"]) == {"site_a", "site_b"} and state["manufacturers"]["site_b"] == "ge_lunar"
+    assert "val_site_a_auc" in history[-1]
+    # a longer plan cannot silently resume a checkpoint of another plan
+    with pytest.raises(StateError, match="other ssl_epochs"):
+        train_central(tiny_cfg(root, "train.ssl_epochs=1", "train.task_epochs=2", "train.resume=true"), datas, tmp_path)
+    # resuming a finished run trains nothing more and keeps the weights
+    logs.clear()
+    again, _ = train_central(tiny_cfg(root, "train.ssl_epochs=1", "train.task_epochs=1", "train.resume=true"), datas, tmp_path, log=logs.append)
+    assert logs == [f"resumed from {tmp_path / 'checkpoint.pt'} after 2/2 epochs"]
+    assert all(torch.equal(v, osteo.shared_state(models["site_a"])[k]) for k, v in osteo.shared_state(again["site_a"]).items())
+
+
+def test_corrupt_checkpoint_is_a_state_error(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"x": 1})
+    assert load_checkpoint(path) == {"x": 1}
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(StateError, match="unreadable"):
+        load_checkpoint(path)
+
+
+def test_train_and_eval_cli_end_to_end(root, tmp_path, capsys):
+    from model_helpers import TINY
+    common = [f"paths.root={root}", "train.sites=[site_a,site_b]", "synth.external_site=site_ext", *TINY,
+              f"paths.outputs={tmp_path}", "train.fit_local_epochs=1"]
+    assert train_cli.main([*common, "train.ssl_epochs=1", "train.task_epochs=1"]) == 0
+    assert eval_cli.main(common) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(report) == {"full", "hu_threshold", "radiomics_linear"}
+    assert {"site_a", "site_b", "site_ext", "site_ext+onboarded", "overall"} <= set(report["full"])
+    assert "overall" in report["hu_threshold"] and "bias_bmd_ge_lunar" in report["full"]["overall"]
+    for kind in ("roc", "scatter", "bland_altman"):
+        assert (tmp_path / "eval" / f"{kind}_full_overall.png").stat().st_size > 1000
+    assert "| full | overall |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_cli_reports_missing_cache_in_one_line(tmp_path, capsys):
+    assert train_cli.main([f"paths.root={tmp_path}", "train.sites=[nowhere]"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nowhere" in err[0] and "osteo-prepare" in err[0]
+
+
+REAL_EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "totalseg_example"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_EXAMPLE / "ct.nii.gz").is_file(), reason="../shared/data/real not present")
+def test_real_case_runs_through_model_and_eval(root, tmp_path):
+    """The real TotalSegmentator example (no DXA): prepared, then predicted by a trained checkpoint;
+    osteo-eval writes its per-vertebra predictions (no accuracy claim: there is no DXA)."""
+    import pandas as pd
+
+    from model_helpers import TINY
+    from osteo_model.cli import prepare as prepare_cli
+
+    site = root / "data" / "sites" / "real"
+    site.mkdir(parents=True)
+    pd.DataFrame([{"study_id": "example", "patient_id": "x", "ct_date": "2020-01-01",
+                   "ct": str(REAL_EXAMPLE / "ct.nii.gz"), "labels": str(REAL_EXAMPLE / "seg_total.nii.gz")}]
+                 ).to_csv(site / "studies.csv", index=False)
+    common = [f"paths.root={root}", "train.sites=[site_a,site_b]", *TINY, f"paths.outputs={tmp_path}"]
+    assert prepare_cli.main(["--site", "real", "--no-progress", f"paths.root={root}"]) == 0
+    assert train_cli.main([*common, "train.ssl_epochs=0", "train.task_epochs=1"]) == 0
+    assert eval_cli.main([*common, "eval.sites=[real]", "eval.baselines=false"]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["full"]["real"] == {"num_examples": 0.0, "num_vertebrae_predicted": 4.0}
+    pred = pd.read_csv(tmp_path / "eval" / "predictions_full_real.csv")
+    assert list(pred["level"]) == ["L1", "L2", "L3", "L4"]
+    assert pred["bmd_pred"].between(0.2, 2.5).all()
+    assert set(pred["category_pred"]) <= {"normal", "osteopenia", "osteoporosis"}
