@@ -1,0 +1,52 @@
+"""A site's DP-SGD round: Opacus wrapping via ``osteo_model.privacy`` and the cumulative epsilon kept in
+the site state, so that spending adds up across rounds, runs and restarts, and training stops for good
+once ``privacy.epsilon_budget`` is reached.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from osteo_model import training
+from osteofl.client.site_session import SiteSession
+
+if TYPE_CHECKING:
+    from osteo_model import privacy
+
+
+def _privacy():
+    """Opacus is imported only by sites that use DP: it costs ~2 s of start-up per ClientApp process."""
+    from osteo_model import privacy
+
+    return privacy
+
+
+class PrivacySession:
+    """DP for one training message of one site (a no-op when ``privacy.enabled`` is false)."""
+
+    def __init__(self, session: SiteSession) -> None:
+        self.session = session
+        self.cfg = session.cfg.privacy
+        self.enabled = bool(self.cfg.enabled)
+
+    def budget_spent(self) -> bool:
+        if not self.enabled:
+            return False
+        privacy = _privacy()
+        return privacy.budget_exhausted(privacy.EpsilonAccountant(self.session.state.accountant), self.cfg)
+
+    def attach(self, optimizer: torch.optim.Optimizer, phase: str) -> "privacy.PrivateTraining | None":
+        """Wrap model, optimizer and a Poisson-sampled loader of the phase's rows for DP-SGD."""
+        if not self.enabled:
+            return None
+        s = self.session
+        loader = training.make_loader(s.data, s.cfg, phase)
+        return _privacy().make_private(s.model, optimizer, loader, self.cfg, accountant_state=s.state.accountant)
+
+    def record(self, private: "privacy.PrivateTraining | None") -> None:
+        """Store the accountant (all DP steps so far) and the cumulative epsilon in the site state."""
+        if private is None:
+            return
+        self.session.state.accountant = private.accountant.state()
+        self.session.state.epsilon = private.epsilon()

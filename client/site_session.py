@@ -1,0 +1,101 @@
+"""One message's worth of a site: its config, prepared data, model with the local state loaded.
+
+A deployment starts a fresh ClientApp process for every message, so nothing is cached in memory:
+everything that must persist is read from the site's state folder (:mod:`state_store`) and written
+back after training.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import shlex
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from flwr.app import Context
+from omegaconf import DictConfig
+
+from osteo_model import dataset, model as osteo
+from osteo_model.config import compose_site, resolve_device
+from osteo_model.errors import ConfigError
+from osteofl.client.state_store import SiteState, StateStore
+
+# node_config keys set by `osteo-client` (flower-supernode --node-config) for a real site.
+NODE_SITE = "site"
+NODE_CACHE_DIR = "cache-dir"
+NODE_STATE_DIR = "state-dir"
+NODE_SITE_DIR = "site-dir"
+# run_config / node_config key holding extra Hydra overrides (one string, shell-quoted).
+OVERRIDES = "overrides"
+
+
+def overrides_from(context: Context, extra: Sequence[str] = ()) -> list[str]:
+    """Hydra overrides: the run's, then the node's, then the app's own (simulation)."""
+    out: list[str] = []
+    for source in (context.run_config, context.node_config):
+        value = source.get(OVERRIDES)
+        if value:
+            out += shlex.split(str(value))
+    return out + list(extra)
+
+
+@functools.lru_cache(maxsize=32)
+def _compose(overrides: tuple[str, ...]) -> DictConfig:
+    return compose_site(overrides)
+
+
+def cached_compose(overrides: Sequence[str]) -> DictConfig:
+    """Hydra composition costs ~0.4 s; simulation workers and tests handle many messages per process."""
+    return copy.deepcopy(_compose(tuple(overrides)))
+
+
+def site_config(context: Context, extra: Sequence[str] = ()) -> tuple[str, DictConfig]:
+    """The site this node plays and its composed config (site.name, cache and state folders set)."""
+    overrides = overrides_from(context, extra)
+    node = context.node_config
+    if NODE_SITE in node:
+        site = str(node[NODE_SITE])
+    elif "partition-id" in node:  # Flower's simulation engine numbers its virtual nodes
+        sites = list(cached_compose(overrides).federation.sites)
+        pid = int(node["partition-id"])
+        if pid >= len(sites):
+            raise ConfigError(None, f"simulation node {pid} has no site: federation.sites = {sites}")
+        site = str(sites[pid])
+    else:
+        raise ConfigError(None, f"node config has no '{NODE_SITE}' (osteo-client --site X sets it)")
+    overrides.append(f"site.name={site}")
+    if NODE_CACHE_DIR in node:
+        overrides.append(f"site.cache_dir={node[NODE_CACHE_DIR]}")
+    if NODE_STATE_DIR in node:
+        overrides.append(f"site.state_dir={node[NODE_STATE_DIR]}")
+    if NODE_SITE_DIR in node:  # where the hospital's site.yaml lives (its own settings)
+        overrides.append(f"site.dir={node[NODE_SITE_DIR]}")
+    return site, cached_compose(overrides)
+
+
+@dataclass
+class SiteSession:
+    site: str
+    cfg: DictConfig
+    data: dataset.SiteData
+    model: torch.nn.Module
+    store: StateStore
+    state: SiteState
+    device: str
+
+    @classmethod
+    def open(cls, context: Context, extra: Sequence[str] = ()) -> "SiteSession":
+        site, cfg = site_config(context, extra)
+        data = dataset.load_site_data(cfg.site.cache_dir, cfg)
+        device = resolve_device(cfg)
+        model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer).to(device)
+        store = StateStore(cfg.site.state_dir, site)
+        state = store.load()
+        if state.local:  # a site that never trained keeps the fresh local expert (sensible default)
+            osteo.load_local(model, state.local)
+        return cls(site, cfg, data, model, store, state, device)
+
+    def save(self) -> None:
+        self.state.local = osteo.local_state(self.model)
+        self.store.save(self.state)

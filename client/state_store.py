@@ -1,0 +1,104 @@
+"""The site's own federated state on disk: what must survive rounds, runs and restarts but never leaves.
+
+Flower's ``context.state`` lives only as long as one run, and in a deployment every message starts a
+fresh ClientApp process, so the local expert, the DXA-calibration head, the optimiser state and the
+privacy accountant are kept in ``<state_dir>/site_state.pt``. Writes are atomic (temporary file, fsync,
+rename) and the previous revision is kept as ``site_state.prev.pt``. A file that cannot be read, belongs
+to another site or has another format version raises :class:`StateError`: silently starting a fresh
+local expert would throw away what the site learned and, worse, reset its privacy spending.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osteo_model.errors import StateError
+
+FORMAT_VERSION = 1
+STATE_FILE = "site_state.pt"
+PREVIOUS_FILE = "site_state.prev.pt"
+
+
+@dataclass
+class SiteState:
+    """Everything a site keeps between rounds. ``revision`` counts saves (1 = first save)."""
+
+    site: str
+    local: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+    accountant: dict[str, Any] | None = None
+    epsilon: float = 0.0
+    rounds_trained: int = 0
+    revision: int = 0
+
+
+class StateStore:
+    """Load and save one site's :class:`SiteState` in ``state_dir``."""
+
+    def __init__(self, state_dir: str | Path, site: str) -> None:
+        self.dir = Path(state_dir)
+        self.site = site
+
+    @property
+    def path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    def load(self) -> SiteState:
+        """The saved state, or a fresh one when the site has never trained (no file at all)."""
+        if not self.path.exists():
+            if (self.dir / PREVIOUS_FILE).exists():
+                raise StateError(self.path, f"missing while {PREVIOUS_FILE} exists: restore it or move both away")
+            return SiteState(site=self.site)
+        try:
+            raw = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for truncated/garbled files
+            raise StateError(
+                self.path,
+                f"unreadable site state ({type(exc).__name__}); restore {PREVIOUS_FILE} or move the file "
+                "away to start this site afresh (its privacy spending would be lost)",
+            ) from exc
+        if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+            version = raw.get("format_version") if isinstance(raw, dict) else None
+            raise StateError(self.path, f"site state format {version!r} is not {FORMAT_VERSION}")
+        if raw.get("site") != self.site:
+            raise StateError(self.path, f"state belongs to site {raw.get('site')!r}, not {self.site!r}")
+        return SiteState(
+            site=raw["site"],
+            local=dict(raw["local"]),
+            optimizer=raw.get("optimizer"),
+            accountant=raw.get("accountant"),
+            epsilon=float(raw["epsilon"]),
+            rounds_trained=int(raw["rounds_trained"]),
+            revision=int(raw["revision"]),
+        )
+
+    def save(self, state: SiteState) -> SiteState:
+        """Write ``state`` as the next revision, atomically; return what was written."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state.revision += 1
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "site": state.site,
+            "local": {k: v.detach().cpu().clone() for k, v in state.local.items()},
+            "optimizer": state.optimizer,
+            "accountant": state.accountant,
+            "epsilon": float(state.epsilon),
+            "rounds_trained": int(state.rounds_trained),
+            "revision": state.revision,
+        }
+        tmp = self.dir / f".{STATE_FILE}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if self.path.exists():  # keep the previous revision; the current file is never absent
+            prev_tmp = self.dir / f".{PREVIOUS_FILE}.tmp-{os.getpid()}"
+            shutil.copyfile(self.path, prev_tmp)
+            os.replace(prev_tmp, self.dir / PREVIOUS_FILE)
+        os.replace(tmp, self.path)
+        return state

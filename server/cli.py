@@ -1,0 +1,133 @@
+"""`flower-server [--insecure] [--resume] [--serve] [hydra overrides]`: the coordinating site's command.
+
+Starts Flower's SuperLink with TLS and SuperNode authentication (unless ``--insecure``), bound to
+127.0.0.1 unless ``federation.superlink.host`` says otherwise, registers the provisioned sites' public
+keys, submits the OsteoFL run with ``flwr run`` and streams its progress; when the run ends the SuperLink
+is stopped (``--serve`` keeps it up). Everything Flower writes goes under ``<outputs>/superlink``.
+
+The SuperLink's Control API (used by ``flwr``) shares the port with the Fleet API and is not
+authenticated in open-source Flower: expose only the ``/v1/fleet`` path to hospitals (README).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from osteo_model.config import compose
+from osteo_model.errors import OsteoError
+from osteofl.client import runtime
+from osteofl.server import provision
+from osteofl.server.checkpoint import load_latest
+
+APP_DIR = Path(__file__).parent / "flwr_app"
+CONNECTION = "osteofl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flower-server", description=__doc__.splitlines()[0])
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
+    p.add_argument("--resume", action="store_true", help="carry on from the last checkpoint of this run")
+    p.add_argument("--serve", action="store_true", help="keep the SuperLink running after the run ends")
+    p.add_argument("--telemetry", action="store_true", help="allow Flower's usage telemetry (off by default)")
+    return p
+
+
+def absolute_overrides(overrides: list[str]) -> list[str]:
+    """The user's overrides with ``paths.root`` made absolute (the ServerApp runs in Flower's cwd)."""
+    root = next((o.split("=", 1)[1] for o in overrides if o.startswith("paths.root=")), ".")
+    return [o for o in overrides if not o.startswith("paths.root=")] + [f"paths.root={Path(root).resolve()}"]
+
+
+def write_connection(flwr_home: Path, cfg: DictConfig, insecure: bool) -> None:
+    """``$FLWR_HOME/config.toml`` with our one SuperLink connection."""
+    sl = cfg.federation.superlink
+    dial = f"127.0.0.1:{sl.port}" if str(sl.host) in ("0.0.0.0", "::") else f"{sl.host}:{sl.port}"
+    security = "insecure = true" if insecure else f'root-certificates = "{Path(cfg.paths.pki).resolve() / "ca.pem"}"'
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{dial}"\n{security}\n')
+
+
+def superlink_command(cfg: DictConfig, insecure: bool, database: Path) -> list[str]:
+    sl = cfg.federation.superlink
+    cmd = ["flower-superlink", "--host", str(sl.host), "--port", str(sl.port), "--database", str(database),
+           "--disable-runtime-dependency-installation"]
+    if insecure:
+        return cmd + ["--insecure"]
+    pki = Path(cfg.paths.pki)
+    return cmd + ["--ssl-ca-certfile", str(pki / "ca.pem"), "--ssl-certfile", str(pki / "server.pem"),
+                  "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth"]
+
+
+def run_command(overrides: list[str], resume: bool) -> list[str]:
+    run_config = f"overrides={_toml_string(shlex.join(overrides))} resume={'true' if resume else 'false'}"
+    return ["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--stream"]
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    overrides = absolute_overrides(overrides)
+    try:
+        cfg = compose(overrides)
+        sites = [str(s) for s in cfg.federation.sites]
+        if not args.insecure:
+            provision.provision(cfg.paths.pki, sites, cfg.federation.superlink.san)
+    except OsteoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    home = Path(cfg.paths.outputs) / "superlink"
+    flwr_home = home / "flwr_home"
+    env = runtime.flower_env(flwr_home, telemetry=args.telemetry)
+    write_connection(flwr_home, cfg, args.insecure)
+    database = home / "state.db"
+    sl = cfg.federation.superlink
+    print(f"flower-server: SuperLink on {sl.host}:{sl.port} "
+          f"({'INSECURE' if args.insecure else 'TLS + SuperNode authentication'}); {runtime.say_telemetry(args.telemetry)}",
+          flush=True)
+    with open(home / "superlink.log", "ab") as log:
+        superlink = runtime.start(superlink_command(cfg, args.insecure, database), env, log)
+    try:
+        if not runtime.wait_for_port("127.0.0.1" if str(sl.host) in ("0.0.0.0", "::") else str(sl.host),
+                                     int(sl.port), 60, superlink):
+            print(f"error: {home / 'superlink.log'}: SuperLink did not start", file=sys.stderr)
+            return 3
+        if not args.insecure:
+            ids = provision.register_sites(cfg.paths.pki, sites, CONNECTION, env, str(database.resolve()))
+            print(f"flower-server: sites registered: {', '.join(ids)}", flush=True)
+        print(f"flower-server: waiting for {cfg.federation.min_available_nodes} of {len(sites)} sites; "
+              f"start `osteo-client --site X` at each hospital", flush=True)
+        rc = subprocess.run(run_command(overrides, args.resume), env=env).returncode
+        run_dir = Path(cfg.paths.outputs) / str(cfg.federation.run_name)
+        last = load_latest(run_dir / "checkpoints")
+        total = int(cfg.federation.ssl_rounds) + int(cfg.federation.task_rounds)
+        done = 0 if last is None else last.round
+        print(f"flower-server: run ended after round {done}/{total} (flwr run exit {rc}); history and "
+              f"checkpoints in {run_dir}", flush=True)
+        if rc == 0 and done < total:  # `flwr run --stream` can end cleanly although the ServerApp failed
+            print(f"error: {run_dir}: the run stopped at round {done} of {total}; see the log above "
+                  f"and {home / 'superlink.log'}; `flower-server --resume` carries on", file=sys.stderr)
+            rc = 1
+        if args.serve:
+            print("flower-server: --serve: SuperLink keeps running; Ctrl-C to stop", flush=True)
+            superlink.wait()
+        return rc
+    except OsteoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        runtime.stop(superlink)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""Provisioning a federation: a CA, the SuperLink's TLS certificate and each site's authentication key.
+
+Layout of the PKI folder (``paths.pki``):
+- ``ca.key`` / ``ca.pem``          the federation's certificate authority (ca.key stays with the coordinator)
+- ``server.key`` / ``server.pem``  the SuperLink's certificate, SAN = every name/IP sites dial
+- ``sites/<site>/<site>_key`` and ``<site>_key.pub``: the site's EC P-384 key pair in OpenSSH format;
+  the private key goes to that hospital only, the public key is registered with the SuperLink.
+- ``registered.json``              which sites' keys this SuperLink database already knows
+
+Every step is idempotent: existing files are kept (re-running never rotates a key by accident), and a
+key the SuperLink already holds counts as registered.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from osteo_model.errors import ConfigError
+
+CERT_DAYS = 825  # TLS server certificates: the CA/Browser Forum's former maximum; renew by re-provisioning
+CURVE = ec.SECP384R1()  # Flower's SuperNode authentication requires a NIST EC curve; P-384 as documented
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create a private file (0600) atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "OsteoFL federation"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def make_ca(pki: Path) -> tuple[Path, Path]:
+    """``ca.key``/``ca.pem`` (kept if present)."""
+    pki.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = pki / "ca.key", pki / "ca.pem"
+    if key_path.exists() and cert_path.exists():
+        return key_path, cert_path
+    key = ec.generate_private_key(CURVE)
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("OsteoFL CA")).issuer_name(_name("OsteoFL CA"))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(key, hashes.SHA384())
+    )
+    _write_private(key_path, _pem_key(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def server_sans(pki: Path) -> list[str]:
+    """The SAN entries of the existing server certificate (empty if there is none)."""
+    path = pki / "server.pem"
+    if not path.exists():
+        return []
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in san.get_values_for_type(x509.IPAddress)] + san.get_values_for_type(x509.DNSName)
+
+
+def make_server_cert(pki: Path, names: Iterable[str]) -> tuple[Path, Path]:
+    """``server.key``/``server.pem`` signed by the CA, SAN = ``names``; re-issued only if names change."""
+    names = list(dict.fromkeys(str(n) for n in names))
+    if not names:
+        raise ConfigError(None, "federation.superlink.san is empty: name the address sites dial")
+    key_path, cert_path = pki / "server.key", pki / "server.pem"
+    if key_path.exists() and cert_path.exists() and set(server_sans(pki)) == set(names):
+        return key_path, cert_path
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    key = ec.generate_private_key(CURVE)
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0])).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+        .add_extension(_san(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
+    )
+    _write_private(key_path, _pem_key(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def site_key_paths(pki: Path, site: str) -> tuple[Path, Path]:
+    folder = pki / "sites" / site
+    return folder / f"{site}_key", folder / f"{site}_key.pub"
+
+
+def make_site_key(pki: Path, site: str) -> tuple[Path, Path]:
+    """The site's EC P-384 key pair in OpenSSH format (kept if present)."""
+    priv, pub = site_key_paths(pki, site)
+    if priv.exists() and pub.exists():
+        return priv, pub
+    priv.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(CURVE)
+    _write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+    _write_public(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
+    return priv, pub
+
+
+def provision(pki: str | Path, sites: Iterable[str], san: Iterable[str]) -> dict[str, Path]:
+    """CA, server certificate and every site's key; returns the paths a deployment needs."""
+    pki = Path(pki)
+    _, ca = make_ca(pki)
+    server_key, server_cert = make_server_cert(pki, san)
+    paths = {"ca": ca, "server_key": server_key, "server_cert": server_cert}
+    for site in sites:
+        paths[f"{site}_key"], paths[f"{site}_pub"] = make_site_key(pki, site)
+    return paths
+
+
+# --- registration with a running SuperLink ----------------------------------------------------------
+
+def _registry(pki: Path) -> dict[str, dict[str, str]]:
+    path = pki / "registered.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def register_sites(pki: str | Path, sites: Iterable[str], connection: str, env: dict[str, str],
+                   database: str) -> dict[str, str]:
+    """``flwr supernode register`` every site's public key with the SuperLink behind ``connection``.
+
+    Idempotent per SuperLink database file: a site already recorded for ``database`` is skipped, and a
+    key the SuperLink reports as already in use counts as registered (an in-memory SuperLink,
+    ``database=""``, forgets keys on restart, so its sites are always registered again). Returns site -> node id ("" if known
+    only as already registered).
+    """
+    pki = Path(pki)
+    registry = _registry(pki)
+    known = registry.setdefault(database, {})
+    out: dict[str, str] = {}
+    for site in sites:
+        _, pub = site_key_paths(pki, site)
+        if not pub.exists():
+            raise ConfigError(pub, f"no public key for site {site}: run osteo-provision first")
+        fingerprint = pub.read_text().split()[1]
+        entry = known.get(site)
+        if database and isinstance(entry, dict) and entry.get("key") == fingerprint:
+            out[site] = str(entry.get("node_id", ""))
+            continue
+        proc = subprocess.run(["flwr", "supernode", "register", str(pub), connection, "--name", site,
+                               "--format", "json"], capture_output=True, text=True, env=env, timeout=120)
+        answer = _json_answer(proc.stdout)
+        if answer.get("success"):
+            node_id = str(answer.get("node-id", ""))
+        elif "already in use" in (str(answer.get("error-message", "")) + proc.stderr).lower():
+            node_id = ""
+        else:
+            text = str(answer.get("error-message") or proc.stderr or proc.stdout).strip()
+            raise ConfigError(pub, f"registering site {site} failed: {text[-300:]}")
+        known[site] = {"key": fingerprint, "node_id": node_id}
+        out[site] = node_id
+    _write_public(pki / "registered.json", json.dumps(registry, indent=1).encode())
+    return out
+
+
+def _json_answer(stdout: str) -> dict:
+    """The JSON object `flwr ... --format json` prints (after any banner lines); {} if none."""
+    start = stdout.find("{")
+    try:
+        return json.loads(stdout[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}

@@ -1,0 +1,105 @@
+"""Check every reply before Flower's strategy sees it: malformed or non-finite updates are rejected
+(logged with the reason, never averaged), failed replies (a dropped site, a site whose privacy budget is
+spent) are reported, and metric records are trimmed to the key set all valid replies share, because
+Flower's aggregation refuses replies whose metric keys differ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord
+
+NUM_EXAMPLES = "num-examples"
+
+
+@dataclass
+class Screened:
+    accepted: list[Message] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)  # {"node", "site", "reason"}
+    failed: list[dict[str, str]] = field(default_factory=list)    # error replies (dropped, budget spent)
+
+
+def site_of(msg: Message) -> str:
+    """The site a reply names (its ConfigRecord "site"), else "node-<id>"."""
+    if not msg.has_error():
+        for record in msg.content.config_records.values():
+            if "name" in record:
+                return str(record["name"])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def _problem(msg: Message, expected: Mapping[str, tuple[int, ...]] | None) -> str | None:
+    """Why a reply cannot be aggregated, or None when it is fine."""
+    content = msg.content
+    metrics = list(content.metric_records.values())
+    if len(metrics) != 1:
+        return f"expected one MetricRecord, got {len(metrics)}"
+    n = metrics[0].get(NUM_EXAMPLES)
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
+        return f"'{NUM_EXAMPLES}' missing or not a positive number ({n!r})"
+    if expected is None:
+        return None
+    arrays = list(content.array_records.values())
+    if len(arrays) != 1:
+        return f"expected one ArrayRecord, got {len(arrays)}"
+    record = arrays[0]
+    if set(record) != set(expected):
+        extra, missing = sorted(set(record) - set(expected)), sorted(set(expected) - set(record))
+        return f"array keys differ from the shared set (unexpected {extra[:3]}, missing {missing[:3]})"
+    for key, array in record.items():
+        try:
+            value = array.numpy()
+        except Exception as exc:  # undecodable bytes
+            return f"array {key!r} cannot be decoded ({type(exc).__name__})"
+        if tuple(value.shape) != tuple(expected[key]):
+            return f"array {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key])}"
+        if not np.issubdtype(value.dtype, np.number):
+            return f"array {key!r} has dtype {value.dtype}"
+        if not np.all(np.isfinite(value)):
+            return f"array {key!r} holds non-finite values"
+    return None
+
+
+def screen(replies: Iterable[Message], expected: Mapping[str, tuple[int, ...]] | None) -> Screened:
+    """Split replies into accepted / rejected / failed. ``expected`` = shared key -> shape for train
+    replies (their arrays are checked), None for evaluate replies (metrics only)."""
+    out = Screened()
+    for msg in replies:
+        if msg.has_error():
+            out.failed.append({"node": str(msg.metadata.src_node_id), "site": site_of(msg), "reason": msg.error.reason})
+            continue
+        reason = _problem(msg, expected)
+        if reason is None:
+            out.accepted.append(msg)
+        else:
+            out.rejected.append({"node": str(msg.metadata.src_node_id), "site": site_of(msg), "reason": reason})
+    out.accepted = _common_metric_keys(out.accepted)
+    return out
+
+
+def _common_metric_keys(replies: list[Message]) -> list[Message]:
+    """Trim each reply's MetricRecord to the keys every reply has (values must be scalars or lists)."""
+    if not replies:
+        return replies
+    keysets = [set(next(iter(m.content.metric_records.values())).keys()) for m in replies]
+    common = set.intersection(*keysets)
+    if all(k == common for k in keysets):
+        return replies
+    for msg in replies:
+        name, record = next(iter(msg.content.metric_records.items()))
+        msg.content[name] = MetricRecord({k: v for k, v in record.items() if k in common})
+    return replies
+
+
+def metrics_of(msg: Message) -> dict[str, float]:
+    """A reply's scalar metrics (without the weighting key)."""
+    record = next(iter(msg.content.metric_records.values()))
+    return {k: float(v) for k, v in record.items() if k != NUM_EXAMPLES and isinstance(v, (int, float))}
+
+
+def site_info(msg: Message) -> ConfigRecord | None:
+    return next(iter(msg.content.config_records.values()), None) if not msg.has_error() else None
+

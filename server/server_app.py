@@ -1,0 +1,239 @@
+"""The coordinating site's Flower ServerApp: two phases (federated self-supervision, then multi-task) with
+one of Flower's strategies, aggregating only the shared arrays.
+
+The round loop is ours, the aggregation is Flower's: each round calls the strategy's
+``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` / ``aggregate_evaluate`` exactly as
+``Strategy.start`` does, but (a) runs through both phases under one global round counter, (b) screens
+every reply first (a malformed or non-finite update is logged and left out, a failed site is reported),
+(c) keeps each site's own metrics, and (d) checkpoints after every round, so that ``--resume`` can
+carry on at ``round + 1`` (``Strategy.start`` has no start-round argument).
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+from omegaconf import DictConfig
+
+from osteo_model import model as osteo
+from osteo_model.config import compose
+from osteo_model.constants import HUI_1997
+from osteo_model.errors import ConfigError, StateError
+from osteofl.client import payload
+from osteofl.server import checkpoint as ckpt
+from osteofl.server.history import History, write_json
+from osteofl.server.screening import metrics_of, screen, site_info, site_of
+from osteofl.server.strategies import build_strategy, restore_strategy_state, strategy_state
+
+OVERRIDES = "overrides"  # run_config key: extra Hydra overrides as one shell-quoted string
+RESUME = "resume"        # run_config key: true = carry on from the last checkpoint
+ANY_MANUFACTURER = sorted(HUI_1997)[0]
+"""Shared arrays do not depend on the DXA manufacturer (it only sets local parts), so the server builds
+its reference model with any known one."""
+
+
+def run_config_overrides(context: Context, extra: Sequence[str] = ()) -> list[str]:
+    out = shlex.split(str(context.run_config.get(OVERRIDES, "") or "")) + list(extra)
+    if str(context.run_config.get(RESUME, "false")).lower() in ("1", "true", "yes"):
+        out.append("federation.resume=true")
+    return out
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def phase_of(rnd: int, cfg: DictConfig) -> str:
+    return "ssl" if rnd <= int(cfg.federation.ssl_rounds) else "task"
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.outputs) / str(cfg.federation.run_name)
+
+
+class Federation:
+    """One federated run on a Grid (deployment or simulation)."""
+
+    def __init__(self, grid: Grid, cfg: DictConfig) -> None:
+        self.grid, self.cfg = grid, cfg
+        self.fed = cfg.federation
+        self.total_rounds = int(self.fed.ssl_rounds) + int(self.fed.task_rounds)
+        self.timeout = float(self.fed.round_timeout)
+        self.dir = run_dir(cfg)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.strategy = build_strategy(cfg)
+
+    # --- start --------------------------------------------------------------------------------------
+    def wait_for_sites(self) -> list[int]:
+        need = int(self.fed.min_available_nodes)
+        while len(nodes := list(self.grid.get_node_ids())) < need:
+            log(INFO, "waiting for sites: %d connected, %d needed", len(nodes), need)
+            time.sleep(1.0)
+        return nodes
+
+    def handshake(self) -> tuple[int, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Ask every connected site for its feature count and pooled feature moments."""
+        nodes = self.wait_for_sites()
+        msgs = [Message(RecordDict({"config": ConfigRecord({"phase": "handshake"})}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in nodes]
+        replies = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None)
+        for f in replies.failed + replies.rejected:
+            log(WARNING, "handshake: site %s did not answer usably: %s", f["site"], f["reason"])
+        if len(replies.accepted) < int(self.fed.min_available_nodes):
+            raise ConfigError(None, f"handshake: only {len(replies.accepted)} sites answered; "
+                                    f"federation.min_available_nodes={self.fed.min_available_nodes}")
+        infos = {str(site_info(m)["name"]): (site_info(m), m.content["metrics"]) for m in replies.accepted}
+        fingerprints = {site: (int(i["n_features"]), str(i["features_sha256"])) for site, (i, _) in infos.items()}
+        if len(set(fingerprints.values())) != 1:
+            raise ConfigError(None, f"sites disagree on the radiomic feature set {fingerprints}: "
+                                    "prepare every site with the same radiomics config")
+        n_features = next(iter(fingerprints.values()))[0]
+        mine = payload.payload_fingerprint(self.reference_model(n_features), self.cfg)
+        differ = sorted(site for site, (i, _) in infos.items() if str(i["payload_sha256"]) != mine)
+        if differ:
+            raise ConfigError(None, f"sites {differ} build a different network than the server "
+                                    "(model config or osteofl version differs)")
+        n = np.sum([np.asarray(m["feat_n"]) for _, m in infos.values()], axis=0)
+        s = np.sum([np.asarray(m["feat_sum"]) for _, m in infos.values()], axis=0)
+        ss = np.sum([np.asarray(m["feat_sumsq"]) for _, m in infos.values()], axis=0)
+        mean = s / np.maximum(n, 1)
+        std = np.sqrt(np.maximum(ss / np.maximum(n, 1) - mean**2, 0.0))
+        std = np.where(std > 1e-8, std, 1.0)
+        sizes = {site: {k: v for k, v in m.items() if k.startswith("n_")} for site, (_, m) in infos.items()}
+        log(INFO, "handshake: %d sites %s", len(infos), sizes)
+        return n_features, mean, std, sizes
+
+    def reference_model(self, n_features: int) -> torch.nn.Module:
+        return osteo.build_model(self.cfg, n_features, ANY_MANUFACTURER)
+
+    def initial_arrays(self, n_features: int, mean: np.ndarray, std: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+        """Global arrays of a fresh model (pooled feature standardisation); also the whole model's bytes."""
+        model = self.reference_model(n_features)
+        osteo.set_feature_stats(model, mean.astype(np.float32), std.astype(np.float32))
+        record = payload.payload_record(model, self.cfg)
+        whole = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        return payload.record_to_numpy(record), int(whole)
+
+    def start_state(self) -> tuple[int, dict[str, np.ndarray], History, dict[str, Any]]:
+        """(first round to run, arrays, history, meta) from a checkpoint or from the handshake."""
+        if self.fed.resume:
+            last = ckpt.load_latest(self.ckpt_dir)
+            if last is None:
+                raise StateError(self.ckpt_dir, "nothing to resume: no checkpoint here")
+            if last.meta.get("strategy") != str(self.fed.strategy):
+                raise ConfigError(None, f"checkpoint was made with strategy {last.meta.get('strategy')!r}, "
+                                        f"config says {self.fed.strategy!r}")
+            restore_strategy_state(self.strategy, last.strategy_state)
+            log(INFO, "resuming after round %d (%s phase) from %s", last.round, last.phase, self.ckpt_dir)
+            return last.round + 1, last.arrays, History(last.meta.get("history")), last.meta
+        if ckpt.list_checkpoints(self.ckpt_dir):  # keep an earlier run's checkpoints, out of resume's way
+            aside = self.ckpt_dir.with_name(f"checkpoints.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.ckpt_dir.rename(aside)
+            log(WARNING, "fresh run: earlier checkpoints moved to %s", aside)
+        n_features, mean, std, sizes = self.handshake()
+        arrays, whole = self.initial_arrays(n_features, mean, std)
+        shared = int(sum(a.nbytes for a in arrays.values()))
+        meta = {"strategy": str(self.fed.strategy), "n_features": n_features, "site_sizes": sizes,
+                "payload_bytes": shared, "whole_model_bytes": whole, "share_all": bool(self.fed.share_all)}
+        log(INFO, "payload: %d arrays, %.1f kB per upload (whole model %.1f kB)", len(arrays),
+            shared / 1e3, whole / 1e3)
+        return 1, arrays, History(), meta
+
+    # --- rounds -------------------------------------------------------------------------------------
+    def train_round(self, rnd: int, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> dict[str, np.ndarray]:
+        phase = record["phase"]
+        config = ConfigRecord({"phase": phase})
+        msgs = self.strategy.configure_train(rnd, to_record(arrays), config, self.grid)
+        got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout),
+                     {k: v.shape for k, v in arrays.items()})
+        for r in got.rejected:
+            log(WARNING, "round %d: REJECTED update from %s (node %s): %s", rnd, r["site"], r["node"], r["reason"])
+        for f in got.failed:
+            log(WARNING, "round %d: no update from %s: %s", rnd, f["site"], f["reason"])
+        record.update(rejected=got.rejected, failed=got.failed,
+                      site_train={site_of(m): metrics_of(m) for m in got.accepted},
+                      upload_bytes={site_of(m): payload.record_nbytes(next(iter(m.content.array_records.values())))
+                                    for m in got.accepted})
+        need = int(self.fed.min_train_replies)
+        if len(got.accepted) < need:
+            log(WARNING, "round %d: %d valid updates < federation.min_train_replies=%d; global model unchanged",
+                rnd, len(got.accepted), need)
+            return arrays
+        agg, train_metrics = self.strategy.aggregate_train(rnd, got.accepted)
+        record["train"] = dict(train_metrics or {})
+        if agg is None:
+            return arrays
+        new = payload.record_to_numpy(agg)
+        if not all(np.all(np.isfinite(v)) for v in new.values()):
+            log(WARNING, "round %d: aggregate is non-finite; global model unchanged", rnd)
+            return arrays
+        return new
+
+    def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], split: str) -> tuple[dict, dict]:
+        config = ConfigRecord({"split": split})
+        msgs = self.strategy.configure_evaluate(rnd, to_record(arrays), config, self.grid)
+        got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None)
+        for f in got.failed + got.rejected:
+            log(WARNING, "round %d: no evaluation from %s: %s", rnd, f["site"], f["reason"])
+        per_site = {site_of(m): metrics_of(m) for m in got.accepted}
+        agg = self.strategy.aggregate_evaluate(rnd, got.accepted) if got.accepted else None
+        return dict(agg or {}), per_site
+
+    def run(self) -> History:
+        first, arrays, history, meta = self.start_state()
+        t0 = time.time()
+        for rnd in range(first, self.total_rounds + 1):
+            phase = phase_of(rnd, self.cfg)
+            record: dict[str, Any] = {"round": rnd, "phase": phase}
+            arrays = self.train_round(rnd, arrays, record)
+            record["evaluate"], record["site_eval"] = self.evaluate(rnd, arrays, str(self.fed.eval_split))
+            record["seconds"] = round(time.time() - t0, 2)
+            history.add(record)
+            history.save(self.dir, plot=False)  # JSON/CSV every round; the PNG once at the end
+            ckpt.save_checkpoint(self.ckpt_dir, ckpt.Checkpoint(
+                rnd, phase, arrays, strategy_state(self.strategy), {**meta, "history": history.records}),
+                keep=int(self.fed.keep_checkpoints))
+            eps = {s: m.get("epsilon") for s, m in record.get("site_train", {}).items()}
+            log(INFO, "[round %d/%d %s] train %s | eval %s | epsilon %s | %d rejected, %d failed",
+                rnd, self.total_rounds, phase, _short(record.get("train")), _short(record["evaluate"]),
+                _short(eps), len(record["rejected"]), len(record["failed"]))
+        history.save(self.dir)
+        if not self.fed.final_eval_split:
+            return history
+        final_agg, final_sites = self.evaluate(self.total_rounds, arrays, str(self.fed.final_eval_split))
+        final = {"round": self.total_rounds, "split": str(self.fed.final_eval_split),
+                 "aggregate": final_agg, "sites": final_sites, **{k: v for k, v in meta.items() if k != "history"}}
+        write_json(self.dir / "final_metrics.json", final)
+        log(INFO, "final %s metrics per site: %s", self.fed.final_eval_split, {s: _short(m) for s, m in final_sites.items()})
+        return history
+
+
+def _short(metrics: dict | None) -> str:
+    if not metrics:
+        return "-"
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, (int, float)) and v is not None else f"{k}={v}"
+                     for k, v in sorted(metrics.items()))
+
+
+def make_server_app(extra_overrides: Sequence[str] = ()) -> ServerApp:
+    """A ServerApp composing the config from the run config plus ``extra_overrides`` (simulation)."""
+    server_app = ServerApp()
+    extra = tuple(extra_overrides)
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        cfg = compose(run_config_overrides(context, extra))
+        Federation(grid, cfg).run()
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,62 @@
+"""Pick one of Flower's own strategies from config, and save/restore its server-side state.
+
+Nothing here aggregates: FedAvg, FedProx, FedAdam and FedTrimmedAvg are Flower's classes, built with
+``federation.strategy_args.<name>``. Only FedOpt-family strategies (FedAdam) keep state between rounds
+(the server optimiser's moments ``m_t``/``v_t``); it goes into the checkpoint so a resumed run carries on
+with the same moments.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, Strategy
+from omegaconf import DictConfig, OmegaConf
+
+from osteo_model.errors import ConfigError
+
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedtrimmedavg": FedTrimmedAvg,
+}
+_STATEFUL_ATTRS = ("m_t", "v_t")  # FedOpt's server-optimiser moments (dict[str, ndarray] | None)
+
+
+def build_strategy(cfg: DictConfig) -> Strategy:
+    """The configured Flower strategy; every connected site trains and evaluates each round."""
+    fed = cfg.federation
+    name = str(fed.strategy).lower()
+    if name not in STRATEGIES:
+        raise ConfigError(None, f"federation.strategy={fed.strategy!r}; choose one of {sorted(STRATEGIES)}")
+    given = fed.strategy_args.get(name)
+    args: dict[str, Any] = dict(OmegaConf.to_container(given, resolve=True)) if given is not None else {}  # type: ignore[arg-type]
+    n = int(fed.min_available_nodes)
+    return STRATEGIES[name](
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=n,
+        min_evaluate_nodes=n,
+        min_available_nodes=n,
+        **args,
+    )
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """Flat ``{"<attr>/<key>": array}`` of the strategy's cross-round state (empty for FedAvg)."""
+    out: dict[str, np.ndarray] = {}
+    for attr in _STATEFUL_ATTRS:
+        value = getattr(strategy, attr, None)
+        for key, arr in (value or {}).items():
+            out[f"{attr}/{key}"] = np.asarray(arr)
+    return out
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    for attr in _STATEFUL_ATTRS:
+        values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attr}/")}
+        if values:
+            if not hasattr(strategy, attr):
+                raise ConfigError(None, f"checkpoint holds {attr} but strategy {type(strategy).__name__} has none")
+            setattr(strategy, attr, values)

@@ -1,0 +1,233 @@
+"""`osteo-sim`: the federated method on synthetic hospitals, end to end, with the baselines it must beat.
+
+1. synthetic sites (``osteo-synth``'s generator) when they are missing; 2. every site prepared with the
+real preparation code (incremental: cached work is skipped); 3. the SAME ServerApp and ClientApp as a
+deployment, run through Flower's simulation engine, twice: this method (shared parts only) and FedAvg
+of the whole model (``federation.share_all``); 4. local-only training (each site alone, the same local
+steps per round) and the centralised model (pooled data); 5. the external site onboarded with the
+federated shared weights by fitting only its local expert and calibration on a few labeled patients.
+Ends with a per-site table (test split) and writes ``<outputs>/sim/report.{json,md}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from osteo_model import central, model as osteo, training
+from osteo_model.config import compose, resolve_device
+from osteo_model.dataset import SiteData, load_site_data
+from osteofl.server.checkpoint import load_latest
+from osteofl.server.history import write_json
+
+METHODS = ("osteofl", "fedavg_whole", "local_only", "central")
+LABELS = {"osteofl": "OsteoFL (ours)", "fedavg_whole": "FedAvg whole model", "local_only": "local only",
+          "central": "centralised"}
+COLUMNS = (("auc_t", "AUC (T-score)"), ("auc", "AUC (diagnosis head)"), ("acc3", "3-class accuracy"),
+           ("mae_bmd", "MAE device BMD g/cm2"), ("bias_bmd", "Bland-Altman bias"))
+
+
+def ensure_sites(cfg: DictConfig, log: Callable[[str], None]) -> None:
+    """Generate the synthetic sites if any is missing (deterministic by seed)."""
+    sites = [*cfg.synth.sites, cfg.synth.external_site]
+    missing = [s for s in sites if not (Path(cfg.paths.sites_root) / s / "studies.csv").is_file()]
+    if missing:
+        from osteofl.simulation.synth import generate
+
+        log(f"synthetic sites missing ({', '.join(missing)}): generating all with seed {cfg.synth.seed}")
+        t0 = time.perf_counter()
+        generate(cfg)
+        log(f"  generated in {time.perf_counter() - t0:.1f} s")
+
+
+def prepare_sites(overrides: Sequence[str], sites: Sequence[str], log: Callable[[str], None]) -> None:
+    """Run the real preparation for each site (skips what its cache already holds)."""
+    from osteo_model.config import compose_site
+    from osteo_model.prepare import prepare_site
+
+    for site in sites:
+        t0 = time.perf_counter()
+        prepare_site(compose_site([*overrides, f"site.name={site}"]), progress=True)
+        log(f"  prepared {site} in {time.perf_counter() - t0:.1f} s")
+
+
+def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Callable[[str], None]) -> float:
+    """One federated run through Flower's simulation engine; returns its wall time."""
+    from flwr.simulation import run_simulation
+
+    from osteofl.client.client_app import make_client_app
+    from osteofl.server.server_app import make_server_app
+
+    log(f"federated run '{label}' ({n_sites} simulated sites) ...")
+    t0 = time.perf_counter()
+    run_simulation(
+        server_app=make_server_app(overrides), client_app=make_client_app(overrides), num_supernodes=n_sites,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"include_dashboard": False, "log_to_driver": True}},
+    )
+    seconds = time.perf_counter() - t0
+    log(f"  '{label}' done in {seconds:.1f} s")
+    return seconds
+
+
+def _load(cfg: DictConfig, site: str) -> SiteData:
+    return load_site_data(Path(cfg.paths.cache_root) / site, cfg)
+
+
+def local_only(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]) -> tuple[dict, list[float]]:
+    """Each site alone, round for round the same local steps and evaluation as a federated round, without
+    Flower and without aggregation. Returns test metrics per site and the wall time of each round."""
+    device, fed = resolve_device(cfg), cfg.federation
+    steps = None if fed.local_steps is None else int(fed.local_steps)
+    state = {}
+    for site in sites:
+        data = _load(cfg, site)
+        model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer).to(device)
+        osteo.set_feature_stats(model, *osteo.feature_stats(np.asarray(data.cache.features)))
+        state[site] = (data, model, training.make_optimizer(model.parameters(), cfg))
+    round_seconds = []
+    for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
+        phase = "ssl" if rnd <= int(fed.ssl_rounds) else "task"
+        t0 = time.perf_counter()
+        for data, model, opt in state.values():
+            training.train_steps(model, data, cfg, phase, opt, device, max_steps=steps)
+            training.evaluate(model, data, cfg, str(fed.eval_split), device)
+        round_seconds.append(time.perf_counter() - t0)
+    log(f"local-only: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round (no Flower)")
+    return {s: training.evaluate(m, d, cfg, str(fed.final_eval_split), device) for s, (d, m, _) in state.items()}, round_seconds
+
+
+def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]) -> tuple[dict, list[float]]:
+    """The centralised model: all sites' data in one place, one set of shared modules (each site keeps its
+    own local expert and calibration, as in central training), trained round for round with the same
+    local steps per site as the federation, but without averaging."""
+    device, fed = resolve_device(cfg), cfg.federation
+    steps = None if fed.local_steps is None else int(fed.local_steps)
+    datas = central.load_sites(cfg, sites)
+    models = osteo.build_site_models(cfg, next(iter(datas.values())).cache.features.shape[1],
+                                     {s: d.manufacturer for s, d in datas.items()})
+    osteo.set_feature_stats(next(iter(models.values())), *central.pooled_feature_stats(datas))
+    optimizer = training.make_optimizer({id(p): p for m in models.values() for p in m.parameters()}.values(), cfg)
+    round_seconds = []
+    for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
+        phase = "ssl" if rnd <= int(fed.ssl_rounds) else "task"
+        t0 = time.perf_counter()
+        for site in sites:
+            training.train_steps(models[site].to(device), datas[site], cfg, phase, optimizer, device, max_steps=steps)
+        round_seconds.append(time.perf_counter() - t0)
+    log(f"centralised: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round")
+    return {s: training.evaluate(models[s], datas[s], cfg, str(fed.final_eval_split), device) for s in sites}, round_seconds
+
+
+def onboard(cfg: DictConfig, site: str, shared: dict[str, Any]) -> tuple[dict, dict, int]:
+    """External site: test metrics with the shared weights as they are, then after fitting only its
+    local expert and calibration on ``onboard_labeled_patients`` labeled patients of its training split."""
+    device, fed = resolve_device(cfg), cfg.federation
+    data = _load(cfg, site)
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer).to(device)
+    osteo.load_shared(model, shared)
+    before = training.evaluate(model, data, cfg, str(fed.final_eval_split), device)
+    rows = data.splits["train"]
+    patients = data.cache.table["patient_id"].astype(str).to_numpy()[rows]
+    keep = np.unique(patients)[: int(fed.onboard_labeled_patients)]
+    small = dataclasses.replace(data, splits={**data.splits, "train": rows[np.isin(patients, keep)]})
+    training.fit_local(model, small, cfg, device, epochs=int(fed.onboard_epochs))
+    return before, training.evaluate(model, data, cfg, str(fed.final_eval_split), device), int(len(small.splits["train"]))
+
+
+def _fmt(v: Any) -> str:
+    return "  n/a " if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:6.3f}"
+
+
+def table(results: dict[str, dict[str, dict]], sites: Sequence[str]) -> str:
+    lines = []
+    for key, name in COLUMNS:
+        lines.append(f"\n{name} (test split)".ljust(26) + "".join(f"{LABELS[m]:>20}" for m in METHODS if m in results))
+        for site in sites:
+            lines.append(f"  {site:<22}" + "".join(f"{_fmt(results[m].get(site, {}).get(key)):>20}"
+                                                   for m in METHODS if m in results))
+    return "\n".join(lines)
+
+
+def simulate(overrides: Sequence[str], log: Callable[[str], None] = print, baselines: bool = True,
+             prepare: bool = True) -> dict:
+    """The whole demo; ``prepare=False`` uses the site caches as they are (tests)."""
+    cfg = compose(overrides)
+    sites, ext = [str(s) for s in cfg.federation.sites], str(cfg.synth.external_site)
+    out = Path(cfg.paths.outputs) / "sim"
+    shutil.rmtree(out, ignore_errors=True)  # each demo run starts fresh: its own state and checkpoints
+    out.mkdir(parents=True)
+    t_start = time.perf_counter()
+    # One thread per training process, as each simulated site gets one CPU: on a busy 2-core machine
+    # multi-threaded 3D convolutions in the baselines were 2x slower than single-threaded ones.
+    torch.set_num_threads(1)
+    if prepare:
+        ensure_sites(cfg, log)
+        log("preparing sites (cached work is skipped) ...")
+        prepare_sites(overrides, [*sites, ext], log)
+
+    def fed_overrides(name: str, *extra: str) -> list[str]:
+        return [*overrides, f"paths.outputs={out}", f"federation.run_name={name}",
+                f"paths.state_root={out / name / 'state'}", *extra]
+
+    report: dict[str, Any] = {"sites": sites, "external": ext, "seconds": {}}
+    results: dict[str, dict[str, dict]] = {}
+    report["seconds"]["osteofl"] = run_federated(fed_overrides("osteofl"), len(sites), "OsteoFL", log)
+    final = json.loads((out / "osteofl" / "final_metrics.json").read_text())
+    history = json.loads((out / "osteofl" / "history.json").read_text())
+    results["osteofl"] = final["sites"]
+    report["payload"] = {"shared_bytes": final["payload_bytes"], "whole_model_bytes": final["whole_model_bytes"],
+                         "upload_bytes_per_round": history[-1]["upload_bytes"]}
+    secs = [r["seconds"] for r in history]
+    report["round_seconds_flower"] = list(np.diff([0.0, *secs]))
+    if baselines:
+        report["seconds"]["fedavg_whole"] = run_federated(
+            fed_overrides("fedavg_whole", "federation.share_all=true"), len(sites), "FedAvg whole model", log)
+        results["fedavg_whole"] = json.loads((out / "fedavg_whole" / "final_metrics.json").read_text())["sites"]
+        t0 = time.perf_counter()
+        results["local_only"], report["round_seconds_no_flower"] = local_only(compose(fed_overrides("local")), sites, log)
+        report["seconds"]["local_only"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results["central"], _ = centralised(cfg, sites, log)
+        report["seconds"]["central"] = time.perf_counter() - t0
+    shared = load_latest(out / "osteofl" / "checkpoints").arrays
+    before, after, n_rows = onboard(cfg, ext, shared)
+    report["external"] = {"site": ext, "before_onboarding": before, "after_onboarding": after,
+                          "onboarding_labeled_vertebrae": n_rows}
+    report["results"] = results
+    report["seconds"]["total"] = time.perf_counter() - t_start
+    text = render(report, sites)
+    (out / "report.md").write_text(text + "\n")
+    write_json(out / "report.json", report)
+    log(text)
+    log(f"\nreport: {out / 'report.md'} (JSON: report.json); per-round history and plot: {out / 'osteofl'}")
+    return report
+
+
+def render(report: dict, sites: Sequence[str]) -> str:
+    p = report["payload"]
+    lines = [f"OsteoFL simulation: {len(sites)} sites + external {report['external']['site']}",
+             table(report["results"], sites)]
+    ext = report["external"]
+    lines.append(f"\nexternal site {ext['site']} (test split), shared weights of OsteoFL:")
+    for key, name in COLUMNS:
+        lines.append(f"  {name:<10} no local expert yet {_fmt(ext['before_onboarding'].get(key))}   "
+                     f"after onboarding on {ext['onboarding_labeled_vertebrae']} labeled vertebrae "
+                     f"{_fmt(ext['after_onboarding'].get(key))}")
+    per_site = ", ".join(f"{s} {b / 1e3:.1f} kB" for s, b in sorted(p["upload_bytes_per_round"].items()))
+    lines.append(f"\nupload per site per round: {per_site}; whole model would be {p['whole_model_bytes'] / 1e3:.1f} kB "
+                 f"({100 * p['shared_bytes'] / p['whole_model_bytes']:.1f} % sent)")
+    flower = report["round_seconds_flower"]
+    lines.append(f"wall time per simulated round (Flower, incl. evaluation): mean {np.mean(flower):.1f} s")
+    if "round_seconds_no_flower" in report:
+        lines.append(f"same local steps + evaluation without Flower: mean {np.mean(report['round_seconds_no_flower']):.1f} s")
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
+

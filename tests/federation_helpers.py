@@ -1,0 +1,67 @@
+"""Shared pieces of the federation tests: tiny site caches, small-model overrides, and an in-process Grid
+that delivers the ServerApp's messages to the real ClientApp handlers (no Ray, no network), with hooks
+to drop a site or tamper with its reply."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from cache_factory import make_site_cache
+
+SITES = {"site_a": "hologic", "site_b": "ge_lunar", "site_c": "norland"}
+
+
+def make_caches(root: Path, sites: dict[str, str] = SITES, n_patients: int = 10) -> Path:
+    """Fake prepared caches under ``root/data/cache/<site>`` (the default paths.cache_root)."""
+    for i, (site, manufacturer) in enumerate(sites.items()):
+        make_site_cache(root / "data" / "cache" / site, site=site, n_patients=n_patients, size=12,
+                        manufacturer=manufacturer, device_bias=0.02 * i, seed=i)
+    return root
+
+
+def small_overrides(root: Path, **extra: object) -> list[str]:
+    """A model and federation small enough for a unit test on CPU."""
+    out = [
+        f"paths.root={root}",
+        "model.channels=[4,8]", "model.embed_dim=16", "model.expert_hidden=8", "model.num_shared_experts=2",
+        "train.batch_size=8", "federation.ssl_rounds=1", "federation.task_rounds=1",
+        "federation.local_steps=2", "federation.round_timeout=60",
+        f"federation.sites=[{','.join(SITES)}]",
+    ]
+    return out + [f"{k}={v}" for k, v in extra.items()]
+
+
+class LocalGrid:
+    """A Grid that runs the ClientApp in-process for node ids 1..N (site i for node i)."""
+
+    def __init__(self, client_app: ClientApp, sites: Iterable[str], run_config: dict | None = None) -> None:
+        self.app = client_app
+        self.nodes = {i + 1: site for i, site in enumerate(sites)}
+        self.run_config = dict(run_config or {})
+        self.drop: set[str] = set()                        # sites whose process "dies" mid-round
+        self.tamper: Callable[[str, Message], None] | None = None  # edits a train reply in place
+        self.sent: list[Message] = []                      # every reply that left a site
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            site = self.nodes[msg.metadata.dst_node_id]
+            if site in self.drop:
+                continue  # no reply at all: the round goes on without it
+            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"site": site},
+                          state=RecordDict(), run_config=self.run_config)
+            try:
+                reply = self.app(msg, ctx)
+            except Exception as exc:  # what Flower's runtime does: an error reply
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            if self.tamper is not None and not reply.has_error():
+                self.tamper(site, reply)
+            self.sent.append(reply)
+            replies.append(reply)
+        return replies

@@ -1,0 +1,99 @@
+"""End to end on loopback with Flower's real processes: osteo-provision, flower-server (SuperLink with
+TLS and SuperNode authentication), three osteo-client SuperNodes, two short rounds; an unregistered
+site's SuperNode is refused."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from federation_helpers import SITES, make_caches, small_overrides
+from osteofl.server.provision import make_site_key
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not seen; flower-server said:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
+    make_caches(tmp_path, {**SITES, "intruder": "hologic"})
+    port = _free_port()
+    overrides = small_overrides(
+        tmp_path, **{"federation.superlink.port": port, "federation.superlink.address": f"127.0.0.1:{port}",
+                     "federation.min_available_nodes": 3, "federation.min_train_replies": 3,
+                     "federation.final_eval_split": "null"})
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    prov = subprocess.run([str(BIN / "osteo-provision"), *overrides], capture_output=True, text=True, env=env)
+    assert prov.returncode == 0, prov.stderr
+    pki = tmp_path / "data" / "pki"
+    assert (pki / "server.pem").exists() and all((pki / "sites" / s / f"{s}_key").exists() for s in SITES)
+    make_site_key(pki, "intruder")  # a well-formed key the SuperLink was never told about
+
+    procs: list[subprocess.Popen] = []
+    server_log = tmp_path / "server.log"
+    try:
+        with open(server_log, "w") as log:
+            server = subprocess.Popen([str(BIN / "flower-server"), *overrides], stdout=log,
+                                      stderr=subprocess.STDOUT, env=env)
+        procs.append(server)
+        _wait_for_line(server, server_log, "sites registered", 120)
+
+        def client(site: str, local_port: int, log_name: str) -> subprocess.Popen:
+            with open(tmp_path / log_name, "w") as out:
+                p = subprocess.Popen([str(BIN / "osteo-client"), "--site", site, "--local-port", str(local_port),
+                                      *overrides], stdout=out, stderr=subprocess.STDOUT, env=env)
+            procs.append(p)
+            return p
+
+        intruder = client("intruder", _free_port(), "intruder.log")
+        assert intruder.wait(timeout=120) != 0, "an unregistered SuperNode must be refused"
+        for site in SITES:
+            client(site, _free_port(), f"{site}.log")
+        assert server.wait(timeout=780) == 0, server_log.read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    run = tmp_path / "outputs" / "federated"
+    history = json.loads((run / "history.json").read_text())
+    assert [r["round"] for r in history] == [1, 2]
+    assert [r["phase"] for r in history] == ["ssl", "task"]
+    assert all(set(r["site_train"]) == set(SITES) and not r["rejected"] for r in history)
+    ckpt = sorted((run / "checkpoints").glob("round-*.npz"))
+    assert [p.name for p in ckpt] == ["round-0001.npz", "round-0002.npz"]
+    with np.load(ckpt[-1]) as data:
+        assert any(k.startswith("arrays/encoder.") for k in data.files)
+        assert not any(k.startswith(("arrays/local_expert.", "arrays/calibration.")) for k in data.files)
+    for site in SITES:
+        assert (tmp_path / "data" / "state" / site / "site_state.pt").stat().st_size > 0
+    assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()

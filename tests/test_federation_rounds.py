@@ -1,0 +1,260 @@
+"""The ServerApp's round loop against the real ClientApp handlers, in-process (LocalGrid): payload audit,
+per-site state on disk, rejection of bad updates, drop-outs, resume at the right round, DP epsilon."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.supercore.task_identity import TaskIdentity
+
+from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
+from osteo_model import model as osteo
+from osteo_model.config import compose
+from osteo_model.errors import ConfigError, StateError
+from osteofl.client.client_app import make_client_app
+from osteofl.client.state_store import StateStore
+from osteofl.server import checkpoint as ckpt
+from osteofl.server.server_app import Federation
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps outgoing messages with the running task's identity; set one for in-process runs."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _federation(root: Path, sites=SITES, **extra) -> tuple[Federation, LocalGrid]:
+    overrides = small_overrides(root, **extra)
+    grid = LocalGrid(make_client_app(overrides), sites)
+    return Federation(grid, compose(overrides)), grid
+
+
+def _reference_keys(root: Path) -> tuple[set[str], set[str]]:
+    model = osteo.build_model(compose(small_overrides(root)), 6, "hologic")
+    return set(osteo.shared_keys(model)), set(osteo.local_keys(model))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_caches(tmp_path)
+
+
+def test_two_phases_payload_audit_state_and_outputs(root: Path) -> None:
+    fed, grid = _federation(root)
+    history = fed.run()
+    assert [(r["round"], r["phase"]) for r in history.records] == [(1, "ssl"), (2, "task")]
+    shared, local = _reference_keys(root)
+    train_replies = [m for m in grid.sent if m.content.array_records]
+    assert len(train_replies) == 2 * len(SITES)
+    for reply in train_replies:  # payload audit: only shared keys leave a site, and only scalars beside them
+        (record,) = reply.content.array_records.values()
+        assert set(record) == shared and not set(record) & local
+        (metrics,) = reply.content.metric_records.values()
+        assert all(isinstance(v, (int, float)) for v in metrics.values())
+    for reply in grid.sent:  # evaluate / query replies carry no arrays
+        if not reply.content.array_records:
+            assert not any(k in str(reply.content) for k in local)
+    for record in history.records:
+        assert set(record["site_eval"]) == set(SITES)
+        assert all(v > 0 for v in record["upload_bytes"].values())
+    for site in SITES:
+        state = StateStore(root / "data" / "state" / site, site).load()
+        assert state.revision == 2 and state.rounds_trained == 2
+        assert set(state.local) == local and state.optimizer is not None
+    run = root / "outputs" / "federated"
+    for name in ("history.json", "history.csv", "history.png", "final_metrics.json"):
+        assert (run / name).stat().st_size > 0
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert set(final["sites"]) == set(SITES) and final["payload_bytes"] < final["whole_model_bytes"]
+    last = ckpt.load_latest(run / "checkpoints")
+    assert last.round == 2 and last.phase == "task" and set(last.arrays) == shared
+    # each site's local parts are its own, never averaged
+    states = {s: StateStore(root / "data" / "state" / s, s).load().local for s in SITES}
+    key = next(k for k in states["site_a"] if k.startswith("local_expert.") and k.endswith("weight"))
+    assert not torch.equal(states["site_a"][key], states["site_b"][key])
+
+
+def test_non_finite_and_malformed_updates_are_rejected(root: Path) -> None:
+    fed, grid = _federation(root, **{"federation.task_rounds": 0})
+    shared, local = _reference_keys(root)
+
+    def tamper(site: str, reply) -> None:
+        if not reply.content.array_records:
+            return
+        (record,) = reply.content.array_records.values()
+        if site == "site_b":
+            key = next(iter(record))
+            bad = record[key].numpy().copy()
+            bad.flat[0] = np.nan
+            record[key] = Array(bad)
+        if site == "site_c":
+            record[next(iter(local))] = Array(np.zeros(3, np.float32))  # a local key must never be accepted
+
+    grid.tamper = tamper
+    history = fed.run()
+    (record,) = history.records
+    assert {r["site"] for r in record["rejected"]} == {"site_b", "site_c"}
+    assert any("non-finite" in r["reason"] for r in record["rejected"])
+    assert set(record["site_train"]) == {"site_a"}
+    # only one valid update < min_train_replies=2: the global model is left as it was
+    last = ckpt.load_latest(root / "outputs" / "federated" / "checkpoints")
+    assert all(np.all(np.isfinite(v)) for v in last.arrays.values())
+
+
+def test_dropped_site_does_not_stop_the_round_and_rejoins(root: Path) -> None:
+    fed, grid = _federation(root, **{"federation.task_rounds": 0})
+    grid.drop = {"site_c"}  # its SuperNode dies after the handshake: no reply at all
+    original = grid.send_and_receive
+    calls = {"n": 0}
+
+    def send(messages, timeout=None):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the handshake still reaches every site
+            grid.drop, saved = set(), grid.drop
+            try:
+                return original(messages, timeout=timeout)
+            finally:
+                grid.drop = saved
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = send
+    history = fed.run()
+    (record,) = history.records
+    assert set(record["site_train"]) == {"site_a", "site_b"} and record["train"]
+    assert not (root / "data" / "state" / "site_c" / "site_state.pt").exists()
+    # site_c comes back for the next run (resumed) and trains again
+    fed2, _ = _federation(root, **{"federation.task_rounds": 1, "federation.resume": "true"})
+    (r2,) = [r for r in fed2.run().records if r["round"] == 2]
+    assert set(r2["site_train"]) == set(SITES)
+
+
+def test_resume_after_a_stopped_server_continues_at_the_right_round(root: Path) -> None:
+    fed, grid = _federation(root, **{"federation.task_rounds": 2})
+    original = grid.send_and_receive
+    seen: list[int] = []
+
+    def send_then_crash(messages, timeout=None):
+        messages = list(messages)
+        rounds = {int(m.content["config"].get("server-round", 0)) for m in messages if "config" in m.content}
+        if 3 in rounds:
+            raise KeyboardInterrupt("server stopped")
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = send_then_crash
+    with pytest.raises(KeyboardInterrupt):
+        fed.run()
+    assert ckpt.load_latest(root / "outputs" / "federated" / "checkpoints").round == 2
+
+    fed2, grid2 = _federation(root, **{"federation.task_rounds": 2, "federation.resume": "true"})
+    original2 = grid2.send_and_receive
+
+    def record_rounds(messages, timeout=None):
+        messages = list(messages)
+        seen.extend(int(m.content["config"]["server-round"]) for m in messages if "server-round" in m.content["config"])
+        return original2(messages, timeout=timeout)
+
+    grid2.send_and_receive = record_rounds
+    history = fed2.run()
+    assert sorted(set(seen)) == [3]  # no handshake, no repeated rounds
+    assert [r["round"] for r in history.records] == [1, 2, 3]
+    assert [r["phase"] for r in history.records] == ["ssl", "task", "task"]
+    for site in SITES:
+        assert StateStore(root / "data" / "state" / site, site).load().rounds_trained == 3
+
+
+def test_resume_without_checkpoint_is_a_clear_error(root: Path) -> None:
+    fed, _ = _federation(root, **{"federation.resume": "true"})
+    with pytest.raises(StateError, match="nothing to resume"):
+        fed.run()
+
+
+def test_dp_run_reports_cumulative_epsilon_and_stops_at_budget(root: Path) -> None:
+    fed, _ = _federation(root, privacy="dp", **{"privacy.noise_multiplier": 1.5})
+    history = fed.run()
+    eps = {s: [r["site_train"][s]["epsilon"] for r in history.records] for s in SITES}
+    for site, values in eps.items():
+        assert 0 < values[0] < values[1], values  # cumulative across rounds (and phases)
+        saved = StateStore(root / "data" / "state" / site, site).load()
+        assert saved.epsilon == pytest.approx(values[-1]) and saved.accountant["history"]
+    # a new run with a budget below what is spent: every site refuses to train and says why
+    budget = min(v[-1] for v in eps.values()) / 2
+    fed2, _ = _federation(root, privacy="dp", **{"privacy.epsilon_budget": budget, "federation.run_name": "again"})
+    (first, *_) = fed2.run().records
+    assert {f["site"] for f in first["failed"]} and all("privacy budget spent" in f["reason"] for f in first["failed"])
+    assert not first["site_train"]
+
+
+def test_corrupt_site_state_is_an_error_not_a_fresh_start(root: Path) -> None:
+    fed, _ = _federation(root, **{"federation.task_rounds": 0})
+    fed.run()
+    path = root / "data" / "state" / "site_a" / "site_state.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StateError, match="unreadable site state"):
+        StateStore(path.parent, "site_a").load()
+    fed2, _ = _federation(root, **{"federation.task_rounds": 1, "federation.resume": "true"})
+    (r2,) = [r for r in fed2.run().records if r["round"] == 2]
+    (failed,) = r2["failed"]
+    assert failed["site"] == "node-1" and "StateError" in failed["reason"]
+    assert path.stat().st_size == 100  # left as it was for the operator to look at
+
+
+def test_sites_with_different_feature_sets_are_refused_at_handshake(tmp_path: Path) -> None:
+    from osteo_model.cache import SiteCache, write_site_cache
+
+    make_caches(tmp_path)
+    path = tmp_path / "data" / "cache" / "site_c"
+    cache = SiteCache.open(path)
+    write_site_cache(path, cache.table, np.asarray(cache.crops), np.asarray(cache.masks),
+                     np.asarray(cache.features)[:, :5], cache.feature_names[:5], cache.manifest)
+    fed, _ = _federation(tmp_path)
+    with pytest.raises(ConfigError, match="radiomic feature set"):
+        fed.run()
+
+
+def test_fedadam_state_survives_a_checkpoint(root: Path) -> None:
+    fed, _ = _federation(root, **{"federation.strategy": "fedadam", "federation.task_rounds": 0})
+    fed.run()
+    last = ckpt.load_latest(root / "outputs" / "federated" / "checkpoints")
+    assert any(k.startswith("m_t/") for k in last.strategy_state) and any(k.startswith("v_t/") for k in last.strategy_state)
+    fed2, _ = _federation(root, **{"federation.strategy": "fedadam", "federation.resume": "true"})
+    fed2.start_state()
+    assert set(fed2.strategy.m_t) == set(last.arrays)
+    np.testing.assert_array_equal(next(iter(fed2.strategy.v_t.values())), next(iter(
+        v for k, v in last.strategy_state.items() if k.startswith("v_t/"))))
+
+
+def test_fedprox_pulls_updates_towards_the_global_model(root: Path) -> None:
+    def update_norm(mu: float, name: str) -> float:
+        fed, grid = _federation(root, **{"federation.strategy": "fedprox", "federation.task_rounds": 0,
+                                         "federation.strategy_args.fedprox.proximal_mu": mu,
+                                         "federation.run_name": name, "train.lr": 0.05,
+                                         "federation.local_steps": 4, "paths.state_root": str(root / name)})
+        n_features, mean, std, _ = fed.handshake()
+        start, _ = fed.initial_arrays(n_features, mean, std)
+        fed.run()
+        sent = [m for m in grid.sent if m.content.array_records]
+        (record,) = sent[0].content.array_records.values()
+        return float(sum(np.sum((record[k].numpy() - start[k]) ** 2) for k in start))
+
+    assert update_norm(50.0, "strong") < update_norm(0.0, "none")
+
+
+def test_payload_record_ignores_unknown_arrays(root: Path) -> None:
+    """load_shared refuses arrays whose keys are not exactly the shared set (a malformed broadcast)."""
+    cfg = compose(small_overrides(root))
+    model = osteo.build_model(cfg, 6, "hologic")
+    from osteofl.client import payload
+
+    record = payload.payload_record(model, cfg)
+    arrays = payload.record_to_numpy(record)
+    arrays["local_expert.0.weight"] = np.zeros(1, np.float32)
+    with pytest.raises(StateError):
+        payload.load_payload(model, cfg, arrays)
+    assert isinstance(record, ArrayRecord)
