@@ -8,11 +8,10 @@ start). Prints what to hand to each hospital.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from osteo_model.cli._common import run_cli
 from osteo_model.config import compose
-from osteo_model.errors import OsteoError
 from osteofl.client import runtime
 from osteofl.server import provision
 from osteofl.server.cli import CONNECTION, absolute_overrides, write_connection
@@ -23,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sites", help="comma-separated site names (default federation.sites)")
     p.add_argument("--register", action="store_true", help="register the keys with the running SuperLink")
     args, overrides = p.parse_known_args(argv)
-    try:
+
+    def body() -> None:
         cfg = compose(absolute_overrides(overrides))
         sites = args.sites.split(",") if args.sites else [str(s) for s in cfg.federation.sites]
         paths = provision.provision(cfg.paths.pki, sites, cfg.federation.superlink.san)
@@ -39,10 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             database = (Path(cfg.paths.outputs) / "superlink" / "state.db").resolve()
             ids = provision.register_sites(pki, sites, CONNECTION, runtime.flower_env(flwr_home), str(database))
             print("registered: " + ", ".join(f"{s} (node {n or 'known'})" for s, n in ids.items()))
-    except OsteoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

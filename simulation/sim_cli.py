@@ -17,16 +17,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU simulation: silence Ray's GPU notice
-    from osteo_model.errors import OsteoError
+    from osteo_model.cli._common import run_cli
     from osteofl.simulation.sim import simulate
 
     print(f"osteo-sim: Flower telemetry {'ON' if args.telemetry else 'off (--telemetry to opt in)'}", flush=True)
-    try:
-        simulate(overrides, log=lambda m: print(m, flush=True), baselines=not args.no_baselines)
-    except OsteoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: simulate(overrides, log=lambda m: print(m, flush=True), baselines=not args.no_baselines))
 
 
 if __name__ == "__main__":

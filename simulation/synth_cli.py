@@ -6,11 +6,8 @@ import sys
 import time
 from typing import Sequence
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
+from osteo_model.cli._common import run_cli
 from osteo_model.config import compose
-from osteo_model.errors import OsteoError
 from osteofl.simulation.synth import generate
 
 
@@ -23,24 +20,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, overrides = parser.parse_known_args(argv)
     start = time.perf_counter()
-    try:
+
+    def body() -> None:
         cfg = compose(overrides)
         summaries = generate(cfg, progress=not args.no_progress)
-    except OsteoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (HydraException, OmegaConfBaseException) as exc:
-        print(f"error: config: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"osteo-synth: seed {cfg.synth.seed}, sites in {cfg.paths.sites_root}, truth in {cfg.paths.ground_truth}")
-    for s in summaries:
-        prev = ", ".join(f"{k} {v:.0%}" for k, v in s.prevalence.items())
-        print(f"  {s.site:<10} {s.role:<8} {s.studies:4d} studies: {s.with_dxa} with DXA ({s.paired} within "
-              f"{cfg.site.max_dxa_interval_days} d), {s.studies - s.paired} unlabeled; {s.bytes / 1e6:.1f} MB; "
-              f"DXA-paired prevalence: {prev}")
-    total = sum(s.studies for s in summaries)
-    print(f"  {total} studies, {sum(s.bytes for s in summaries) / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")
-    return 0
+        print(f"osteo-synth: seed {cfg.synth.seed}, sites in {cfg.paths.sites_root}, truth in {cfg.paths.ground_truth}")
+        for s in summaries:
+            prev = ", ".join(f"{k} {v:.0%}" for k, v in s.prevalence.items())
+            print(f"  {s.site:<10} {s.role:<8} {s.studies:4d} studies: {s.with_dxa} with DXA ({s.paired} within "
+                  f"{cfg.site.max_dxa_interval_days} d), {s.studies - s.paired} unlabeled; {s.bytes / 1e6:.1f} MB; "
+                  f"DXA-paired prevalence: {prev}")
+        total = sum(s.studies for s in summaries)
+        print(f"  {total} studies, {sum(s.bytes for s in summaries) / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
