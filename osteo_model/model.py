@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from osteo_model.calibration import CalibrationHead, check_manufacturer
-from osteo_model.constants import HUI_1997, LEVELS, CATEGORIES
+from osteo_model.bmd import t_score as bmd_t_score
+from osteo_model.constants import CATEGORIES, HUI_1997, LEVELS, T_NORMAL_MIN, T_OSTEOPOROSIS_MAX
 from osteo_model.errors import StateError
 from osteo_model.networks import build_encoder
 
@@ -35,6 +36,8 @@ SBMD_CENTER, SBMD_SCALE = 1.0, 0.15
 """Output scaling of the sBMD head (g/cm^2): keeps the regression target near unit scale (not clinical)."""
 LOCAL_GATE_BIAS = -2.0
 """Initial gate logit of the local expert: small weight until a site has trained it."""
+T_SOFTNESS = 0.25
+"""Width (T-score units) of the soft WHO thresholds that anchor the diagnosis head (not clinical)."""
 FEATURE_CLIP = 5.0
 """Standardised radiomic features are clipped to +-5 SD so heavy-tailed features do not dominate SSL."""
 
@@ -50,6 +53,16 @@ class FeatureNorm(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         z = (features - self.mean) / self.std
         return torch.nan_to_num(z, nan=0.0, posinf=FEATURE_CLIP, neginf=-FEATURE_CLIP).clamp(-FEATURE_CLIP, FEATURE_CLIP)
+
+
+def who_category_logits(t: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of normal / osteopenia / osteoporosis implied by a T-score (cumulative logits
+    centred on the WHO thresholds). The diagnosis head adds a learned residual to these, so it starts
+    out agreeing with the T-score and can never be anti-correlated with the predicted BMD."""
+    p_low = torch.sigmoid((T_NORMAL_MIN - t) / T_SOFTNESS)  # P(T < -1.0)
+    p_osteo = torch.sigmoid((T_OSTEOPOROSIS_MAX - t) / T_SOFTNESS)  # P(T <= -2.5)
+    probs = torch.stack([1 - p_low, p_low - p_osteo, p_osteo], dim=-1)
+    return probs.clamp_min(1e-6).log()
 
 
 def _mlp(n_in: int, n_hidden: int, n_out: int, zero_last: bool = False) -> nn.Sequential:
@@ -91,6 +104,8 @@ class OsteoNet(nn.Module):
                 "level": nn.Linear(embed, len(LEVELS)),
             }
         )
+        nn.init.zeros_(self.heads["diagnosis"].weight)
+        nn.init.zeros_(self.heads["diagnosis"].bias)
         self.calibration = CalibrationHead(manufacturer, learned=str(model_cfg.get("calibration", "learned")) == "learned")
 
     @property
@@ -110,12 +125,14 @@ class OsteoNet(nn.Module):
             h = experts[:, 0]
         h = self.dropout(h)
         sbmd = SBMD_CENTER + SBMD_SCALE * self.heads["sbmd"](h).squeeze(-1)
+        device_bmd = self.calibration(sbmd)
+        t = bmd_t_score(device_bmd, self.manufacturer)
         return {
             "ssl": self.ssl_head(z),
             "gate": gate,
             "sbmd": sbmd,
-            "bmd": self.calibration(sbmd),
-            "diagnosis": self.heads["diagnosis"](h),
+            "bmd": device_bmd,
+            "diagnosis": who_category_logits(t) + self.heads["diagnosis"](h),
             "level": self.heads["level"](z),
         }
 
