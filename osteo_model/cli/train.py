@@ -5,38 +5,34 @@ The sites are ``train.sites`` (caches under ``paths.cache_root``); the checkpoin
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from osteo_model.cli._common import run_cli
+from omegaconf import DictConfig
+
+from osteo_model.cli._common import run_config_cli
+
+
+def train(cfg: DictConfig) -> None:
+    from osteo_model.central import load_sites, train_central
+
+    datas = load_sites(cfg, cfg.train.sites)
+    for site, d in datas.items():
+        print(f"{site}: {len(d.splits['unlabeled'])} crops for SSL, {len(d.splits['train'])} labeled for training "
+              f"({d.manufacturer})")
+    train_central(cfg, datas, Path(cfg.train.out_dir))
+    print(f"checkpoint: {Path(cfg.train.out_dir) / 'checkpoint.pt'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="osteo-train",
-        description="Train the model centrally on pooled site caches. Arguments are Hydra overrides, e.g. "
+    return run_config_cli(
+        "osteo-train",
+        "Train the model centrally on pooled site caches. Arguments are Hydra overrides, e.g. "
         "train.sites=[site_a,site_b] train.task_epochs=4 model=resnet train.resume=true.",
+        argv,
+        train,
     )
-    _, overrides = parser.parse_known_args(argv)
-
-    def body() -> None:
-        import torch
-
-        from osteo_model.central import load_sites, train_central
-        from osteo_model.config import compose
-
-        cfg = compose(overrides)
-        torch.manual_seed(int(cfg.seed))
-        datas = load_sites(cfg, cfg.train.sites)
-        for site, d in datas.items():
-            print(f"{site}: {len(d.splits['unlabeled'])} crops for SSL, {len(d.splits['train'])} labeled for training "
-                  f"({d.manufacturer})")
-        train_central(cfg, datas, Path(cfg.train.out_dir))
-        print(f"checkpoint: {Path(cfg.train.out_dir) / 'checkpoint.pt'}")
-
-    return run_cli(body)
 
 
 if __name__ == "__main__":
