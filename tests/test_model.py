@@ -98,3 +98,21 @@ def test_feature_stats_standardise(cfg):
     osteo.set_feature_stats(m, *osteo.feature_stats(f))
     z = m.feature_norm(torch.tensor([[3.0, 10.0], [float("nan"), 1e9]]))
     assert torch.allclose(z, torch.tensor([[1.0, 0.0], [0.0, osteo.FEATURE_CLIP]]))
+
+
+@pytest.mark.parametrize("manufacturer", ["hologic", "ge_lunar"])
+def test_untrained_diagnosis_agrees_with_the_t_score(cfg, manufacturer):
+    # The head is anchored on the calibrated T-score: before any training its argmax is the WHO
+    # category of the predicted device BMD, and P(osteoporosis) falls as the T-score rises.
+    from osteo_model import bmd
+
+    net = osteo.build_model(cfg, 5, manufacturer).eval()
+    with torch.no_grad():
+        out = net(_x(8))
+        t = bmd.t_score(out["bmd"], manufacturer)
+        probs = torch.softmax(out["diagnosis"], 1)
+    assert probs.argmax(1).tolist() == bmd.category_from_t(t.numpy()).tolist()
+    grid = torch.linspace(-4.0, 1.0, 21)
+    p_osteo = torch.softmax(osteo.who_category_logits(grid), 1)[:, 2]
+    assert torch.all(p_osteo[1:] < p_osteo[:-1])
+    assert p_osteo[0] > 0.99 and p_osteo[-1] < 0.01
