@@ -9,7 +9,6 @@ local expert would throw away what the site learned and, worse, reset its privac
 """
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from osteo_model.atomic import atomic_file
 from osteo_model.errors import StateError
 
 FORMAT_VERSION = 1
@@ -91,14 +91,9 @@ class StateStore:
             "rounds_trained": int(state.rounds_trained),
             "revision": state.revision,
         }
-        tmp = self.dir / f".{STATE_FILE}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
         if self.path.exists():  # keep the previous revision; the current file is never absent
-            prev_tmp = self.dir / f".{PREVIOUS_FILE}.tmp-{os.getpid()}"
-            shutil.copyfile(self.path, prev_tmp)
-            os.replace(prev_tmp, self.dir / PREVIOUS_FILE)
-        os.replace(tmp, self.path)
+            with atomic_file(self.dir / PREVIOUS_FILE) as fh, open(self.path, "rb") as src:
+                shutil.copyfileobj(src, fh)
+        with atomic_file(self.path) as fh:
+            torch.save(payload, fh)
         return state

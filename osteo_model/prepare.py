@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from osteo_model import ctio, dxa
+from osteo_model.atomic import atomic_file
 from osteo_model.cache import INDEX_COLUMNS, write_site_cache
 from osteo_model.constants import LEVELS
 from osteo_model.crops import LevelExclusion, VertebraCrop, check_crop_cfg, crop_levels, crop_spacing_mm
@@ -191,8 +191,7 @@ def _run(tasks: list[StudyTask], n_jobs: int) -> Iterator[tuple[StudyTask, tuple
 def _write_entry(path: Path, crops: list[VertebraCrop], features: np.ndarray, rows: list[dict], excluded: list[LevelExclusion], size: int) -> None:
     """Write one study's entry atomically: a reader finds the whole entry or none."""
     shape = (len(crops), size, size, size)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as fh:
         np.savez(
             fh,
             crops=np.stack([c.crop for c in crops]) if crops else np.zeros(shape, np.int16),
@@ -201,7 +200,6 @@ def _write_entry(path: Path, crops: list[VertebraCrop], features: np.ndarray, ro
             rows=np.array(json.dumps(rows, default=float)),
             excluded=np.array(json.dumps([asdict(e) for e in excluded])),
         )
-    os.replace(tmp, path)
 
 
 def _load_entry(path: Path) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """What preparation could not use, and why: one record per case, written as the site's quarantine.csv."""
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
+
+from osteo_model.atomic import atomic_file
 
 QUARANTINED = "quarantined"          # the whole study or DXA row is left out
 LEVEL_EXCLUDED = "level_excluded"    # one vertebra left out, the study's other levels kept
@@ -29,7 +30,6 @@ COLUMNS = tuple(f.name for f in fields(Problem))
 def write_quarantine_csv(path: Path, problems: Iterable[Problem]) -> Path:
     """Write the report atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pd.DataFrame([asdict(p) for p in problems], columns=list(COLUMNS)).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_file(path, "w") as fh:
+        pd.DataFrame([asdict(p) for p in problems], columns=list(COLUMNS)).to_csv(fh, index=False)
     return path

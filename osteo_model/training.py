@@ -7,7 +7,6 @@ on the labeled training split.
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -18,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from osteo_model import losses, metrics
+from osteo_model.atomic import atomic_file
 from osteo_model.calibration import t_and_category
 from osteo_model.dataset import CropDataset, SiteData
 from osteo_model.errors import StateError
@@ -212,9 +212,8 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     """Atomic torch.save: a reader sees the old checkpoint or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as fh:
+        torch.save(payload, fh)
     return path
 
 

@@ -8,7 +8,6 @@ no start-round argument; :mod:`server_app` resumes by carrying on its own round 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from osteo_model.atomic import atomic_file
 from osteo_model.errors import StateError
 
 FORMAT_VERSION = 1
@@ -47,12 +47,8 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint, keep: int = 3) -> Path
     entries.update({_ARRAYS + k: np.asarray(v) for k, v in ckpt.arrays.items()})
     entries.update({_STRATEGY + k: np.asarray(v) for k, v in ckpt.strategy_state.items()})
     final = checkpoint_path(folder, ckpt.round)
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    with atomic_file(final) as fh:
         np.savez(fh, **entries)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final

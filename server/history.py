@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from osteo_model.atomic import atomic_file
 
 PLOT_METRICS = ("train_loss", "auc_t", "auc", "acc3", "mae_bmd")
 
@@ -43,12 +44,10 @@ class History:
         write_json(folder / "history.json", self.records)
         rows = self.rows()
         columns = sorted({k for r in rows for k in r}, key=lambda c: (c not in ("round", "phase", "site"), c))
-        tmp = folder / f".history.csv.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as fh:
+        with atomic_file(folder / "history.csv", "w") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, folder / "history.csv")
         if plot:
             self.plot(folder / "history.png")
 
@@ -95,10 +94,9 @@ class History:
         if axes[0][0].get_legend_handles_labels()[0]:
             axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-        fig.savefig(tmp, dpi=90)
+        with atomic_file(path) as fh:
+            fig.savefig(fh, format="png", dpi=90)
         plt.close(fig)
-        os.replace(tmp, path)
 
 
 def _prefixed(metrics: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
@@ -107,10 +105,5 @@ def _prefixed(metrics: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomic JSON write; NaN/inf become null."""
-    _atomic_write(Path(path), json.dumps(_clean(obj), indent=1))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path, "w") as fh:
+        fh.write(json.dumps(_clean(obj), indent=1))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Iterable
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from osteo_model.atomic import atomic_file
 from osteo_model.errors import ConfigError
 
 CERT_DAYS = 825  # TLS server certificates: the CA/Browser Forum's former maximum; renew by re-provisioning
@@ -33,17 +33,13 @@ CURVE = ec.SECP384R1()  # Flower's SuperNode authentication requires a NIST EC c
 
 def _write_private(path: Path, data: bytes) -> None:
     """Create a private file (0600) atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
+    with atomic_file(path, private=True) as fh:
         fh.write(data)
-    os.replace(tmp, path)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_file(path) as fh:
+        fh.write(data)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
