@@ -1,0 +1,232 @@
+"""The one reader of every model file: central checkpoints, federated server checkpoints and site models.
+
+Three formats, told apart by content (never by file name):
+
+- central ``checkpoint.pt`` (osteo-train): a torch file (zip with ``data.pkl``) holding the state dict
+  of :func:`osteo_model.central.checkpoint_payload` - shared weights, every training site's local parts;
+- federated ``round-NNNN.npz`` (the ServerApp): a numpy zip with ``__meta__.npy`` (JSON) and
+  ``arrays/<key>`` (shared weights only) + ``strategy/<key>``; read without pickle;
+- site model ``<state_dir>/site_model.pt`` (the ClientApp): a torch file like the central one, with the
+  newest global shared weights and that one site's local parts, plus its ``model_card.json`` beside it.
+
+:func:`load_model_state` returns the same dict for all three (see ``STATE_KEYS``); torch files are read
+with ``weights_only=True``, so a model file handed to a hospital cannot run code when loaded.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from osteo_model.atomic import atomic_file
+from osteo_model.errors import ConfigError, StateError
+
+SITE_MODEL_FILE = "site_model.pt"
+MODEL_CARD_FILE = "model_card.json"
+KINDS = ("central", "federated", "site")
+STATE_KEYS = ("kind", "shared", "local", "manufacturers", "feature_names", "n_features", "features_sha256",
+              "model_cfg", "crop", "card")
+"""What every loaded state holds. ``feature_names`` is None for a federated checkpoint (the server only
+ever sees the feature count and the SHA-256 of the names), ``crop`` None for checkpoints older than it."""
+RESEARCH_USE = "research use only: not a medical device, not for diagnosis"
+
+NPZ_FORMAT_VERSION = 1
+NPZ_META = "__meta__"
+NPZ_ARRAYS = "arrays/"
+NPZ_STRATEGY = "strategy/"
+
+CROP_MODEL_KEYS = ("size", "fov_mm", "trabecular_erosion_mm")
+"""Crop settings that change what the network sees (voxels, physical scale, radiomics core); the others
+only decide which vertebrae are excluded."""
+
+
+def features_sha256(names: Iterable[str]) -> str:
+    """Fingerprint of a radiomic feature set (names in order), as sites report it at the handshake."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def model_meta(model_cfg: Mapping, n_features: int, features_sha: str, crop: Mapping | None) -> dict[str, Any]:
+    """What a checkpoint of shared weights only needs besides the arrays to rebuild the model."""
+    return {"model_cfg": dict(model_cfg), "n_features": int(n_features), "features_sha256": str(features_sha),
+            "crop": None if crop is None else dict(crop)}
+
+
+# --- federated server checkpoints (numpy, no pickle) ------------------------------------------------
+def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray], strategy_state: Mapping[str, np.ndarray],
+              meta: Mapping[str, Any]) -> Path:
+    """Write a federated checkpoint atomically (numeric arrays and one JSON string only)."""
+    path = Path(path)
+    entries: dict[str, np.ndarray] = {
+        NPZ_META: np.array(json.dumps({**meta, "format_version": NPZ_FORMAT_VERSION}, allow_nan=True))}
+    entries.update({NPZ_ARRAYS + k: np.asarray(v) for k, v in arrays.items()})
+    entries.update({NPZ_STRATEGY + k: np.asarray(v) for k, v in strategy_state.items()})
+    with atomic_file(path) as fh:
+        np.savez(fh, **entries)
+    return path
+
+
+def read_npz(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """(shared arrays, strategy state, meta) of a federated checkpoint; StateError if damaged."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if NPZ_META not in data.files:
+                raise StateError(path, f"not a federated checkpoint: no {NPZ_META} entry")
+            meta = json.loads(str(data[NPZ_META]))
+            arrays = {k[len(NPZ_ARRAYS):]: data[k] for k in data.files if k.startswith(NPZ_ARRAYS)}
+            strategy = {k[len(NPZ_STRATEGY):]: data[k] for k in data.files if k.startswith(NPZ_STRATEGY)}
+    except StateError:
+        raise
+    except Exception as exc:  # zipfile/numpy/json raise many types for a damaged file
+        raise StateError(path, f"unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format_version") != NPZ_FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise StateError(path, f"checkpoint format {version!r} is not {NPZ_FORMAT_VERSION}")
+    if not arrays:
+        raise StateError(path, "checkpoint holds no arrays")
+    return arrays, strategy, meta
+
+
+def _from_npz(path: Path) -> dict[str, Any]:
+    arrays, _, meta = read_npz(path)
+    missing = [k for k in ("model_cfg", "n_features") if k not in meta]
+    if missing:
+        raise StateError(path, f"federated checkpoint lacks {missing} in its meta (written before osteofl "
+                               "recorded them): it cannot rebuild a model")
+    card = {k: meta[k] for k in ("run_id", "round", "phase", "strategy", "n_sites") if k in meta}
+    return {"kind": "federated", "shared": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+            "local": {}, "manufacturers": {}, "feature_names": None, "n_features": int(meta["n_features"]),
+            "features_sha256": meta.get("features_sha256"), "model_cfg": meta["model_cfg"],
+            "crop": meta.get("crop"), "card": card}
+
+
+# --- torch files (central checkpoints, site models) --------------------------------------------------
+def save_model_state(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Atomic torch.save: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as fh:
+        torch.save(dict(payload), fh)
+    return path
+
+
+def _from_torch(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, garbled, or holding objects other than tensors and plain data
+        raise StateError(path, f"checkpoint unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    missing = [k for k in ("shared", "local", "manufacturers", "feature_names", "model_cfg")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise StateError(path, f"not a model checkpoint: lacks {missing}")
+    kind = state.get("kind", "central")
+    if kind not in ("central", "site"):
+        raise StateError(path, f"unknown model kind {kind!r}")
+    names = list(state["feature_names"])
+    return {**state, "kind": kind, "n_features": len(names), "feature_names": names,
+            "features_sha256": state.get("features_sha256") or features_sha256(names),
+            "crop": state.get("crop"), "card": dict(state.get("card") or {})}
+
+
+def load_model_state(path: str | Path) -> dict[str, Any]:
+    """Any model file (or a site's state folder holding ``site_model.pt``) as one dict, see STATE_KEYS.
+
+    A federated checkpoint has no local parts (``local`` is empty): every site it is evaluated on is a new
+    site. A central checkpoint also keeps its training extras (optimizer, plan, history) for resuming.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / SITE_MODEL_FILE).is_file():
+            raise StateError(path, f"folder holds no {SITE_MODEL_FILE}: not a site's state folder after a federated run")
+        path = path / SITE_MODEL_FILE
+    if not path.is_file():
+        raise StateError(path, "model file not found")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise StateError(path, f"not a model file (truncated or not a checkpoint: {exc})") from exc
+    if any(n.endswith("data.pkl") for n in names):
+        return _from_torch(path)
+    if any(n.endswith(".npy") for n in names):
+        return _from_npz(path)
+    raise StateError(path, "not a model file: neither a torch checkpoint nor a federated round-NNNN.npz")
+
+
+# --- the site model -----------------------------------------------------------------------------------
+def site_card(state_dir: str | Path, *, run_id: str, rnd: int, n_sites: int | None, phases: Mapping[str, int],
+              epsilon: float, crop: Mapping | None, feature_sha: str, metrics: Mapping[str, float],
+              split: str) -> dict[str, Any]:
+    """The model card of the site model being saved. Validation metrics are this evaluation's when it ran
+    on the "val" split, else the previous card's of the same run (the final test evaluation must not be
+    reported as validation)."""
+    previous: dict[str, Any] = {}
+    try:
+        previous = json.loads((Path(state_dir) / MODEL_CARD_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    if split == "val":
+        validation = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+    else:
+        validation = previous.get("validation_metrics") if previous.get("run_id") == str(run_id) else None
+    return {"run_id": str(run_id), "round": int(rnd), "n_sites": n_sites, "phases": dict(phases),
+            "features_sha256": feature_sha, "crop": None if crop is None else dict(crop),
+            "epsilon_spent": float(epsilon), "validation_metrics": validation,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "use": RESEARCH_USE}
+
+
+def save_site_model(state_dir: str | Path, model: torch.nn.Module, *, site: str, feature_names: list[str],
+                    model_cfg: Mapping, crop: Mapping | None, card: Mapping[str, Any]) -> Path:
+    """Write ``<state_dir>/site_model.pt`` (shared + this site's local parts, loadable on its own) and
+    ``<state_dir>/model_card.json``; both atomic. Returns the model file."""
+    from osteo_model.model import local_state, shared_state, unwrap
+
+    net = unwrap(model)
+    state_dir = Path(state_dir)
+    payload = {
+        "kind": "site", "shared": shared_state(net), "local": {site: local_state(net)},
+        "manufacturers": {site: net.manufacturer}, "feature_names": list(feature_names),
+        "features_sha256": features_sha256(feature_names), "model_cfg": dict(model_cfg),
+        "crop": None if crop is None else dict(crop), "card": dict(card),
+    }
+    path = save_model_state(state_dir / SITE_MODEL_FILE, payload)
+    with atomic_file(state_dir / MODEL_CARD_FILE, "w") as fh:
+        fh.write(json.dumps(dict(card), indent=2, allow_nan=False))
+    return path
+
+
+# --- compatibility --------------------------------------------------------------------------------------
+def _crop_words(crop: Mapping) -> str:
+    return f"{int(crop['size'])}^3 crops over {float(crop['fov_mm']):g} mm"
+
+
+def check_compatible(state: Mapping[str, Any], crop_cfg: Mapping | None, feature_names: list[str]) -> None:
+    """ConfigError unless data prepared with ``crop_cfg`` and ``feature_names`` fits the model ``state``.
+    Settings a side does not record (older checkpoints, hand-made caches) are not compared."""
+    trained, here = state.get("crop"), crop_cfg
+    if trained is not None and here is not None:
+        differ = [k for k in CROP_MODEL_KEYS if k in trained and k in here
+                  and not math.isclose(float(trained[k]), float(here[k]), rel_tol=1e-6)]
+        if differ:
+            fix = " ".join(f"crop.{k}={trained[k]}" for k in CROP_MODEL_KEYS if k in trained)
+            raise ConfigError(None, f"model was trained on {_crop_words(trained)} "
+                                    f"(erosion {trained.get('trabecular_erosion_mm', '?')} mm); this cache has "
+                                    f"{_crop_words(here)} (erosion {here.get('trabecular_erosion_mm', '?')} mm): "
+                                    f"re-run osteo-prepare with {fix} or use a matching model")
+    names = list(feature_names)
+    if state.get("feature_names") is not None:
+        same = list(state["feature_names"]) == names
+    else:
+        same = int(state["n_features"]) == len(names) and state.get("features_sha256") in (None, features_sha256(names))
+    if not same:
+        raise ConfigError(None, f"model was trained on another radiomic feature set ({state['n_features']} "
+                                f"features, sha256 {str(state.get('features_sha256'))[:12]}); this cache has "
+                                f"{len(names)} (sha256 {features_sha256(names)[:12]}): re-run osteo-prepare "
+                                "with the model's radiomics config or use a matching model")
