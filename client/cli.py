@@ -15,8 +15,8 @@ from pathlib import Path
 from osteo_model.cache import SiteCache
 from osteo_model.config import compose_site
 from osteo_model.errors import OsteoError
-from osteofl.client import runtime
-from osteofl.server.provision import site_key_paths
+from osteofl import runtime
+from osteofl.protocol import site_key_paths
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,16 +22,10 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from osteo_model import model as osteo, training
-from osteofl.client import payload
+from osteofl import protocol
+from osteofl.protocol import ARRAYS, CONFIG, ERROR_BUDGET_SPENT, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, SITE, SPLIT
 from osteofl.client.dp import PrivacySession
 from osteofl.client.site_session import SiteSession
-
-ARRAYS = "arrays"
-CONFIG = "config"
-METRICS = "metrics"
-SITE = "site"
-NUM_EXAMPLES = "num-examples"  # the weighting key Flower's strategies expect
-ERROR_BUDGET_SPENT = 901       # Error.code of a site that stopped because its ε budget is spent
 
 
 def _metric_record(values: dict[str, float], num_examples: int) -> MetricRecord:
@@ -60,7 +54,7 @@ def handle_query(message: Message, context: Context, extra: Sequence[str] = ()) 
             "name": session.site,
             "n_features": len(session.data.cache.feature_names),
             "features_sha256": hashlib.sha256(names).hexdigest(),
-            "payload_sha256": payload.payload_fingerprint(session.model, session.cfg),
+            "payload_sha256": protocol.payload_fingerprint(session.model, session.cfg),
         }
     )
     return Message(RecordDict({SITE: info, METRICS: _feature_moments(session)}), reply_to=message)
@@ -84,7 +78,7 @@ def _feature_moments(session: SiteSession) -> MetricRecord:
 def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
     session = SiteSession.open(context, extra)
     config = message.content[CONFIG]
-    phase = str(config["phase"])
+    phase = str(config[PHASE])
     privacy = PrivacySession(session)
     if privacy.budget_spent():
         reason = (
@@ -93,11 +87,11 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
         )
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=reason), reply_to=message)
 
-    payload.load_payload(session.model, session.cfg, payload.record_to_numpy(message.content[ARRAYS]))
+    protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
     optimizer = training.make_optimizer(list(session.model.parameters()), session.cfg)
     if session.state.optimizer is not None:
         optimizer.load_state_dict(session.state.optimizer)
-    _attach_proximal_term(optimizer, session, float(config.get("proximal-mu", 0.0)))
+    _attach_proximal_term(optimizer, session, float(config.get(PROXIMAL_MU, 0.0)))
     steps = session.cfg.federation.local_steps
     private = privacy.attach(optimizer, phase)
     metrics = training.train_steps(
@@ -111,7 +105,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     metrics = {f"train_{k}": v for k, v in metrics.items() if k != "num_examples"}
     metrics["epsilon"] = session.state.epsilon
     record = _metric_record(metrics, num_examples=_pool_size(session, phase))
-    return _reply(message, session.site, record, payload.payload_record(session.model, session.cfg))
+    return _reply(message, session.site, record, protocol.payload_record(session.model, session.cfg))
 
 
 def _attach_proximal_term(optimizer: torch.optim.Optimizer, session: SiteSession, mu: float) -> None:
@@ -140,8 +134,8 @@ def _pool_size(session: SiteSession, phase: str) -> int:
 
 def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
     session = SiteSession.open(context, extra)
-    split = str(message.content[CONFIG].get("split", session.cfg.federation.eval_split))
-    payload.load_payload(session.model, session.cfg, payload.record_to_numpy(message.content[ARRAYS]))
+    split = str(message.content[CONFIG].get(SPLIT, session.cfg.federation.eval_split))
+    protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
     metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
     n = int(metrics.get("num_examples", len(session.data.splits.get(split, ()))))
     return _reply(message, session.site, _metric_record(metrics, n))

@@ -20,14 +20,8 @@ from osteo_model import dataset, model as osteo
 from osteo_model.config import compose_site, resolve_device
 from osteo_model.errors import ConfigError
 from osteofl.client.state_store import SiteState, StateStore
+from osteofl.protocol import NODE_CACHE_DIR, NODE_SITE, NODE_SITE_DIR, NODE_STATE_DIR, OVERRIDES
 
-# node_config keys set by `osteo-client` (flower-supernode --node-config) for a real site.
-NODE_SITE = "site"
-NODE_CACHE_DIR = "cache-dir"
-NODE_STATE_DIR = "state-dir"
-NODE_SITE_DIR = "site-dir"
-# run_config / node_config key holding extra Hydra overrides (one string, shell-quoted).
-OVERRIDES = "overrides"
 
 
 def overrides_from(context: Context, extra: Sequence[str] = ()) -> list[str]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from osteo_model.config import compose
 from osteo_model.errors import OsteoError
-from osteofl.client import runtime
+from osteofl import runtime
 from osteofl.server import provision
 from osteofl.server.checkpoint import load_latest
 

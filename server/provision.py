@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from osteo_model.atomic import atomic_file
 from osteo_model.errors import ConfigError
+from osteofl.protocol import site_key_paths
 
 CERT_DAYS = 825  # TLS server certificates: the CA/Browser Forum's former maximum; renew by re-provisioning
 CURVE = ec.SECP384R1()  # Flower's SuperNode authentication requires a NIST EC curve; P-384 as documented
@@ -121,11 +122,6 @@ def make_server_cert(pki: Path, names: Iterable[str]) -> tuple[Path, Path]:
     _write_private(key_path, _pem_key(key))
     _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
-
-
-def site_key_paths(pki: Path, site: str) -> tuple[Path, Path]:
-    folder = pki / "sites" / site
-    return folder / f"{site}_key", folder / f"{site}_key.pub"
 
 
 def make_site_key(pki: Path, site: str) -> tuple[Path, Path]:

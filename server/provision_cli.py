@@ -12,7 +12,7 @@ from pathlib import Path
 
 from osteo_model.cli._common import run_cli
 from osteo_model.config import compose
-from osteofl.client import runtime
+from osteofl import runtime
 from osteofl.server import provision
 from osteofl.server.cli import CONNECTION, absolute_overrides, write_connection
 

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 
-NUM_EXAMPLES = "num-examples"
+from osteofl.protocol import NUM_EXAMPLES
 
 
 @dataclass

@@ -27,14 +27,13 @@ from osteo_model import model as osteo
 from osteo_model.config import compose
 from osteo_model.constants import HUI_1997
 from osteo_model.errors import ConfigError, StateError
-from osteofl.client import payload
+from osteofl import protocol
+from osteofl.protocol import CONFIG, METRICS, OVERRIDES, PHASE, RESUME, ROUND, SPLIT, phase_of
 from osteofl.server import checkpoint as ckpt
 from osteofl.server.history import History, write_json
 from osteofl.server.screening import metrics_of, screen, site_info, site_of
 from osteofl.server.strategies import build_strategy, restore_strategy_state, strategy_state
 
-OVERRIDES = "overrides"  # run_config key: extra Hydra overrides as one shell-quoted string
-RESUME = "resume"        # run_config key: true = carry on from the last checkpoint
 ANY_MANUFACTURER = sorted(HUI_1997)[0]
 """Shared arrays do not depend on the DXA manufacturer (it only sets local parts), so the server builds
 its reference model with any known one."""
@@ -49,10 +48,6 @@ def run_config_overrides(context: Context, extra: Sequence[str] = ()) -> list[st
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def phase_of(rnd: int, cfg: DictConfig) -> str:
-    return "ssl" if rnd <= int(cfg.federation.ssl_rounds) else "task"
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -82,7 +77,7 @@ class Federation:
     def handshake(self) -> tuple[int, np.ndarray, np.ndarray, dict[str, Any]]:
         """Ask every connected site for its feature count and pooled feature moments."""
         nodes = self.wait_for_sites()
-        msgs = [Message(RecordDict({"config": ConfigRecord({"phase": "handshake"})}), dst_node_id=n,
+        msgs = [Message(RecordDict({CONFIG: ConfigRecord({PHASE: "handshake"})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
         replies = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None)
         for f in replies.failed + replies.rejected:
@@ -90,13 +85,13 @@ class Federation:
         if len(replies.accepted) < int(self.fed.min_available_nodes):
             raise ConfigError(None, f"handshake: only {len(replies.accepted)} sites answered; "
                                     f"federation.min_available_nodes={self.fed.min_available_nodes}")
-        infos = {str(site_info(m)["name"]): (site_info(m), m.content["metrics"]) for m in replies.accepted}
+        infos = {str(site_info(m)["name"]): (site_info(m), m.content[METRICS]) for m in replies.accepted}
         fingerprints = {site: (int(i["n_features"]), str(i["features_sha256"])) for site, (i, _) in infos.items()}
         if len(set(fingerprints.values())) != 1:
             raise ConfigError(None, f"sites disagree on the radiomic feature set {fingerprints}: "
                                     "prepare every site with the same radiomics config")
         n_features = next(iter(fingerprints.values()))[0]
-        mine = payload.payload_fingerprint(self.reference_model(n_features), self.cfg)
+        mine = protocol.payload_fingerprint(self.reference_model(n_features), self.cfg)
         differ = sorted(site for site, (i, _) in infos.items() if str(i["payload_sha256"]) != mine)
         if differ:
             raise ConfigError(None, f"sites {differ} build a different network than the server "
@@ -118,9 +113,9 @@ class Federation:
         """Global arrays of a fresh model (pooled feature standardisation); also the whole model's bytes."""
         model = self.reference_model(n_features)
         osteo.set_feature_stats(model, mean.astype(np.float32), std.astype(np.float32))
-        record = payload.payload_record(model, self.cfg)
+        record = protocol.payload_record(model, self.cfg)
         whole = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-        return payload.record_to_numpy(record), int(whole)
+        return protocol.record_to_numpy(record), int(whole)
 
     def start_state(self) -> tuple[int, dict[str, np.ndarray], History, dict[str, Any]]:
         """(first round to run, arrays, history, meta) from a checkpoint or from the handshake."""
@@ -150,7 +145,7 @@ class Federation:
     # --- rounds -------------------------------------------------------------------------------------
     def train_round(self, rnd: int, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> dict[str, np.ndarray]:
         phase = record["phase"]
-        config = ConfigRecord({"phase": phase})
+        config = ConfigRecord({PHASE: phase, ROUND: rnd})
         msgs = self.strategy.configure_train(rnd, to_record(arrays), config, self.grid)
         got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout),
                      {k: v.shape for k, v in arrays.items()})
@@ -160,7 +155,7 @@ class Federation:
             log(WARNING, "round %d: no update from %s: %s", rnd, f["site"], f["reason"])
         record.update(rejected=got.rejected, failed=got.failed,
                       site_train={site_of(m): metrics_of(m) for m in got.accepted},
-                      upload_bytes={site_of(m): payload.record_nbytes(next(iter(m.content.array_records.values())))
+                      upload_bytes={site_of(m): protocol.record_nbytes(next(iter(m.content.array_records.values())))
                                     for m in got.accepted})
         need = int(self.fed.min_train_replies)
         if len(got.accepted) < need:
@@ -171,14 +166,14 @@ class Federation:
         record["train"] = dict(train_metrics or {})
         if agg is None:
             return arrays
-        new = payload.record_to_numpy(agg)
+        new = protocol.record_to_numpy(agg)
         if not all(np.all(np.isfinite(v)) for v in new.values()):
             log(WARNING, "round %d: aggregate is non-finite; global model unchanged", rnd)
             return arrays
         return new
 
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], split: str) -> tuple[dict, dict]:
-        config = ConfigRecord({"split": split})
+        config = ConfigRecord({SPLIT: split, ROUND: rnd})
         msgs = self.strategy.configure_evaluate(rnd, to_record(arrays), config, self.grid)
         got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None)
         for f in got.failed + got.rejected:

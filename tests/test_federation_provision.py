@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from osteo_model.config import compose
 from osteofl.client import cli as client_cli
-from osteofl.client.runtime import flower_env
+from osteofl.runtime import flower_env
 from osteofl.server import cli as server_cli
 from osteofl.server import provision
 

@@ -250,11 +250,11 @@ def test_payload_record_ignores_unknown_arrays(root: Path) -> None:
     """load_shared refuses arrays whose keys are not exactly the shared set (a malformed broadcast)."""
     cfg = compose(small_overrides(root))
     model = osteo.build_model(cfg, 6, "hologic")
-    from osteofl.client import payload
+    from osteofl import protocol
 
-    record = payload.payload_record(model, cfg)
-    arrays = payload.record_to_numpy(record)
+    record = protocol.payload_record(model, cfg)
+    arrays = protocol.record_to_numpy(record)
     arrays["local_expert.0.weight"] = np.zeros(1, np.float32)
     with pytest.raises(StateError):
-        payload.load_payload(model, cfg, arrays)
+        protocol.load_payload(model, cfg, arrays)
     assert isinstance(record, ArrayRecord)

@@ -1,0 +1,97 @@
+"""The federation's wire protocol, shared by the ClientApp and the ServerApp (neither imports the other).
+
+What lives here is everything both sides must agree on: record and config keys of every message, the
+run/node config keys our commands set, the phase schedule, where a site's keys live, and which arrays
+travel (derived from the model's one ownership declaration, ``osteo_model.model.SHARED_PREFIXES``).
+``federation.share_all`` exists for the "FedAvg of the whole model" baseline only; it makes the payload
+every key of the state dict (a site's own policy decides whether it agrees to send that).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from omegaconf import DictConfig
+
+from osteo_model import model as osteo
+
+# --- record names in a message's RecordDict ------------------------------------------------------------
+ARRAYS = "arrays"    # ArrayRecord: global arrays (server -> site) or the site's update (site -> server)
+CONFIG = "config"    # ConfigRecord: instructions of the server (phase, round, split, ...)
+METRICS = "metrics"  # MetricRecord: aggregate metrics of a site
+SITE = "site"        # ConfigRecord: the site's declared identity and handshake facts
+
+# --- keys of the server's CONFIG record --------------------------------------------------------------
+PHASE = "phase"              # "handshake" | "ssl" | "task"
+ROUND = "round"              # global round number (1-based)
+RUN_ID = "run-id"            # Flower run id
+N_SITES = "n-sites"          # sites taking part in the run
+SPLIT = "split"              # evaluation split
+PROXIMAL_MU = "proximal-mu"  # FedProx: Flower's key
+
+NUM_EXAMPLES = "num-examples"  # weighting key of Flower's strategies (in METRICS)
+ERROR_BUDGET_SPENT = 901       # Error.code of a site that stopped because its epsilon budget is spent
+
+# --- run_config (flower-server -> every app) and node_config (osteo-client -> its SuperNode) ------------
+OVERRIDES = "overrides"    # extra Hydra overrides as one shell-quoted string (run and node config)
+RESUME = "resume"          # run_config: true = carry on from the last checkpoint
+NODE_SITE = "site"         # node_config keys set by `osteo-client --site X`
+NODE_CACHE_DIR = "cache-dir"
+NODE_STATE_DIR = "state-dir"
+NODE_SITE_DIR = "site-dir"
+
+
+def phase_of(rnd: int, cfg: DictConfig) -> str:
+    """Phase schedule: federated self-supervision for ``ssl_rounds`` rounds, then multi-task training."""
+    return "ssl" if rnd <= int(cfg.federation.ssl_rounds) else "task"
+
+
+def site_key_paths(pki: Path, site: str) -> tuple[Path, Path]:
+    """(private, public) authentication key of ``site`` under a PKI folder."""
+    folder = Path(pki) / "sites" / site
+    return folder / f"{site}_key", folder / f"{site}_key.pub"
+
+
+# --- payload: which arrays travel -------------------------------------------------------------------------
+def payload_keys(model: torch.nn.Module, cfg: DictConfig) -> list[str]:
+    """Keys that travel: the shared ones (or, for the whole-model baseline, all of them)."""
+    if cfg.federation.share_all:
+        return list(model.state_dict().keys())
+    return list(osteo.shared_keys(model))
+
+
+def payload_record(model: torch.nn.Module, cfg: DictConfig) -> ArrayRecord:
+    """The model's payload arrays as an ArrayRecord (numpy copies, CPU)."""
+    state = model.state_dict()
+    return ArrayRecord({k: Array(state[k].detach().cpu().numpy().copy()) for k in payload_keys(model, cfg)})
+
+
+def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def load_payload(model: torch.nn.Module, cfg: DictConfig, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load received arrays; ``load_shared`` raises if the key set is not exactly the shared set."""
+    if cfg.federation.share_all:
+        local = set(osteo.local_keys(model))
+        osteo.load_shared(model, {k: v for k, v in arrays.items() if k not in local})
+        osteo.load_local(model, {k: v for k, v in arrays.items() if k in local})
+    else:
+        osteo.load_shared(model, arrays)
+
+
+def payload_fingerprint(model: torch.nn.Module, cfg: DictConfig) -> str:
+    """SHA-256 of the payload's key names, shapes and dtypes: sites whose code or config builds a
+    different network are caught at the handshake instead of failing mid-round."""
+    state = model.state_dict()
+    spec = "\n".join(f"{k}:{tuple(state[k].shape)}:{state[k].dtype}" for k in payload_keys(model, cfg))
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Bytes of array data in a record (what a site uploads, before transport framing)."""
+    return int(sum(len(a.data) for a in record.values()))
