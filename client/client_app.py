@@ -88,9 +88,11 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=reason), reply_to=message)
 
     protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
-    optimizer = training.make_optimizer(list(session.model.parameters()), session.cfg)
-    if session.state.optimizer is not None:
-        optimizer.load_state_dict(session.state.optimizer)
+    recipe = training.Recipe({session.site: session.model}, session.cfg,
+                             training.phase_lengths(session.cfg, federated=True), {session.site: session.data})
+    recipe.restore(session.state.optimizer)
+    recipe.begin(phase, training.index_in_phase(session.cfg, phase, int(config[protocol.ROUND])))
+    optimizer = recipe.optimizer
     _attach_proximal_term(optimizer, session, float(config.get(PROXIMAL_MU, 0.0)))
     steps = session.cfg.federation.local_steps
     private = privacy.attach(optimizer, phase)

@@ -8,7 +8,6 @@ statistics (e.g. train.ssl_epochs=0 to go straight to the supervised phase).
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -21,10 +20,10 @@ from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError, StateError
 from osteo_model.model import (
     OsteoNet, build_site_models, feature_stats, load_local, load_pretrained, load_shared, local_state, set_feature_stats,
-    set_sbmd_prior, shared_state,
+    shared_state,
 )
 from osteo_model.training import (
-    evaluate, load_checkpoint, make_optimizer, param_groups, save_checkpoint, train_pooled,
+    Recipe, evaluate, load_checkpoint, phase_lengths, save_checkpoint, train_pooled,
 )
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,25 +44,6 @@ def _feature_names(datas: Mapping[str, SiteData]) -> list[str]:
 def pooled_feature_stats(datas: Mapping[str, SiteData]) -> tuple[np.ndarray, np.ndarray]:
     """Standardisation statistics over the pooled SSL rows of all training sites."""
     return feature_stats(np.concatenate([np.asarray(d.cache.features[d.splits["unlabeled"]]) for d in datas.values()]))
-
-
-def pooled_train_sbmd(datas: Mapping[str, SiteData]) -> float:
-    """Mean sBMD of the pooled labeled training rows (initial value of the sBMD head)."""
-    values = np.concatenate([d.cache.table["sbmd"].to_numpy(float)[d.splits["train"]] for d in datas.values()])
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if len(values) else float("nan")
-
-
-def set_epoch_lr(optimizer, plan: list[tuple[str, int]], k: int) -> None:
-    """Cosine decay over each phase's epochs (per group, from its base lr): without it the last epoch's
-    weights land at a random point of Adam's oscillation and carry a systematic offset of a few
-    hundredths of g/cm^2."""
-    phase, epoch = plan[k]
-    n = sum(1 for p, _ in plan if p == phase)
-    factor = 0.5 * (1 + math.cos(math.pi * epoch / n))
-    for group in optimizer.param_groups:
-        group.setdefault("base_lr", group["lr"])
-        group["lr"] = group["base_lr"] * factor
 
 
 def _plan(cfg) -> list[tuple[str, int]]:
@@ -110,8 +90,7 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
         log(f"self-supervised weights from {pretrained}")
     else:
         set_feature_stats(first, *pooled_feature_stats(datas))
-    groups = [param_groups(m, cfg) for m in models.values()]
-    optimizer = make_optimizer([groups[0][0], *(g[1] for g in groups)], cfg)  # shared once, each site's local
+    recipe = Recipe(models, cfg, phase_lengths(cfg, federated=False), datas)
     plan, done, history = _plan(cfg), 0, []
     ckpt = out_dir / CHECKPOINT
     if bool(cfg.train.resume) and ckpt.is_file():
@@ -121,19 +100,15 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
         restored = models_from_checkpoint(state, cfg)
         for site, model in models.items():
             model.load_state_dict(restored[site].state_dict())
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except ValueError as exc:
-            raise StateError(ckpt, f"optimizer state does not fit this model/config ({exc})") from exc
+        if not recipe.restore(state["optimizer"]):
+            raise StateError(ckpt, "optimizer state does not fit this model/config")
         done, history = int(state["done"]), list(state["history"])
         log(f"resumed from {ckpt} after {done}/{len(plan)} epochs")
     for k in range(done, len(plan)):
         phase, epoch = plan[k]
-        if phase == "task" and epoch == 0 and np.isfinite(prior := pooled_train_sbmd(datas)):
-            set_sbmd_prior(first, prior)
-        set_epoch_lr(optimizer, plan, k)
+        recipe.begin(phase, epoch)
         t0 = time.perf_counter()
-        record = {"phase": phase, "epoch": epoch, **train_pooled(models, datas, cfg, phase, optimizer, device)}
+        record = {"phase": phase, "epoch": epoch, **train_pooled(models, datas, cfg, phase, recipe.optimizer, device)}
         if phase == "task":
             for site, m in models.items():
                 val = evaluate(m, datas[site], cfg, "val", device)
@@ -143,6 +118,6 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
         log(f"[{k + 1}/{len(plan)}] {phase} epoch {epoch}: loss {record.get('loss', float('nan')):.4f} "
             f"({record['num_examples']:.0f} crops, {record['seconds']:.1f} s)")
         save_checkpoint(ckpt, checkpoint_payload(
-            models, cfg, names, optimizer=optimizer.state_dict(), done=k + 1, plan=[list(p) for p in plan], history=history,
+            models, cfg, names, optimizer=recipe.optimizer.state_dict(), done=k + 1, plan=[list(p) for p in plan], history=history,
         ))
     return models, history

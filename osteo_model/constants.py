@@ -49,6 +49,19 @@ MANUFACTURER_ALIASES: Mapping[str, str] = MappingProxyType(
         "ge healthcare": "ge_lunar",
         "ge": "ge_lunar",
         "norland": "norland",
+        # Vendor names as DICOM Manufacturer (0008,0070) and DXA report exports write them; matched after
+        # strip().lower(). Add a spelling here when a site's export uses one not listed.
+        "hologic, inc.": "hologic",
+        "hologic inc.": "hologic",
+        "hologic inc": "hologic",
+        "ge healthcare lunar": "ge_lunar",
+        "ge medical systems": "ge_lunar",
+        "ge medical systems lunar": "ge_lunar",
+        "lunar corp.": "ge_lunar",
+        "lunar corporation": "ge_lunar",
+        "norland medical systems": "norland",
+        "norland corp.": "norland",
+        "norland stratec": "norland",
     }
 )
 """Spellings seen in DXA exports, normalised to the keys of HUI_1997."""
@@ -93,8 +106,21 @@ TOTALSEG_OSTEOPOROSIS_HU = 90.25
 BMD_PLAUSIBLE_RANGE = (0.2, 2.5)
 """Areal spine BMD outside this range (g/cm^2) is a data error, not a patient."""
 
+VERTEBRA_MAX_VOLUME_ML = 150.0
+"""A whole lumbar vertebra (body and posterior elements) is ~40-100 ml in adults (TotalSegmentator's example
+CT: L1-L4 58-65 ml); a larger "vertebra" is an organ under a wrong label id (spleen 150-250 ml)."""
+VERTEBRA_MIN_BONE_HU = 200.0
+"""90th percentile HU of a whole vertebra label: cortical shell, endplates and posterior elements keep it above
+300 HU even in osteoporosis (example CT at 3 mm: 356-412 HU); soft-tissue organs stay below ~150 HU, with contrast too."""
+SPINE_MAX_AXIAL_OFFSET_MM = 50.0
+"""A lumbar level farther than this (axial plane) from the median of the other levels is not on the same spine."""
+
 CT_AIR_CHECK_HU = -500.0
 """Air is -1000 HU by definition of the Hounsfield scale, and every CT field of view holds some (outside
 the body, lungs, bowel gas). If even the CT_AIR_CHECK_PERCENTILE-th percentile lies above this, the values
 are not HU (e.g. raw stored values without the DICOM rescale intercept, which puts air near 0)."""
 CT_AIR_CHECK_PERCENTILE = 0.5
+CT_BODY_TISSUE_HU = (-200.0, 200.0)
+"""Median HU of the voxels inside the body (air/padding split off by Otsu): a mix of fat (-100 HU), water,
+muscle and organs (0-60 HU, ~150 with contrast) and some bone lies in this range in any adult torso CT;
+raw stored values without the rescale intercept put it near +1000, a rescale applied twice near -1000."""

@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from osteo_model.constants import LEVELS, SPINE_MAX_AXIAL_OFFSET_MM, VERTEBRA_MAX_VOLUME_ML, VERTEBRA_MIN_BONE_HU
 from osteo_model.errors import ConfigError
 from osteo_model.labels import level_boxes
 
@@ -38,8 +39,13 @@ class VertebraCrop:
 
 @dataclass(frozen=True)
 class LevelExclusion:
+    """A level left out; ``reason`` is one line a radiologist can read (shown in quarantine.csv and reports)."""
+
     level: str
     reason: str
+
+
+WRONG_LABELS = "wrong label map or preset?"
 
 
 def _lps_points(img: sitk.Image, zyx: np.ndarray) -> np.ndarray:
@@ -133,20 +139,88 @@ def _resample_to_crop(ct: sitk.Image, labels: np.ndarray, corner: np.ndarray, ce
     return crop_arr, sitk.GetArrayFromImage(crop_mask)
 
 
+def main_component(label_arr: np.ndarray, box: tuple[slice, ...], label_id: int) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The level's largest 26-connected piece: its bounding box in the volume and its mask in that box.
+
+    A stray voxel of the same id elsewhere (a segmentation speck at the scan edge) neither truncates
+    nor enlarges the level.
+    """
+    mask = label_arr[box] == label_id
+    pieces, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n > 1:
+        mask = pieces == 1 + int(np.argmax(ndimage.sum_labels(mask, pieces, range(1, n + 1))))
+    inner = ndimage.find_objects(mask.view(np.uint8))[0]
+    return tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner)), mask[inner]
+
+
+def implausible_anatomy(ct_arr: np.ndarray, box: tuple[slice, ...], mask: np.ndarray, spacing_zyx: np.ndarray,
+                        crop_cfg) -> str | None:
+    """Why a labelled level cannot be a lumbar vertebra (too large, not bone), or None.
+
+    Levels too small to judge are left to ``crop_vertebra``, which excludes them as tiny.
+    """
+    volume_ml = float(mask.sum() * np.prod(spacing_zyx) / 1000.0)
+    if volume_ml < crop_cfg.min_body_volume_ml:
+        return None
+    if volume_ml > VERTEBRA_MAX_VOLUME_ML:
+        return f"implausible anatomy: {volume_ml:.0f} ml, larger than a lumbar vertebra (up to {VERTEBRA_MAX_VOLUME_ML:.0f} ml); {WRONG_LABELS}"
+    bone = float(np.percentile(ct_arr[box][mask], 90))
+    if bone < VERTEBRA_MIN_BONE_HU:
+        return (f"implausible anatomy: not bone (90th percentile {bone:.0f} HU, a vertebra has cortex above "
+                f"{VERTEBRA_MIN_BONE_HU:.0f} HU); {WRONG_LABELS}")
+    return None
+
+
+def misplaced_levels(centres: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Levels whose LPS centre contradicts the others: off the spine's axis, or L1..L4 not head to feet.
+
+    An order violation cannot tell which id is wrong, so it excludes every level checked (+z is superior).
+    """
+    reasons: dict[str, str] = {}
+    if len(centres) >= 3:
+        for level, centre in centres.items():
+            others = np.median([c for lv, c in centres.items() if lv != level], axis=0)
+            offset = float(np.hypot(*(centre[:2] - others[:2])))
+            if offset > SPINE_MAX_AXIAL_OFFSET_MM:
+                reasons[level] = f"implausible anatomy: {offset:.0f} mm off the axis of the other vertebrae; {WRONG_LABELS}"
+    ordered = [lv for lv in LEVELS if lv in centres and lv not in reasons]
+    for upper, lower in zip(ordered, ordered[1:]):
+        if centres[upper][2] <= centres[lower][2]:
+            reason = f"implausible anatomy: {lower} lies above {upper} (L1 to L4 run head to feet); {WRONG_LABELS}"
+            return reasons | {lv: reason for lv in ordered}
+    return reasons
+
+
 def crop_levels(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, int], crop_cfg) -> list[VertebraCrop | LevelExclusion]:
     """One crop or exclusion per level of ``label_map``, in its order.
 
-    Excluded: a level absent from the mask, a vertebra touching the scan edge (truncated: its body
-    and statistics would be incomplete), a body too small to be real, no trabecular core.
+    Each level is its label's main connected component. Excluded: a level absent from the mask, a
+    vertebra touching the scan edge (truncated: its body and statistics would be incomplete), a level
+    whose anatomy is implausible (volume, bone HU, position against the other levels: a wrong label
+    preset), a body too small to be real, no trabecular core.
     """
     ct_arr = sitk.GetArrayViewFromImage(ct)
+    spacing_zyx = np.asarray(ct.GetSpacing())[::-1]
     margin = int(crop_cfg.edge_margin_vox)
-    results: list[VertebraCrop | LevelExclusion] = []
+    results: dict[str, VertebraCrop | LevelExclusion] = {}
+    found: dict[str, tuple[tuple[slice, ...], np.ndarray]] = {}
     for level, box in level_boxes(label_arr, label_map).items():
         if box is None:
-            results.append(LevelExclusion(level, f"level missing from label map (no voxel with id {label_map[level]})"))
-        elif any(s.start < margin or s.stop > n - margin for s, n in zip(box, label_arr.shape)):
-            results.append(LevelExclusion(level, "vertebra touches the edge of the scan (truncated)"))
+            results[level] = LevelExclusion(level, f"missing from the label map (no voxel with id {label_map[level]})")
+            continue
+        box, mask = main_component(label_arr, box, label_map[level])
+        reason = ("truncated by the scan edge" if any(s.start < margin or s.stop > n - margin for s, n in zip(box, label_arr.shape))
+                  else implausible_anatomy(ct_arr, box, mask, spacing_zyx, crop_cfg))
+        if reason:
+            results[level] = LevelExclusion(level, reason)
         else:
-            results.append(crop_vertebra(ct, ct_arr, box, label_arr[box] == label_map[level], level, crop_cfg))
-    return results
+            found[level] = box, mask
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    centres = {level: _lps_points(ct, np.argwhere(mask).mean(axis=0, keepdims=True) + [s.start for s in box])[0]
+               for level, (box, mask) in found.items() if mask.sum() * voxel_ml >= crop_cfg.min_body_volume_ml}
+    for level, reason in misplaced_levels(centres).items():
+        results[level] = LevelExclusion(level, reason)
+    for level, (box, mask) in found.items():
+        if level not in results:
+            results[level] = crop_vertebra(ct, ct_arr, box, mask, level, crop_cfg)
+    return [results[level] for level in label_map]

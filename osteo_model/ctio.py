@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from osteo_model.constants import CT_AIR_CHECK_HU, CT_AIR_CHECK_PERCENTILE
+from osteo_model.constants import CT_AIR_CHECK_HU, CT_AIR_CHECK_PERCENTILE, CT_BODY_TISSUE_HU
 from osteo_model.errors import InputError
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -22,6 +22,12 @@ SLICE_TOLERANCE = 0.05
 """Relative deviation of one slice step from the series' median step that counts as irregular."""
 SPACE_TOLERANCE = 1e-3
 """Tolerance (mm for spacing/origin, cosine for direction) when comparing two images' geometry."""
+HU_SAMPLE_SIZE = 2_000_000
+"""Voxels drawn (fixed seed) for the HU check: histograms of that many are stable, and cost ~50 ms."""
+AIR_TISSUE_GAP = 600.0
+"""Least distance between the medians of air (-1000 HU) and body tissue (fat -100 HU and denser)."""
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+"""NIfTI datatype codes of the float types, the only ones that can hold NaN."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,15 @@ def check_slice_positions(folder: Path, files: list[str]) -> float:
     return step
 
 
+def check_volume(path: Path, size: tuple[int, ...], components: int) -> None:
+    """One 3-D scalar volume, or the study is quarantined (a 4-D series or a 2-D slice is not a CT volume)."""
+    if len(size) != 3:
+        shape = "x".join(map(str, size))
+        raise InputError(path, f"{len(size)}-D image ({shape}); expected one 3-D volume")
+    if components != 1:
+        raise InputError(path, f"image has {components} values per voxel; expected one 3-D scalar volume")
+
+
 def read_geometry(path: Path) -> Geometry:
     """Header-only geometry of a CT or label map; validates DICOM slice positions on the way."""
     _check_exists(path)
@@ -113,25 +128,40 @@ def read_geometry(path: Path) -> Geometry:
         spacing = (*first.GetSpacing()[:2], step)
         # GDCM sorts the files along the slice normal, so the first file holds the series origin.
         return Geometry(size, spacing, tuple(first.GetOrigin()), tuple(first.GetDirection()))
-    return Geometry.of(_read_header(path))
+    header = _read_header(path)
+    check_volume(path, tuple(header.GetSize()), header.GetNumberOfComponents())
+    return Geometry.of(header)
 
 
-def _nifti_data_end(header: bytes) -> int | None:
-    """Byte offset where a NIfTI-1/2 file's voxel data ends, from its header; None if not NIfTI."""
+@dataclass(frozen=True)
+class _NiftiLayout:
+    offset: int             # first byte of the voxel data
+    end: int                # byte after the voxel data
+    float_dtype: str | None  # numpy dtype of float voxel data, None for integer data
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """Where a NIfTI-1/2 file's voxel data lies and whether it is float, from its header; None if not NIfTI."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
             dims = struct.unpack(endian + "8q", header[16:80])
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
     else:
         return None
-    return offset + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+    end = offset + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+    dtype = NIFTI_FLOAT_TYPES.get(datatype)
+    return _NiftiLayout(offset, end, endian + dtype if dtype else None)
+
+
+def _open_nifti(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 def check_nifti_complete(path: Path) -> None:
@@ -144,19 +174,53 @@ def check_nifti_complete(path: Path) -> None:
     if not name.endswith((".nii", ".nii.gz")):
         return
     try:
-        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as fh:
-            end = _nifti_data_end(fh.read(540))
+        with _open_nifti(path) as fh:
+            layout = _nifti_layout(fh.read(540))
         if name.endswith(".gz"):
             with open(path, "rb") as fh:
                 fh.seek(-4, 2)
                 stored = struct.unpack("<I", fh.read(4))[0]
-            complete = end is None or stored == end % 2**32
+            complete = layout is None or stored == layout.end % 2**32
         else:
-            complete = end is None or path.stat().st_size >= end
+            complete = layout is None or path.stat().st_size >= layout.end
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise InputError(path, f"unreadable image ({exc})") from None
     if not complete:
         raise InputError(path, "unreadable or truncated image (file shorter than its header says)")
+
+
+def _nifti_nonfinite(path: Path) -> int:
+    """NaN/Inf voxels in a float NIfTI's own bytes.
+
+    nifticlib (inside ITK) silently replaces them by 0 when reading, which for a CT would be 0 HU,
+    so only the file tells. Integer NIfTIs (most CTs) cannot hold NaN and are not read twice.
+    """
+    with _open_nifti(path) as fh:
+        layout = _nifti_layout(fh.read(540))
+        if layout is None or layout.float_dtype is None:
+            return 0
+        fh.seek(layout.offset)
+        itemsize = np.dtype(layout.float_dtype).itemsize
+        left, count = layout.end - layout.offset, 0
+        while left > 0:
+            chunk = fh.read(min(left, (1 << 24) // itemsize * itemsize))
+            if not chunk:
+                break
+            count += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk, layout.float_dtype))))
+            left -= len(chunk)
+    return count
+
+
+def check_finite(path: Path, img: sitk.Image) -> None:
+    """NaN or infinite voxels mean a damaged or badly resampled image: never read them as numbers."""
+    if img.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        bad = _nifti_nonfinite(path)
+    else:
+        bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(img))))
+    if bad:
+        raise InputError(path, f"{bad} voxel(s) are NaN or infinite (not a number): damaged image or NaN padding from resampling")
 
 
 def read_image(path: Path) -> sitk.Image:
@@ -174,24 +238,67 @@ def read_image(path: Path) -> sitk.Image:
             img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(path, f"unreadable or truncated image ({_first_line(exc)})") from None
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"expected a 3-D scalar image, got {img.GetDimension()}-D with {img.GetNumberOfComponentsPerPixel()} component(s)")
+    check_volume(path, tuple(img.GetSize()), img.GetNumberOfComponentsPerPixel())
+    check_finite(path, img)
     return img
+
+
+def _otsu_threshold(values: np.ndarray) -> float:
+    """The threshold that best splits ``values`` into two classes (Otsu 1979), on a 512-bin histogram."""
+    counts, edges = np.histogram(values, bins=512)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(counts)[:-1]
+    s0 = np.cumsum(counts * centres)[:-1]
+    w1, s1 = len(values) - w0, float(np.dot(counts, centres)) - s0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (s0 / w0 - s1 / w1) ** 2
+    return float(edges[1 + int(np.nanargmax(between))])
+
+
+def _sample(ct: np.ndarray) -> np.ndarray:
+    """Up to HU_SAMPLE_SIZE voxels drawn with a fixed seed (all of a small volume), as float32."""
+    flat = ct.reshape(-1)
+    if flat.size > HU_SAMPLE_SIZE:
+        flat = flat[np.random.default_rng(0).integers(0, flat.size, HU_SAMPLE_SIZE)]
+    return flat.astype(np.float32)
+
+
+def body_tissue(sample: np.ndarray) -> np.ndarray:
+    """The voxels of ``sample`` that lie inside the body, whatever the units.
+
+    Otsu's threshold splits air from body: their medians lie ~1000 apart in HU and in raw stored values
+    alike. Tried first without the scan's constant fill (its minimum: outside-FOV padding, which would
+    otherwise pass for the air), then with it (where the minimum is the air itself, clipped to one value).
+    """
+    for values in (sample[sample > sample.min()] if sample.size else sample, sample):
+        if values.size and values.max() > values.min():
+            threshold = _otsu_threshold(values)
+            body = values[values > threshold]
+            if np.median(body) - np.median(values[values <= threshold]) > AIR_TISSUE_GAP:
+                return body
+    return sample
 
 
 def check_hounsfield(ct: np.ndarray, path: Path) -> None:
     """Reject a CT that is not in Hounsfield units.
 
     Every CT field of view holds some air (−1000 HU by definition: outside the body, lungs, bowel).
-    Stored values written without the rescale intercept (typically −1024) put air near 0 instead.
+    Stored values written without the rescale intercept (typically −1024) put air near 0 instead. With
+    outside-FOV padding the padding passes for air, so the tissue inside the body decides: fat, muscle,
+    organs and bone have their median within CT_BODY_TISSUE_HU, raw stored values lie near +1000.
     """
-    low = float(np.percentile(ct, CT_AIR_CHECK_PERCENTILE))
+    sample = _sample(ct)
+    hint = "raw stored values without rescale slope/intercept?"
+    low = float(np.percentile(sample, CT_AIR_CHECK_PERCENTILE))
     if low > CT_AIR_CHECK_HU:
-        raise InputError(
-            path,
-            f"CT does not look like Hounsfield units: no air (the {CT_AIR_CHECK_PERCENTILE}th percentile is {low:.0f}, "
-            f"expected below {CT_AIR_CHECK_HU:.0f}); raw stored values without rescale slope/intercept?",
-        )
+        raise InputError(path, f"CT not in Hounsfield units: no air (the {CT_AIR_CHECK_PERCENTILE}th percentile is {low:.0f}, "
+                               f"expected below {CT_AIR_CHECK_HU:.0f}); {hint}")
+    tissue = body_tissue(sample)
+    median = float(np.median(tissue)) if tissue.size else float("nan")
+    lo, hi = CT_BODY_TISSUE_HU
+    if not lo <= median <= hi:
+        raise InputError(path, f"CT not in Hounsfield units: the tissue inside the body has median {median:.0f} "
+                               f"(fat, muscle and bone give {lo:.0f} to {hi:.0f} HU); {hint}")
 
 
 def _grid(g: Geometry) -> tuple[np.ndarray, np.ndarray]:

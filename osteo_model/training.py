@@ -7,6 +7,7 @@ on the labeled training split.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -21,7 +22,7 @@ from osteo_model.atomic import atomic_file
 from osteo_model.calibration import t_and_category
 from osteo_model.dataset import CropDataset, SiteData
 from osteo_model.errors import StateError
-from osteo_model.model import local_parameters, shared_parameters, unwrap
+from osteo_model.model import local_parameters, set_sbmd_prior, shared_parameters, unwrap
 
 PHASES = ("ssl", "task")
 
@@ -31,12 +32,86 @@ def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], cfg, lr_scal
     return torch.optim.AdamW(list(params), lr=float(cfg.train.lr) * lr_scale, weight_decay=float(cfg.train.weight_decay))
 
 
-def param_groups(model: nn.Module, cfg) -> list[dict]:
-    """Shared parameters at ``train.lr``, local ones (device expert, calibration) at
-    ``train.local_lr_factor`` times that: they see only their own site's batches, and a calibration
-    offset of a few hundredths of g/cm^2 should be learned within a few epochs."""
-    return [{"params": shared_parameters(model)},
-            {"params": local_parameters(model), "lr": float(cfg.train.lr) * float(cfg.train.local_lr_factor)}]
+def phase_lengths(cfg, federated: bool) -> dict[str, int]:
+    """Length of each phase in schedule steps: epochs in central training, rounds in a federation (and in
+    the simulation baselines, which train round for round like it)."""
+    if federated:
+        return {"ssl": int(cfg.federation.ssl_rounds), "task": int(cfg.federation.task_rounds)}
+    return {"ssl": int(cfg.train.ssl_epochs), "task": int(cfg.train.task_epochs)}
+
+
+def index_in_phase(cfg, phase: str, rnd: int) -> int:
+    """0-based position of federated round ``rnd`` (1-based) within its phase."""
+    return int(rnd) - 1 - (int(cfg.federation.ssl_rounds) if phase == "task" else 0)
+
+
+def cosine_factor(index: int, length: int) -> float:
+    """Cosine decay over a phase: 1 at its first step, falling towards 0 at its end. Without it the last
+    epoch's (round's) weights land at a random point of Adam's oscillation and carry a systematic offset
+    of a few hundredths of g/cm^2."""
+    return 0.5 * (1 + math.cos(math.pi * min(max(int(index), 0), int(length)) / max(int(length), 1)))
+
+
+def mean_train_sbmd(datas: Iterable[SiteData]) -> float:
+    """Mean sBMD of the pooled labeled training rows (the sBMD head's prior); NaN when there are none."""
+    values = np.concatenate([[]] + [d.cache.table["sbmd"].to_numpy(float)[d.splits["train"]] for d in datas])
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+class Recipe:
+    """The one training recipe of central training, the federated client and the simulation baselines.
+
+    - optimiser: AdamW with one group of shared parameters (taken once: ``models`` built by
+      model.build_site_models share them) at ``train.lr`` and one group per model of its local parameters
+      (device expert, calibration) at ``train.local_lr_factor`` times that: they see only their own site's
+      batches, and a calibration offset of a few hundredths of g/cm^2 should be learned within a few epochs;
+    - schedule: cosine decay over each phase (``lengths``: steps per phase, see phase_lengths);
+    - priors: at the first step of the task phase the sBMD head starts at the mean training sBMD of
+      ``datas`` (pooled in central training; a site's own in a federation, where FedAvg's n-weighted mean
+      of the sites' priors is the pooled one), unless ``priors`` is false (onboarding keeps the shared head).
+    Call ``begin(phase, index)`` before each epoch/round; ``restore`` an optimizer state saved earlier.
+    """
+
+    def __init__(self, models: Mapping[str, nn.Module], cfg, lengths: Mapping[str, int],
+                 datas: Mapping[str, SiteData] | None = None, priors: bool = True) -> None:
+        self.cfg, self.lengths, self.models, self.datas, self.priors = cfg, dict(lengths), dict(models), datas, priors
+        first = next(iter(self.models.values()))
+        groups = [{"params": shared_parameters(first), "role": "shared"}]
+        groups += [{"params": local_parameters(m), "role": "local"} for m in self.models.values()]
+        self.optimizer = torch.optim.AdamW(groups, lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
+        self._set_lr(1.0)
+
+    def base_lr(self, role: str) -> float:
+        return float(self.cfg.train.lr) * (float(self.cfg.train.local_lr_factor) if role == "local" else 1.0)
+
+    def _set_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr(group["role"]) * factor
+
+    def restore(self, state: dict | None) -> bool:
+        """Load an optimizer state saved by an earlier round/epoch; False (and a fresh optimizer) when it
+        does not fit these groups (e.g. saved by an older version with one group)."""
+        if state is None:
+            return False
+        roles = [g["role"] for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(state)
+        except ValueError:
+            return False
+        for group, role in zip(self.optimizer.param_groups, roles):
+            group["role"] = role  # the loaded groups replace ours; the roles are ours, not the state's
+        return True
+
+    def begin(self, phase: str, index: int) -> None:
+        """Set the priors (first task step) and the learning rates of step ``index`` of ``phase``."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
+        if self.priors and phase == "task" and index == 0 and self.datas:
+            prior = mean_train_sbmd(self.datas.values())
+            if np.isfinite(prior):
+                set_sbmd_prior(next(iter(self.models.values())), prior)
+        self._set_lr(cosine_factor(index, self.lengths.get(phase, 1)))
 
 
 def phase_rows(data: SiteData, phase: str) -> np.ndarray:
@@ -198,10 +273,11 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int) -
     for p in frozen:
         p.requires_grad_(False)
     try:
-        optimizer = make_optimizer(params, cfg, lr_scale=float(cfg.train.local_lr_factor))
+        recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, priors=False)  # frozen groups get no step
         result: dict[str, float] = {"num_examples": 0.0}
-        for _ in range(int(epochs)):
-            result = train_steps(model, data, cfg, "task", optimizer, device)
+        for epoch in range(int(epochs)):
+            recipe.begin("task", epoch)
+            result = train_steps(model, data, cfg, "task", recipe.optimizer, device)
         return result
     finally:
         for p in frozen:

@@ -91,13 +91,14 @@ def local_only(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]
         data = _load(cfg, site)
         model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer).to(device)
         osteo.set_feature_stats(model, *osteo.feature_stats(np.asarray(data.cache.features)))
-        state[site] = (data, model, training.make_optimizer(model.parameters(), cfg))
+        state[site] = (data, model, training.Recipe({site: model}, cfg, training.phase_lengths(cfg, True), {site: data}))
     round_seconds = []
     for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
         phase = "ssl" if rnd <= int(fed.ssl_rounds) else "task"
         t0 = time.perf_counter()
-        for data, model, opt in state.values():
-            training.train_steps(model, data, cfg, phase, opt, device, max_steps=steps)
+        for data, model, recipe in state.values():
+            recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
+            training.train_steps(model, data, cfg, phase, recipe.optimizer, device, max_steps=steps)
             training.evaluate(model, data, cfg, str(fed.eval_split), device)
         round_seconds.append(time.perf_counter() - t0)
     log(f"local-only: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round (no Flower)")
@@ -114,13 +115,14 @@ def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None
     models = osteo.build_site_models(cfg, next(iter(datas.values())).cache.features.shape[1],
                                      {s: d.manufacturer for s, d in datas.items()})
     osteo.set_feature_stats(next(iter(models.values())), *central.pooled_feature_stats(datas))
-    optimizer = training.make_optimizer({id(p): p for m in models.values() for p in m.parameters()}.values(), cfg)
+    recipe = training.Recipe(models, cfg, training.phase_lengths(cfg, True), datas)
     round_seconds = []
     for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
         phase = "ssl" if rnd <= int(fed.ssl_rounds) else "task"
         t0 = time.perf_counter()
+        recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
         for site in sites:
-            training.train_steps(models[site].to(device), datas[site], cfg, phase, optimizer, device, max_steps=steps)
+            training.train_steps(models[site].to(device), datas[site], cfg, phase, recipe.optimizer, device, max_steps=steps)
         round_seconds.append(time.perf_counter() - t0)
     log(f"centralised: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round")
     return {s: training.evaluate(models[s], datas[s], cfg, str(fed.final_eval_split), device) for s in sites}, round_seconds

@@ -1,0 +1,144 @@
+"""Inputs that lie (issue 11 §6): each is quarantined with a one-line reason, never read as numbers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from omegaconf import OmegaConf
+
+from conftest import LEVEL_Z0, SHAPE_ZYX
+from osteo_model.constants import LEVELS
+from osteo_model.crops import LevelExclusion, VertebraCrop, crop_levels
+from osteo_model.ctio import read_geometry, read_image, read_study
+from osteo_model.errors import InputError
+from osteo_model.labels import resolve_label_map
+
+CROP = OmegaConf.create(
+    {"fov_mm": 48.0, "size": 32, "trabecular_erosion_mm": 3.0, "min_body_volume_ml": 4.0, "edge_margin_vox": 1})
+TOTAL = resolve_label_map("totalseg_total")
+
+
+def image_like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ref)
+    return img
+
+
+def write(img: sitk.Image, path) -> object:
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+# --- Hounsfield units --------------------------------------------------------------------------------
+
+def test_raw_values_with_outside_fov_padding_are_not_hounsfield(tmp_path, spine_phantom):
+    """Stored values without the -1024 rescale, padded outside the FOV: the padding must not pass for air."""
+    ct, labels = spine_phantom()
+    raw = sitk.GetArrayFromImage(ct).astype(np.int16) + 1024
+    padded = np.full((SHAPE_ZYX[0], SHAPE_ZYX[1] + 16, SHAPE_ZYX[2] + 16), -2000, np.int16)
+    padded[:, 8:-8, 8:-8] = raw
+    lab = np.zeros(padded.shape, np.uint8)
+    lab[:, 8:-8, 8:-8] = sitk.GetArrayFromImage(labels)
+    ct_path = write(sitk.GetImageFromArray(padded), tmp_path / "ct.nii.gz")
+    lab_path = write(sitk.GetImageFromArray(lab), tmp_path / "lab.nii.gz")
+    with pytest.raises(InputError, match="not in Hounsfield units: the tissue inside the body has median 10") as err:
+        read_study(ct_path, lab_path)
+    assert err.value.path == ct_path
+    # The same scan in HU, with padding, passes.
+    hu = np.where(padded == -2000, -3024, padded - 1024).astype(np.int16)
+    write(sitk.GetImageFromArray(hu), ct_path)
+    read_study(ct_path, lab_path)
+
+
+# --- NaN voxels ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_nan_voxels_are_refused_not_read_as_zero(tmp_path, spine_phantom, suffix):
+    ct, labels = spine_phantom()
+    arr = sitk.GetArrayFromImage(ct).astype(np.float32)
+    arr[LEVEL_Z0["L2"] + 3, 8:12, 12:16] = np.nan  # inside L2's body
+    ct_path = write(image_like(arr, ct), tmp_path / f"ct{suffix}")
+    lab_path = write(labels, tmp_path / f"lab{suffix}")
+    with pytest.raises(InputError, match=r": 16 voxel\(s\) are NaN or infinite \(not a number\)") as err:
+        read_study(ct_path, lab_path)
+    assert err.value.path == ct_path
+    write(image_like(np.nan_to_num(arr, nan=40.0), ct), ct_path)
+    read_study(ct_path, lab_path)  # the same float image without NaN passes
+
+
+# --- 4-D and 2-D images -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("volumes, reason", [(2, r"4-D image \(10x9x8x2\); expected one 3-D volume"),
+                                             (0, r"2-D image \(10x9\); expected one 3-D volume")])
+def test_4d_and_2d_images_are_refused_in_one_line(tmp_path, volumes, reason):
+    path = tmp_path / "ct.nii.gz"
+    volume = sitk.GetImageFromArray(np.zeros((8, 9, 10), np.int16))
+    sitk.WriteImage(sitk.JoinSeries([volume] * volumes) if volumes else volume[:, :, 0], str(path))
+    for read in (read_geometry, read_image):
+        with pytest.raises(InputError, match=reason) as err:
+            read(path)
+        assert err.value.path == path
+
+
+# --- Level anatomy ------------------------------------------------------------------------------------
+
+def crops_of(ct, label_arr, label_map=TOTAL, crop_cfg=CROP):
+    return {r.level: r for r in crop_levels(ct, label_arr, label_map, crop_cfg)}
+
+
+def test_stray_voxel_at_scan_edge_does_not_truncate_a_complete_level(spine_phantom):
+    ct, labels = spine_phantom()
+    arr = sitk.GetArrayFromImage(labels)
+    arr[-1, 3, 5] = TOTAL["L1"]  # one speck of "L1" in the last slice
+    results = crops_of(ct, arr)
+    assert all(isinstance(results[lv], VertebraCrop) for lv in LEVELS), results
+    whole = crops_of(ct, sitk.GetArrayFromImage(labels))
+    assert results["L1"].body_volume_ml == whole["L1"].body_volume_ml and results["L1"].hu_mean == whole["L1"].hu_mean
+
+
+def test_organs_under_a_wrong_label_preset_are_not_vertebrae(spine_phantom):
+    """TotalSegmentator masks read with the `plain` preset: ids 1-4 are spleen, kidneys, gallbladder."""
+    ct, labels = spine_phantom()
+    arr = sitk.GetArrayFromImage(labels)
+    for organ, z in enumerate((44, 30, 16, 2), start=1):  # soft-tissue blobs beside the spine, 6.9 ml each
+        arr[z : z + 12, 4:16, 27:33] = organ
+    results = crops_of(ct, arr, resolve_label_map("plain"))
+    for level in LEVELS:
+        assert isinstance(results[level], LevelExclusion)
+        assert results[level].reason.startswith("implausible anatomy: not bone (90th percentile 40 HU")
+        assert results[level].reason.endswith("wrong label map or preset?")
+    assert all(isinstance(r, VertebraCrop) for r in crops_of(ct, arr).values())  # the right preset
+
+
+def test_levels_out_of_cranio_caudal_order_are_excluded(spine_phantom):
+    ct, labels = spine_phantom()
+    reversed_map = {"L1": 28, "L2": 29, "L3": 30, "L4": 31}  # TotalSegmentator's ids read backwards
+    results = crops_of(ct, sitk.GetArrayFromImage(labels), reversed_map)
+    assert {r.reason for r in results.values()} == {
+        "implausible anatomy: L2 lies above L1 (L1 to L4 run head to feet); wrong label map or preset?"}
+    # Physical z, not voxel order: the same scan stored feet-first (z flipped in the header) is fine.
+    flipped_ct, flipped_labels = (sitk.Flip(img, [False, False, True]) for img in (ct, labels))
+    assert all(isinstance(r, VertebraCrop) for r in crops_of(flipped_ct, sitk.GetArrayFromImage(flipped_labels)).values())
+
+
+def test_level_too_large_for_a_vertebra_and_one_off_the_spine(spine_phantom):
+    ct, labels = spine_phantom()
+    big_ct, big_labels = (sitk.Image(img) for img in (ct, labels))
+    for img in (big_ct, big_labels):
+        img.SetSpacing((4.0, 4.0, 4.0))  # every level 8x its volume: ~180 ml
+    results = crops_of(big_ct, sitk.GetArrayFromImage(big_labels))
+    assert all(r.reason.startswith("implausible anatomy: 1") and "larger than a lumbar vertebra" in r.reason
+               for r in results.values()), results
+    # L3's label moved 26 voxels (52 mm) sideways, bone and all.
+    arr, ct_arr = sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(ct)
+    wide = np.zeros((SHAPE_ZYX[0], SHAPE_ZYX[1], SHAPE_ZYX[2] + 30), np.uint8)
+    wide_ct = np.full(wide.shape, -1000, np.int16)
+    wide[..., :SHAPE_ZYX[2]], wide_ct[..., :SHAPE_ZYX[2]] = arr, ct_arr
+    z = slice(LEVEL_Z0["L3"], LEVEL_Z0["L3"] + 10)
+    wide[z, :, 26:62], wide_ct[z, :, 26:62] = wide[z, :, :36].copy(), wide_ct[z, :, :36].copy()
+    wide[z, :, :26] = 0
+    ref = sitk.GetImageFromArray(wide_ct)
+    ref.SetSpacing(ct.GetSpacing())
+    results = crops_of(ref, wide)
+    assert results["L3"].reason.startswith("implausible anatomy: 52 mm off the axis of the other vertebrae")
+    assert all(isinstance(results[lv], VertebraCrop) for lv in ("L1", "L2", "L4"))
