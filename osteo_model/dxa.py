@@ -15,8 +15,8 @@ import pandas as pd
 
 from osteo_model import bmd
 from osteo_model.constants import BMD_PLAUSIBLE_RANGE, LEVELS
-from osteo_model.errors import InputError
 from osteo_model.quarantine import QUARANTINED, UNLABELED, VALUE_DROPPED, Problem
+from osteo_model.site_tables import read_site_table
 
 BMD_COLUMNS = {level: f"bmd_{level.lower()}" for level in LEVELS}
 T_COLUMNS = {level: f"t_{level.lower()}" for level in LEVELS}
@@ -31,26 +31,22 @@ def _empty_table() -> pd.DataFrame:
 def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -> tuple[pd.DataFrame, list[Problem]]:
     """Read and validate ``dxa.csv``; return the usable rows and the problems found.
 
-    A row is quarantined for an unknown device, an unreadable date, no usable BMD at any level, or a
-    duplicate key (patient_id + dxa_date: which of the rows is right cannot be told). A single
-    implausible BMD is dropped (reported) and the row's other levels kept. No file means no labels.
+    A row is quarantined for an unknown device, an unreadable date, no usable BMD at any level, more
+    values than columns, or a duplicate key (patient_id + dxa_date: which of the rows is right cannot be
+    told). A single implausible BMD is dropped (reported) and the row's other levels kept. No file means
+    no labels, reported as such. Export dialects: ``osteo_model.site_tables``.
     """
     if not path.is_file():
-        return _empty_table(), []
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise InputError(path, f"unreadable DXA table ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
-    if missing:
-        raise InputError(path, f"DXA table lacks columns {missing}")
-    raw.insert(0, "line", np.arange(len(raw)) + 2)  # line numbers as a spreadsheet shows them
+        return _empty_table(), [Problem(path.name, path.name, "DXA table not found: every study is unlabeled", action=UNLABELED)]
+    raw, bad_lines = read_site_table(path, REQUIRED_COLUMNS, "DXA table")
     problems: list[Problem] = []
 
     def report(line: int, reason: str, level: str = "", action: str = QUARANTINED) -> None:
         problems.append(Problem(f"{path.name} line {line}", path.name, reason, level, action))
 
-    key = raw["patient_id"].str.strip() + "|" + raw["dxa_date"].str.strip()
+    for line, reason in bad_lines.items():
+        report(line, reason)
+    key = raw["patient_id"] + "|" + raw["dxa_date"]
     duplicated = key.duplicated(keep=False)
     rows = []
     for i, r in raw.iterrows():
@@ -63,12 +59,12 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
         if manufacturer is None:
             report(line, f"unknown DXA device manufacturer {r['manufacturer']!r} (no sBMD equation for it)")
             continue
-        date = pd.to_datetime(r["dxa_date"].strip(), format="%Y-%m-%d", errors="coerce")
-        if pd.isna(date) or not r["patient_id"].strip():
+        date = pd.to_datetime(r["dxa_date"], format="%Y-%m-%d", errors="coerce")
+        if pd.isna(date) or not r["patient_id"]:
             report(line, "missing patient_id or dxa_date not YYYY-MM-DD")
             continue
-        row: dict[str, Any] = {"line": line, "patient_id": r["patient_id"].strip(), "dxa_date": date,
-                               "manufacturer": manufacturer, "model": r["model"].strip()}
+        row: dict[str, Any] = {"line": line, "patient_id": r["patient_id"], "dxa_date": date,
+                               "manufacturer": manufacturer, "model": r["model"]}
         for level in LEVELS:
             value = _number(r[BMD_COLUMNS[level]])
             if not math.isnan(value) and not bmd_range[0] <= value <= bmd_range[1]:
@@ -79,7 +75,7 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
         if all(math.isnan(row[BMD_COLUMNS[lv]]) for lv in LEVELS):
             report(line, "no usable BMD at any level (missing or implausible)")
             continue
-        row["sex"] = SEXES.get(str(r.get("sex", "")).strip().lower(), "")
+        row["sex"] = SEXES.get(str(r.get("sex", "")).lower(), "")
         row["age"] = _number(r.get("age", ""))
         rows.append(row)
     table = pd.DataFrame(rows, columns=_empty_table().columns) if rows else _empty_table()
@@ -87,8 +83,9 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
 
 
 def _number(text: Any) -> float:
+    """A number as exports write it, the decimal comma of a European spreadsheet included; NaN if none."""
     try:
-        value = float(str(text).strip())
+        value = float(str(text).strip().replace(",", "."))
     except ValueError:
         return float("nan")
     return value if math.isfinite(value) else float("nan")

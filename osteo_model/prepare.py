@@ -32,6 +32,7 @@ from osteo_model.errors import InputError
 from osteo_model.labels import label_map_from_cfg
 from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED, Problem, write_quarantine_csv
 from osteo_model.radiomics_features import extractor_for, n_workers, params_digest, params_path
+from osteo_model.site_tables import read_site_table
 
 ENTRY_VERSION = 1
 """Bump when the content of an entry changes, so old entries are recomputed."""
@@ -59,30 +60,28 @@ class Summary:
     unlabeled_studies: int = 0
     dxa_rows_quarantined: int = 0
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Site-wide facts the operator must see in the summary line (e.g. no DXA table at all)."""
 
     def line(self) -> str:
-        return (f"prepared {self.prepared}, skipped as cached {self.cached}, quarantined {self.quarantined} studies; "
-                f"{self.vertebrae} vertebrae ({self.labeled_vertebrae} labeled), {self.excluded_levels} levels excluded, "
-                f"{self.unlabeled_studies} studies unlabeled, {self.dxa_rows_quarantined} DXA rows quarantined")
+        return "; ".join([
+            f"prepared {self.prepared}, skipped as cached {self.cached}, quarantined {self.quarantined} studies",
+            f"{self.vertebrae} vertebrae ({self.labeled_vertebrae} labeled), {self.excluded_levels} levels excluded, "
+            f"{self.unlabeled_studies} studies unlabeled, {self.dxa_rows_quarantined} DXA rows quarantined", *self.notes])
 
 
 def load_studies(site_dir: Path, table_name: str) -> tuple[list[Study], list[Problem]]:
-    """Read ``studies.csv``; rows without ids, with a duplicate study_id or a bad date are quarantined."""
+    """Read ``studies.csv``; rows without ids, with a duplicate study_id, a bad date or more values than
+    columns are quarantined (export dialects: ``osteo_model.site_tables``)."""
     path = site_dir / table_name
     if not path.is_file():
         raise InputError(path, "studies table not found")
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"unreadable studies table ({exc})") from None
-    missing = [c for c in STUDY_COLUMNS if c not in raw.columns]
-    if missing:
-        raise InputError(path, f"studies table lacks columns {missing}")
-    raw = raw.apply(lambda col: col.str.strip())
+    raw, bad_lines = read_site_table(path, STUDY_COLUMNS, "studies table")
+    problems = [Problem(f"{table_name} line {line}", table_name, reason) for line, reason in bad_lines.items()]
     duplicated = raw["study_id"].duplicated(keep=False)
-    studies, problems = [], []
+    studies = []
     for i, r in raw.iterrows():
-        case = r["study_id"] or f"{table_name} line {i + 2}"
+        case = r["study_id"] or f"{table_name} line {r['line']}"
         date = pd.to_datetime(r["ct_date"], format="%Y-%m-%d", errors="coerce")
         reason = ("missing study_id or patient_id" if not (r["study_id"] and r["patient_id"])
                   else "duplicate study_id" if duplicated[i]
@@ -254,6 +253,8 @@ class _SiteRun:
         studies, bad_rows = load_studies(self.site_dir, self.cfg.site.studies_table)
         dxa_path = self.site_dir / self.cfg.site.dxa_table
         dxa_table, dxa_problems = dxa.read_dxa(dxa_path)
+        if not dxa_path.is_file():
+            self.summary.notes.append(f"no {dxa_path.name}: every study unlabeled")
         studies_df = pd.DataFrame([asdict(s) for s in studies], columns=[f.name for f in fields(Study)])
         self.pairings, pair_problems = dxa.pair_studies(studies_df, dxa_table, int(self.cfg.site.max_dxa_interval_days), dxa_path.name)
         for problem in bad_rows + dxa_problems + pair_problems:

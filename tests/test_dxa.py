@@ -65,7 +65,8 @@ def test_missing_columns_and_absent_file(tmp_path):
     with pytest.raises(InputError, match="lacks columns"):
         read_dxa(tmp_path / "dxa.csv")
     table, problems = read_dxa(tmp_path / "none.csv")
-    assert len(table) == 0 and problems == []
+    assert len(table) == 0
+    assert [(p.case, p.reason, p.action) for p in problems] == [("none.csv", "DXA table not found: every study is unlabeled", UNLABELED)]
 
 
 def test_pairing_nearest_within_window_else_unlabeled(tmp_path):

@@ -2,20 +2,28 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 from omegaconf import OmegaConf
 
 from conftest import LEVEL_Z0, SHAPE_ZYX
+from osteo_model.cache import SiteCache
 from osteo_model.constants import LEVELS
 from osteo_model.crops import LevelExclusion, VertebraCrop, crop_levels
 from osteo_model.ctio import read_geometry, read_image, read_study
+from osteo_model.dxa import read_dxa
 from osteo_model.errors import InputError
 from osteo_model.labels import resolve_label_map
+from osteo_model.prepare import prepare_site
 
 CROP = OmegaConf.create(
     {"fov_mm": 48.0, "size": 32, "trabecular_erosion_mm": 3.0, "min_body_volume_ml": 4.0, "edge_margin_vox": 1})
 TOTAL = resolve_label_map("totalseg_total")
+
+
+def quarantine(cfg) -> pd.DataFrame:
+    return pd.read_csv(f"{cfg.site.cache_dir}/quarantine.csv", dtype=str, keep_default_na=False)
 
 
 def image_like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
@@ -142,3 +150,54 @@ def test_level_too_large_for_a_vertebra_and_one_off_the_spine(spine_phantom):
     results = crops_of(ref, wide)
     assert results["L3"].reason.startswith("implausible anatomy: 52 mm off the axis of the other vertebrae")
     assert all(isinstance(results[lv], VertebraCrop) for lv in ("L1", "L2", "L4"))
+
+
+# --- Site tables as spreadsheets export them -----------------------------------------------------------
+
+def test_european_excel_dxa_export(tmp_path):
+    """';' with decimal commas, a BOM, loose header case and spaces, vendor names, Excel's blank rows."""
+    path = tmp_path / "dxa.csv"
+    path.write_bytes(
+        "\ufeffPatient_ID ; DXA_Date;Manufacturer;Model;BMD_L1;BMD_L2;BMD_L3;BMD_L4;Sex;Age\r\n"
+        "p1;2024-01-10;GE Healthcare Lunar;Prodigy;0,812;0,9;;1,05;W;61\r\n"
+        ";;;;;;;;;\r\n"
+        "p2;2024-02-01;Hologic, Inc.;Horizon A;1,1;1,0;0,95;1,2;M;70\r\n"
+        ";;;;;;;;;\r\n".encode("utf-8"))
+    table, problems = read_dxa(path)
+    assert problems == []
+    assert list(table["patient_id"]) == ["p1", "p2"] and list(table["line"]) == [2, 4]
+    assert list(table["manufacturer"]) == ["ge_lunar", "hologic"] and list(table["sex"]) == ["female", "male"]
+    assert table.iloc[0]["bmd_l1"] == 0.812 and np.isnan(table.iloc[0]["bmd_l3"]) and table.iloc[1]["bmd_l4"] == 1.2
+    assert list(table["age"]) == [61.0, 70.0]
+
+
+def test_trailing_comma_does_not_shift_columns(tmp_path):
+    path = tmp_path / "dxa.csv"
+    path.write_text("patient_id,dxa_date,manufacturer,model,bmd_l1,bmd_l2,bmd_l3,bmd_l4\n"
+                    "p1,2024-01-10,Hologic,Horizon,0.8,0.9,1.0,1.1,\n"
+                    "p2,2024-01-10,Lunar,Prodigy,0.7,0.8,0.9,1.0,,\n"
+                    "p3,2024-01-10,Hologic,Horizon,0,8,0.9,1.0,1.1\n")  # a decimal comma in a comma file
+    table, problems = read_dxa(path)
+    assert list(table["patient_id"]) == ["p1", "p2"] and list(table["bmd_l1"]) == [0.8, 0.7]
+    assert list(table["bmd_l4"]) == [1.1, 1.0] and list(table["manufacturer"]) == ["hologic", "ge_lunar"]
+    assert [(p.case, p.reason) for p in problems] == [
+        ("dxa.csv line 4", "9 values for 8 columns (a stray ',' would shift every value after it)")]
+
+
+def test_site_with_spreadsheet_tables_and_no_dxa_table(make_site, prepare_cfg):
+    """studies.csv with ';', capitals, blank rows and trailing ';'; a row with a stray value names no id."""
+    site = make_site(n_labeled=2, n_unlabeled=0)
+    rows = ["Study_ID;Patient_ID;CT_Date;CT;Labels;Scanner;"]
+    rows += [f"s00{i};p00{i};2024-03-01;ct/s00{i}.nii.gz;labels/s00{i}.nii.gz;Phantom CT;" for i in range(2)]
+    rows += [";;;;;;", "s002;p002;2024-03-01;ct/s000.nii.gz;labels/s000.nii.gz;Phantom;CT", ";;;;;;"]
+    (site / "studies.csv").write_text("\n".join(rows) + "\n")
+    (site / "dxa.csv").unlink()
+    cfg = prepare_cfg(site)
+    summary = prepare_site(cfg, progress=False)
+    assert (summary.prepared, summary.quarantined, summary.unlabeled_studies) == (2, 1, 2)
+    assert summary.line().endswith("; no dxa.csv: every study unlabeled")
+    q = quarantine(cfg)
+    assert [tuple(r) for r in q[["case", "file", "action"]].itertuples(index=False)] == [
+        ("studies.csv line 5", "studies.csv", "quarantined"), ("dxa.csv", "dxa.csv", "unlabeled")]
+    assert not q["case"].str.startswith("p").any()  # never a patient id where a study id belongs
+    assert list(SiteCache.open(cfg.site.cache_dir).table["study_id"].unique()) == ["s000", "s001"]

@@ -1,0 +1,67 @@
+"""A site's CSV tables (studies.csv, dxa.csv) as hospital exports write them.
+
+Spreadsheet exports differ from the README's example in ways that must not block a site or shift
+values into the wrong column: a European Excel writes ``;`` with decimal commas (and cp1252 text), a
+header may carry capitals, spaces or a byte-order mark, blank rows come as ``;;;;``, and a trailing
+delimiter adds an empty last field to every line.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from osteo_model.errors import InputError
+
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def _text(path: Path, what: str) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(path, f"unreadable {what} ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")  # Excel's "CSV" on Windows
+
+
+def read_site_table(path: Path, required: Sequence[str], what: str) -> tuple[pd.DataFrame, dict[int, str]]:
+    """The table as whitespace-trimmed strings plus a ``line`` column (the line a spreadsheet shows), and the
+    lines left out with why.
+
+    The delimiter is the one the header line uses most; column names are trimmed and lower-cased. Blank
+    rows are skipped without a word; a row with more values than the header has columns is left out
+    (which value belongs where cannot be told), empty trailing fields are not values.
+    """
+    text = _text(path, what)
+    header_line = text.split("\n", 1)[0]
+    delimiter = max(DELIMITERS, key=header_line.count)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = [name.strip().lower() for name in next(reader, [])]
+        while header and not header[-1]:
+            header.pop()
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise InputError(path, f"{what} has column(s) {twice} more than once")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise InputError(path, f"{what} lacks columns {missing} (found {header}, delimiter {delimiter!r})")
+        rows, bad = [], {}
+        for fields in reader:
+            values = [value.strip() for value in fields]
+            if not any(values):
+                continue
+            if any(values[len(header):]):
+                bad[reader.line_num] = (f"{len(values)} values for {len(header)} columns "
+                                        f"(a stray {delimiter!r} would shift every value after it)")
+                continue
+            rows.append([reader.line_num, *values[: len(header)], *[""] * (len(header) - len(values))])
+    except csv.Error as exc:
+        raise InputError(path, f"unreadable {what} (line {reader.line_num}: {exc})") from None
+    return pd.DataFrame(rows, columns=["line", *header]), bad
