@@ -161,19 +161,27 @@ def prepare_study(task: StudyTask) -> tuple[Path | None, str] | None:
     except InputError as exc:
         return exc.path, exc.reason
     try:
-        results = crop_levels(ct, label_arr, task.label_map, task.crop)
-        crops = [r for r in results if isinstance(r, VertebraCrop)]
-        excluded = [r for r in results if isinstance(r, LevelExclusion)]
-        extractor = extractor_for(task.params_file, crop_spacing_mm(task.crop))
-        features, errors = extractor.extract_many([c.crop for c in crops], [c.mask for c in crops])
+        crops, features, excluded = featurise_study(ct, label_arr, task.label_map, task.crop, task.params_file)
     except (RuntimeError, ValueError) as exc:  # a scan our cropping cannot handle: quarantine, carry on
         return study.ct, f"preparation failed ({type(exc).__name__}: {exc})"
+    spacing = ",".join(f"{v:.3g}" for v in ct.GetSpacing())
+    rows = [_index_row(study, task.pairing, c, spacing) for c in crops]
+    _write_entry(task.entry, crops, features, rows, excluded, int(task.crop.size))
+    return None
+
+
+def featurise_study(ct, label_arr: np.ndarray, label_map: dict[str, int], crop_cfg, params_file: str,
+                    ) -> tuple[list[VertebraCrop], np.ndarray, list[LevelExclusion]]:
+    """Crops, radiomic features and exclusions of one read study (ctio.read_study): what osteo-prepare
+    caches and what osteo-predict computes for a new CT, so both see the same numbers."""
+    results = crop_levels(ct, label_arr, label_map, crop_cfg)
+    crops = [r for r in results if isinstance(r, VertebraCrop)]
+    excluded = [r for r in results if isinstance(r, LevelExclusion)]
+    extractor = extractor_for(params_file, crop_spacing_mm(crop_cfg))
+    features, errors = extractor.extract_many([c.crop for c in crops], [c.mask for c in crops])
     kept = [i for i, e in enumerate(errors) if e is None]
     excluded += [LevelExclusion(crops[i].level, f"radiomics failed: {e}") for i, e in enumerate(errors) if e]
-    spacing = ",".join(f"{v:.3g}" for v in ct.GetSpacing())
-    rows = [_index_row(study, task.pairing, crops[i], spacing) for i in kept]
-    _write_entry(task.entry, [crops[i] for i in kept], features[kept], rows, excluded, int(task.crop.size))
-    return None
+    return [crops[i] for i in kept], features[kept], excluded
 
 
 def _run(tasks: list[StudyTask], n_jobs: int) -> Iterator[tuple[StudyTask, tuple[Path | None, str] | None]]:

@@ -1,0 +1,307 @@
+"""Screening values of CT studies from a trained model: the numbers of a hospital's screening report.
+
+Per level L1-L4: trabecular HU (mean, median; trabecular core at CT resolution), predicted sBMD and device
+BMD, T-score on the site's DXA reference, WHO category, P(osteoporosis); an excluded level says why.
+Per patient: ISCD 2019 (mean BMD of at least two evaluable L1-L4 levels, else "not evaluable" and why),
+with Pickhardt's L1-HU rule beside it. An interval from the residuals of the site's own validation
+patients (predicted minus DXA) says how far one number can be trusted, and out-of-distribution flags say
+when a CT looks unlike the data the model learned from. Predictions come from ``training.predict`` on
+cache rows (or on rows prepared the same way from a new CT), so they are exactly what osteo-eval sees.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from osteo_model import bmd as bmdlib
+from osteo_model.baselines import hu_category
+from osteo_model.cache import INDEX_COLUMNS, SiteCache
+from osteo_model.constants import LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, TOTALSEG_OSTEOPOROSIS_HU
+from osteo_model.dataset import SiteData
+from osteo_model.metrics import OSTEOPOROSIS, patient_level
+from osteo_model.model import OsteoNet, feature_stats
+from osteo_model.quarantine import LEVEL_EXCLUDED
+from osteo_model.training import predict
+
+RESEARCH_USE = "Research use only: not a medical device, not for diagnosis or treatment decisions."
+HU_RULE_NAMES = ("normal (L1 > 160 HU)", "osteopenia or worse (L1 <= 160 HU)", "osteoporosis likely (L1 <= 110 HU)")
+"""Pickhardt 2013 thresholds (osteo_model.baselines.hu_category) as a reader sees them."""
+
+
+@dataclass
+class StudyInput:
+    """One study's evaluable rows in a cache (the site's, or an in-memory one built from a new CT)."""
+
+    study_id: str
+    cache: SiteCache
+    rows: np.ndarray
+    excluded: dict[str, str]
+    scanner: str = ""
+    source: str = "prepared"
+    ct: Path | None = None
+    labels: Path | None = None
+    problem: str = ""          # why the whole study could not be read or prepared (then no rows)
+
+
+@dataclass
+class LevelResult:
+    level: str
+    evaluable: bool
+    reason: str = ""           # why a level is not evaluable
+    hu_mean: float = float("nan")
+    hu_median: float = float("nan")
+    sbmd: float = float("nan")
+    bmd: float = float("nan")
+    t_score: float = float("nan")
+    t_low: float = float("nan")
+    t_high: float = float("nan")
+    category: str = ""
+    p_osteoporosis: float = float("nan")
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PatientResult:
+    evaluable: bool
+    levels_used: list[str]
+    reason: str = ""
+    bmd: float = float("nan")
+    t_score: float = float("nan")
+    t_low: float = float("nan")
+    t_high: float = float("nan")
+    category: str = ""
+    interval_note: str = ""
+    l1_hu: float = float("nan")
+    l1_hu_rule: str = ""       # Pickhardt 2013 call on L1 mean HU
+    l1_totalseg_flag: str = ""  # TotalSegmentator's < 90.25 HU median rule on L1
+
+
+@dataclass
+class StudyReport:
+    study_id: str
+    source: str
+    scanner: str
+    manufacturer: str
+    levels: list[LevelResult]
+    patient: PatientResult
+    flags: list[str]
+    image: str = ""            # PNG file name in the report folder
+    image_note: str = ""       # why there is no image
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the site knows about the data the model learned from, and how wrong it was on validation.
+
+    ``level_residuals`` / ``patient_residuals``: predicted minus DXA device BMD on the site's validation
+    vertebrae / patients (empty when the site has none); ``scanners``, ``hu_range`` and ``features``: the
+    site's training pool (all rows but held-out patients), what the site's part of the model learned from."""
+
+    level_residuals: np.ndarray
+    patient_residuals: np.ndarray
+    n_val_patients: int
+    scanners: frozenset[str]
+    hu_range: tuple[float, float] | None
+    features: tuple[np.ndarray, np.ndarray] | None  # mean, SD of the radiomic features of the training pool
+    coverage: float
+    min_patients: int
+
+    def interval(self, bmd: float, patient: bool) -> tuple[float, float] | None:
+        """Central ``coverage`` interval of the true device BMD given a prediction; None when the site has
+        fewer validation patients than ``min_patients``."""
+        res = self.patient_residuals if patient else self.level_residuals
+        if self.n_val_patients < self.min_patients or not len(res) or not np.isfinite(bmd):
+            return None
+        alpha = (1.0 - self.coverage) / 2
+        lo, hi = np.quantile(res, [alpha, 1 - alpha])
+        return bmd - float(hi), bmd - float(lo)
+
+    def interval_note(self) -> str:
+        if self.n_val_patients == 0:
+            return "no interval: no validation patients with DXA at this site"
+        if self.n_val_patients < self.min_patients:
+            return f"no interval: only {self.n_val_patients} validation patient(s) with DXA (need {self.min_patients})"
+        return (f"{self.coverage:.0%} interval from predicted-minus-DXA residuals of {self.n_val_patients} "
+                f"validation patients of this site")
+
+
+def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: str) -> Reference:
+    """Residuals on the site's validation split and the site's training-pool scanners and HU range."""
+    coverage, min_patients = float(predict_cfg.interval_coverage), int(predict_cfg.min_val_patients)
+    if data is None:
+        return Reference(np.zeros(0), np.zeros(0), 0, frozenset(), None, None, coverage, min_patients)
+    table = data.cache.table
+    pool = table.iloc[data.splits["unlabeled"]]
+    hu = pool["hu_mean"].to_numpy(float)
+    hu = hu[np.isfinite(hu)]
+    rows = data.splits["val"]
+    level_res, patient_res, n_val = np.zeros(0), np.zeros(0), 0
+    if len(rows):
+        val = table.iloc[rows]
+        pred = predict(model, data, rows, device)
+        level_res = pred["bmd"] - val["bmd"].to_numpy(float)
+        pat = patient_level(pred["bmd"], val)
+        patient_res = (pat["pred"] - pat["true"]).to_numpy(float)
+        n_val = int(val["patient_id"].nunique())
+    scanners = frozenset(s for s in pool["scanner"].fillna("").astype(str) if s)
+    hu_range = (float(hu.min()), float(hu.max())) if len(hu) else None
+    features = feature_stats(np.asarray(data.cache.features)[data.splits["unlabeled"]]) if len(pool) else None
+    return Reference(level_res, patient_res, n_val, scanners, hu_range, features, coverage, min_patients)
+
+
+def quarantine_reasons(cache_dir: Path) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """From osteo-prepare's quarantine.csv: per study, level -> why it was excluded; and per quarantined
+    study, why it was left out entirely."""
+    path = Path(cache_dir) / "quarantine.csv"
+    levels: dict[str, dict[str, str]] = defaultdict(dict)
+    studies: dict[str, str] = {}
+    if not path.is_file():
+        return levels, studies
+    q = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for r in q.itertuples():
+        if r.action == LEVEL_EXCLUDED and r.level:
+            levels[r.case][r.level] = r.reason
+        elif r.action == "quarantined":
+            studies[r.case] = r.reason
+    return levels, studies
+
+
+def prepared_studies(data: SiteData, site_dir: Path, study_table: pd.DataFrame | None,
+                     study_ids: Sequence[str] | None = None) -> list[StudyInput]:
+    """The site's prepared studies (all, or ``study_ids`` in that order); a requested study that is not in
+    the cache is reported with osteo-prepare's reason. ``study_table``: the site's studies.csv rows
+    (study_id, ct, labels), for the image; None when it cannot be read."""
+    table = data.cache.table
+    by_study = {s: np.asarray(idx) for s, idx in table.groupby("study_id", sort=False).indices.items()}
+    level_reasons, study_reasons = quarantine_reasons(data.cache.path)
+    files = {} if study_table is None else {r.study_id: (site_dir / r.ct, site_dir / r.labels) for r in study_table.itertuples()}
+    out = []
+    for sid in list(study_ids) if study_ids else list(by_study):
+        rows = by_study.get(sid, np.zeros(0, dtype=int))
+        ct, labels = files.get(sid, (None, None))
+        present = set(table["level"].iloc[rows])
+        excluded = {lv: level_reasons.get(sid, {}).get(lv, "not in the prepared cache") for lv in LEVELS
+                    if lv not in present and len(rows)}
+        problem = "" if len(rows) else study_reasons.get(sid, "study not prepared: run osteo-prepare for this site")
+        scanner = str(table["scanner"].iloc[rows[0]]) if len(rows) and pd.notna(table["scanner"].iloc[rows[0]]) else ""
+        out.append(StudyInput(sid, data.cache, rows, excluded, scanner, "prepared", ct, labels, problem))
+    return out
+
+
+def _feature_flags(z: np.ndarray, names: Sequence[str], predict_cfg) -> list[str]:
+    """Flag a vertebra whose texture features sit far outside the training distribution."""
+    if not np.isfinite(z).all():
+        return ["texture features not computable"]
+    extreme = np.abs(z) > float(predict_cfg.ood_feature_z)
+    if extreme.mean() < float(predict_cfg.ood_feature_fraction):
+        return []
+    worst = names[int(np.argmax(np.abs(z)))]
+    return [f"texture unlike training: {int(extreme.sum())}/{len(z)} features beyond "
+            f"{float(predict_cfg.ood_feature_z):g} SD (e.g. {worst})"]
+
+
+def _level_flags(row: pd.Series, features: np.ndarray, names: Sequence[str], ref: Reference, predict_cfg) -> list[str]:
+    flags = []
+    if ref.features is not None:
+        flags += _feature_flags((np.asarray(features, np.float64) - ref.features[0]) / ref.features[1], names, predict_cfg)
+    if ref.hu_range is not None and not ref.hu_range[0] <= row["hu_mean"] <= ref.hu_range[1]:
+        flags.append(f"HU {row['hu_mean']:.0f} outside the site's training range "
+                     f"{ref.hu_range[0]:.0f}..{ref.hu_range[1]:.0f}")
+    return flags
+
+
+def _t_interval(interval: tuple[float, float] | None, manufacturer: str) -> tuple[float, float]:
+    if interval is None:
+        return float("nan"), float("nan")
+    return float(bmdlib.t_score(interval[0], manufacturer)), float(bmdlib.t_score(interval[1], manufacturer))
+
+
+def _patient(levels: list[LevelResult], manufacturer: str, ref: Reference) -> PatientResult:
+    used = [lv for lv in levels if lv.evaluable]
+    pat_bmd = bmdlib.patient_bmd([lv.bmd for lv in used])
+    res = PatientResult(evaluable=bool(np.isfinite(pat_bmd)), levels_used=[lv.level for lv in used])
+    if res.evaluable:
+        res.bmd = pat_bmd
+        res.t_score = float(bmdlib.t_score(pat_bmd, manufacturer))
+        res.category = bmdlib.category_name(int(bmdlib.category_from_t(res.t_score)))
+        res.t_low, res.t_high = _t_interval(ref.interval(pat_bmd, patient=True), manufacturer)
+        res.interval_note = ref.interval_note()
+    else:
+        names = ", ".join(res.levels_used) or "none"
+        res.reason = (f"not evaluable: {len(used)} evaluable level(s) ({names}); ISCD requires at least "
+                      f"{MIN_LEVELS_FOR_DIAGNOSIS} of L1-L4")
+    l1 = next((lv for lv in levels if lv.level == "L1"), None)
+    if l1 is not None and np.isfinite(l1.hu_mean):
+        res.l1_hu = l1.hu_mean
+        res.l1_hu_rule = HU_RULE_NAMES[int(hu_category(np.array([l1.hu_mean]))[0])]
+        res.l1_totalseg_flag = ("osteoporosis (L1 median < 90.25 HU)" if l1.hu_median < TOTALSEG_OSTEOPOROSIS_HU
+                                else "no flag (L1 median >= 90.25 HU)")
+    else:
+        res.l1_hu_rule = res.l1_totalseg_flag = "L1 not evaluable"
+    return res
+
+
+def _study_flags(study: StudyInput, ref: Reference, levels: list[LevelResult]) -> list[str]:
+    flags = []
+    if study.scanner and ref.scanners and study.scanner not in ref.scanners:
+        flags.append(f"scanner {study.scanner!r} not seen in this site's training data")
+    flags += sorted({f"{lv.level}: {f}" for lv in levels for f in lv.flags})
+    return flags
+
+
+def screen(model: OsteoNet, studies: Iterable[StudyInput], ref: Reference, predict_cfg, device: str) -> list[StudyReport]:
+    """Screening report values of each study (one predict call per cache)."""
+    studies = list(studies)
+    manufacturer = model.manufacturer
+    preds: dict[int, dict[int, dict[str, float]]] = {}
+    for cache_id, group in _by_cache(studies).items():
+        cache = group[0].cache
+        rows = np.concatenate([s.rows for s in group]).astype(int)
+        pred = predict(model, SiteData(cache, {}, manufacturer), rows, device)
+        preds[cache_id] = {int(r): {k: pred[k][i] for k in ("sbmd", "bmd", "t", "p")} for i, r in enumerate(rows)}
+    reports = []
+    for study in studies:
+        table, names = study.cache.table, study.cache.feature_names
+        by_level: dict[str, LevelResult] = {}
+        for r in study.rows:
+            row, p = table.iloc[int(r)], preds[id(study.cache)][int(r)]
+            bmd = float(p["bmd"])
+            t_low, t_high = _t_interval(ref.interval(bmd, patient=False), manufacturer)
+            by_level[row["level"]] = LevelResult(
+                row["level"], True, hu_mean=float(row["hu_mean"]), hu_median=float(row["hu_median"]),
+                sbmd=float(p["sbmd"]), bmd=bmd, t_score=float(p["t"]), t_low=t_low, t_high=t_high,
+                category=bmdlib.category_name(int(bmdlib.category_from_t(float(p["t"])))),
+                p_osteoporosis=float(p["p"][OSTEOPOROSIS]), flags=_level_flags(row, study.cache.features[int(r)], names, ref, predict_cfg))
+        reason = study.problem or "not evaluated"
+        levels = [by_level.get(lv) or LevelResult(lv, False, reason=study.excluded.get(lv, reason)) for lv in LEVELS]
+        reports.append(StudyReport(study.study_id, study.source, study.scanner, manufacturer, levels,
+                                   _patient(levels, manufacturer, ref), _study_flags(study, ref, levels)))
+    return reports
+
+
+def _by_cache(studies: list[StudyInput]) -> dict[int, list[StudyInput]]:
+    groups: dict[int, list[StudyInput]] = defaultdict(list)
+    for s in studies:
+        if len(s.rows):
+            groups[id(s.cache)].append(s)
+    return groups
+
+
+def new_ct_cache(study_id: str, crops: list, features: np.ndarray, feature_names: list[str], scanner: str) -> SiteCache:
+    """An in-memory cache of one new CT's crops (``crops.VertebraCrop``), so that it is predicted exactly
+    as a prepared study is."""
+    rows = [{c: np.nan for c in INDEX_COLUMNS} | {
+        "study_id": study_id, "patient_id": "", "level": c.level, "level_idx": LEVELS.index(c.level), "labeled": False,
+        "scanner": scanner, "hu_mean": c.hu_mean, "hu_median": c.hu_median, "hu_std": c.hu_std,
+        "body_volume_ml": c.body_volume_ml, "category": -1, "sex": ""} for c in crops]
+    table = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
+    size = crops[0].crop.shape if crops else (1, 1, 1)
+    stack = (lambda name, dtype: np.stack([getattr(c, name) for c in crops]) if crops else np.zeros((0, *size), dtype))
+    return SiteCache(Path(study_id), table, stack("crop", np.int16), stack("mask", np.uint8),
+                     np.asarray(features, np.float32).reshape(len(crops), len(feature_names)), list(feature_names),
+                     {"site": "new"})

@@ -1,0 +1,304 @@
+"""osteo-predict: the screening report (numbers equal osteo-eval's, exclusions, refusals, files, HTML)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cache_factory import FEATURE_NAMES, make_site_cache
+from conftest import LEVEL_Z0
+from model_helpers import TINY
+from osteo_model.central import build_site_models, checkpoint_payload
+from osteo_model.checkpoints import save_model_state
+from osteo_model.cli.predict import main as predict_main
+from osteo_model.config import compose
+from osteo_model.constants import LEVELS, MIN_LEVELS_FOR_DIAGNOSIS
+from osteo_model.crops import crop_spacing_mm
+from osteo_model.errors import ConfigError
+from osteo_model.evaluate import evaluate_checkpoint
+from osteo_model.central import load_sites
+from osteo_model.predict import run_predict
+from osteo_model.prepare import prepare_site
+from osteo_model.radiomics_features import extractor_for, params_path
+from osteo_model.screening import Reference, StudyInput, screen
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "totalseg_example"
+
+
+def cfg_for(root: Path, site: str, *extra: str):
+    return compose([f"paths.root={root}", f"site.name={site}", "device=cpu", "radiomics.n_jobs=1", "predict.n_jobs=1",
+                    "eval.plots=false", *TINY, *extra])
+
+
+def save_model(path: Path, cfg, sites: dict[str, str], names: list[str], crop: dict | None, seed: int = 0) -> Path:
+    """An untrained but non-degenerate model file (central checkpoint format): random local residuals."""
+    models = build_site_models(cfg, len(names), sites)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in models.values():
+            for name, p in m.named_parameters():
+                if name.startswith(("local_expert.", "calibration.", "heads.")):
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return save_model_state(path, checkpoint_payload(models, cfg, names, crop))
+
+
+def real_names(cfg) -> list[str]:
+    return extractor_for(str(params_path(cfg.radiomics)), crop_spacing_mm(cfg.crop)).names
+
+
+def crop_of(cfg) -> dict:
+    return {k: float(cfg.crop[k]) for k in ("size", "fov_mm", "trabecular_erosion_mm")}
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def read_report(out: Path) -> tuple[pd.DataFrame, dict]:
+    return pd.read_csv(out / "report.csv", dtype={"study_id": str}), json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("site_in_model", [True, False], ids=["own-site", "new-site"])
+def test_predictions_equal_osteo_eval(tmp_path, site_in_model):
+    cfg = cfg_for(tmp_path, "site_u", "predict.min_val_patients=1")
+    make_site_cache(tmp_path / "data/cache/site_u", site="site_u", n_patients=5, labeled_frac=0.0, size=16)
+    sites = {"site_u": "hologic"} if site_in_model else {"site_a": "ge_lunar"}
+    model = save_model(tmp_path / "m.pt", cfg, sites, FEATURE_NAMES, None)
+    from osteo_model.checkpoints import load_model_state
+
+    evaluate_checkpoint(load_model_state(model), cfg, load_sites(cfg, ["site_u"]), "test", tmp_path / "eval", "m")
+    ev = pd.read_csv(tmp_path / "eval/predictions_m_site_u.csv", dtype={"study_id": str})
+    out = tmp_path / "report"
+    run_predict(cfg, model, out_dir=out, progress=False)
+    rep, js = read_report(out)
+    levels = rep[rep["level"] != "patient"].merge(ev, on=["study_id", "level"], validate="one_to_one")
+    assert len(levels) == len(ev) == 20
+    np.testing.assert_allclose(levels["bmd"], levels["bmd_pred"], rtol=1e-5)
+    np.testing.assert_allclose(levels["sbmd"], levels["sbmd_pred"], rtol=1e-5)
+    np.testing.assert_allclose(levels["t_score"], levels["t_pred"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(levels["p_osteoporosis_x"], levels["p_osteoporosis_y"], rtol=1e-5)  # report, eval
+    assert (levels["category"] == levels["category_pred"]).all()
+    assert js["model"]["local_part"].startswith("site_u" if site_in_model else "shared weights only")
+    # Patient row = mean of the four levels' BMD (ISCD), T-score on the site's (Hologic) reference.
+    first = rep[rep["study_id"] == "site_u-s000"]
+    patient = first[first["level"] == "patient"].iloc[0]
+    assert patient["bmd"] == pytest.approx(first[first["level"] != "patient"]["bmd"].mean(), rel=1e-6)
+    # No DXA at this site: no interval, and the report says why (no validation patients).
+    assert np.isnan(patient["t_low"]) and "no validation patients" in patient["interval_note"]
+    # The site folder does not exist: numbers without an image, and the report says so.
+    assert all(s["image_note"] for s in js["studies"])
+
+
+def test_interval_from_validation_residuals(tmp_path):
+    cfg = cfg_for(tmp_path, "site_a", "predict.min_val_patients=2", "predict.interval_coverage=0.8")
+    make_site_cache(tmp_path / "data/cache/site_a", site="site_a", n_patients=24, size=16)
+    model = save_model(tmp_path / "m.pt", cfg, {"site_a": "hologic"}, FEATURE_NAMES, None)
+    out = tmp_path / "report"
+    run_predict(cfg, model, study_ids=["site_a-s000"], out_dir=out, progress=False)
+    rep, js = read_report(out)
+    from osteo_model.central import models_from_checkpoint
+    from osteo_model.checkpoints import load_model_state
+    from osteo_model.dataset import load_site_data
+    from osteo_model.metrics import patient_level
+    from osteo_model.training import predict
+
+    data = load_site_data(tmp_path / "data/cache/site_a", cfg)
+    net = models_from_checkpoint(load_model_state(model), cfg)["site_a"]
+    val = data.cache.table.iloc[data.splits["val"]]
+    pat = patient_level(predict(net, data, data.splits["val"], "cpu")["bmd"], val)
+    lo, hi = np.quantile(pat["pred"] - pat["true"], [0.1, 0.9])
+    patient = rep[rep["level"] == "patient"].iloc[0]
+    from osteo_model.bmd import t_score
+
+    assert patient["t_low"] == pytest.approx(t_score(patient["bmd"] - hi, "hologic"), rel=1e-6)
+    assert patient["t_high"] == pytest.approx(t_score(patient["bmd"] - lo, "hologic"), rel=1e-6)
+    assert f"{val['patient_id'].nunique()} validation patients" in patient["interval_note"]
+    # Too few validation patients for the setting: no interval, and why.
+    cfg_strict = cfg_for(tmp_path, "site_a", "predict.min_val_patients=99")
+    run_predict(cfg_strict, model, study_ids=["site_a-s000"], out_dir=tmp_path / "strict", progress=False)
+    strict, _ = read_report(tmp_path / "strict")
+    assert strict["t_low"].isna().all() and "need 99" in strict[strict["level"] == "patient"].iloc[0]["interval_note"]
+
+
+def test_out_of_distribution_flags(tmp_path):
+    make_site_cache(tmp_path / "c", site="s", n_patients=2, labeled_frac=0.0, size=16)
+    from osteo_model.cache import SiteCache
+
+    cache = SiteCache.open(tmp_path / "c")
+    cfg = cfg_for(tmp_path, "s")
+    model = build_site_models(cfg, len(FEATURE_NAMES), {"s": "hologic"})["s"]
+    feats = np.asarray(cache.features, np.float64)
+    ref = Reference(np.zeros(0), np.zeros(0), 0, frozenset({"Known CT"}), (0.0, 1.0),
+                    (feats.mean(0), np.full(feats.shape[1], 1e-3)), 0.9, 5)
+    study = StudyInput("x", cache, np.arange(4), {}, scanner="Other CT")
+    (report,) = screen(model, [study], ref, cfg.predict, "cpu")
+    assert any("scanner 'Other CT' not seen" in f for f in report.flags)
+    assert all(any("outside the site's training range" in f for f in lv.flags) for lv in report.levels)
+    assert all(any("texture unlike training" in f for f in lv.flags) for lv in report.levels)
+
+
+def _phantom_study(tmp_path: Path, spine_phantom, name: str, drop_l4: bool, truncate_l1: bool, soft_l2: bool):
+    ct, labels = spine_phantom(levels=("L1", "L2", "L3") if drop_l4 else LEVELS)
+    ct_arr, lab_arr = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(labels)
+    if soft_l2:  # a label on soft tissue: the mask cannot be a vertebra
+        z = slice(LEVEL_Z0["L2"], LEVEL_Z0["L2"] + 10)
+        ct_arr[z][lab_arr[z] > 0] = 40
+    if truncate_l1:  # the scan ends inside L1
+        ct_arr, lab_arr = ct_arr[: LEVEL_Z0["L1"] + 5], lab_arr[: LEVEL_Z0["L1"] + 5]
+    paths = []
+    for arr, kind in ((ct_arr, "ct"), (lab_arr, "seg")):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(ct.GetSpacing())
+        img.SetOrigin(ct.GetOrigin())  # cutting the top slices keeps the origin
+        paths.append(tmp_path / f"{name}_{kind}.nii.gz")
+        sitk.WriteImage(img, str(paths[-1]))
+    return paths
+
+
+def test_new_ct_exclusions_and_patient_summary(tmp_path, spine_phantom):
+    cfg = cfg_for(tmp_path, "site_n")
+    model = save_model(tmp_path / "m.pt", cfg, {"site_n": "hologic"}, real_names(cfg), crop_of(cfg))
+    bad = _phantom_study(tmp_path, spine_phantom, "bad", drop_l4=True, truncate_l1=True, soft_l2=True)
+    ok = _phantom_study(tmp_path, spine_phantom, "ok", drop_l4=True, truncate_l1=False, soft_l2=False)
+    out = tmp_path / "report"
+    run_predict(cfg, model, new_cts=[tuple(bad), tuple(ok), (tmp_path / "nothing.nii.gz", bad[1])], out_dir=out,
+                progress=False)
+    rep, js = read_report(out)
+    by = {(r.study_id, r.level): r for r in rep.itertuples()}
+    assert "truncated" in by["bad_ct", "L1"].reason
+    assert "implausible" in by["bad_ct", "L2"].reason and "not bone" in by["bad_ct", "L2"].reason
+    assert "missing" in by["bad_ct", "L4"].reason
+    assert by["bad_ct", "L3"].evaluable and np.isfinite(by["bad_ct", "L3"].bmd)
+    bad_patient = by["bad_ct", "patient"]
+    assert not bad_patient.evaluable and np.isnan(bad_patient.bmd)
+    assert "not evaluable: 1 evaluable level(s) (L3)" in bad_patient.reason and f"at least {MIN_LEVELS_FOR_DIAGNOSIS}" in bad_patient.reason
+    # Only L4 missing: the patient value is the mean of L1-L3, and the L1-HU rule is given beside it.
+    assert [by["ok_ct", lv].evaluable for lv in LEVELS] == [True, True, True, False]
+    assert by["ok_ct", "patient"].bmd == pytest.approx(np.mean([by["ok_ct", lv].bmd for lv in ("L1", "L2", "L3")]), rel=1e-6)
+    assert by["ok_ct", "patient"].l1_hu_rule.startswith(("normal", "osteopenia", "osteoporosis"))
+    assert "L1 not evaluable" in by["bad_ct", "patient"].l1_hu_rule
+    # A CT that cannot be read is recorded with the reason, the batch carries on.
+    assert "not found" in by["nothing", "L1"].reason
+    assert {s["study_id"] for s in js["studies"]} == {"bad_ct", "ok_ct", "nothing"}
+    assert all((out / s["image"]).stat().st_size > 10_000 for s in js["studies"])
+
+
+@pytest.mark.parametrize("what", ["crop", "features"])
+def test_model_with_other_settings_is_refused(tmp_path, capsys, what):
+    cfg = cfg_for(tmp_path, "site_a")
+    make_site_cache(tmp_path / "data/cache/site_a", site="site_a", n_patients=2, size=16)
+    names = FEATURE_NAMES if what == "crop" else [*FEATURE_NAMES[:-1], "original_glcm_Other"]
+    crop = {"size": 32.0, "fov_mm": 48.0, "trabecular_erosion_mm": 3.0} if what == "crop" else None
+    model = save_model(tmp_path / "m.pt", cfg, {"site_a": "hologic"}, names, crop)
+    with pytest.raises(ConfigError, match="crop" if what == "crop" else "feature set"):
+        run_predict(cfg, model, out_dir=tmp_path / "r", progress=False)
+    code = predict_main(["--site", "site_a", "--model", str(model), "--out", str(tmp_path / "r2"), "--no-progress",
+                         f"paths.root={tmp_path}", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error:") and "\n" not in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()
+
+
+class _Page(HTMLParser):
+    """Checks nesting while it collects cards and image sources."""
+
+    VOID = {"meta", "img", "br", "hr", "input", "link"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.cards: list[dict[str, str]] = []
+        self.images: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section" and "card" in a.get("class", ""):
+            self.cards.append(a)
+        if tag == "img":
+            self.images.append(a["src"])
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unbalanced </{tag}>")
+
+
+def test_prepared_site_report_files_and_html(tmp_path, make_site, prepare_cfg):
+    site = make_site(n_labeled=2, n_unlabeled=1)
+    # Study s002 has no L4: its level says why (from osteo-prepare's quarantine.csv).
+    labels = sitk.ReadImage(str(site / "labels/s002.nii.gz"))
+    arr = sitk.GetArrayFromImage(labels)
+    arr[arr == 28] = 0
+    out_labels = sitk.GetImageFromArray(arr)
+    out_labels.CopyInformation(labels)
+    sitk.WriteImage(out_labels, str(site / "labels/s002.nii.gz"))
+    pcfg = prepare_cfg(site)
+    prepare_site(pcfg, progress=False)
+    cfg = cfg_for(tmp_path, site.name, f"site.dir={site}", f"site.cache_dir={pcfg.site.cache_dir}")
+    model = save_model(tmp_path / "model.pt", cfg, {site.name: "hologic"}, real_names(cfg), crop_of(cfg))
+    # The CT of s001 vanished after preparation: numbers still, image unavailable.
+    (site / "ct/s001.nii.gz").unlink()
+    before = files_under(tmp_path)
+    out = tmp_path / "out" / "report"
+    code = predict_main(["--site", site.name, "--model", str(model), "--out", str(out), "--no-progress",
+                         f"paths.root={tmp_path}", f"site.dir={site}", f"site.cache_dir={pcfg.site.cache_dir}",
+                         "radiomics.n_jobs=1", *TINY])
+    assert code == 0
+    written = files_under(tmp_path) - before
+    assert written and all(out in p.parents for p in written)  # nothing outside the output folder
+    rep, js = read_report(out)
+    assert json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert len(rep) == 3 * 5 and js["use"].lower().startswith("research use only")
+    assert js["model"]["kind"] == "central" and js["model"]["run_id"]
+    row = rep[(rep["study_id"] == "s002") & (rep["level"] == "L4")].iloc[0]
+    assert not row["evaluable"] and "missing" in row["reason"]
+    notes = {s["study_id"]: s["image_note"] for s in js["studies"]}
+    assert "unreadable" in notes["s001"] or "not found" in notes["s001"]
+    assert notes["s000"] == "" and notes["s002"] == ""
+    ids = set(rep["study_id"])
+    assert not any(pid in (out / f).read_text() for pid in ("p000", "p001", "p002")
+                   for f in ("report.csv", "report.json", "index.html"))  # no patient ids added
+    html = (out / "index.html").read_text()
+    page = _Page()
+    page.feed(html)
+    page.close()
+    assert not page.errors and not page.stack
+    assert sorted(c["data-study"] for c in page.cards) == sorted(ids)
+    assert len(page.images) == 3 and all((out / src).is_file() for src in page.images)
+    ts = [float(c["data-t"]) for c in page.cards if c["data-t"] != "NaN"]
+    assert ts == sorted(ts)  # lowest T first
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser:  # a real browser, where the machine has one
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--dump-dom", (out / "index.html").as_uri()],
+                             capture_output=True, text=True, timeout=60).stdout
+        assert dom.count('class="card"') == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL / "ct.nii.gz").is_file(), reason="../shared/data/real not present")
+def test_real_example_gets_a_complete_report(tmp_path):
+    cfg = cfg_for(tmp_path, "real", "site.label_preset=totalseg_total")
+    model = save_model(tmp_path / "m.pt", cfg, {"real": "hologic"}, real_names(cfg), crop_of(cfg))
+    out = tmp_path / "report"
+    run_predict(cfg, model, new_cts=[(REAL / "ct.nii.gz", REAL / "seg_total.nii.gz")], out_dir=out, progress=False)
+    rep, js = read_report(out)
+    spine = json.loads((REAL / "spine_report.json").read_text())["results"]
+    (study,) = js["studies"]
+    assert study["study_id"] == "ct" and study["image"] and not study["image_note"]
+    assert (out / study["image"]).stat().st_size > 50_000
+    for lv in study["levels"]:
+        assert lv["evaluable"] and np.isfinite(lv["bmd"]) and 0 <= lv["p_osteoporosis"] <= 1
+        assert abs(lv["hu_median"] - spine[f"vertebrae_{lv['level']}_intensity_median"]) < 20
+    p = study["patient"]
+    assert p["evaluable"] and p["levels_used"] == list(LEVELS) and p["category"] in ("normal", "osteopenia", "osteoporosis")
+    assert p["l1_hu_rule"] and p["l1_totalseg_flag"] and "no validation patients" in p["interval_note"]
