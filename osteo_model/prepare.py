@@ -11,8 +11,13 @@
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
+import signal
+import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,7 +33,7 @@ from osteo_model.atomic import atomic_file
 from osteo_model.cache import INDEX_COLUMNS, write_site_cache
 from osteo_model.constants import LEVELS
 from osteo_model.crops import LevelExclusion, VertebraCrop, check_crop_cfg, crop_levels, crop_spacing_mm
-from osteo_model.errors import InputError
+from osteo_model.errors import ConfigError, InputError
 from osteo_model.labels import label_map_from_cfg
 from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED, Problem, write_quarantine_csv
 from osteo_model.radiomics_features import extractor_for, n_workers, params_digest, params_path
@@ -184,12 +189,29 @@ def featurise_study(ct, label_arr: np.ndarray, label_map: dict[str, int], crop_c
     return [crops[i] for i in kept], features[kept], excluded
 
 
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal the kernel sends this process when its parent dies (Linux)."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a worker never outlives osteo-prepare.
+
+    A killed parent (SIGKILL, SIGTERM, OOM) cannot stop its pool, and orphaned workers would compute on
+    and then block forever writing results to a pipe nobody reads. On Linux the kernel kills the worker
+    with its parent; the parent-pid check covers a parent that died before that was armed.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _run(tasks: list[StudyTask], n_jobs: int) -> Iterator[tuple[StudyTask, tuple[Path | None, str] | None]]:
     """(task, failure) in completion order: in this process for one job, else in a process pool."""
     if n_jobs == 1 or len(tasks) < 2:
         yield from ((t, prepare_study(t)) for t in tasks)
         return
-    with ProcessPoolExecutor(min(n_jobs, len(tasks))) as pool:
+    with ProcessPoolExecutor(min(n_jobs, len(tasks)), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(prepare_study, t): t for t in tasks}
         for future in as_completed(futures):
             yield futures[future], future.result()
@@ -218,6 +240,7 @@ def _load_entry(path: Path) -> dict[str, Any]:
 def prepare_site(cfg: DictConfig, progress: bool = True) -> Summary:
     """Prepare ``cfg.site`` into ``cfg.site.cache_dir``; return the summary (also printed)."""
     run = _SiteRun(cfg, progress)
+    run.check_writable()
     valid, dxa_table = run.validate()
     failed = run.prepare(valid)
     parts = run.collect([(s, k) for s, k in valid if s.study_id not in failed])
@@ -247,6 +270,22 @@ class _SiteRun:
                                     "radiomics": params_digest(cfg.radiomics), "labels": self.label_map}, sort_keys=True)
         self.summary = Summary()
         self.pairings: dict[str, dxa.Pairing] = {}
+
+    def check_writable(self) -> None:
+        """One clear error before any work when the cache (or its parent, which holds the consolidation's
+        temporary folder) cannot be written; a killed earlier run's temporary entries are removed."""
+        for folder in (self.entries_dir, self.cache_dir.parent):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as exc:
+                raise ConfigError(folder, f"cache folder is not writable ({exc.strerror}); "
+                                          "choose another site.cache_dir or fix its permissions") from None
+        for tmp in self.entries_dir.glob(".*.npz.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     def report(self, problem: Problem) -> None:
         self.summary.problems.append(problem)
@@ -315,6 +354,16 @@ class _SiteRun:
             parts.append(entry)
             self.summary.unlabeled_studies += self.pairings[study.study_id].dxa is None
         return parts
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def _consolidate(cache_dir: Path, cfg: DictConfig, parts: list[dict], feature_names: list[str],

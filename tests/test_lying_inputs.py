@@ -1,6 +1,13 @@
 """Inputs that lie (issue 11 §6): each is quarantined with a one-line reason, never read as numbers."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import LEVEL_Z0, SHAPE_ZYX
 from osteo_model.cache import SiteCache
+from osteo_model.cli.prepare import main as prepare_main
 from osteo_model.constants import LEVELS
 from osteo_model.crops import LevelExclusion, VertebraCrop, crop_levels
 from osteo_model.ctio import read_geometry, read_image, read_study
@@ -201,3 +209,100 @@ def test_site_with_spreadsheet_tables_and_no_dxa_table(make_site, prepare_cfg):
         ("studies.csv line 5", "studies.csv", "quarantined"), ("dxa.csv", "dxa.csv", "unlabeled")]
     assert not q["case"].str.startswith("p").any()  # never a patient id where a study id belongs
     assert list(SiteCache.open(cfg.site.cache_dir).table["study_id"].unique()) == ["s000", "s001"]
+
+
+# --- Whole sites ---------------------------------------------------------------------------------------
+
+def test_lying_studies_are_quarantined_the_good_one_prepared(make_site, prepare_cfg):
+    site = make_site(n_labeled=5, n_unlabeled=0)
+    ct, labels = (sitk.ReadImage(str(site / f"{kind}/s000.nii.gz")) for kind in ("ct", "labels"))
+    write(sitk.JoinSeries([ct, ct]), site / "ct/s000.nii.gz")                 # 4-D
+    write(labels[:, :, 30], site / "labels/s001.nii.gz")                     # 2-D
+    arr = sitk.GetArrayFromImage(ct).astype(np.float32)
+    arr[40, 10, 10] = np.nan
+    write(image_like(arr, ct), site / "ct/s002.nii.gz")                      # NaN
+    raw = np.pad(sitk.GetArrayFromImage(ct) + 1024, ((0, 0), (4, 4), (4, 4)), constant_values=-2000)
+    lab = np.pad(sitk.GetArrayFromImage(labels), ((0, 0), (4, 4), (4, 4)))
+    for kind, volume in (("ct", raw.astype(np.int16)), ("labels", lab)):
+        write(sitk.GetImageFromArray(volume), site / f"{kind}/s003.nii.gz")  # raw stored values, padded
+    cfg = prepare_cfg(site)
+    summary = prepare_site(cfg, progress=False)
+    assert (summary.prepared, summary.quarantined) == (1, 4)
+    reasons = quarantine(cfg).set_index("case")["reason"].to_dict()
+    assert reasons["s000"] == "4-D image (36x32x60x2); expected one 3-D volume"
+    assert reasons["s001"] == "2-D image (36x32); expected one 3-D volume"
+    assert reasons["s002"].startswith("1 voxel(s) are NaN or infinite")
+    assert reasons["s003"].startswith("CT not in Hounsfield units: the tissue inside the body has median 10")
+    assert list(SiteCache.open(cfg.site.cache_dir).table["study_id"].unique()) == ["s004"]
+
+
+def test_unwritable_cache_folder_is_one_clear_error(make_site, tmp_path, capsys):
+    site = make_site(n_labeled=1, n_unlabeled=0)
+    blocked = site / "studies.csv" / "cache"  # a "folder" inside a file: no user, root included, can write there
+    rc = prepare_main([f"site.dir={site}", f"site.cache_dir={blocked}", "radiomics.n_jobs=1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {blocked}/entries: cache folder is not writable (Not a directory)")
+    assert sorted(p.name for p in site.iterdir()) == ["ct", "dxa.csv", "labels", "studies.csv"]
+    if os.geteuid() != 0:  # permissions do not stop root
+        readonly = tmp_path / "ro"
+        readonly.mkdir(mode=0o500)
+        rc = prepare_main([f"site.dir={site}", f"site.cache_dir={readonly / 'cache'}", "--no-progress"])
+        assert rc == 1 and "cache folder is not writable (Permission denied)" in capsys.readouterr().err
+        assert list(readonly.iterdir()) == []
+
+
+# --- osteo-prepare's process pool ----------------------------------------------------------------------
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_prepare_leaves_no_worker_and_resumes_from_cache(make_site, tmp_path, capsys, sig):
+    site = make_site(n_labeled=16, n_unlabeled=0)
+    cache = tmp_path / "cache"
+    args = [f"site.dir={site}", f"site.cache_dir={cache}", "radiomics.n_jobs=2", "--no-progress"]
+    main = subprocess.Popen([sys.executable, "-m", "osteo_model.cli.prepare", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not list((cache / "entries").glob("*.npz")) and time.monotonic() < deadline and main.poll() is None:
+            time.sleep(0.02)
+        workers = _children(main.pid)
+        assert main.poll() is None and workers, "osteo-prepare ended before it could be killed mid-run"
+        main.send_signal(sig)
+        main.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if _running(pid)], "pool workers outlived osteo-prepare"
+    finally:
+        for pid in [main.pid, *workers]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert prepare_main(args) == 0
+    out = capsys.readouterr().out
+    done = int(out.split("prepared ")[1].split(",")[0])
+    cached = int(out.split("skipped as cached ")[1].split(",")[0])
+    assert done >= 1 and cached >= 1 and done + cached == 16 and "quarantined 0 studies" in out
+    assert len(SiteCache.open(cache)) == 64
