@@ -8,14 +8,14 @@ expert, calibration head, optimiser and privacy accountant in the site's state f
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 from pathlib import Path
 
 from osteo_model.cache import SiteCache
+from osteo_model.cli._common import run_cli
 from osteo_model.config import compose_site
 from osteo_model.errors import OsteoError
 from osteofl import runtime
+from osteofl.client.probe import superlink_mismatch
 from osteofl.protocol import site_key_paths
 
 
@@ -48,28 +48,40 @@ def supernode_command(args: argparse.Namespace, cfg) -> list[str]:
     return cmd + ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
-    try:
-        cfg = compose_site([*overrides, f"site.name={args.site}"])
-        cache = SiteCache.open(cfg.site.cache_dir)  # fail early, in one line, if the site is not prepared
-        cmd = supernode_command(args, cfg)
-    except OsteoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Check the site and the SuperLink's transport, then run the SuperNode until it ends or we are stopped."""
+    cfg = compose_site([*overrides, f"site.name={args.site}"])
+    cache = SiteCache.open(cfg.site.cache_dir)  # fail early, in one line, if the site is not prepared
+    cmd = supernode_command(args, cfg)
+    address = cmd[cmd.index("--superlink") + 1]
+    ca = None if args.insecure else Path(cmd[cmd.index("--root-certificates") + 1])
+    mismatch = superlink_mismatch(address, ca)
+    if mismatch:
+        raise OsteoError(None, mismatch)
     Path(cfg.site.state_dir).mkdir(parents=True, exist_ok=True)
     env = runtime.flower_env(Path(cfg.site.state_dir) / "flwr_home", telemetry=args.telemetry)
-    print(f"osteo-client: site {args.site} ({len(cache)} vertebrae) -> {cmd[2]}; "
+    print(f"osteo-client: site {args.site} ({len(cache)} vertebrae) -> {address}; "
           f"{'INSECURE' if args.insecure else 'TLS + node authentication'}; {runtime.say_telemetry(args.telemetry)}",
           flush=True)
-    proc = runtime.start(cmd, env)
-    signal.signal(signal.SIGTERM, lambda *_: runtime.stop(proc))
+    runtime.exit_on_sigterm()
+    supernode = runtime.start(cmd, env)
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return runtime.stop(proc) or 130
+        return supernode.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        return 130
     finally:
-        runtime.stop(proc)
+        runtime.stop(supernode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    code = 0
+
+    def body() -> None:
+        nonlocal code
+        code = serve(args, overrides)
+
+    return run_cli(body) or code
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 - Environment: ``FLWR_HOME`` in a folder of ours (never the user's home), telemetry off unless the user
   opts in (a hospital deployment must not phone home by default), no runtime dependency installation
   (it would try to download packages), no update check.
-- Child processes run in their own process group, so stopping one of our commands also stops the
-  helpers Flower spawns (SuperExec, ClientApp/ServerApp processes), and nothing else.
+- Every Flower process runs below a keeper (``osteofl.keeper``) that stops it and everything it spawned
+  (SuperExec, ServerApp/ClientApp processes, detached or not) when our command exits in ANY way,
+  SIGKILL included, and within seconds when it is stopped: nothing of a run survives its command.
 """
 from __future__ import annotations
 
@@ -34,35 +35,78 @@ def say_telemetry(telemetry: bool) -> str:
             else "Flower telemetry: off (FLWR_TELEMETRY_ENABLED=0; --telemetry to opt in)")
 
 
-def start(cmd: Sequence[str], env: dict[str, str], log: IO | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in a new process group; output to ``log`` (or inherited)."""
-    return subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                            start_new_session=True)
+class Owned:
+    """A Flower command running below its keeper; ``wait``/``poll`` give the command's exit code."""
 
-
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
-    """SIGTERM the process group we started, then SIGKILL what is left after ``grace`` seconds."""
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
+    def __init__(self, cmd: Sequence[str], env: dict[str, str], log: IO | None = None,
+                 keep_fds: Sequence[int] = ()) -> None:
+        read, self._lifeline = os.pipe()  # we hold the only write end: our death is the keeper's EOF
         try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    _signal_group(proc, signal.SIGKILL)  # Flower's children (SuperExec, app processes) may outlive it
-    try:
-        return proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        return None
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "osteofl.keeper", str(read), "--", *cmd], env=env, stdout=log,
+                stderr=subprocess.STDOUT if log else None, pass_fds=(read, *keep_fds), start_new_session=True)
+        finally:
+            os.close(read)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def terminate(self) -> None:
+        """Ask the keeper to stop the whole tree (returns at once; ``stop`` waits)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self) -> None:
+        if self._lifeline >= 0:
+            os.close(self._lifeline)
+            self._lifeline = -1
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def start(cmd: Sequence[str], env: dict[str, str], log: IO | None = None, keep_fds: Sequence[int] = ()) -> Owned:
+    """Start ``cmd`` below a keeper; output to ``log`` (or inherited); ``keep_fds`` stay open in the keeper
+    (a lock that must be held until the last process of the tree is gone)."""
+    return Owned(cmd, env, log, keep_fds)
 
 
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+def stop(*owned: Owned, grace: float = 5.0) -> list[int | None]:
+    """Stop all ``owned`` trees at once (the keepers SIGTERM, then SIGKILL after 3 s); their exit codes."""
+    for o in owned:
+        o.terminate()
+    codes: list[int | None] = []
+    for o in owned:
+        try:
+            codes.append(o.wait(timeout=grace))
+        except subprocess.TimeoutExpired:  # a keeper that hangs: the lifeline's EOF still reaches it
+            o.proc.kill()
+            codes.append(None)
+        o.close()
+    return codes
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (``finally`` blocks stop the children) instead of killing us outright."""
+    def _raise(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True if ``host:port`` cannot be bound (as the SuperLink would bind it: with SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: Owned | None = None) -> bool:
     """True once ``host:port`` accepts TCP connections; False on timeout or if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,17 +11,17 @@ authenticated in open-source Flower: expose only the ``/v1/fleet`` path to hospi
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from osteo_model.cli._common import run_cli
 from osteo_model.config import compose
-from osteo_model.errors import OsteoError
+from osteo_model.errors import ConfigError, OsteoError
 from osteofl import runtime
-from osteofl.server import provision
+from osteofl.server import provision, run_lock
 from osteofl.server.checkpoint import load_latest
 
 APP_DIR = Path(__file__).parent / "flwr_app"
@@ -45,8 +45,7 @@ def absolute_overrides(overrides: list[str]) -> list[str]:
 
 def write_connection(flwr_home: Path, cfg: DictConfig, insecure: bool) -> None:
     """``$FLWR_HOME/config.toml`` with our one SuperLink connection."""
-    sl = cfg.federation.superlink
-    dial = f"127.0.0.1:{sl.port}" if str(sl.host) in ("0.0.0.0", "::") else f"{sl.host}:{sl.port}"
+    dial = f"{dial_host(cfg)}:{cfg.federation.superlink.port}"
     security = "insecure = true" if insecure else f'root-certificates = "{Path(cfg.paths.pki).resolve() / "ca.pem"}"'
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
@@ -73,60 +72,74 @@ def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
-    overrides = absolute_overrides(overrides)
+def dial_host(cfg: DictConfig) -> str:
+    """Where our own tools reach the SuperLink: loopback when it binds every interface."""
+    host = str(cfg.federation.superlink.host)
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Lock the run, start the SuperLink, register the sites, submit the run and follow it to its end."""
+    cfg = compose(overrides)
+    sites = [str(s) for s in cfg.federation.sites]
+    if not args.insecure:
+        provision.provision(cfg.paths.pki, sites, cfg.federation.superlink.san)
+    run_dir = Path(cfg.paths.outputs) / str(cfg.federation.run_name)
+    lock = run_lock.acquire(run_dir, str(cfg.federation.run_name))  # released by the kernel when all of us are gone
+    owned: list[runtime.Owned] = []
     try:
-        cfg = compose(overrides)
-        sites = [str(s) for s in cfg.federation.sites]
-        if not args.insecure:
-            provision.provision(cfg.paths.pki, sites, cfg.federation.superlink.san)
-    except OsteoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    home = Path(cfg.paths.outputs) / "superlink"
-    flwr_home = home / "flwr_home"
-    env = runtime.flower_env(flwr_home, telemetry=args.telemetry)
-    write_connection(flwr_home, cfg, args.insecure)
-    database = home / "state.db"
-    sl = cfg.federation.superlink
-    print(f"flower-server: SuperLink on {sl.host}:{sl.port} "
-          f"({'INSECURE' if args.insecure else 'TLS + SuperNode authentication'}); {runtime.say_telemetry(args.telemetry)}",
-          flush=True)
-    with open(home / "superlink.log", "ab") as log:
-        superlink = runtime.start(superlink_command(cfg, args.insecure, database), env, log)
-    try:
-        if not runtime.wait_for_port("127.0.0.1" if str(sl.host) in ("0.0.0.0", "::") else str(sl.host),
-                                     int(sl.port), 60, superlink):
-            print(f"error: {home / 'superlink.log'}: SuperLink did not start", file=sys.stderr)
-            return 3
+        home = Path(cfg.paths.outputs) / "superlink"
+        sl = cfg.federation.superlink
+        if runtime.port_in_use(str(sl.host), int(sl.port)):
+            raise ConfigError(None, f"port {sl.host}:{sl.port} is already in use (another SuperLink?): "
+                                    f"stop it or set federation.superlink.port")
+        flwr_home = home / "flwr_home"
+        env = runtime.flower_env(flwr_home, telemetry=args.telemetry)
+        write_connection(flwr_home, cfg, args.insecure)
+        database = home / "state.db"
+        print(f"flower-server: SuperLink on {sl.host}:{sl.port} "
+              f"({'INSECURE' if args.insecure else 'TLS + SuperNode authentication'}); {runtime.say_telemetry(args.telemetry)}",
+              flush=True)
+        runtime.exit_on_sigterm()
+        with open(home / "superlink.log", "ab") as log:
+            owned.append(runtime.start(superlink_command(cfg, args.insecure, database), env, log, keep_fds=[lock]))
+        if not runtime.wait_for_port(dial_host(cfg), int(sl.port), 60, owned[0]):
+            raise OsteoError(home / "superlink.log", "the SuperLink did not start")
         if not args.insecure:
             ids = provision.register_sites(cfg.paths.pki, sites, CONNECTION, env, str(database.resolve()))
             print(f"flower-server: sites registered: {', '.join(ids)}", flush=True)
         print(f"flower-server: waiting for {cfg.federation.min_available_nodes} of {len(sites)} sites; "
               f"start `osteo-client --site X` at each hospital", flush=True)
-        rc = subprocess.run(run_command(overrides, args.resume), env=env).returncode
-        run_dir = Path(cfg.paths.outputs) / str(cfg.federation.run_name)
+        owned.append(runtime.start(run_command(overrides, args.resume), env, keep_fds=[lock]))
+        rc = owned[1].wait()
         last = load_latest(run_dir / "checkpoints")
         total = int(cfg.federation.ssl_rounds) + int(cfg.federation.task_rounds)
         done = 0 if last is None else last.round
         print(f"flower-server: run ended after round {done}/{total} (flwr run exit {rc}); history and "
               f"checkpoints in {run_dir}", flush=True)
         if rc == 0 and done < total:  # `flwr run --stream` can end cleanly although the ServerApp failed
-            print(f"error: {run_dir}: the run stopped at round {done} of {total}; see the log above "
-                  f"and {home / 'superlink.log'}; `flower-server --resume` carries on", file=sys.stderr)
-            rc = 1
+            raise OsteoError(run_dir, f"the run stopped at round {done} of {total}; see the log above and "
+                                      f"{home / 'superlink.log'}; `flower-server --resume` carries on")
         if args.serve:
             print("flower-server: --serve: SuperLink keeps running; Ctrl-C to stop", flush=True)
-            superlink.wait()
+            owned[0].wait()
         return rc
-    except OsteoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         return 130
     finally:
-        runtime.stop(superlink)
+        runtime.stop(*reversed(owned))
+        os.close(lock)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    code = 0
+
+    def body() -> None:
+        nonlocal code
+        code = serve(args, absolute_overrides(overrides))
+
+    return run_cli(body) or code
 
 
 if __name__ == "__main__":

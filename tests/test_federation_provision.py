@@ -111,7 +111,7 @@ def test_client_supernode_command_uses_site_key_and_root_cert(tmp_path: Path) ->
 
 
 def test_client_cli_refuses_unprepared_site_in_one_line(tmp_path: Path, capsys) -> None:
-    assert client_cli.main(["--site", "nowhere", f"paths.root={tmp_path}"]) == 2
+    assert client_cli.main(["--site", "nowhere", f"paths.root={tmp_path}"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "nowhere" in err and "\n" not in err
 

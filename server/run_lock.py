@@ -1,0 +1,43 @@
+"""One live server per run: ``<outputs>/<run>/run.lock``.
+
+Two ServerApps on one checkpoint folder train every site twice per round and interleave their records, so
+a second ``flower-server`` (``--resume`` or not) of the same run must refuse to start. The lock is an
+``flock`` on the file, which the kernel drops when the last holder dies: no stale lock survives a crash
+and no pid can be mistaken for a recycled one. ``flower-server`` passes the descriptor to its process
+keepers, so the lock is held until the last Flower process of the run is gone, not just until
+``flower-server`` itself dies. The file's text (pid, run, start time) only names the holder.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+from osteo_model.errors import ConfigError
+
+
+def acquire(run_dir: Path, run_name: str) -> int:
+    """Lock ``run_dir`` for this process; the open descriptor (keep it open for the run's lifetime)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read(fd)
+        os.close(fd)
+        raise ConfigError(path, f"run {run_name} is still served by flower-server pid {holder.get('pid', '?')} "
+                                f"(since {holder.get('started', '?')}) or its Flower processes; stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "run": run_name,
+                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
+    return fd
+
+
+def _read(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}

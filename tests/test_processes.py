@@ -1,0 +1,180 @@
+"""Our commands own what they start and say what is wrong in one line: the process keeper (a tree with a
+detached, SIGTERM-deaf grandchild dies with its SIGKILLed owner), the run lock, the TLS probe of the
+SuperLink's port, and every entry point's answer to a malformed override."""
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from osteo_model.errors import ConfigError
+from osteofl import runtime
+from osteofl.client import cli as client_cli
+from osteofl.client.probe import superlink_mismatch
+from osteofl.keeper import descendants
+from osteofl.server import provision, run_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+# bash -> sleep (same group), a setsid'ed sleep (own session, as Flower detaches its SuperExec) and a
+# python that ignores SIGTERM (it needs the SIGKILL)
+TREE = ("sleep 600 & setsid sleep 600 & "
+        "python3 -c 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)' & wait")
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The pids that still run (a zombie awaiting its reaper does not run)."""
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(pids)
+
+
+def wait_tree(pid: int, n: int, timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(tree := descendants(pid)) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return tree
+
+
+def test_sigkilled_owner_takes_its_whole_tree_along(tmp_path: Path) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\nfrom osteofl import runtime\n"
+        f"runtime.start(['bash', '-c', {TREE!r}], dict(os.environ))\ntime.sleep(600)\n")])
+    try:
+        tree = wait_tree(owner.pid, 6)  # keeper, bash, 3 grandchildren (+ the keeper's own python)
+        assert len(alive(tree)) >= 5, tree
+        owner.kill()
+        owner.wait()
+        assert wait_gone(tree, 30) == [], "processes outlived the SIGKILLed command"
+    finally:
+        for pid in alive(descendants(owner.pid)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_stop_ends_a_tree_that_ignores_sigterm() -> None:
+    owned = runtime.start(["bash", "-c", TREE], dict(os.environ))
+    tree = wait_tree(owned.proc.pid, 4)
+    assert runtime.stop(owned) == [143]  # bash ended by SIGTERM, as a shell reports it
+    assert alive(tree) == []
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path) -> None:
+    run = tmp_path / "outputs" / "federated"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pathlib import Path\nfrom osteofl.server import run_lock\n"
+        f"run_lock.acquire(Path({str(run)!r}), 'federated'); print('locked', flush=True); time.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"run federated is still served by flower-server pid {holder.pid}"):
+            run_lock.acquire(run, "federated")
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = run_lock.acquire(run, "federated")  # the holder died: its lock is stale and taken over
+    try:
+        assert f'"pid": {os.getpid()}' in (run / "run.lock").read_text()
+    finally:
+        os.close(fd)
+
+
+def _serve(tls: ssl.SSLContext | None) -> tuple[str, socket.socket]:
+    """A one-port server on loopback that completes TLS handshakes (``tls``) or answers like plain HTTP."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    if tls is not None:
+                        tls.wrap_socket(conn, server_side=True).close()
+                    else:
+                        conn.recv(1024)
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                except (OSError, ssl.SSLError):
+                    pass
+
+    threading.Thread(target=loop, daemon=True).start()
+    return f"127.0.0.1:{srv.getsockname()[1]}", srv
+
+
+def test_probe_tells_tls_plain_and_untrusted_apart(tmp_path: Path) -> None:
+    ours, other = tmp_path / "pki", tmp_path / "other"
+    provision.make_ca(ours)
+    provision.make_server_cert(ours, ["127.0.0.1"])
+    provision.make_ca(other)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(ours / "server.pem", ours / "server.key")
+    tls_addr, tls_srv = _serve(tls)
+    plain_addr, plain_srv = _serve(None)
+    with tls_srv, plain_srv:
+        assert superlink_mismatch(tls_addr, ours / "ca.pem") is None
+        assert "speaks TLS: drop --insecure" in superlink_mismatch(tls_addr, None)
+        assert "not trusted by" in superlink_mismatch(tls_addr, other / "ca.pem")
+        assert "does not speak TLS" in superlink_mismatch(plain_addr, ours / "ca.pem")
+        assert superlink_mismatch(plain_addr, None) is None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        silent = f"127.0.0.1:{s.getsockname()[1]}"
+    assert superlink_mismatch(silent, ours / "ca.pem") is None  # nobody listens (yet): not an error
+
+
+def test_insecure_client_against_tls_server_says_so_and_exits(tmp_path: Path, capsys) -> None:
+    from federation_helpers import make_caches
+
+    make_caches(tmp_path, {"site_a": "hologic"}, n_patients=6)
+    pki = tmp_path / "pki"
+    provision.make_ca(pki)
+    provision.make_server_cert(pki, ["127.0.0.1"])
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(pki / "server.pem", pki / "server.key")
+    addr, srv = _serve(tls)
+    with srv:
+        rc = client_cli.main(["--site", "site_a", "--insecure", "--superlink", addr, f"paths.root={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("error: ") and "speaks TLS" in err and "\n" not in err
+
+
+def _entry_points() -> dict[str, str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+REQUIRED = {"osteo-client": ["--site", "site_a"], "osteo-keygen": ["--site", "site_a"]}
+
+
+@pytest.mark.parametrize("name", sorted(_entry_points()))
+def test_every_command_answers_a_malformed_override_in_one_line(name: str, tmp_path: Path, capsys,
+                                                                monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    module, func = _entry_points()[name].split(":")
+    main = getattr(importlib.import_module(module), func)
+    rc = main([*REQUIRED.get(name, []), f"paths.root={tmp_path}", "model.channels=[4,"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (name, err)
+    assert err.startswith("error: config:") and "\n" not in err and "Traceback" not in err, (name, err)
