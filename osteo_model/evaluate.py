@@ -95,9 +95,10 @@ def evaluate_checkpoint(
         report[site] = compute_metrics(pred, table, data.manufacturer)
         if site in new:
             onboarded = copy.deepcopy(models[site])
-            fit_local(onboarded, data, cfg, device, int(cfg.train.fit_local_epochs))
+            fit = fit_local(onboarded, data, cfg, device, int(cfg.train.fit_local_epochs))
             pred_on = predict(onboarded, data, rows, device)
-            report[f"{site}+onboarded"] = compute_metrics(pred_on, table, data.manufacturer)
+            report[f"{site}+onboarded"] = {**compute_metrics(pred_on, table, data.manufacturer),
+                                           "selected_epoch": fit["selected_epoch"]}  # 0: shared-only kept
             if out_dir is not None and cfg.eval.plots:
                 _plots(out_dir, f"{name}_{site}+onboarded", pred_on, table)
         else:

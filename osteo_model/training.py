@@ -22,7 +22,7 @@ from osteo_model.atomic import atomic_file
 from osteo_model.calibration import t_and_category
 from osteo_model.dataset import CropDataset, SiteData
 from osteo_model.errors import StateError
-from osteo_model.model import local_parameters, set_sbmd_prior, shared_parameters, unwrap
+from osteo_model.model import load_local, local_parameters, local_state, set_sbmd_prior, shared_parameters, unwrap
 
 PHASES = ("ssl", "task")
 
@@ -263,25 +263,52 @@ def evaluate(model: nn.Module, data: SiteData, cfg, split: str, device: str) -> 
     return metrics.compute_metrics(pred, data.cache.table.iloc[rows], data.manufacturer)
 
 
+SELECTION_METRIC = "patient_mae_bmd"
+"""What onboarding selects on: the site's own validation patients' device-BMD error (L1-L4 patient BMD,
+the quantity the diagnosis is made from)."""
+
+
+def _val_score(model: nn.Module, data: SiteData, cfg, device: str) -> float:
+    """SELECTION_METRIC on the validation split; +inf when it has no labeled patient (nothing beats it)."""
+    score = float(evaluate(model, data, cfg, "val", device).get(SELECTION_METRIC, float("nan")))
+    return score if np.isfinite(score) else float("inf")
+
+
+def _finite(score: float) -> float:
+    return score if np.isfinite(score) else float("nan")
+
+
 def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int) -> dict[str, float]:
-    """Onboard a site: train ONLY its local expert and calibration head on its labeled training split."""
+    """Onboard a site: train ONLY its local expert and calibration head on its labeled training split,
+    then keep the epoch whose parts predict the site's own validation patients best, and the shared-only
+    prediction (local parts as they came) unless a fitted epoch beats it: with a handful of labeled
+    patients fitting can make a site worse, and a site with no validation patient cannot show that it
+    does not. Returns the last epoch's training losses, ``selected_epoch`` (0 = shared-only kept) and
+    the validation score (SELECTION_METRIC) of the shared-only and of the selected parts."""
     params = local_parameters(model)
-    if not params or not len(data.splits["train"]):
-        return {"num_examples": 0.0}
-    local_ids = {id(p) for p in params}
-    frozen = [p for p in unwrap(model).parameters() if id(p) not in local_ids and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, priors=False)  # frozen groups get no step
-        result: dict[str, float] = {"num_examples": 0.0}
-        for epoch in range(int(epochs)):
-            recipe.begin("task", epoch)
-            result = train_steps(model, data, cfg, "task", recipe.optimizer, device)
-        return result
-    finally:
+    shared_only = _val_score(model, data, cfg, device)
+    result: dict[str, float] = {"num_examples": 0.0}
+    best, best_epoch, best_state = shared_only, 0, local_state(model)
+    if params and len(data.splits["train"]):
+        local_ids = {id(p) for p in params}
+        frozen = [p for p in unwrap(model).parameters() if id(p) not in local_ids and p.requires_grad]
         for p in frozen:
-            p.requires_grad_(True)
+            p.requires_grad_(False)
+        try:
+            recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, priors=False)  # frozen groups get no step
+            for epoch in range(int(epochs)):
+                recipe.begin("task", epoch)
+                result = train_steps(model, data, cfg, "task", recipe.optimizer, device)
+                score = _val_score(model, data, cfg, device)
+                if score < best:
+                    best, best_epoch = score, epoch + 1
+                    best_state = local_state(model)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+    load_local(model, best_state)
+    return {**result, "selected_epoch": float(best_epoch), f"val_{SELECTION_METRIC}_shared_only": _finite(shared_only),
+            f"val_{SELECTION_METRIC}_selected": _finite(best)}
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:

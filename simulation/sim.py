@@ -140,8 +140,9 @@ def onboard(cfg: DictConfig, site: str, shared: dict[str, Any]) -> tuple[dict, d
     patients = data.cache.table["patient_id"].astype(str).to_numpy()[rows]
     keep = np.unique(patients)[: int(fed.onboard_labeled_patients)]
     small = dataclasses.replace(data, splits={**data.splits, "train": rows[np.isin(patients, keep)]})
-    training.fit_local(model, small, cfg, device, epochs=int(fed.onboard_epochs))
-    return before, training.evaluate(model, data, cfg, str(fed.final_eval_split), device), int(len(small.splits["train"]))
+    fit = training.fit_local(model, small, cfg, device, epochs=int(fed.onboard_epochs))
+    after = {**training.evaluate(model, data, cfg, str(fed.final_eval_split), device), "selected_epoch": fit["selected_epoch"]}
+    return before, after, int(len(small.splits["train"]))
 
 
 def _fmt(v: Any) -> str:
@@ -223,6 +224,9 @@ def render(report: dict, sites: Sequence[str]) -> str:
         lines.append(f"  {name:<10} no local expert yet {_fmt(ext['before_onboarding'].get(key))}   "
                      f"after onboarding on {ext['onboarding_labeled_vertebrae']} labeled vertebrae "
                      f"{_fmt(ext['after_onboarding'].get(key))}")
+    epoch = int(ext["after_onboarding"].get("selected_epoch", 0))
+    kept = f"the fitted local parts of epoch {epoch}" if epoch else "the shared-only prediction"
+    lines.append(f"  onboarding kept {kept} (selected on the external site's own validation patients)")
     per_site = ", ".join(f"{s} {b / 1e3:.1f} kB" for s, b in sorted(p["upload_bytes_per_round"].items()))
     lines.append(f"\nupload per site per round: {per_site}; whole model would be {p['whole_model_bytes'] / 1e3:.1f} kB "
                  f"({100 * p['shared_bytes'] / p['whole_model_bytes']:.1f} % sent)")
