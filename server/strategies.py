@@ -1,16 +1,20 @@
 """Pick one of Flower's own strategies from config, and save/restore its server-side state.
 
-Nothing here aggregates: FedAvg, FedProx, FedAdam and FedTrimmedAvg are Flower's classes, built with
-``federation.strategy_args.<name>``. Only FedOpt-family strategies (FedAdam) keep state between rounds
-(the server optimiser's moments ``m_t``/``v_t``); it goes into the checkpoint so a resumed run carries on
-with the same moments.
+Nothing here aggregates: FedAvg, FedProx, FedAdam, FedTrimmedAvg and FedMedian are Flower's classes, built
+with ``federation.strategy_args.<name>``. The robust ones protect only when a round has enough updates to
+leave the extreme ones out (FedTrimmedAvg trims ``int(beta * n)`` per end, so beta=0.2 trims nothing at 3
+sites; a median of 2 is their mean): :func:`min_robust_replies` says how many, and a run configured for
+fewer sites is refused at start instead of silently averaging; a round with fewer updates leaves the global
+model as it is. Only FedOpt-family strategies (FedAdam) keep state between rounds (the server optimiser's
+moments ``m_t``/``v_t``); it goes into the checkpoint so a resumed run carries on with the same moments.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 from omegaconf import DictConfig, OmegaConf
 
 from osteo_model.errors import ConfigError
@@ -20,6 +24,7 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedtrimmedavg": FedTrimmedAvg,
+    "fedmedian": FedMedian,
 }
 _STATEFUL_ATTRS = ("m_t", "v_t")  # FedOpt's server-optimiser moments (dict[str, ndarray] | None)
 
@@ -33,7 +38,7 @@ def build_strategy(cfg: DictConfig) -> Strategy:
     given = fed.strategy_args.get(name)
     args: dict[str, Any] = dict(OmegaConf.to_container(given, resolve=True)) if given is not None else {}  # type: ignore[arg-type]
     n = int(fed.min_available_nodes)
-    return STRATEGIES[name](
+    strategy = STRATEGIES[name](
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=n,
@@ -41,6 +46,22 @@ def build_strategy(cfg: DictConfig) -> Strategy:
         min_available_nodes=n,
         **args,
     )
+    need = min_robust_replies(strategy)
+    if need > n:
+        raise ConfigError(None, f"federation.strategy={name} leaves no update out with {n} sites "
+                                f"(federation.min_available_nodes) - it needs {need}: "
+                                + ("raise strategy_args.fedtrimmedavg.beta so that int(beta * sites) >= 1, or use "
+                                   "fedmedian" if name == "fedtrimmedavg" else "use fedavg with the robust bounds"))
+    return strategy
+
+
+def min_robust_replies(strategy: Strategy) -> float:
+    """Fewest updates with which the strategy leaves at least one extreme update out (1: not a robust one)."""
+    if isinstance(strategy, FedTrimmedAvg):  # int(beta * n) >= 1 from n = ceil(1 / beta); beta = 0 never trims
+        return math.ceil(1 / strategy.beta - 1e-9) if strategy.beta > 0 else math.inf
+    if isinstance(strategy, FedMedian):
+        return 3
+    return 1
 
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:

@@ -1,0 +1,131 @@
+"""Bounds on what one registered site can do to the global model, applied before Flower's strategy sees
+the replies (pure numpy, so each bound is unit-testable).
+
+Screening (:mod:`screening`) only catches malformed and non-finite updates; a site can still send a
+finite update scaled by 1e20, a sign-flipped one, or claim a huge ``num-examples``. Here:
+
+- every update's change (update - global) is measured against the round's *lower median* change (a
+  minority cannot raise it: with 2 sites it is the smaller, with 3 the middle one) and clipped to
+  ``max_update_norm`` times it; a change larger than ``reject_update_norm`` times the global weights' own
+  norm is not training at all and is rejected;
+- aggregation weights are capped by the pool size the site reported at the handshake (or equal);
+- an aggregate that is non-finite or moved the global weights by more than ``max_global_change`` times
+  their norm is refused, so it never reaches a checkpoint.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from osteo_model.errors import ConfigError
+
+Arrays = Mapping[str, np.ndarray]
+WEIGHT_MODES = ("capped", "equal")
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    max_update_norm: float | None     # clip: multiple of the round's lower-median change (None = off)
+    reject_update_norm: float | None  # reject: multiple of the global weights' norm (None = off)
+    max_global_change: float | None   # refuse the aggregate: multiple of the global weights' norm (None = off)
+    weights: str = "capped"           # "capped" by the handshake's pool size, or "equal"
+
+    @classmethod
+    def from_cfg(cls, robust: Mapping[str, Any]) -> "RobustConfig":
+        """From ``federation.robust``; a bound that is not a positive number is a ConfigError."""
+        def bound(key: str) -> float | None:
+            value = robust.get(key)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ConfigError(None, f"federation.robust.{key}={value!r}: a positive number or null (off)")
+            return float(value)
+
+        weights = str(robust.get("weights", "capped"))
+        if weights not in WEIGHT_MODES:
+            raise ConfigError(None, f"federation.robust.weights={weights!r}; choose one of {list(WEIGHT_MODES)}")
+        return cls(bound("max_update_norm"), bound("reject_update_norm"), bound("max_global_change"), weights)
+
+
+def norm(arrays: Arrays) -> float:
+    """L2 norm over all arrays together (float64, so a 1e20-scaled float32 update does not overflow)."""
+    return math.sqrt(sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in arrays.values()))
+
+
+def change_norm(update: Arrays, base: Arrays) -> float:
+    return norm({k: np.asarray(update[k], np.float64) - np.asarray(base[k], np.float64) for k in base})
+
+
+def lower_median(values: list[float]) -> float:
+    """The median that a minority cannot raise: the lower of the two middle values."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+@dataclass
+class Bounded:
+    updates: dict[str, dict[str, np.ndarray]]  # site -> its (possibly clipped) arrays, rejected ones left out
+    clipped: list[dict[str, Any]]              # {"site", "ratio" (change / bound's reference), "bound"}
+    rejected: list[dict[str, Any]]             # {"site", "ratio" (change / global norm), "bound", "reason"}
+
+
+def bound_updates(updates: Mapping[str, Arrays], base: Arrays, cfg: RobustConfig) -> Bounded:
+    """Reject updates whose change exceeds the hard limit, then clip the rest to the median-relative bound."""
+    base_norm = norm(base)
+    changes = {site: change_norm(u, base) for site, u in updates.items()}
+    out = Bounded({}, [], [])
+    for site, change in changes.items():
+        ratio = change / base_norm if base_norm > 0 else math.inf
+        if cfg.reject_update_norm is not None and ratio > cfg.reject_update_norm:
+            out.rejected.append({"site": site, "ratio": ratio, "bound": cfg.reject_update_norm,
+                                 "reason": f"update changes the global weights by {ratio:.3g} x their norm "
+                                           f"(> federation.robust.reject_update_norm={cfg.reject_update_norm:g})"})
+        else:
+            out.updates[site] = {k: np.asarray(v) for k, v in updates[site].items()}
+    if cfg.max_update_norm is None or not out.updates:
+        return out
+    reference = lower_median([changes[s] for s in out.updates])
+    limit = cfg.max_update_norm * reference
+    for site, arrays in out.updates.items():
+        if changes[site] > limit:
+            scale = limit / changes[site]
+            out.updates[site] = {k: (base[k] + (np.asarray(v, np.float64) - base[k]) * scale).astype(v.dtype)
+                                 for k, v in arrays.items()}
+            ratio = changes[site] / reference if reference > 0 else math.inf
+            out.clipped.append({"site": site, "ratio": ratio, "bound": cfg.max_update_norm})
+    return out
+
+
+def aggregation_weights(claimed: Mapping[str, float], caps: Mapping[str, float | None], mode: str) -> dict[str, float]:
+    """Weights a site cannot inflate. ``equal``: 1 each. ``capped``: the claim, at most the pool size the
+    site reported at the handshake; a site whose size is unknown (withheld for a small cohort, or never
+    reported) gets at most the smallest known size of the round, and with no known size at all every site
+    counts once."""
+    if mode == "equal":
+        return {site: 1.0 for site in claimed}
+    known = [float(c) for s, c in caps.items() if s in claimed and _positive(c)]
+    if not known:
+        return {site: 1.0 for site in claimed}
+    floor = min(known)
+    return {site: min(float(n), float(caps[site]) if _positive(caps.get(site)) else floor)
+            for site, n in claimed.items()}
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def aggregate_problem(old: Arrays, new: Arrays, max_change: float | None) -> str | None:
+    """Why an aggregate must not replace the global weights (non-finite, or an explosion), else None."""
+    if not all(np.all(np.isfinite(v)) for v in new.values()):
+        return "aggregate is non-finite"
+    if max_change is None:
+        return None
+    base = norm(old)
+    ratio = change_norm(new, old) / base if base > 0 else math.inf
+    if ratio > max_change:
+        return (f"aggregate changes the global weights by {ratio:.3g} x their norm "
+                f"(> federation.robust.max_global_change={max_change:g})")
+    return None
