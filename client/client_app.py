@@ -12,7 +12,6 @@ Every reply also names the site in a ConfigRecord so the server can keep per-sit
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Sequence
 
@@ -21,7 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from osteo_model import model as osteo, training
+from osteo_model import checkpoints, model as osteo, training
 from osteofl import protocol
 from osteofl.protocol import ARRAYS, CONFIG, ERROR_BUDGET_SPENT, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, SITE, SPLIT
 from osteofl.client.dp import PrivacySession
@@ -48,12 +47,11 @@ def _reply(message: Message, site: str, metrics: MetricRecord, arrays=None) -> M
 
 def handle_query(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
     session = SiteSession.open(context, extra)
-    names = "\n".join(session.data.cache.feature_names).encode()
     info = ConfigRecord(
         {
             "name": session.site,
             "n_features": len(session.data.cache.feature_names),
-            "features_sha256": hashlib.sha256(names).hexdigest(),
+            "features_sha256": checkpoints.features_sha256(session.data.cache.feature_names),
             "payload_sha256": protocol.payload_fingerprint(session.model, session.cfg),
         }
     )
@@ -139,8 +137,21 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     split = str(message.content[CONFIG].get(SPLIT, session.cfg.federation.eval_split))
     protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
     metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
+    _keep_site_model(message, session, split, metrics)
     n = int(metrics.get("num_examples", len(session.data.splits.get(split, ()))))
     return _reply(message, session.site, _metric_record(metrics, n))
+
+
+def _keep_site_model(message: Message, session: SiteSession, split: str, metrics: dict[str, float]) -> None:
+    """The newest global shared weights over this site's local parts: the complete model, kept at the site
+    with its card (osteo_model.checkpoints) so the hospital can use it after the run."""
+    config, cfg, cache = message.content[CONFIG], session.cfg, session.data.cache
+    card = checkpoints.site_card(
+        cfg.site.state_dir, run_id=str(config.get(protocol.RUN_ID, message.metadata.run_id)),
+        rnd=int(config.get(protocol.ROUND, 0)), n_sites=config.get(protocol.N_SITES),
+        phases=training.phase_lengths(cfg, federated=True), epsilon=session.state.epsilon, metrics=metrics, split=split)
+    checkpoints.save_site_model(cfg.site.state_dir, session.model, site=session.site, feature_names=cache.feature_names,
+                                model_cfg=cfg.model, crop=cache.manifest.get("crop"), card=card)
 
 
 def make_client_app(extra_overrides: Sequence[str] = ()) -> ClientApp:

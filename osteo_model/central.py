@@ -8,6 +8,7 @@ statistics (e.g. train.ssl_epochs=0 to go straight to the supervised phase).
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -15,6 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 from omegaconf import OmegaConf
 
+from osteo_model.checkpoints import features_sha256, load_model_state, save_model_state
 from osteo_model.config import resolve_device
 from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError, StateError
@@ -22,9 +24,7 @@ from osteo_model.model import (
     OsteoNet, build_site_models, feature_stats, load_local, load_pretrained, load_shared, local_state, set_feature_stats,
     shared_state,
 )
-from osteo_model.training import (
-    Recipe, evaluate, load_checkpoint, phase_lengths, save_checkpoint, train_pooled,
-)
+from osteo_model.training import Recipe, evaluate, phase_lengths, train_pooled
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -41,6 +41,15 @@ def _feature_names(datas: Mapping[str, SiteData]) -> list[str]:
     return list(names.pop())
 
 
+def _crop_settings(datas: Mapping[str, SiteData]) -> dict | None:
+    """The crop settings the caches were prepared with (recorded in the checkpoint so that a model is
+    never applied to crops of another size or field of view); None when no cache records them."""
+    crops = {json.dumps(d.cache.manifest.get("crop"), sort_keys=True) for d in datas.values()}
+    if len(crops) != 1:
+        raise ConfigError(None, "site caches were prepared with different crop settings: re-run osteo-prepare with one crop config")
+    return json.loads(crops.pop())
+
+
 def pooled_feature_stats(datas: Mapping[str, SiteData]) -> tuple[np.ndarray, np.ndarray]:
     """Standardisation statistics over the pooled SSL rows of all training sites."""
     return feature_stats(np.concatenate([np.asarray(d.cache.features[d.splits["unlabeled"]]) for d in datas.values()]))
@@ -50,24 +59,31 @@ def _plan(cfg) -> list[tuple[str, int]]:
     return [("ssl", i) for i in range(int(cfg.train.ssl_epochs))] + [("task", i) for i in range(int(cfg.train.task_epochs))]
 
 
-def checkpoint_payload(models: Mapping[str, OsteoNet], cfg, feature_names: list[str], **extra) -> dict:
+def checkpoint_payload(models: Mapping[str, OsteoNet], cfg, feature_names: list[str], crop: dict | None, **extra) -> dict:
+    """The central checkpoint (format: osteo_model.checkpoints); ``extra`` = training state for resuming."""
     first = next(iter(models.values()))
     return {
+        "kind": "central",
         "shared": shared_state(first),
         "local": {s: local_state(m) for s, m in models.items()},
         "manufacturers": {s: m.manufacturer for s, m in models.items()},
         "feature_names": feature_names,
+        "features_sha256": features_sha256(feature_names),
         "model_cfg": OmegaConf.to_container(cfg.model, resolve=True),
+        "crop": crop,
         **extra,
     }
 
 
 def models_from_checkpoint(state: dict, cfg, new_sites: Mapping[str, str] | None = None) -> dict[str, OsteoNet]:
-    """Rebuild the per-site models of a checkpoint (with the checkpoint's model config); ``new_sites``
-    (site -> manufacturer) get the shared weights and an untrained local expert and calibration."""
+    """Rebuild the per-site models of a loaded state (osteo_model.checkpoints.load_model_state, with its
+    model config); ``new_sites`` (site -> manufacturer) get the shared weights and an untrained local
+    expert and calibration."""
     cfg = OmegaConf.merge(cfg, {"model": state["model_cfg"]})
     manufacturers = {**state["manufacturers"], **(new_sites or {})}
-    models = build_site_models(cfg, len(state["feature_names"]), manufacturers)
+    if not manufacturers:
+        raise ConfigError(None, "no site to build the model for: a federated checkpoint needs at least one site to evaluate on")
+    models = build_site_models(cfg, int(state["n_features"]), manufacturers)
     load_shared(next(iter(models.values())), state["shared"])
     for site, local in state["local"].items():
         load_local(models[site], local)
@@ -78,13 +94,13 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
     """SSL then multi-task training on the pooled sites; returns the per-site models and the history."""
     out_dir = Path(out_dir)
     device = resolve_device(cfg)
-    names = _feature_names(datas)
+    names, crop = _feature_names(datas), _crop_settings(datas)
     models = build_site_models(cfg, len(names), {s: d.manufacturer for s, d in datas.items()})
     first = next(iter(models.values()))
     pretrained = OmegaConf.select(cfg, "train.pretrained")
     if pretrained:
-        state = load_checkpoint(pretrained)
-        if state["feature_names"] != names:
+        state = load_model_state(pretrained)
+        if state["features_sha256"] != features_sha256(names):
             raise StateError(Path(pretrained), "pretrained with another radiomic feature set")
         load_pretrained(first, state["shared"])
         log(f"self-supervised weights from {pretrained}")
@@ -94,7 +110,7 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
     plan, done, history = _plan(cfg), 0, []
     ckpt = out_dir / CHECKPOINT
     if bool(cfg.train.resume) and ckpt.is_file():
-        state = load_checkpoint(ckpt)
+        state = load_model_state(ckpt)
         if state.get("plan") != [list(p) for p in plan]:
             raise StateError(ckpt, "checkpoint was written with other ssl_epochs/task_epochs: resume with the same settings")
         restored = models_from_checkpoint(state, cfg)
@@ -117,7 +133,7 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
         history.append(record)
         log(f"[{k + 1}/{len(plan)}] {phase} epoch {epoch}: loss {record.get('loss', float('nan')):.4f} "
             f"({record['num_examples']:.0f} crops, {record['seconds']:.1f} s)")
-        save_checkpoint(ckpt, checkpoint_payload(
-            models, cfg, names, optimizer=recipe.optimizer.state_dict(), done=k + 1, plan=[list(p) for p in plan], history=history,
+        save_model_state(ckpt, checkpoint_payload(
+            models, cfg, names, crop, optimizer=recipe.optimizer.state_dict(), done=k + 1, plan=[list(p) for p in plan], history=history,
         ))
     return models, history

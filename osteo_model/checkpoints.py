@@ -18,12 +18,14 @@ import datetime as dt
 import hashlib
 import json
 import math
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from osteo_model.atomic import atomic_file
 from osteo_model.errors import ConfigError, StateError
@@ -52,10 +54,11 @@ def features_sha256(names: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-def model_meta(model_cfg: Mapping, n_features: int, features_sha: str, crop: Mapping | None) -> dict[str, Any]:
-    """What a checkpoint of shared weights only needs besides the arrays to rebuild the model."""
-    return {"model_cfg": dict(model_cfg), "n_features": int(n_features), "features_sha256": str(features_sha),
-            "crop": None if crop is None else dict(crop)}
+def model_meta(cfg, n_features: int, features_sha: str) -> dict[str, Any]:
+    """What a checkpoint of shared weights only (the server's) needs besides the arrays to rebuild and
+    check the model: the run's model config and crop settings, the sites' feature count and hash."""
+    return {"model_cfg": OmegaConf.to_container(cfg.model, resolve=True), "n_features": int(n_features),
+            "features_sha256": str(features_sha), "crop": OmegaConf.to_container(cfg.crop, resolve=True)}
 
 
 # --- federated server checkpoints (numpy, no pickle) ------------------------------------------------
@@ -108,19 +111,34 @@ def _from_npz(path: Path) -> dict[str, Any]:
 
 
 # --- torch files (central checkpoints, site models) --------------------------------------------------
+def _plain(value: Any) -> Any:
+    """numpy scalars (e.g. metrics in a training history) as Python numbers: a weights-only load refuses them."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 def save_model_state(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Atomic torch.save: a reader sees the old file or the new one, never half of one."""
+    """Atomic torch.save of tensors and plain data: a reader sees the old file or the new one, never half
+    of one, and loads it without unpickling code."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as fh:
-        torch.save(dict(payload), fh)
+        torch.save(_plain(dict(payload)), fh)
     return path
 
 
 def _from_torch(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, garbled, or holding objects other than tensors and plain data
+    except pickle.UnpicklingError as exc:
+        raise StateError(path, "holds Python objects besides tensors and plain data; not loaded, since loading "
+                               "them could run code") from exc
+    except Exception as exc:  # truncated or garbled
         raise StateError(path, f"checkpoint unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     missing = [k for k in ("shared", "local", "manufacturers", "feature_names", "model_cfg")
                if not isinstance(state, dict) or k not in state]
@@ -162,11 +180,10 @@ def load_model_state(path: str | Path) -> dict[str, Any]:
 
 # --- the site model -----------------------------------------------------------------------------------
 def site_card(state_dir: str | Path, *, run_id: str, rnd: int, n_sites: int | None, phases: Mapping[str, int],
-              epsilon: float, crop: Mapping | None, feature_sha: str, metrics: Mapping[str, float],
-              split: str) -> dict[str, Any]:
-    """The model card of the site model being saved. Validation metrics are this evaluation's when it ran
-    on the "val" split, else the previous card's of the same run (the final test evaluation must not be
-    reported as validation)."""
+              epsilon: float, metrics: Mapping[str, float], split: str) -> dict[str, Any]:
+    """The run's facts for the card of the site model being saved. Validation metrics are this
+    evaluation's when it ran on the "val" split, else the previous card's of the same run (the final
+    evaluation is on the test split and must not be reported as validation)."""
     previous: dict[str, Any] = {}
     try:
         previous = json.loads((Path(state_dir) / MODEL_CARD_FILE).read_text())
@@ -176,29 +193,35 @@ def site_card(state_dir: str | Path, *, run_id: str, rnd: int, n_sites: int | No
         validation = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
     else:
         validation = previous.get("validation_metrics") if previous.get("run_id") == str(run_id) else None
-    return {"run_id": str(run_id), "round": int(rnd), "n_sites": n_sites, "phases": dict(phases),
-            "features_sha256": feature_sha, "crop": None if crop is None else dict(crop),
-            "epsilon_spent": float(epsilon), "validation_metrics": validation,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "use": RESEARCH_USE}
+    return {"run_id": str(run_id), "round": int(rnd), "n_sites": None if n_sites is None else int(n_sites),
+            "phases": {k: int(v) for k, v in phases.items()}, "epsilon_spent": float(epsilon),
+            "validation_metrics": validation}
+
+
+def _container(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def save_site_model(state_dir: str | Path, model: torch.nn.Module, *, site: str, feature_names: list[str],
                     model_cfg: Mapping, crop: Mapping | None, card: Mapping[str, Any]) -> Path:
     """Write ``<state_dir>/site_model.pt`` (shared + this site's local parts, loadable on its own) and
-    ``<state_dir>/model_card.json``; both atomic. Returns the model file."""
+    ``<state_dir>/model_card.json`` (``card`` plus feature-set hash, crop settings, date, intended use);
+    both atomic. Returns the model file."""
     from osteo_model.model import local_state, shared_state, unwrap
 
-    net = unwrap(model)
-    state_dir = Path(state_dir)
+    net, state_dir = unwrap(model), Path(state_dir)
+    crop, sha = _container(crop), features_sha256(feature_names)
+    card = {**card, "site": site, "features_sha256": sha, "crop": crop,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "use": RESEARCH_USE}
     payload = {
         "kind": "site", "shared": shared_state(net), "local": {site: local_state(net)},
-        "manufacturers": {site: net.manufacturer}, "feature_names": list(feature_names),
-        "features_sha256": features_sha256(feature_names), "model_cfg": dict(model_cfg),
-        "crop": None if crop is None else dict(crop), "card": dict(card),
+        "manufacturers": {site: net.manufacturer}, "feature_names": list(feature_names), "features_sha256": sha,
+        "model_cfg": _container(model_cfg), "crop": crop, "card": card,
     }
+    state_dir.mkdir(parents=True, exist_ok=True)
     path = save_model_state(state_dir / SITE_MODEL_FILE, payload)
     with atomic_file(state_dir / MODEL_CARD_FILE, "w") as fh:
-        fh.write(json.dumps(dict(card), indent=2, allow_nan=False))
+        fh.write(json.dumps(card, indent=2, allow_nan=False))
     return path
 
 
@@ -207,19 +230,21 @@ def _crop_words(crop: Mapping) -> str:
     return f"{int(crop['size'])}^3 crops over {float(crop['fov_mm']):g} mm"
 
 
-def check_compatible(state: Mapping[str, Any], crop_cfg: Mapping | None, feature_names: list[str]) -> None:
+def check_compatible(state: Mapping[str, Any], crop_cfg: Mapping | None, feature_names: list[str] | None) -> None:
     """ConfigError unless data prepared with ``crop_cfg`` and ``feature_names`` fits the model ``state``.
-    Settings a side does not record (older checkpoints, hand-made caches) are not compared."""
+    Settings a side does not record (older checkpoints, hand-made caches; ``feature_names`` None) are not
+    compared."""
     trained, here = state.get("crop"), crop_cfg
     if trained is not None and here is not None:
         differ = [k for k in CROP_MODEL_KEYS if k in trained and k in here
                   and not math.isclose(float(trained[k]), float(here[k]), rel_tol=1e-6)]
         if differ:
             fix = " ".join(f"crop.{k}={trained[k]}" for k in CROP_MODEL_KEYS if k in trained)
-            raise ConfigError(None, f"model was trained on {_crop_words(trained)} "
-                                    f"(erosion {trained.get('trabecular_erosion_mm', '?')} mm); this cache has "
-                                    f"{_crop_words(here)} (erosion {here.get('trabecular_erosion_mm', '?')} mm): "
-                                    f"re-run osteo-prepare with {fix} or use a matching model")
+            raise ConfigError(None, f"model was trained on {_crop_words(trained)}; this cache has {_crop_words(here)} "
+                                    f"(differ: {', '.join(differ)}): re-run osteo-prepare with {fix} or use a "
+                                    "matching model")
+    if feature_names is None:
+        return
     names = list(feature_names)
     if state.get("feature_names") is not None:
         same = list(state["feature_names"]) == names

@@ -17,6 +17,7 @@ from osteo_model.constants import LEVELS
 from osteo_model.dataset import SiteData
 from osteo_model.metrics import OSTEOPOROSIS, compute_metrics
 from osteo_model.central import models_from_checkpoint
+from osteo_model.checkpoints import check_compatible
 from osteo_model.training import fit_local, predict
 
 TABLE_KEYS = ("num_examples", "auc", "auc_t", "acc3", "f1_macro", "mae_sbmd", "r_sbmd", "mae_bmd", "r_bmd", "bias_bmd",
@@ -25,6 +26,18 @@ TABLE_KEYS = ("num_examples", "auc", "auc_t", "acc3", "f1_macro", "mae_sbmd", "r
 
 def _has_labels(data: SiteData) -> bool:
     return bool(len(data.splits["train"]) + len(data.splits["val"]) + len(data.splits["test"]))
+
+
+def empty_split_sites(datas: Mapping[str, SiteData], split: str) -> dict[str, str]:
+    """Labeled sites with no patient in ``split`` (e.g. a site whose only patient fell in the train split)
+    -> why: their metrics would be all NaN, so they are left out of the tables and named instead."""
+    out = {}
+    for site, data in datas.items():
+        if _has_labels(data) and not len(data.splits[split]):
+            counts = ", ".join(f"{s} {data.cache.table.iloc[data.splits[s]]['patient_id'].nunique()}"
+                               for s in ("train", "val", "test"))
+            out[site] = f"{site}: no labeled patient in the {split} split (patients: {counts}); left out of the tables"
+    return out
 
 
 class _Pool:
@@ -75,8 +88,13 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, float]]:
     """Metrics per site (+ "overall" over the checkpoint's own sites). A site the checkpoint has no local
     part for is evaluated as a new site ("<site>") and, if it has labeled training rows, after onboarding
-    its local expert and calibration with fit_local ("<site>+onboarded")."""
+    its local expert and calibration with fit_local ("<site>+onboarded"). A site with no patient in
+    ``split`` is left out (see empty_split_sites); data prepared with other crop settings or another
+    radiomic feature set than the model's is refused (ConfigError)."""
+    for data in datas.values():
+        check_compatible(state, data.cache.manifest.get("crop"), data.cache.feature_names)
     device = resolve_device(cfg)
+    empty = empty_split_sites(datas, split)
     new = {s: d.manufacturer for s, d in datas.items() if s not in state["manufacturers"]}
     models = models_from_checkpoint(state, cfg, new_sites=new)
     report: dict[str, dict[str, float]] = {}
@@ -88,6 +106,8 @@ def evaluate_checkpoint(
             report[site] = {"num_examples": 0.0, "num_vertebrae_predicted": float(len(rows))}
             if out_dir is not None:
                 _write_predictions(out_dir / f"predictions_{name}_{site}.csv", pred, data.cache.table.iloc[rows])
+            continue
+        if site in empty:
             continue
         rows = data.splits[split]
         table = data.cache.table.iloc[rows]
@@ -115,7 +135,8 @@ def evaluate_checkpoint(
 
 def evaluate_baselines(train_datas: Mapping[str, SiteData], datas: Mapping[str, SiteData], split: str) -> dict[str, dict]:
     """HU-threshold rule and radiomics + linear model (fit on the training sites' train splits)."""
-    labeled = {s: d for s, d in datas.items() if _has_labels(d)}
+    empty = empty_split_sites(datas, split)
+    labeled = {s: d for s, d in datas.items() if _has_labels(d) and s not in empty}
     radiomics = baselines.RadiomicsLinear().fit(train_datas)
     hu: dict[str, dict[str, float]] = {}
     rad: dict[str, dict[str, float]] = {}

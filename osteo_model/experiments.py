@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from osteo_model.central import load_sites, train_central
+from osteo_model.checkpoints import load_model_state
 from osteo_model.config import compose
 from osteo_model.evaluate import evaluate_baselines, evaluate_checkpoint, write_report
-from osteo_model.training import load_checkpoint
 
 RUNS: dict[str, tuple[bool, tuple[str, ...]]] = {
     # name: (start from SSL weights, overrides)
@@ -89,7 +89,7 @@ def run(overrides: Sequence[str]) -> Path:
         train_central(run_cfg, load_sites(run_cfg, train_sites), out / name)
         timings[name] = time.perf_counter() - t0
         datas = load_sites(run_cfg, eval_sites)
-        report[name] = evaluate_checkpoint(load_checkpoint(out / name / "checkpoint.pt"), run_cfg, datas, "test", out, name)
+        report[name] = evaluate_checkpoint(load_model_state(out / name / "checkpoint.pt"), run_cfg, datas, "test", out, name)
     report.update(evaluate_baselines(load_sites(cfg, train_sites), load_sites(cfg, eval_sites), "test"))
     write_report(out, report)
     text = claims(report)

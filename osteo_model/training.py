@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -18,10 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from osteo_model import losses, metrics
-from osteo_model.atomic import atomic_file
 from osteo_model.calibration import t_and_category
 from osteo_model.dataset import CropDataset, SiteData
-from osteo_model.errors import StateError
 from osteo_model.model import load_local, local_parameters, local_state, set_sbmd_prior, shared_parameters, unwrap
 
 PHASES = ("ssl", "task")
@@ -309,22 +306,3 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int) -
     load_local(model, best_state)
     return {**result, "selected_epoch": float(best_epoch), f"val_{SELECTION_METRIC}_shared_only": _finite(shared_only),
             f"val_{SELECTION_METRIC}_selected": _finite(best)}
-
-
-def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Atomic torch.save: a reader sees the old checkpoint or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as fh:
-        torch.save(payload, fh)
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise StateError(path, "checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for truncated/corrupt files
-        raise StateError(path, f"checkpoint unreadable ({type(exc).__name__}: {exc})") from exc

@@ -1,13 +1,14 @@
 """Per-round server checkpoints: shared weights, round, phase, strategy state and metrics history.
 
-One ``round-NNNN.npz`` per round in ``<outputs>/<run>/checkpoints/``, each written to a temporary file,
-fsync'ed and renamed, so a crash leaves the previous checkpoint intact and never a half-written one.
-Only numeric arrays and one JSON string are stored: loading needs no pickle. Flower's strategies have
-no start-round argument; :mod:`server_app` resumes by carrying on its own round loop from ``round + 1``.
+One ``round-NNNN.npz`` per round in ``<outputs>/<run>/checkpoints/``, written atomically, so a crash leaves
+the previous checkpoint intact and never a half-written one. The file format (numeric arrays and one JSON
+string, no pickle) belongs to osteo_model.checkpoints, which also reads it for osteo-eval; the meta
+carries what rebuilding the model needs (model config, feature count and hash, crop settings). Flower's
+strategies have no start-round argument; :mod:`server_app` resumes by carrying on its own round loop from
+``round + 1``.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from osteo_model.atomic import atomic_file
-from osteo_model.errors import StateError
+from osteo_model.checkpoints import read_npz, write_npz
 
-FORMAT_VERSION = 1
 _NAME = re.compile(r"^round-(\d{4,})\.npz$")
-_META = "__meta__"
-_ARRAYS = "arrays/"
-_STRATEGY = "strategy/"
 
 
 @dataclass
@@ -42,13 +38,8 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint, keep: int = 3) -> Path
     """Write ``ckpt`` atomically; prune all but the ``keep`` most recent rounds."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {**ckpt.meta, "format_version": FORMAT_VERSION, "round": ckpt.round, "phase": ckpt.phase}
-    entries: dict[str, np.ndarray] = {_META: np.array(json.dumps(meta, allow_nan=True))}
-    entries.update({_ARRAYS + k: np.asarray(v) for k, v in ckpt.arrays.items()})
-    entries.update({_STRATEGY + k: np.asarray(v) for k, v in ckpt.strategy_state.items()})
     final = checkpoint_path(folder, ckpt.round)
-    with atomic_file(final) as fh:
-        np.savez(fh, **entries)
+    write_npz(final, ckpt.arrays, ckpt.strategy_state, {**ckpt.meta, "round": ckpt.round, "phase": ckpt.phase})
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final
@@ -64,18 +55,8 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data[_META]))
-            arrays = {k[len(_ARRAYS):]: data[k] for k in data.files if k.startswith(_ARRAYS)}
-            strategy = {k[len(_STRATEGY):]: data[k] for k in data.files if k.startswith(_STRATEGY)}
-    except Exception as exc:  # zipfile/numpy/json raise many types for a damaged file
-        raise StateError(path, f"unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StateError(path, f"checkpoint format {meta.get('format_version')!r} is not {FORMAT_VERSION}")
-    if not arrays:
-        raise StateError(path, "checkpoint holds no arrays")
+    """The round's checkpoint for resuming (the file format is osteo_model.checkpoints')."""
+    arrays, strategy, meta = read_npz(path)
     return Checkpoint(int(meta["round"]), str(meta["phase"]), arrays, strategy, meta)
 
 

@@ -24,6 +24,7 @@ from flwr.supercore import log
 from omegaconf import DictConfig
 
 from osteo_model import model as osteo
+from osteo_model.checkpoints import model_meta
 from osteo_model.config import compose
 from osteo_model.constants import HUI_1997
 from osteo_model.errors import ConfigError, StateError
@@ -90,7 +91,7 @@ class Federation:
         if len(set(fingerprints.values())) != 1:
             raise ConfigError(None, f"sites disagree on the radiomic feature set {fingerprints}: "
                                     "prepare every site with the same radiomics config")
-        n_features = next(iter(fingerprints.values()))[0]
+        n_features, self.features_sha256 = next(iter(fingerprints.values()))
         mine = protocol.payload_fingerprint(self.reference_model(n_features), self.cfg)
         differ = sorted(site for site, (i, _) in infos.items() if str(i["payload_sha256"]) != mine)
         if differ:
@@ -137,7 +138,8 @@ class Federation:
         arrays, whole = self.initial_arrays(n_features, mean, std)
         shared = int(sum(a.nbytes for a in arrays.values()))
         meta = {"strategy": str(self.fed.strategy), "n_features": n_features, "site_sizes": sizes,
-                "payload_bytes": shared, "whole_model_bytes": whole, "share_all": bool(self.fed.share_all)}
+                "payload_bytes": shared, "whole_model_bytes": whole, "share_all": bool(self.fed.share_all),
+                **model_meta(self.cfg, n_features, self.features_sha256)}
         log(INFO, "payload: %d arrays, %.1f kB per upload (whole model %.1f kB)", len(arrays),
             shared / 1e3, whole / 1e3)
         return 1, arrays, History(), meta

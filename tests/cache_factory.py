@@ -49,8 +49,13 @@ def make_site_cache(
     device_bias: float = 0.0,
     labeled_frac: float = 0.75,
     seed: int = 0,
+    fov_mm: float | None = None,
+    feature_names: list[str] | None = None,
 ) -> Path:
-    """Write a fake cache of ``n_patients`` x 4 vertebrae; return its folder."""
+    """Write a fake cache of ``n_patients`` x 4 vertebrae; return its folder. Its manifest records crops of
+    ``size`` voxels over ``fov_mm`` (default: 1 mm voxels); ``feature_names`` (e.g. a real cache's) get the
+    fake features repeated over their columns."""
+    names = FEATURE_NAMES if feature_names is None else list(feature_names)
     rng = np.random.default_rng(seed)
     rows, crops, masks, feats = [], [], [], []
     for p in range(n_patients):
@@ -81,6 +86,7 @@ def make_site_cache(
                 )
             rows.append(row)
     return write_site_cache(
-        path, pd.DataFrame(rows), np.stack(crops), np.stack(masks), np.stack(feats), FEATURE_NAMES,
-        {"site": site, "crop": {"size": size, "fov_mm": float(size)}},
+        path, pd.DataFrame(rows), np.stack(crops), np.stack(masks), np.resize(np.stack(feats).T, (len(names), len(rows))).T,
+        names,
+        {"site": site, "crop": {"size": size, "fov_mm": float(size if fov_mm is None else fov_mm)}},
     )

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,8 @@ from osteo_model.central import load_sites, train_central
 from osteo_model.cli import evaluate as eval_cli, train as train_cli
 from osteo_model.dataset import CropDataset, load_site_data
 from osteo_model.errors import StateError
-from osteo_model.training import (
-    evaluate, fit_local, load_checkpoint, make_optimizer, save_checkpoint, train_steps,
-)
+from osteo_model.checkpoints import load_model_state
+from osteo_model.training import evaluate, fit_local, make_optimizer, train_steps
 
 from model_helpers import make_caches, tiny_cfg
 
@@ -104,7 +104,7 @@ def test_central_training_checkpoints_and_resumes(root, tmp_path):
     datas = load_sites(cfg, ["site_a", "site_b"])
     logs = []
     models, history = train_central(cfg, datas, tmp_path, log=logs.append)
-    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    state = load_model_state(tmp_path / "checkpoint.pt")
     assert state["done"] == 2 and [h["phase"] for h in history] == ["ssl", "task"]
     assert set(state["local"]) == {"site_a", "site_b"} and state["manufacturers"]["site_b"] == "ge_lunar"
     assert "val_site_a_auc" in history[-1]
@@ -116,14 +116,6 @@ def test_central_training_checkpoints_and_resumes(root, tmp_path):
     again, _ = train_central(tiny_cfg(root, "train.ssl_epochs=1", "train.task_epochs=1", "train.resume=true"), datas, tmp_path, log=logs.append)
     assert logs == [f"resumed from {tmp_path / 'checkpoint.pt'} after 2/2 epochs"]
     assert all(torch.equal(v, osteo.shared_state(models["site_a"])[k]) for k, v in osteo.shared_state(again["site_a"]).items())
-
-
-def test_corrupt_checkpoint_is_a_state_error(tmp_path):
-    path = save_checkpoint(tmp_path / "c.pt", {"x": 1})
-    assert load_checkpoint(path) == {"x": 1}
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(StateError, match="unreadable"):
-        load_checkpoint(path)
 
 
 def test_train_and_eval_cli_end_to_end(root, tmp_path, capsys):
@@ -152,11 +144,13 @@ REAL_EXAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (REAL_EXAMPLE / "ct.nii.gz").is_file(), reason="../shared/data/real not present")
-def test_real_case_runs_through_model_and_eval(root, tmp_path):
+def test_real_case_runs_through_model_and_eval(root, tmp_path, capsys):
     """The real TotalSegmentator example (no DXA): prepared, then predicted by a trained checkpoint;
-    osteo-eval writes its per-vertebra predictions (no accuracy claim: there is no DXA)."""
+    osteo-eval writes its per-vertebra predictions (no accuracy claim: there is no DXA). A model trained on
+    crops of other settings is refused first."""
     import pandas as pd
 
+    from cache_factory import make_site_cache
     from model_helpers import TINY
     from osteo_model.cli import prepare as prepare_cli
 
@@ -166,7 +160,19 @@ def test_real_case_runs_through_model_and_eval(root, tmp_path):
                    "ct": str(REAL_EXAMPLE / "ct.nii.gz"), "labels": str(REAL_EXAMPLE / "seg_total.nii.gz")}]
                  ).to_csv(site / "studies.csv", index=False)
     common = [f"paths.root={root}", "train.sites=[site_a,site_b]", *TINY, f"paths.outputs={tmp_path}"]
-    assert prepare_cli.main(["--site", "real", "--no-progress", f"paths.root={root}"]) == 0
+    assert prepare_cli.main(["--site", "real", "--no-progress", f"paths.root={root}"]) == 0  # 32^3 over 48 mm
+    assert train_cli.main([*common, "train.ssl_epochs=0", "train.task_epochs=1"]) == 0  # fake caches: 16^3, 16 mm
+    capsys.readouterr()
+    assert eval_cli.main([*common, "eval.sites=[real]", "eval.baselines=false"]) == 1
+    assert "model was trained on 16^3 crops over 16 mm; this cache has 32^3 crops over 48 mm" in capsys.readouterr().err
+    # trained on caches of the real one's crop settings and radiomic features, it predicts
+    real = root / "data" / "cache" / "real"
+    names = json.loads((real / "features.json").read_text())["names"]
+    for i, (name, manufacturer) in enumerate((("site_a", "hologic"), ("site_b", "ge_lunar"))):
+        make_site_cache(tmp_path / "cache" / name, site=name, n_patients=6, size=32, fov_mm=48.0,
+                        manufacturer=manufacturer, seed=i, feature_names=names)
+    shutil.copytree(real, tmp_path / "cache" / "real")
+    common += [f"paths.cache_root={tmp_path / 'cache'}"]
     assert train_cli.main([*common, "train.ssl_epochs=0", "train.task_epochs=1"]) == 0
     assert eval_cli.main([*common, "eval.sites=[real]", "eval.baselines=false"]) == 0
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
