@@ -6,7 +6,10 @@ keys, submits the OsteoFL run with ``flwr run`` and streams its progress; when t
 is stopped (``--serve`` keeps it up). Everything Flower writes goes under ``<outputs>/superlink``.
 
 The SuperLink's Control API (used by ``flwr``) shares the port with the Fleet API and is not
-authenticated in open-source Flower: expose only the ``/v1/fleet`` path to hospitals (README).
+authenticated in open-source Flower: hospitals get the Fleet API alone through the proxy that
+``--proxy-config`` writes (server/proxy.py). Every Flower process runs below a keeper (osteofl/keeper.py)
+and the run is locked (server/run_lock.py): nothing outlives this command, and no second server of a
+live run starts.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from osteo_model.cli._common import run_cli
 from osteo_model.config import compose
 from osteo_model.errors import ConfigError, OsteoError
 from osteofl import runtime
-from osteofl.server import provision, run_lock
+from osteofl.server import provision, proxy, run_lock
 from osteofl.server.checkpoint import load_latest
 
 APP_DIR = Path(__file__).parent / "flwr_app"
@@ -34,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="carry on from the last checkpoint of this run")
     p.add_argument("--serve", action="store_true", help="keep the SuperLink running after the run ends")
     p.add_argument("--telemetry", action="store_true", help="allow Flower's usage telemetry (off by default)")
+    p.add_argument("--proxy-config", metavar="HOST:PORT",
+                   help="only write the nginx config that serves hospitals the Fleet API alone on HOST:PORT "
+                        "(server/deploy/nginx.conf; the SuperLink stays on loopback) and exit")
     return p
 
 
@@ -81,6 +87,12 @@ def dial_host(cfg: DictConfig) -> str:
 def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """Lock the run, start the SuperLink, register the sites, submit the run and follow it to its end."""
     cfg = compose(overrides)
+    if args.proxy_config:
+        conf = proxy.write(cfg, args.proxy_config, Path(cfg.paths.outputs) / "superlink" / "proxy")
+        print(f"flower-server: wrote {conf}: nginx listens on {args.proxy_config} and passes on the Fleet API "
+              f"only; hospitals set federation.superlink.address=<this host's name>:{args.proxy_config.rpartition(':')[2]} "
+              f"(a name in federation.superlink.san); run: nginx -p {conf.parent} -c {conf}", flush=True)
+        return 0
     sites = [str(s) for s in cfg.federation.sites]
     if not args.insecure:
         provision.provision(cfg.paths.pki, sites, cfg.federation.superlink.san)
