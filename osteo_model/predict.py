@@ -60,10 +60,13 @@ def model_card(state: dict, path: Path, site: str, local_trained: bool) -> dict[
 
 
 def model_line(card: dict[str, Any]) -> str:
+    """The model card in one line (fields the model file does not record are left out)."""
     eps = card.get("epsilon")
-    eps_text = f"ε {eps:.2f}" if isinstance(eps, (int, float)) and math.isfinite(eps) else "ε n/a (no DP)"
-    return (f"Model: {card['kind']}, run {card['run_id']}, round {card['round']}, {card['n_sites']} site(s), "
-            f"{card['date']}, {eps_text}; {card['local_part']}")
+    parts = [f"Model: {card['kind']}", f"run {card['run_id']}",
+             *([f"round {card['round']}"] if card.get("round") is not None else []),
+             *([f"{card['n_sites']} site(s)"] if card.get("n_sites") else []), str(card["date"]),
+             f"ε {eps:.2f}" if isinstance(eps, (int, float)) and math.isfinite(eps) else "no differential privacy"]
+    return ", ".join(parts) + f"; {card['local_part']}"
 
 
 def _safe_name(study_id: str, taken: set[str]) -> str:

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
+from omegaconf import OmegaConf
 
 from cache_factory import FEATURE_NAMES, make_site_cache
 from conftest import LEVEL_Z0
@@ -302,3 +303,27 @@ def test_real_example_gets_a_complete_report(tmp_path):
     p = study["patient"]
     assert p["evaluable"] and p["levels_used"] == list(LEVELS) and p["category"] in ("normal", "osteopenia", "osteoporosis")
     assert p["l1_hu_rule"] and p["l1_totalseg_flag"] and "no validation patients" in p["interval_note"]
+
+
+def test_default_model_is_the_sites_own(tmp_path, capsys):
+    cfg = cfg_for(tmp_path, "site_a")
+    make_site_cache(tmp_path / "data/cache/site_a", site="site_a", n_patients=3, size=16)
+    code = predict_main(["--site", "site_a", "--no-progress", f"paths.root={tmp_path}", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "site_model.pt" in err and "\n" not in err  # no model yet: one line, no report
+    assert not (tmp_path / "outputs").exists()
+    from osteo_model.checkpoints import save_site_model
+
+    net = build_site_models(cfg, len(FEATURE_NAMES), {"site_a": "hologic"})["site_a"]
+    card = {"run_id": "fed-7", "round": 12, "n_sites": 3, "epsilon_spent": 2.5, "date": "2026-01-02T03:04:05+00:00"}
+    save_site_model(cfg.site.state_dir, net, site="site_a", feature_names=FEATURE_NAMES,
+                    model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
+                    crop=None, card=card)
+    assert predict_main(["--site", "site_a", "--no-progress", f"paths.root={tmp_path}", *TINY]) == 0
+    out = Path(cfg.predict.out_dir)
+    _, js = read_report(out)
+    assert {k: js["model"][k] for k in ("kind", "run_id", "round", "n_sites", "epsilon")} == {
+        "kind": "site", "run_id": "fed-7", "round": 12, "n_sites": 3, "epsilon": 2.5}
+    assert "site_a's own device expert" in js["model"]["local_part"]
+    html = (out / "index.html").read_text()
+    assert "run fed-7, round 12, 3 site(s)" in html and "ε 2.50" in html and "Research use only" in html
