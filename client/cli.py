@@ -16,7 +16,7 @@ from osteo_model.config import compose_site
 from osteo_model.errors import OsteoError
 from osteofl import runtime
 from osteofl.client.probe import superlink_mismatch
-from osteofl.protocol import site_key_paths
+from osteofl.protocol import site_key_dir, site_key_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True, help="this hospital's site name (its keys and folders)")
     p.add_argument("--superlink", help="host:port of the SuperLink (default federation.superlink.address)")
     p.add_argument("--root-certificates", help="the federation's CA certificate (default <pki>/ca.pem)")
-    p.add_argument("--auth-key", help="this site's private key (default <pki>/sites/<site>/<site>_key)")
+    p.add_argument("--auth-key", help="this site's private key (default <site.state_dir>/keys/<site>_key, osteo-keygen)")
     p.add_argument("--local-port", type=int, default=9094,
                    help="loopback port of the SuperNode's local runtime API (distinct per SuperNode on one host)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (testing only)")
@@ -40,11 +40,13 @@ def supernode_command(args: argparse.Namespace, cfg) -> list[str]:
            "--port", str(args.local_port), "--host", "127.0.0.1", "--node-config", node_config]
     if args.insecure:
         return cmd + ["--insecure"]
-    key = Path(args.auth_key) if args.auth_key else site_key_paths(pki, args.site)[0]
+    key = Path(args.auth_key) if args.auth_key else site_key_paths(site_key_dir(cfg.site.state_dir), args.site)[0]
     ca = Path(args.root_certificates) if args.root_certificates else pki / "ca.pem"
-    for path, what in ((ca, "root certificate"), (key, "site key")):
+    for path, what in ((ca, "root certificate missing: copy it from the coordinator (osteo-provision)"),
+                       (key, f"site key missing: run `osteo-keygen --site {args.site}` here and send the .pub "
+                             "to the coordinator")):
         if not path.is_file():
-            raise OsteoError(path, f"{what} missing: copy it from the coordinator (osteo-provision)")
+            raise OsteoError(path, what)
     return cmd + ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
 
 

@@ -50,10 +50,19 @@ def phase_of(rnd: int, cfg: DictConfig) -> str:
     return "ssl" if rnd <= int(cfg.federation.ssl_rounds) else "task"
 
 
-def site_key_paths(pki: Path, site: str) -> tuple[Path, Path]:
-    """(private, public) authentication key of ``site`` under a PKI folder."""
-    folder = Path(pki) / "sites" / site
-    return folder / f"{site}_key", folder / f"{site}_key.pub"
+def site_key_paths(folder: str | Path, site: str) -> tuple[Path, Path]:
+    """(private, public) authentication key files of ``site`` inside ``folder``."""
+    return Path(folder) / f"{site}_key", Path(folder) / f"{site}_key.pub"
+
+
+def site_key_dir(state_dir: str | Path) -> Path:
+    """Where a hospital keeps its own key pair (``osteo-keygen``, ``osteo-client``'s default): its state folder."""
+    return Path(state_dir) / "keys"
+
+
+def registered_key_path(pki: str | Path, site: str) -> Path:
+    """Where the coordinator keeps the PUBLIC key a site sent (``osteo-provision --site-key``)."""
+    return site_key_paths(Path(pki) / "sites" / site, site)[1]
 
 
 # --- payload: which arrays travel -------------------------------------------------------------------------

@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         nonlocal code
-        code = serve(args, absolute_overrides(overrides))
+        # without node keys a site can only be the name its replies give (duplicates refused: server/identity.py)
+        insecure = ["federation.identity=declared"] if args.insecure else []
+        code = serve(args, absolute_overrides(overrides) + insecure)
 
     return run_cli(body) or code
 

@@ -30,7 +30,10 @@ def _clean(value: Any) -> Any:
 class History:
     """Round records: {"round", "phase", "train": {...}, "evaluate": {...} (aggregated by the strategy),
     "site_train": {site: {...}}, "site_eval": {site: {...}} (each site's own reply, incl. its epsilon),
-    "rejected": [...], "failed": [...], "upload_bytes": {site: n}}."""
+    "rejected": [...], "failed": [...], "upload_bytes": {site: n}, "identity": {site: "key" | "declared"}}.
+    Sites are keyed by their identity (server/identity.py: the key they authenticated with, or in simulation
+    the first name they declared), never by what a reply says; "identity" records which of the two named
+    each site that round."""
 
     def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
         self.records: list[dict[str, Any]] = list(records or [])
@@ -60,7 +63,8 @@ class History:
                          **_prefixed(r.get("evaluate"), "eval:")})
             sites = sorted(set(r.get("site_train", {})) | set(r.get("site_eval", {})))
             for site in sites:
-                rows.append({**base, "site": site, **_prefixed(r.get("site_train", {}).get(site), "train:"),
+                rows.append({**base, "site": site, "identity": r.get("identity", {}).get(site),
+                             **_prefixed(r.get("site_train", {}).get(site), "train:"),
                              **_prefixed(r.get("site_eval", {}).get(site), "eval:"),
                              "upload_bytes": r.get("upload_bytes", {}).get(site)})
         return rows

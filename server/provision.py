@@ -1,14 +1,17 @@
-"""Provisioning a federation: a CA, the SuperLink's TLS certificate and each site's authentication key.
+"""Provisioning a federation at the coordinating site: a CA, the SuperLink's TLS certificate, and the
+PUBLIC authentication keys the hospitals sent.
 
 Layout of the PKI folder (``paths.pki``):
 - ``ca.key`` / ``ca.pem``          the federation's certificate authority (ca.key stays with the coordinator)
 - ``server.key`` / ``server.pem``  the SuperLink's certificate, SAN = every name/IP sites dial
-- ``sites/<site>/<site>_key`` and ``<site>_key.pub``: the site's EC P-384 key pair in OpenSSH format;
-  the private key goes to that hospital only, the public key is registered with the SuperLink.
+- ``sites/<site>/<site>_key.pub``  the site's public key (OpenSSH, EC P-384), registered with the SuperLink.
+  The private half is generated at the hospital (``osteo-keygen``) and never reaches this folder; the
+  ServerApp names each node after the site whose key this is (``osteofl.server.identity``).
 - ``registered.json``              which sites' keys this SuperLink database already knows
 
-Every step is idempotent: existing files are kept (re-running never rotates a key by accident), and a
-key the SuperLink already holds counts as registered.
+Every step is idempotent: existing files are kept (re-running never rotates a key by accident; a site
+that sends a different key must have its old one removed first), and a key the SuperLink already holds
+counts as registered.
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from osteo_model.atomic import atomic_file
 from osteo_model.errors import ConfigError
-from osteofl.protocol import site_key_paths
+from osteofl import keys
+from osteofl.protocol import registered_key_path
 
 CERT_DAYS = 825  # TLS server certificates: the CA/Browser Forum's former maximum; renew by re-provisioning
-CURVE = ec.SECP384R1()  # Flower's SuperNode authentication requires a NIST EC curve; P-384 as documented
+CURVE = keys.CURVE  # the CA and the server certificate use the site keys' curve (P-384)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -124,28 +128,47 @@ def make_server_cert(pki: Path, names: Iterable[str]) -> tuple[Path, Path]:
     return key_path, cert_path
 
 
-def make_site_key(pki: Path, site: str) -> tuple[Path, Path]:
-    """The site's EC P-384 key pair in OpenSSH format (kept if present)."""
-    priv, pub = site_key_paths(pki, site)
-    if priv.exists() and pub.exists():
-        return priv, pub
-    priv.parent.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(CURVE)
-    _write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
-    _write_public(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
-    return priv, pub
+def register_public_key(pki: str | Path, site: str, public_key: str | Path) -> Path:
+    """Copy the public key a hospital sent to ``sites/<site>/<site>_key.pub`` after checking it (a public EC
+    key on a NIST curve, not a private key, not already another site's). The same key again is a no-op; a
+    different key for a registered site is refused: rotating a site's identity is a deliberate act."""
+    key = keys.load_public_key(public_key)
+    fp = keys.fingerprint(key)
+    target = registered_key_path(pki, site)
+    owners = {s: f for s, f in public_keys(pki).items() if f == fp and s != site}
+    if owners:
+        raise ConfigError(public_key, f"this key is already registered for site {sorted(owners)[0]}: "
+                                      "every site needs its own key (osteo-keygen at that site)")
+    if target.exists():
+        if keys.fingerprint(keys.load_public_key(target)) == fp:
+            return target
+        raise ConfigError(target, f"site {site} already has a different registered key; remove this file "
+                                  "first to rotate it (and re-register with the SuperLink)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_public(target, keys.public_line(key, site))
+    return target
+
+
+def public_keys(pki: str | Path) -> dict[str, str]:
+    """site -> fingerprint of every registered public key under ``pki/sites``."""
+    out = {}
+    for path in sorted((Path(pki) / "sites").glob("*/*_key.pub")):
+        site = path.parent.name
+        if path == registered_key_path(pki, site):
+            out[site] = keys.fingerprint(keys.load_public_key(path))
+    return out
 
 
 def provision(pki: str | Path, sites: Iterable[str], san: Iterable[str]) -> dict[str, Path]:
-    """CA, server certificate and every site's key; returns the paths a deployment needs."""
+    """CA and server certificate; returns the paths a deployment needs, with the public key of every site
+    in ``sites`` that has sent one (``<site>_pub``). Never creates a site key."""
     pki = Path(pki)
     _, ca = make_ca(pki)
     server_key, server_cert = make_server_cert(pki, san)
     paths = {"ca": ca, "server_key": server_key, "server_cert": server_cert}
     for site in sites:
-        paths[f"{site}_key"], paths[f"{site}_pub"] = make_site_key(pki, site)
+        if registered_key_path(pki, site).exists():
+            paths[f"{site}_pub"] = registered_key_path(pki, site)
     return paths
 
 
@@ -170,10 +193,12 @@ def register_sites(pki: str | Path, sites: Iterable[str], connection: str, env: 
     known = registry.setdefault(database, {})
     out: dict[str, str] = {}
     for site in sites:
-        _, pub = site_key_paths(pki, site)
+        pub = registered_key_path(pki, site)
         if not pub.exists():
-            raise ConfigError(pub, f"no public key for site {site}: run osteo-provision first")
-        fingerprint = pub.read_text().split()[1]
+            raise ConfigError(pub, f"no public key for site {site}: the hospital runs `osteo-keygen --site "
+                                   f"{site}` and sends {pub.name}; register it with `osteo-provision "
+                                   f"--site-key {site}=<file>`")
+        fingerprint = keys.fingerprint(keys.load_public_key(pub))
         entry = known.get(site)
         if database and isinstance(entry, dict) and entry.get("key") == fingerprint:
             out[site] = str(entry.get("node_id", ""))

@@ -1,4 +1,5 @@
-"""Check every reply before Flower's strategy sees it: malformed or non-finite updates are rejected
+"""Check every reply before Flower's strategy sees it: a reply from a node that is not the site it claims
+to be (``identity``) is refused, malformed or non-finite updates are rejected
 (logged with the reason, never averaged), failed replies (a dropped site, a site whose privacy budget is
 spent) are reported, and metric records are trimmed to the key set all valid replies share, because
 Flower's aggregation refuses replies whose metric keys differ.
@@ -13,6 +14,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 
 from osteofl.protocol import NUM_EXAMPLES
+from osteofl.server.identity import Identities
 
 
 @dataclass
@@ -20,15 +22,6 @@ class Screened:
     accepted: list[Message] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)  # {"node", "site", "reason"}
     failed: list[dict[str, str]] = field(default_factory=list)    # error replies (dropped, budget spent)
-
-
-def site_of(msg: Message) -> str:
-    """The site a reply names (its ConfigRecord "site"), else "node-<id>"."""
-    if not msg.has_error():
-        for record in msg.content.config_records.values():
-            if "name" in record:
-                return str(record["name"])
-    return f"node-{msg.metadata.src_node_id}"
 
 
 def _problem(msg: Message, expected: Mapping[str, tuple[int, ...]] | None) -> str | None:
@@ -63,19 +56,25 @@ def _problem(msg: Message, expected: Mapping[str, tuple[int, ...]] | None) -> st
     return None
 
 
-def screen(replies: Iterable[Message], expected: Mapping[str, tuple[int, ...]] | None) -> Screened:
+def screen(replies: Iterable[Message], expected: Mapping[str, tuple[int, ...]] | None,
+           identities: Identities) -> Screened:
     """Split replies into accepted / rejected / failed. ``expected`` = shared key -> shape for train
-    replies (their arrays are checked), None for evaluate replies (metrics only)."""
+    replies (their arrays are checked), None for evaluate replies (metrics only). Sites are named by
+    ``identities`` (their registered key), never by what a reply says."""
     out = Screened()
+    replies = list(replies)
+    refused = identities.check(replies)
     for msg in replies:
-        if msg.has_error():
-            out.failed.append({"node": str(msg.metadata.src_node_id), "site": site_of(msg), "reason": msg.error.reason})
-            continue
-        reason = _problem(msg, expected)
-        if reason is None:
-            out.accepted.append(msg)
+        node = msg.metadata.src_node_id
+        who = {"node": str(node), "site": identities.name_of(node)}
+        if node in refused:
+            out.rejected.append({**who, "reason": f"identity: {refused[node]}"})
+        elif msg.has_error():
+            out.failed.append({**who, "reason": msg.error.reason})
+        elif (reason := _problem(msg, expected)) is not None:
+            out.rejected.append({**who, "reason": reason})
         else:
-            out.rejected.append({"node": str(msg.metadata.src_node_id), "site": site_of(msg), "reason": reason})
+            out.accepted.append(msg)
     out.accepted = _common_metric_keys(out.accepted)
     return out
 

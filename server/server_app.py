@@ -29,10 +29,11 @@ from osteo_model.config import compose
 from osteo_model.constants import HUI_1997
 from osteo_model.errors import ConfigError, StateError
 from osteofl import protocol
-from osteofl.protocol import CONFIG, METRICS, OVERRIDES, PHASE, RESUME, ROUND, SPLIT, phase_of
+from osteofl.protocol import CONFIG, METRICS, N_SITES, OVERRIDES, PHASE, RESUME, ROUND, RUN_ID, SPLIT, phase_of
 from osteofl.server import checkpoint as ckpt
 from osteofl.server.history import History, write_json
-from osteofl.server.screening import metrics_of, screen, site_info, site_of
+from osteofl.server.identity import Identities
+from osteofl.server.screening import metrics_of, screen, site_info
 from osteofl.server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 ANY_MANUFACTURER = sorted(HUI_1997)[0]
@@ -58,14 +59,25 @@ def run_dir(cfg: DictConfig) -> Path:
 class Federation:
     """One federated run on a Grid (deployment or simulation)."""
 
-    def __init__(self, grid: Grid, cfg: DictConfig) -> None:
-        self.grid, self.cfg = grid, cfg
+    def __init__(self, grid: Grid, cfg: DictConfig, run_id: int = 0) -> None:
+        self.grid, self.cfg, self.run_id = grid, cfg, int(run_id)
         self.fed = cfg.federation
         self.total_rounds = int(self.fed.ssl_rounds) + int(self.fed.task_rounds)
         self.timeout = float(self.fed.round_timeout)
         self.dir = run_dir(cfg)
         self.ckpt_dir = self.dir / "checkpoints"
         self.strategy = build_strategy(cfg)
+        self.identities = Identities(grid, str(self.fed.identity), cfg.paths.pki)
+        self.identity: dict[int, str] = self.identities.identity  # node id -> site, bound to its key at the handshake
+
+    def name_of(self, node_id: int) -> str:
+        """The site a node is (its registered key, or in simulation its first declared name; server/identity.py),
+        ``node-<id>`` if it was never identified. A reply's own claim is not trusted."""
+        return self.identities.name_of(node_id)
+
+    def round_config(self, values: dict[str, Any]) -> ConfigRecord:
+        """The server's CONFIG record of a train/evaluate message: the round's values plus the run's identity."""
+        return ConfigRecord({**values, RUN_ID: str(self.run_id), N_SITES: len(self.identities.sources)})
 
     # --- start --------------------------------------------------------------------------------------
     def wait_for_sites(self) -> list[int]:
@@ -80,13 +92,13 @@ class Federation:
         nodes = self.wait_for_sites()
         msgs = [Message(RecordDict({CONFIG: ConfigRecord({PHASE: "handshake"})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
-        replies = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None)
+        replies = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None, self.identities)
         for f in replies.failed + replies.rejected:
             log(WARNING, "handshake: site %s did not answer usably: %s", f["site"], f["reason"])
         if len(replies.accepted) < int(self.fed.min_available_nodes):
             raise ConfigError(None, f"handshake: only {len(replies.accepted)} sites answered; "
                                     f"federation.min_available_nodes={self.fed.min_available_nodes}")
-        infos = {str(site_info(m)["name"]): (site_info(m), m.content[METRICS]) for m in replies.accepted}
+        infos = {self.name_of(m.metadata.src_node_id): (site_info(m), m.content[METRICS]) for m in replies.accepted}
         fingerprints = {site: (int(i["n_features"]), str(i["features_sha256"])) for site, (i, _) in infos.items()}
         if len(set(fingerprints.values())) != 1:
             raise ConfigError(None, f"sites disagree on the radiomic feature set {fingerprints}: "
@@ -147,17 +159,18 @@ class Federation:
     # --- rounds -------------------------------------------------------------------------------------
     def train_round(self, rnd: int, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> dict[str, np.ndarray]:
         phase = record["phase"]
-        config = ConfigRecord({PHASE: phase, ROUND: rnd})
+        config = self.round_config({PHASE: phase, ROUND: rnd})
         msgs = self.strategy.configure_train(rnd, to_record(arrays), config, self.grid)
         got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout),
-                     {k: v.shape for k, v in arrays.items()})
+                     {k: v.shape for k, v in arrays.items()}, self.identities)
         for r in got.rejected:
             log(WARNING, "round %d: REJECTED update from %s (node %s): %s", rnd, r["site"], r["node"], r["reason"])
         for f in got.failed:
             log(WARNING, "round %d: no update from %s: %s", rnd, f["site"], f["reason"])
         record.update(rejected=got.rejected, failed=got.failed,
-                      site_train={site_of(m): metrics_of(m) for m in got.accepted},
-                      upload_bytes={site_of(m): protocol.record_nbytes(next(iter(m.content.array_records.values())))
+                      site_train={self.name_of(m.metadata.src_node_id): metrics_of(m) for m in got.accepted},
+                      upload_bytes={self.name_of(m.metadata.src_node_id):
+                                    protocol.record_nbytes(next(iter(m.content.array_records.values())))
                                     for m in got.accepted})
         need = int(self.fed.min_train_replies)
         if len(got.accepted) < need:
@@ -175,17 +188,19 @@ class Federation:
         return new
 
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], split: str) -> tuple[dict, dict]:
-        config = ConfigRecord({SPLIT: split, ROUND: rnd})
+        config = self.round_config({SPLIT: split, ROUND: rnd})
         msgs = self.strategy.configure_evaluate(rnd, to_record(arrays), config, self.grid)
-        got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None)
+        got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None, self.identities)
         for f in got.failed + got.rejected:
             log(WARNING, "round %d: no evaluation from %s: %s", rnd, f["site"], f["reason"])
-        per_site = {site_of(m): metrics_of(m) for m in got.accepted}
+        per_site = {self.name_of(m.metadata.src_node_id): metrics_of(m) for m in got.accepted}
         agg = self.strategy.aggregate_evaluate(rnd, got.accepted) if got.accepted else None
         return dict(agg or {}), per_site
 
     def run(self) -> History:
         first, arrays, history, meta = self.start_state()
+        self.identities.sources.update(meta.get("identity") or {})  # resumed: the sites admitted before
+        meta["identity"] = self.identities.sources  # site -> what named it ("key" | "declared"), checkpointed
         t0 = time.time()
         for rnd in range(first, self.total_rounds + 1):
             phase = phase_of(rnd, self.cfg)
@@ -193,6 +208,7 @@ class Federation:
             arrays = self.train_round(rnd, arrays, record)
             record["evaluate"], record["site_eval"] = self.evaluate(rnd, arrays, str(self.fed.eval_split))
             record["seconds"] = round(time.time() - t0, 2)
+            record["identity"] = dict(self.identities.sources)
             history.add(record)
             history.save(self.dir, plot=False)  # JSON/CSV every round; the PNG once at the end
             ckpt.save_checkpoint(self.ckpt_dir, ckpt.Checkpoint(
@@ -228,7 +244,7 @@ def make_server_app(extra_overrides: Sequence[str] = ()) -> ServerApp:
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         cfg = compose(run_config_overrides(context, extra))
-        Federation(grid, cfg).run()
+        Federation(grid, cfg, run_id=context.run_id).run()
 
     return server_app
 

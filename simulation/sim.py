@@ -68,7 +68,9 @@ def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Calla
     log(f"federated run '{label}' ({n_sites} simulated sites) ...")
     t0 = time.perf_counter()
     run_simulation(
-        server_app=make_server_app(overrides), client_app=make_client_app(overrides), num_supernodes=n_sites,
+        # simulated nodes hold no keys: each is the site its first reply names, duplicates refused
+        server_app=make_server_app([*overrides, "federation.identity=declared"]),
+        client_app=make_client_app(overrides), num_supernodes=n_sites,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                         "init_args": {"include_dashboard": False, "log_to_driver": True}},
     )

@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.proto.node_pb2 import NodeInfo
 
 from cache_factory import make_site_cache
 
@@ -23,9 +24,10 @@ def make_caches(root: Path, sites: dict[str, str] = SITES, n_patients: int = 10)
 
 
 def small_overrides(root: Path, **extra: object) -> list[str]:
-    """A model and federation small enough for a unit test on CPU."""
+    """A model and federation small enough for a unit test on CPU. In-process grids hold no node keys, so
+    sites are named by their first reply (``federation.identity=declared``) unless a test says ``key``."""
     out = [
-        f"paths.root={root}",
+        f"paths.root={root}", "federation.identity=declared",
         "model.channels=[4,8]", "model.embed_dim=16", "model.expert_hidden=8", "model.num_shared_experts=2",
         "train.batch_size=8", "federation.ssl_rounds=1", "federation.task_rounds=1",
         "federation.local_steps=2", "federation.round_timeout=60",
@@ -35,7 +37,8 @@ def small_overrides(root: Path, **extra: object) -> list[str]:
 
 
 class LocalGrid:
-    """A Grid that runs the ClientApp in-process for node ids 1..N (site i for node i)."""
+    """A Grid that runs the ClientApp in-process for node ids 1..N (site i for node i). ``registered``
+    plays Flower's node registry (``Grid.get_nodes``): node id -> (registered name, PEM public key)."""
 
     def __init__(self, client_app: ClientApp, sites: Iterable[str], run_config: dict | None = None) -> None:
         self.app = client_app
@@ -44,6 +47,11 @@ class LocalGrid:
         self.drop: set[str] = set()                        # sites whose process "dies" mid-round
         self.tamper: Callable[[str, Message], None] | None = None  # edits a train reply in place
         self.sent: list[Message] = []                      # every reply that left a site
+        self.registered: dict[int, tuple[str, bytes]] = {}
+
+    def get_nodes(self) -> list[NodeInfo]:
+        return [NodeInfo(node_id=n, name=self.registered.get(n, ("", b""))[0],
+                         public_key=self.registered.get(n, ("", b""))[1]) for n in self.nodes]
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)

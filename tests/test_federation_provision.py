@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,42 +14,106 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from osteo_model.config import compose
+from osteo_model.errors import ConfigError
+from osteofl import keys
 from osteofl.client import cli as client_cli
+from osteofl.client import keygen_cli
+from osteofl.protocol import site_key_dir, site_key_paths
 from osteofl.runtime import flower_env
 from osteofl.server import cli as server_cli
-from osteofl.server import provision
+from osteofl.server import provision, provision_cli
 
 
-def test_provision_creates_ca_server_cert_and_p384_site_keys(tmp_path: Path) -> None:
-    paths = provision.provision(tmp_path, ["site_a", "site_b"], ["127.0.0.1", "fl.example.org"])
+def _hospital_key(tmp_path: Path, site: str) -> Path:
+    """A site's key pair made at the hospital (osteo-keygen's code); returns its public key file."""
+    return keys.make_site_key(tmp_path / "hospitals" / site, site)[1]
+
+
+def test_provision_creates_ca_and_server_cert_and_registers_public_keys_only(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    for site in ("site_a", "site_b"):
+        provision.register_public_key(pki, site, _hospital_key(tmp_path, site))
+    paths = provision.provision(pki, ["site_a", "site_b", "site_c"], ["127.0.0.1", "fl.example.org"])
     ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
     server = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
     assert server.issuer == ca.subject
     ca.public_key().verify(server.signature, server.tbs_certificate_bytes,
                            ec.ECDSA(server.signature_hash_algorithm))  # signed by our CA
-    assert set(provision.server_sans(tmp_path)) == {"127.0.0.1", "fl.example.org"}
+    assert set(provision.server_sans(pki)) == {"127.0.0.1", "fl.example.org"}
+    assert stat.S_IMODE((pki / "ca.key").stat().st_mode) == 0o600
+    assert "site_c_pub" not in paths  # site_c has not sent its key yet
     for site in ("site_a", "site_b"):
-        private = serialization.load_ssh_private_key(paths[f"{site}_key"].read_bytes(), password=None)
         public = serialization.load_ssh_public_key(paths[f"{site}_pub"].read_bytes())
-        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-        assert public.public_numbers() == private.public_key().public_numbers()
-        assert stat.S_IMODE(paths[f"{site}_key"].stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
+        assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+    # the coordinator's folder holds no site's private key: every file under sites/ is a public key
+    assert sorted(p.name for p in (pki / "sites").rglob("*") if p.is_file()) == ["site_a_key.pub", "site_b_key.pub"]
+    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in (pki / "sites").rglob("*") if p.is_file())
 
 
-def test_provision_is_idempotent_and_reissues_only_on_new_names(tmp_path: Path) -> None:
-    first = provision.provision(tmp_path, ["site_a"], ["127.0.0.1"])
-    snapshot = {k: p.read_bytes() for k, p in first.items()}
-    again = provision.provision(tmp_path, ["site_a", "site_b"], ["127.0.0.1"])
-    assert all(again[k].read_bytes() == v for k, v in snapshot.items())  # nothing rotated by accident
-    assert again["site_b_key"].exists()
-    provision.provision(tmp_path, ["site_a"], ["127.0.0.1", "localhost"])
-    assert first["server_cert"].read_bytes() != snapshot["server_cert"]
-    assert first["ca"].read_bytes() == snapshot["ca"] and first["site_a_key"].read_bytes() == snapshot["site_a_key"]
+def test_site_keys_are_private_and_fingerprints_match_openssh(tmp_path: Path) -> None:
+    private, public = keys.make_site_key(tmp_path / "keys", "site_a")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and stat.S_IMODE(private.parent.stat().st_mode) == 0o700
+    key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert keys.load_public_key(public).public_numbers() == key.public_key().public_numbers()
+    before = private.read_bytes()
+    assert keys.make_site_key(tmp_path / "keys", "site_a") == (private, public)
+    assert private.read_bytes() == before  # kept, never rotated by a second run
+    if shutil.which("ssh-keygen"):  # the fingerprint a hospital can check with standard tools
+        out = subprocess.run(["ssh-keygen", "-lf", str(public)], capture_output=True, text=True, check=True).stdout
+        assert keys.fingerprint(keys.load_public_key(public)) == out.split()[1]
+
+
+def test_provision_refuses_private_keys_shared_keys_and_silent_rotation(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pub_a = _hospital_key(tmp_path, "site_a")
+    with pytest.raises(ConfigError, match="PRIVATE key"):  # the hospital sent the wrong file
+        provision.register_public_key(pki, "site_a", pub_a.with_suffix(""))
+    (tmp_path / "junk.pub").write_text("ssh-rsa nonsense\n")
+    with pytest.raises(ConfigError, match="not an OpenSSH public key"):
+        provision.register_public_key(pki, "site_a", tmp_path / "junk.pub")
+    target = provision.register_public_key(pki, "site_a", pub_a)
+    assert provision.register_public_key(pki, "site_a", pub_a) == target  # the same key again: a no-op
+    with pytest.raises(ConfigError, match="already registered for site site_a"):
+        provision.register_public_key(pki, "site_b", pub_a)
+    with pytest.raises(ConfigError, match="already has a different registered key"):
+        provision.register_public_key(pki, "site_a", _hospital_key(tmp_path, "other"))
+    assert list(provision.public_keys(pki)) == ["site_a"]
+
+
+def test_keygen_at_the_site_then_provision_shows_the_same_fingerprint(tmp_path: Path, capsys) -> None:
+    root = [f"paths.root={tmp_path}"]
+    assert keygen_cli.main(["--site", "site_a", *root]) == 0
+    out = capsys.readouterr().out
+    private, public = site_key_paths(tmp_path / "data" / "state" / "site_a" / "keys", "site_a")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    fingerprint = next(line.split()[-1] for line in out.splitlines() if line.startswith("fingerprint:"))
+    assert public.read_text().strip() in out and fingerprint.startswith("SHA256:")
+    assert provision_cli.main(["--sites", "site_a,site_b", "--site-key", f"site_a={public}", *root]) == 0
+    out = capsys.readouterr().out
+    assert f"site_a: registered public key {fingerprint}" in out and "site_b: no public key yet" in out
+    pki_files = [p for p in (tmp_path / "data" / "pki").rglob("*") if p.is_file()]
+    assert not [p for p in pki_files if b"PRIVATE KEY" in p.read_bytes() and p.name not in ("ca.key", "server.key")]
+    # the private key itself is refused, in one line
+    assert provision_cli.main(["--sites", "site_a", "--site-key", f"site_a={private}", *root]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "PRIVATE key" in err and "\n" not in err
+
+
+def test_generate_site_keys_puts_each_private_key_in_its_site_folder(tmp_path: Path, capsys) -> None:
+    root = [f"paths.root={tmp_path}", "federation.sites=[site_a,site_b]"]
+    assert provision_cli.main(["--generate-site-keys", *root]) == 0
+    fingerprints = provision.public_keys(tmp_path / "data" / "pki")
+    assert set(fingerprints) == {"site_a", "site_b"}
+    for site in ("site_a", "site_b"):
+        private, public = site_key_paths(site_key_dir(tmp_path / "data" / "state" / site), site)
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+        assert keys.fingerprint(keys.load_public_key(public)) == fingerprints[site]
+    assert not list((tmp_path / "data" / "pki" / "sites").rglob("*_key"))
 
 
 def test_register_is_idempotent_per_database(tmp_path: Path, monkeypatch) -> None:
-    provision.provision(tmp_path, ["site_a"], ["127.0.0.1"])
+    provision.register_public_key(tmp_path, "site_a", _hospital_key(tmp_path, "site_a"))
     calls: list[list[str]] = []
 
     class Done:
@@ -65,7 +131,9 @@ def test_register_is_idempotent_per_database(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_register_failure_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
-    provision.provision(tmp_path, ["site_a"], ["127.0.0.1"])
+    with pytest.raises(ConfigError, match="osteo-keygen --site site_a"):  # no public key sent yet
+        provision.register_sites(tmp_path, ["site_a"], "osteofl", {}, "/db")
+    provision.register_public_key(tmp_path, "site_a", _hospital_key(tmp_path, "site_a"))
 
     class Failed:
         returncode, stdout, stderr = 1, "", "connection refused"
@@ -103,8 +171,11 @@ def test_client_supernode_command_uses_site_key_and_root_cert(tmp_path: Path) ->
     with pytest.raises(client_cli.OsteoError, match="root certificate missing"):
         client_cli.supernode_command(args, cfg)
     provision.provision(cfg.paths.pki, ["site_a"], ["127.0.0.1"])
+    with pytest.raises(client_cli.OsteoError, match="run `osteo-keygen --site site_a`"):
+        client_cli.supernode_command(args, cfg)
+    keys.make_site_key(site_key_dir(cfg.site.state_dir), "site_a")
     cmd = client_cli.supernode_command(args, cfg)
-    assert cmd[cmd.index("--auth-supernode-private-key") + 1].endswith("sites/site_a/site_a_key")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1].endswith("state/site_a/keys/site_a_key")
     assert cmd[cmd.index("--root-certificates") + 1].endswith("ca.pem") and "--insecure" not in cmd
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # the SuperNode's own API stays on loopback
     assert "site='site_a'" in cmd[cmd.index("--node-config") + 1]

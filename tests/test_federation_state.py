@@ -14,6 +14,7 @@ from osteo_model.config import compose
 from osteo_model.errors import ConfigError, StateError
 from osteofl.client.state_store import SiteState, StateStore
 from osteofl.server import checkpoint as ckpt
+from osteofl.server.identity import Identities
 from osteofl.server.screening import screen
 from osteofl.server.strategies import build_strategy, restore_strategy_state, strategy_state
 
@@ -116,7 +117,7 @@ def test_screen_rejects_bad_updates_and_aligns_metric_keys() -> None:
         _reply(7, good, {"num-examples": 0}, "g"),
         _reply(8, None, {"num-examples": 3}, "h"),
     ]
-    out = screen(replies, expected)
+    out = screen(replies, expected, Identities(None, "declared", "unused"))
     assert [m.metadata.src_node_id for m in out.accepted] == [1, 2]
     reasons = {r["site"]: r["reason"] for r in out.rejected}
     assert set(reasons) == {"c", "d", "e", "f", "g", "h"}
