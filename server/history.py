@@ -30,10 +30,13 @@ def _clean(value: Any) -> Any:
 class History:
     """Round records: {"round", "phase", "train": {...}, "evaluate": {...} (aggregated by the strategy),
     "site_train": {site: {...}}, "site_eval": {site: {...}} (each site's own reply, incl. its epsilon),
-    "rejected": [...], "failed": [...], "upload_bytes": {site: n}, "identity": {site: "key" | "declared"}}.
+    "rejected": [...], "failed": [...], "upload_bytes": {site: n},
+    "eval_failed": [...] (sites that did not evaluate), "clipped": [{"site", "ratio"}] and "weights": {site: w}
+    (server/robust.py), "aggregate_rejected": reason (no checkpoint that round), "stopped": why the run ended}.
+    Every entry of a failed/rejected list is {"node", "site", "reason"}; a site asked but silent is one too.
     Sites are keyed by their identity (server/identity.py: the key they authenticated with, or in simulation
-    the first name they declared), never by what a reply says; "identity" records which of the two named
-    each site that round."""
+    the first name they declared), never by what a reply says; "identity": {site: "key" | "declared"} records
+    which of the two named each site that round."""
 
     def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
         self.records: list[dict[str, Any]] = list(records or [])

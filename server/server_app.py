@@ -29,12 +29,12 @@ from osteo_model.config import compose
 from osteo_model.constants import HUI_1997
 from osteo_model.errors import ConfigError, StateError
 from osteofl import protocol
-from osteofl.protocol import CONFIG, METRICS, N_SITES, OVERRIDES, PHASE, RESUME, ROUND, RUN_ID, SPLIT, phase_of
-from osteofl.server import checkpoint as ckpt
+from osteofl.protocol import CONFIG, METRICS, N_SITES, NUM_EXAMPLES, OVERRIDES, PHASE, RESUME, ROUND, RUN_ID, SPLIT, phase_of
+from osteofl.server import checkpoint as ckpt, robust
 from osteofl.server.history import History, write_json
 from osteofl.server.identity import Identities
-from osteofl.server.screening import metrics_of, screen, site_info
-from osteofl.server.strategies import build_strategy, restore_strategy_state, strategy_state
+from osteofl.server.screening import Screened, metrics_of, screen, site_info
+from osteofl.server.strategies import build_strategy, min_robust_replies, restore_strategy_state, strategy_state
 
 ANY_MANUFACTURER = sorted(HUI_1997)[0]
 """Shared arrays do not depend on the DXA manufacturer (it only sets local parts), so the server builds
@@ -67,8 +67,11 @@ class Federation:
         self.dir = run_dir(cfg)
         self.ckpt_dir = self.dir / "checkpoints"
         self.strategy = build_strategy(cfg)
+        self.robust = robust.RobustConfig.from_cfg(self.fed.get("robust") or {})
         self.identities = Identities(grid, str(self.fed.identity), cfg.paths.pki)
         self.identity: dict[int, str] = self.identities.identity  # node id -> site, bound to its key at the handshake
+        self.site_sizes: dict[str, dict[str, Any]] = {}  # site -> split sizes it reported at the handshake
+        self.spent: set[int] = set()  # nodes whose privacy budget is spent: they will never train again
 
     def name_of(self, node_id: int) -> str:
         """The site a node is (its registered key, or in simulation its first declared name; server/identity.py),
@@ -160,73 +163,145 @@ class Federation:
     def train_round(self, rnd: int, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> dict[str, np.ndarray]:
         phase = record["phase"]
         config = self.round_config({PHASE: phase, ROUND: rnd})
-        msgs = self.strategy.configure_train(rnd, to_record(arrays), config, self.grid)
-        got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout),
-                     {k: v.shape for k, v in arrays.items()}, self.identities)
+        msgs = list(self.strategy.configure_train(rnd, to_record(arrays), config, self.grid))
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        got = self.screened(msgs, replies, {k: v.shape for k, v in arrays.items()})
+        self.spent |= {int(m.metadata.src_node_id) for m in replies
+                       if m.has_error() and m.error.code == protocol.ERROR_BUDGET_SPENT}
+        got.accepted = self.bounded(rnd, phase, arrays, got, record)
         for r in got.rejected:
             log(WARNING, "round %d: REJECTED update from %s (node %s): %s", rnd, r["site"], r["node"], r["reason"])
         for f in got.failed:
             log(WARNING, "round %d: no update from %s: %s", rnd, f["site"], f["reason"])
         record.update(rejected=got.rejected, failed=got.failed,
                       site_train={self.name_of(m.metadata.src_node_id): metrics_of(m) for m in got.accepted},
-                      upload_bytes={self.name_of(m.metadata.src_node_id):
-                                    protocol.record_nbytes(next(iter(m.content.array_records.values())))
+                      upload_bytes={self.name_of(m.metadata.src_node_id): protocol.record_nbytes(_arrays_of(m))
                                     for m in got.accepted})
-        need = int(self.fed.min_train_replies)
+        need = max(int(self.fed.min_train_replies), int(min_robust_replies(self.strategy)))
         if len(got.accepted) < need:
-            log(WARNING, "round %d: %d valid updates < federation.min_train_replies=%d; global model unchanged",
-                rnd, len(got.accepted), need)
+            log(WARNING, "round %d: %d valid updates < %d needed (federation.min_train_replies, strategy %s); "
+                "global model unchanged", rnd, len(got.accepted), need, self.fed.strategy)
             return arrays
+        before = strategy_state(self.strategy)
         agg, train_metrics = self.strategy.aggregate_train(rnd, got.accepted)
         record["train"] = dict(train_metrics or {})
         if agg is None:
             return arrays
         new = protocol.record_to_numpy(agg)
-        if not all(np.all(np.isfinite(v)) for v in new.values()):
-            log(WARNING, "round %d: aggregate is non-finite; global model unchanged", rnd)
+        problem = robust.aggregate_problem(arrays, new, self.robust.max_global_change)
+        if problem:
+            log(WARNING, "round %d: aggregate REFUSED (%s): global model unchanged, no checkpoint", rnd, problem)
+            record["aggregate_rejected"] = problem
+            restore_strategy_state(self.strategy, before)  # FedAdam's moments must not keep the refused step
             return arrays
         return new
 
-    def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], split: str) -> tuple[dict, dict]:
+    def screened(self, msgs: list[Message], replies: list[Message], shapes: dict | None) -> Screened:
+        """Screen replies; failures and rejections carry the site's handshake name, and every site that
+        was asked but never answered (dropped, timed out) is a failure too."""
+        got = screen(replies, shapes, self.identities)
+        answered = {int(m.metadata.src_node_id) for m in replies}
+        got.failed += [{"node": str(n), "site": self.name_of(n), "reason": f"no reply within {self.timeout:g} s"}
+                       for n in sorted({int(m.metadata.dst_node_id) for m in msgs} - answered)]
+        return got
+
+    def bounded(self, rnd: int, phase: str, arrays: dict[str, np.ndarray], got: Screened,
+                record: dict[str, Any]) -> list[Message]:
+        """Apply server/robust.py to the accepted updates in place, before the strategy sees them: reject or
+        clip each update's change, and cap each aggregation weight by the pool size reported at the handshake."""
+        by_node = {int(m.metadata.src_node_id): m for m in got.accepted}
+        updates = {n: protocol.record_to_numpy(_arrays_of(m)) for n, m in by_node.items()}
+        bounded = robust.bound_updates(updates, arrays, self.robust)
+        for r in bounded.rejected:
+            got.rejected.append({"node": str(r["site"]), "site": self.name_of(r["site"]), "reason": r["reason"]})
+        record["clipped"] = []
+        for c in bounded.clipped:
+            node = c["site"]
+            log(WARNING, "round %d: CLIPPED update from %s: change %.3g x the round's median change "
+                "(federation.robust.max_update_norm=%g)", rnd, self.name_of(node), c["ratio"], c["bound"])
+            record["clipped"].append({"node": str(node), "site": self.name_of(node), "ratio": c["ratio"]})
+            name = next(iter(by_node[node].content.array_records))
+            by_node[node].content[name] = to_record(bounded.updates[node])
+        split = "n_unlabeled" if phase == "ssl" else "n_train"
+        kept = {n: by_node[n] for n in bounded.updates}
+        claimed = {n: float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for n, m in kept.items()}
+        caps = {n: self.site_sizes.get(self.name_of(n), {}).get(split) for n in kept}
+        weights = robust.aggregation_weights(claimed, caps, self.robust.weights)
+        for n, m in kept.items():
+            if weights[n] != claimed[n]:
+                log(INFO, "round %d: %s claimed %s=%g, weighted %g (federation.robust.weights=%s)",
+                    rnd, self.name_of(n), NUM_EXAMPLES, claimed[n], weights[n], self.robust.weights)
+            next(iter(m.content.metric_records.values()))[NUM_EXAMPLES] = weights[n]
+        record["weights"] = {self.name_of(n): w for n, w in weights.items()}
+        return list(kept.values())
+
+    def too_few_can_train(self, rnd: int) -> str | None:
+        """Why the run must end after ``rnd``: fewer sites than federation.min_train_replies can still train
+        (a spent privacy budget never comes back), so every further round would train nothing."""
+        able = {int(n) for n in self.grid.get_node_ids()} - self.spent
+        need = int(self.fed.min_train_replies)
+        if not self.spent or len(able) >= need:
+            return None
+        return (f"run ended after round {rnd} of {self.total_rounds}: {len(able)} site(s) can still train, fewer "
+                f"than federation.min_train_replies={need} (privacy budget spent: "
+                f"{', '.join(sorted(self.name_of(n) for n in self.spent))})")
+
+    def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], split: str) -> tuple[dict, dict, list[dict]]:
+        """(aggregate metrics, each site's metrics, the sites that did not evaluate and why)."""
         config = self.round_config({SPLIT: split, ROUND: rnd})
-        msgs = self.strategy.configure_evaluate(rnd, to_record(arrays), config, self.grid)
-        got = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None, self.identities)
+        msgs = list(self.strategy.configure_evaluate(rnd, to_record(arrays), config, self.grid))
+        got = self.screened(msgs, list(self.grid.send_and_receive(msgs, timeout=self.timeout)), None)
         for f in got.failed + got.rejected:
             log(WARNING, "round %d: no evaluation from %s: %s", rnd, f["site"], f["reason"])
         per_site = {self.name_of(m.metadata.src_node_id): metrics_of(m) for m in got.accepted}
         agg = self.strategy.aggregate_evaluate(rnd, got.accepted) if got.accepted else None
-        return dict(agg or {}), per_site
+        return dict(agg or {}), per_site, got.failed + got.rejected
 
     def run(self) -> History:
         first, arrays, history, meta = self.start_state()
+        self.site_sizes = dict(meta.get("site_sizes") or {})
         self.identities.sources.update(meta.get("identity") or {})  # resumed: the sites admitted before
         meta["identity"] = self.identities.sources  # site -> what named it ("key" | "declared"), checkpointed
         t0 = time.time()
+        stopped = None
         for rnd in range(first, self.total_rounds + 1):
             phase = phase_of(rnd, self.cfg)
             record: dict[str, Any] = {"round": rnd, "phase": phase}
             arrays = self.train_round(rnd, arrays, record)
-            record["evaluate"], record["site_eval"] = self.evaluate(rnd, arrays, str(self.fed.eval_split))
+            record["evaluate"], record["site_eval"], record["eval_failed"] = self.evaluate(
+                rnd, arrays, str(self.fed.eval_split))
             record["seconds"] = round(time.time() - t0, 2)
             record["identity"] = dict(self.identities.sources)
+            stopped = self.too_few_can_train(rnd) if rnd < self.total_rounds else None
+            if stopped:
+                record["stopped"] = stopped
             history.add(record)
             history.save(self.dir, plot=False)  # JSON/CSV every round; the PNG once at the end
-            ckpt.save_checkpoint(self.ckpt_dir, ckpt.Checkpoint(
-                rnd, phase, arrays, strategy_state(self.strategy), {**meta, "history": history.records}),
-                keep=int(self.fed.keep_checkpoints))
+            if "aggregate_rejected" not in record:  # a refused aggregate never becomes a checkpoint
+                ckpt.save_checkpoint(self.ckpt_dir, ckpt.Checkpoint(
+                    rnd, phase, arrays, strategy_state(self.strategy), {**meta, "history": history.records}),
+                    keep=int(self.fed.keep_checkpoints))
             eps = {s: m.get("epsilon") for s, m in record.get("site_train", {}).items()}
-            log(INFO, "[round %d/%d %s] train %s | eval %s | epsilon %s | %d rejected, %d failed",
+            log(INFO, "[round %d/%d %s] train %s | eval %s | epsilon %s | %d rejected, %d clipped, %d failed",
                 rnd, self.total_rounds, phase, _short(record.get("train")), _short(record["evaluate"]),
-                _short(eps), len(record["rejected"]), len(record["failed"]))
+                _short(eps), len(record["rejected"]), len(record.get("clipped", [])), len(record["failed"]))
+            if stopped:
+                log(WARNING, "%s", stopped)
+                break
         history.save(self.dir)
         if not self.fed.final_eval_split:
             return history
-        final_agg, final_sites = self.evaluate(self.total_rounds, arrays, str(self.fed.final_eval_split))
+        final_agg, final_sites, final_failed = self.evaluate(self.total_rounds, arrays, str(self.fed.final_eval_split))
         final = {"round": self.total_rounds, "split": str(self.fed.final_eval_split),
-                 "aggregate": final_agg, "sites": final_sites, **{k: v for k, v in meta.items() if k != "history"}}
+                 "aggregate": final_agg, "sites": final_sites, "failed": final_failed,
+                 **({"stopped": stopped} if stopped else {}), **{k: v for k, v in meta.items() if k != "history"}}
         write_json(self.dir / "final_metrics.json", final)
         log(INFO, "final %s metrics per site: %s", self.fed.final_eval_split, {s: _short(m) for s, m in final_sites.items()})
         return history
+
+
+def _arrays_of(msg: Message) -> ArrayRecord:
+    return next(iter(msg.content.array_records.values()))
 
 
 def _short(metrics: dict | None) -> str:

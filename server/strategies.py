@@ -75,9 +75,12 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+    """Set the strategy's cross-round state to ``state`` (an attribute absent there is reset to None: the
+    state before the first aggregation, or before a refused one)."""
     for attr in _STATEFUL_ATTRS:
         values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attr}/")}
-        if values:
-            if not hasattr(strategy, attr):
+        if not hasattr(strategy, attr):
+            if values:
                 raise ConfigError(None, f"checkpoint holds {attr} but strategy {type(strategy).__name__} has none")
-            setattr(strategy, attr, values)
+            continue
+        setattr(strategy, attr, values or None)
