@@ -40,7 +40,7 @@ from osteo_model.screening import (
 )
 
 CSV_COLUMNS = ("study_id", "source", "level", "evaluable", "reason", "hu_mean", "hu_median", "sbmd", "bmd", "t_score",
-               "t_low", "t_high", "category", "p_osteoporosis", "flags", "interval_note", "l1_hu_rule",
+               "t_low", "t_high", "category", "p_osteoporosis", "flags", "interval_note", "l1_hu", "l1_hu_rule",
                "l1_totalseg_flag", "image")
 
 
@@ -190,7 +190,7 @@ def _csv_rows(reports: list[StudyReport]) -> list[dict[str, Any]]:
         p = r.patient
         rows.append({"study_id": r.study_id, "source": r.source, "level": "patient", "evaluable": p.evaluable,
                      "reason": p.reason, "bmd": p.bmd, "t_score": p.t_score, "t_low": p.t_low, "t_high": p.t_high,
-                     "category": p.category, "hu_mean": p.l1_hu, "flags": "; ".join(r.flags),
+                     "category": p.category, "l1_hu": p.l1_hu, "flags": "; ".join(r.flags),
                      "interval_note": p.interval_note, "l1_hu_rule": p.l1_hu_rule,
                      "l1_totalseg_flag": p.l1_totalseg_flag, "image": r.image})
     return rows
@@ -218,19 +218,18 @@ def run_predict(cfg: DictConfig, model_path: str | Path | None = None, study_ids
     model = models_from_checkpoint(state, cfg, new_sites=None if local else {site: manufacturer})[site]
     device = resolve_device(cfg)
     ref = site_reference(model, data, cfg.predict, device)
-    cached_map = data.cache.manifest.get("label_map") if data is not None else None
-    label_map = {str(k): int(v) for k, v in cached_map.items()} if cached_map else label_map_from_cfg(cfg.site)
+    label_map = label_map_from_cfg(cfg.site)  # what osteo-prepare uses for this site
     writer = _Writer(Path(out_dir or cfg.predict.out_dir), model_card(state, path, site, local), label_map, cfg.predict)
     if data is not None and (study_ids or not new_cts):
         _prepared(writer, model, data, cfg, study_ids, ref, device, progress)
     for ct_path, labels_path in tqdm(new_cts, desc="new CTs", unit="study", disable=not progress or len(new_cts) < 2):
-        study, ct, label_arr = _new_ct(Path(ct_path), Path(labels_path), cfg, label_map_from_cfg(cfg.site))
+        study, ct, label_arr = _new_ct(Path(ct_path), Path(labels_path), cfg, label_map)
         writer.add(screen(model, [study], ref, cfg.predict, device)[0], study, ct, label_arr)
     return writer.finish(site, progress)
 
 
 def _prepared(writer: _Writer, model, data: SiteData, cfg: DictConfig, study_ids, ref: Reference, device: str,
               progress: bool) -> None:
-    studies = prepared_studies(data, Path(cfg.site.dir), _study_table(cfg), study_ids)
+    studies = prepared_studies(data, _study_table(cfg), study_ids)
     for report, study in zip(screen(model, studies, ref, cfg.predict, device), studies):
         writer.add(report, study)

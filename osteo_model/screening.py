@@ -25,7 +25,7 @@ from osteo_model.constants import LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, TOTALSEG_OST
 from osteo_model.dataset import SiteData
 from osteo_model.metrics import OSTEOPOROSIS, patient_level
 from osteo_model.model import OsteoNet, feature_stats
-from osteo_model.quarantine import LEVEL_EXCLUDED
+from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED
 from osteo_model.training import predict
 
 RESEARCH_USE = "Research use only: not a medical device, not for diagnosis or treatment decisions."
@@ -166,20 +166,20 @@ def quarantine_reasons(cache_dir: Path) -> tuple[dict[str, dict[str, str]], dict
     for r in q.itertuples():
         if r.action == LEVEL_EXCLUDED and r.level:
             levels[r.case][r.level] = r.reason
-        elif r.action == "quarantined":
+        elif r.action == QUARANTINED:
             studies[r.case] = r.reason
     return levels, studies
 
 
-def prepared_studies(data: SiteData, site_dir: Path, study_table: pd.DataFrame | None,
+def prepared_studies(data: SiteData, study_table: pd.DataFrame | None,
                      study_ids: Sequence[str] | None = None) -> list[StudyInput]:
     """The site's prepared studies (all, or ``study_ids`` in that order); a requested study that is not in
     the cache is reported with osteo-prepare's reason. ``study_table``: the site's studies.csv rows
-    (study_id, ct, labels), for the image; None when it cannot be read."""
+    (study_id and the resolved ct, labels paths), for the image; None when it cannot be read."""
     table = data.cache.table
     by_study = {s: np.asarray(idx) for s, idx in table.groupby("study_id", sort=False).indices.items()}
     level_reasons, study_reasons = quarantine_reasons(data.cache.path)
-    files = {} if study_table is None else {r.study_id: (site_dir / r.ct, site_dir / r.labels) for r in study_table.itertuples()}
+    files = {} if study_table is None else {r.study_id: (Path(r.ct), Path(r.labels)) for r in study_table.itertuples()}
     out = []
     for sid in list(study_ids) if study_ids else list(by_study):
         rows = by_study.get(sid, np.zeros(0, dtype=int))
