@@ -8,7 +8,9 @@ expert, calibration head, optimiser and privacy accountant in the site's state f
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
+from typing import Sequence
 
 from osteo_model.cache import SiteCache
 from osteo_model.cli._common import run_cli
@@ -32,10 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def supernode_command(args: argparse.Namespace, cfg) -> list[str]:
+def _node_overrides(overrides: Sequence[str]) -> str:
+    """The hospital's own overrides as the node config's "overrides" (TOML string): the ClientApp composes
+    the site's policy and privacy floor from them (client/policy.py), never from the run config."""
+    text = shlex.join(overrides)
+    if '"' in text or "\\" in text:
+        raise OsteoError(None, "an osteo-client override holds a double quote or a backslash; put it in site.yaml instead")
+    return f' overrides="{text}"' if text else ""
+
+
+def supernode_command(args: argparse.Namespace, cfg, overrides: Sequence[str] = ()) -> list[str]:
     pki = Path(cfg.paths.pki)
     node_config = (f"site='{args.site}' cache-dir='{Path(cfg.site.cache_dir).resolve()}' "
-                   f"state-dir='{Path(cfg.site.state_dir).resolve()}' site-dir='{Path(cfg.site.dir).resolve()}'")
+                   f"state-dir='{Path(cfg.site.state_dir).resolve()}' site-dir='{Path(cfg.site.dir).resolve()}'"
+                   + _node_overrides(overrides))
     cmd = ["flower-supernode", "--superlink", args.superlink or str(cfg.federation.superlink.address),
            "--port", str(args.local_port), "--host", "127.0.0.1", "--node-config", node_config]
     if args.insecure:
@@ -54,7 +66,7 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """Check the site and the SuperLink's transport, then run the SuperNode until it ends or we are stopped."""
     cfg = compose_site([*overrides, f"site.name={args.site}"])
     cache = SiteCache.open(cfg.site.cache_dir)  # fail early, in one line, if the site is not prepared
-    cmd = supernode_command(args, cfg)
+    cmd = supernode_command(args, cfg, overrides)
     address = cmd[cmd.index("--superlink") + 1]
     ca = None if args.insecure else Path(cmd[cmd.index("--root-certificates") + 1])
     mismatch = superlink_mismatch(address, ca)

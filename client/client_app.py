@@ -1,30 +1,38 @@
 """The hospital side of the federation: a Flower ClientApp on the Message API.
 
 Three handlers:
-- ``query``: the handshake: the site's feature count (so the server can build the same network) and a
-  fingerprint of the feature names (so sites with different radiomics settings are caught early);
+- ``query``: the handshake: the site's feature count (so the server can build the same network), a
+  fingerprint of the feature names (so sites with different radiomics settings are caught early) and
+  rounded split sizes; no feature statistic of any kind (standardisation is site-local);
 - ``train``: load the global shared arrays over the site's own local expert and calibration head, train
   a few steps of the round's phase ("ssl" or "task"), save the local state, reply with ONLY the shared
   arrays and scalar metrics;
 - ``evaluate``: the global shared arrays plus the site's local parts, judged on the site's split; only
   aggregate metrics are returned.
-Every reply also names the site in a ConfigRecord so the server can keep per-site histories.
+Every reply also names the site in a ConfigRecord so the server can keep per-site histories, and leaves
+through ``answer``: the site's own policy (client/policy.py: shared keys only, its DP floor, minimum
+cohort, sanitised error texts) and its audit log (client/audit.py).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from logging import INFO, WARNING
+from typing import Callable, Sequence
 
-import numpy as np
-import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore import log
 
-from osteo_model import checkpoints, model as osteo, training
+from osteo_model import checkpoints, proximal, training
+from osteo_model.cache import SiteCache
 from osteofl import protocol
-from osteofl.protocol import ARRAYS, CONFIG, ERROR_BUDGET_SPENT, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, SITE, SPLIT
+from osteofl.protocol import (
+    ARRAYS, CONFIG, ERROR_BUDGET_SPENT, ERROR_POLICY_REFUSED, ERROR_SITE_FAILED, METRICS, NUM_EXAMPLES, PHASE,
+    PROXIMAL_MU, SITE, SPLIT, WITHHELD,
+)
+from osteofl.client import audit, policy
 from osteofl.client.dp import PrivacySession
-from osteofl.client.site_session import SiteSession
+from osteofl.client.site_session import SiteSession, site_config
 
 
 def _metric_record(values: dict[str, float], num_examples: int) -> MetricRecord:
@@ -55,22 +63,30 @@ def handle_query(message: Message, context: Context, extra: Sequence[str] = ()) 
             "payload_sha256": protocol.payload_fingerprint(session.model, session.cfg),
         }
     )
-    return Message(RecordDict({SITE: info, METRICS: _feature_moments(session)}), reply_to=message)
+    sizes, withheld = _split_sizes(session)
+    if withheld:
+        info[WITHHELD] = "; ".join(withheld)
+    return Message(RecordDict({SITE: info, METRICS: sizes}), reply_to=message)
 
 
-def _feature_moments(session: SiteSession) -> MetricRecord:
-    """Per-feature count, sum and sum of squares over the site's whole pool: enough for the server to
-    standardise the radiomic targets with pooled statistics, and aggregate over hundreds of vertebrae
-    (no per-patient value). Split sizes ride along for the run log."""
-    f = np.asarray(session.data.cache.features, dtype=np.float64)
-    finite = np.isfinite(f)
-    f = np.where(finite, f, 0.0)
-    record = MetricRecord({f"n_{k}": len(v) for k, v in session.data.splits.items()})
-    record[NUM_EXAMPLES] = len(f)
-    record["feat_n"] = finite.sum(0).astype(float).tolist()
-    record["feat_sum"] = f.sum(0).tolist()
-    record["feat_sumsq"] = (f**2).sum(0).tolist()
-    return record
+def _split_sizes(session: SiteSession) -> tuple[MetricRecord, list[str]]:
+    """Split sizes for the run log, in vertebrae rounded up to policy.COUNT_QUANTUM; a split with fewer
+    patients than the site's minimum cohort is withheld. No feature statistic leaves: each site
+    standardises its SSL targets on its own unlabeled rows (osteo_model.model.site_feature_stats)."""
+    record = MetricRecord({NUM_EXAMPLES: 1})  # Flower's weighting key; a handshake weighs nothing
+    withheld = []
+    for name, rows in sorted(session.data.splits.items()):
+        if reason := policy.withheld(session.data, name, session.cfg):
+            withheld.append(reason)
+        else:
+            record[f"n_{name}"] = policy.rounded_count(len(rows))
+    return record, withheld
+
+
+def _withheld(message: Message, site: str, reason: str) -> Message:
+    """A valid reply without any aggregate: the server records the site as withheld, not as failed."""
+    content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 0}), SITE: ConfigRecord({"name": site, WITHHELD: reason})})
+    return Message(content, reply_to=message)
 
 
 def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
@@ -84,6 +100,9 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
             f"{session.cfg.privacy.epsilon_budget}); not training any more"
         )
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=reason), reply_to=message)
+    if reason := policy.withheld(session.data, _pool(phase), session.cfg):
+        return _withheld(message, session.site, reason)
+    policy.check_payload(session.model, session.cfg, protocol.payload_keys(session.model, session.cfg))
 
     protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
     recipe = training.Recipe({session.site: session.model}, session.cfg,
@@ -91,7 +110,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     recipe.restore(session.state.optimizer)
     recipe.begin(phase, training.index_in_phase(session.cfg, phase, int(config[protocol.ROUND])))
     optimizer = recipe.optimizer
-    _attach_proximal_term(optimizer, session, float(config.get(PROXIMAL_MU, 0.0)))
+    proximal.attach_proximal_term(optimizer, session.model, float(config.get(PROXIMAL_MU, 0.0)))
     steps = session.cfg.federation.local_steps
     private = privacy.attach(optimizer, phase)
     metrics = training.train_steps(
@@ -108,28 +127,14 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     return _reply(message, session.site, record, protocol.payload_record(session.model, session.cfg))
 
 
-def _attach_proximal_term(optimizer: torch.optim.Optimizer, session: SiteSession, mu: float) -> None:
-    """FedProx's client side: add mu * (w - w_global) to the shared parameters' gradients before every
-    step (the gradient of mu/2 ||w - w_global||^2). Flower's FedProx only sends "proximal-mu"; applying
-    it is the client's job. Under DP-SGD the term is added after clipping and noise (it depends on no
-    data, so it costs no privacy)."""
-    if mu <= 0:
-        return
-    anchors = [(p, p.detach().clone()) for p in osteo.shared_parameters(session.model)]
-
-    def add_proximal(_optimizer, _args, _kwargs) -> None:
-        with torch.no_grad():
-            for p, anchor in anchors:
-                if p.grad is not None:
-                    p.grad.add_(p.detach() - anchor, alpha=mu)
-
-    optimizer.register_step_pre_hook(add_proximal)
+def _pool(phase: str) -> str:
+    """The split a phase trains on."""
+    return "unlabeled" if phase == "ssl" else "train"
 
 
 def _pool_size(session: SiteSession, phase: str) -> int:
     """Aggregation weight: the size of the site's pool for this phase (FedAvg's n_k)."""
-    split = "unlabeled" if phase == "ssl" else "train"
-    return len(session.data.splits[split])
+    return len(session.data.splits[_pool(phase)])
 
 
 def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
@@ -138,6 +143,8 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
     metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
     _keep_site_model(message, session, split, metrics)
+    if reason := policy.withheld(session.data, split, session.cfg):
+        return _withheld(message, session.site, reason)
     n = int(metrics.get("num_examples", len(session.data.splits.get(split, ()))))
     return _reply(message, session.site, _metric_record(metrics, n))
 
@@ -154,6 +161,51 @@ def _keep_site_model(message: Message, session: SiteSession, split: str, metrics
                                 model_cfg=cfg.model, crop=cache.manifest.get("crop"), card=card)
 
 
+Handler = Callable[[Message, Context, Sequence[str]], Message]
+
+
+def answer(kind: str, handler: Handler, message: Message, context: Context, extra: Sequence[str]) -> Message:
+    """Run a handler and vet what leaves the site: a policy refusal or any failure becomes an Error reply
+    whose reason is sanitised (no paths, no patient or study ids; Flower would otherwise send the raw
+    exception text), refusals and withheld replies are logged here, and every reply is appended to the
+    site's audit log before it is sent."""
+    try:
+        reply = handler(message, context, extra)
+    except policy.PolicyRefusal as exc:
+        reply = Message(Error(code=ERROR_POLICY_REFUSED, reason=exc.reason), reply_to=message)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the server gets a clean one-line reason
+        log(WARNING, "%s failed at this site: %s: %s", kind, type(exc).__name__, exc)
+        reply = Message(Error(code=ERROR_SITE_FAILED, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+    try:
+        site, cfg = site_config(context, extra)
+    except Exception:  # noqa: BLE001 - a broken config is already in the reply
+        site, cfg = str(context.node_config.get(protocol.NODE_SITE, "unknown")), None
+    if reply.has_error():
+        reason = policy.sanitise(reply.error.reason, _identifiers(cfg))
+        reply = Message(Error(code=reply.error.code, reason=reason), reply_to=message)
+        if reply.error.code == ERROR_POLICY_REFUSED:
+            log(WARNING, "site %s REFUSED %s: %s", site, kind, reason)
+    elif reason := protocol.withheld_reason(reply):
+        log(INFO, "site %s withheld its %s aggregates: %s", site, kind, reason)
+    state_dir = cfg.site.state_dir if cfg is not None else context.node_config.get(protocol.NODE_STATE_DIR)
+    config = message.content.config_records.get(CONFIG) if not message.has_error() else None
+    rnd = config.get(protocol.ROUND) if config is not None else None
+    if state_dir:
+        audit.append(state_dir, audit.entry(reply, site=site, kind=kind, rnd=None if rnd is None else int(rnd)))
+    else:
+        log(WARNING, "site %s: no state folder known, %s reply not audited", site, kind)
+    return reply
+
+
+def _identifiers(cfg) -> set[str]:
+    """The site's patient and study ids (to scrub from error texts); none when the cache cannot be read."""
+    try:
+        table = SiteCache.open(cfg.site.cache_dir).table
+        return {str(v) for col in ("patient_id", "study_id") if col in table for v in table[col].dropna()}
+    except Exception:  # noqa: BLE001 - a broken cache: paths are scrubbed anyway
+        return set()
+
+
 def make_client_app(extra_overrides: Sequence[str] = ()) -> ClientApp:
     """A ClientApp whose handlers compose the config with ``extra_overrides`` (simulation uses this)."""
     client_app = ClientApp()
@@ -161,15 +213,15 @@ def make_client_app(extra_overrides: Sequence[str] = ()) -> ClientApp:
 
     @client_app.query()
     def _query(message: Message, context: Context) -> Message:
-        return handle_query(message, context, extra)
+        return answer("query", handle_query, message, context, extra)
 
     @client_app.train()
     def _train(message: Message, context: Context) -> Message:
-        return handle_train(message, context, extra)
+        return answer("train", handle_train, message, context, extra)
 
     @client_app.evaluate()
     def _evaluate(message: Message, context: Context) -> Message:
-        return handle_evaluate(message, context, extra)
+        return answer("evaluate", handle_evaluate, message, context, extra)
 
     return client_app
 

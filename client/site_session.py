@@ -19,19 +19,14 @@ from omegaconf import DictConfig
 from osteo_model import dataset, model as osteo
 from osteo_model.config import compose_site, resolve_device
 from osteo_model.errors import ConfigError
+from osteofl.client import policy
 from osteofl.client.state_store import SiteState, StateStore
 from osteofl.protocol import NODE_CACHE_DIR, NODE_SITE, NODE_SITE_DIR, NODE_STATE_DIR, OVERRIDES
 
 
-
-def overrides_from(context: Context, extra: Sequence[str] = ()) -> list[str]:
-    """Hydra overrides: the run's, then the node's, then the app's own (simulation)."""
-    out: list[str] = []
-    for source in (context.run_config, context.node_config):
-        value = source.get(OVERRIDES)
-        if value:
-            out += shlex.split(str(value))
-    return out + list(extra)
+def _overrides(config) -> list[str]:
+    value = config.get(OVERRIDES)
+    return shlex.split(str(value)) if value else []
 
 
 @functools.lru_cache(maxsize=32)
@@ -44,28 +39,39 @@ def cached_compose(overrides: Sequence[str]) -> DictConfig:
     return copy.deepcopy(_compose(tuple(overrides)))
 
 
+@functools.lru_cache(maxsize=32)
+def _effective(run: tuple[str, ...], own: tuple[str, ...]) -> DictConfig:
+    return policy.effective_config(_compose(run), _compose(own))
+
+
 def site_config(context: Context, extra: Sequence[str] = ()) -> tuple[str, DictConfig]:
-    """The site this node plays and its composed config (site.name, cache and state folders set)."""
-    overrides = overrides_from(context, extra)
+    """The site this node plays and its effective config (client/policy.py): the run's request (run config
+    overrides) made no looser than the site's own configuration, composed from its site.yaml and the
+    node's overrides (``osteo-client --site X <overrides>``) alone. ``extra`` (the app's own overrides,
+    tests) is code running at the site, so it counts on both sides; so does the run config of a node of
+    Flower's simulation engine (``partition-id``): a simulated site has no hospital behind it, its
+    operator is the simulation's."""
     node = context.node_config
+    run = [*_overrides(context.run_config), *extra]
+    own = [*(run if "partition-id" in node else extra), *_overrides(node)]
     if NODE_SITE in node:
         site = str(node[NODE_SITE])
     elif "partition-id" in node:  # Flower's simulation engine numbers its virtual nodes
-        sites = list(cached_compose(overrides).federation.sites)
+        sites = list(cached_compose(own).federation.sites)
         pid = int(node["partition-id"])
         if pid >= len(sites):
             raise ConfigError(None, f"simulation node {pid} has no site: federation.sites = {sites}")
         site = str(sites[pid])
     else:
         raise ConfigError(None, f"node config has no '{NODE_SITE}' (osteo-client --site X sets it)")
-    overrides.append(f"site.name={site}")
+    folders = [f"site.name={site}"]
     if NODE_CACHE_DIR in node:
-        overrides.append(f"site.cache_dir={node[NODE_CACHE_DIR]}")
+        folders.append(f"site.cache_dir={node[NODE_CACHE_DIR]}")
     if NODE_STATE_DIR in node:
-        overrides.append(f"site.state_dir={node[NODE_STATE_DIR]}")
+        folders.append(f"site.state_dir={node[NODE_STATE_DIR]}")
     if NODE_SITE_DIR in node:  # where the hospital's site.yaml lives (its own settings)
-        overrides.append(f"site.dir={node[NODE_SITE_DIR]}")
-    return site, cached_compose(overrides)
+        folders.append(f"site.dir={node[NODE_SITE_DIR]}")
+    return site, copy.deepcopy(_effective(tuple(run + folders), tuple(own + folders)))
 
 
 @dataclass
@@ -81,6 +87,7 @@ class SiteSession:
     @classmethod
     def open(cls, context: Context, extra: Sequence[str] = ()) -> "SiteSession":
         site, cfg = site_config(context, extra)
+        policy.check_request(cfg)
         data = dataset.load_site_data(cfg.site.cache_dir, cfg)
         device = resolve_device(cfg)
         model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer).to(device)
@@ -88,6 +95,8 @@ class SiteSession:
         state = store.load()
         if state.local:  # a site that never trained keeps the fresh local expert (sensible default)
             osteo.load_local(model, state.local)
+        else:  # before its first step: standardise the SSL targets on its own unlabeled rows (kept in state)
+            osteo.standardise_on_site(model, data)
         return cls(site, cfg, data, model, store, state, device)
 
     def save(self) -> None:

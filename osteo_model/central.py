@@ -3,8 +3,9 @@
 All training sites' caches are pooled: one set of shared modules, one local expert and calibration head
 per site (model.build_site_models), batches interleaved across sites. Self-supervision first, then the
 multi-task phase; a checkpoint after every epoch (atomic) from which ``train.resume=true`` carries on.
-``train.pretrained=<checkpoint>`` starts from another run's self-supervised encoder, SSL head and feature
-statistics (e.g. train.ssl_epochs=0 to go straight to the supervised phase).
+``train.pretrained=<checkpoint>`` starts from another run's self-supervised encoder and SSL head (e.g.
+train.ssl_epochs=0 to go straight to the supervised phase). Each site's model standardises its SSL
+targets on that site's own unlabeled rows (model.site_feature_stats), exactly as a federated site does.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-import numpy as np
 from omegaconf import OmegaConf
 
 from osteo_model.checkpoints import features_sha256, load_model_state, save_model_state
@@ -21,8 +21,7 @@ from osteo_model.config import resolve_device
 from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError, StateError
 from osteo_model.model import (
-    OsteoNet, build_site_models, feature_stats, load_local, load_pretrained, load_shared, local_state, set_feature_stats,
-    shared_state,
+    OsteoNet, build_site_models, load_local, load_pretrained, load_shared, local_state, shared_state, standardise_on_site,
 )
 from osteo_model.training import Recipe, evaluate, phase_lengths, train_pooled
 
@@ -48,11 +47,6 @@ def _crop_settings(datas: Mapping[str, SiteData]) -> dict | None:
     if len(crops) != 1:
         raise ConfigError(None, "site caches were prepared with different crop settings: re-run osteo-prepare with one crop config")
     return json.loads(crops.pop())
-
-
-def pooled_feature_stats(datas: Mapping[str, SiteData]) -> tuple[np.ndarray, np.ndarray]:
-    """Standardisation statistics over the pooled SSL rows of all training sites."""
-    return feature_stats(np.concatenate([np.asarray(d.cache.features[d.splits["unlabeled"]]) for d in datas.values()]))
 
 
 def _plan(cfg) -> list[tuple[str, int]]:
@@ -104,8 +98,8 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
             raise StateError(Path(pretrained), "pretrained with another radiomic feature set")
         load_pretrained(first, state["shared"])
         log(f"self-supervised weights from {pretrained}")
-    else:
-        set_feature_stats(first, *pooled_feature_stats(datas))
+    for site, model in models.items():
+        standardise_on_site(model, datas[site])
     recipe = Recipe(models, cfg, phase_lengths(cfg, federated=False), datas)
     plan, done, history = _plan(cfg), 0, []
     ckpt = out_dir / CHECKPOINT

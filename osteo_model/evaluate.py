@@ -16,6 +16,7 @@ from osteo_model.config import resolve_device
 from osteo_model.constants import LEVELS
 from osteo_model.dataset import SiteData
 from osteo_model.metrics import OSTEOPOROSIS, compute_metrics
+from osteo_model.model import standardise_on_site
 from osteo_model.central import models_from_checkpoint
 from osteo_model.checkpoints import check_compatible
 from osteo_model.training import fit_local, predict
@@ -97,6 +98,8 @@ def evaluate_checkpoint(
     empty = empty_split_sites(datas, split)
     new = {s: d.manufacturer for s, d in datas.items() if s not in state["manufacturers"]}
     models = models_from_checkpoint(state, cfg, new_sites=new)
+    for site in new:  # a new site standardises its SSL targets on its own unlabeled rows
+        standardise_on_site(models[site], datas[site])
     report: dict[str, dict[str, float]] = {}
     pool = _Pool()
     for site, data in datas.items():

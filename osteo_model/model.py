@@ -12,7 +12,7 @@ exactly the shared mixture, and training a site's local expert can only move its
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
@@ -24,12 +24,17 @@ from osteo_model.constants import CATEGORIES, HUI_1997, LEVELS, T_NORMAL_MIN, T_
 from osteo_model.errors import StateError
 from osteo_model.networks import build_encoder
 
-SHARED_PREFIXES: tuple[str, ...] = ("encoder.", "ssl_head.", "feature_norm.", "gate.", "shared_experts.", "heads.")
-"""Aggregated across sites: encoder, SSL head, feature standardisation buffers, gate, shared experts, heads."""
-LOCAL_PREFIXES: tuple[str, ...] = ("local_expert.", "calibration.")
-"""Never leave the site: the DXA-device-specific expert and the calibration head."""
+if TYPE_CHECKING:
+    from osteo_model.dataset import SiteData
 
-PRETRAINED_PREFIXES: tuple[str, ...] = ("encoder.", "ssl_head.", "feature_norm.")
+SHARED_PREFIXES: tuple[str, ...] = ("encoder.", "ssl_head.", "gate.", "shared_experts.", "heads.")
+"""Aggregated across sites: encoder, SSL head, gate, shared experts, heads."""
+LOCAL_PREFIXES: tuple[str, ...] = ("local_expert.", "calibration.", "feature_norm.")
+"""Never leave the site: the DXA-device-specific expert, the calibration head and the standardisation of
+the radiomic SSL targets (set from the site's own unlabeled rows, :func:`site_feature_stats`: no feature
+moment ever leaves a hospital, and per-site standardisation also removes scanner shifts from the targets)."""
+
+PRETRAINED_PREFIXES: tuple[str, ...] = ("encoder.", "ssl_head.")
 """What self-supervised pretraining produces and a supervised model (of any MoE variant) loads."""
 
 SBMD_CENTER, SBMD_SCALE = 1.0, 0.15
@@ -43,7 +48,7 @@ FEATURE_CLIP = 5.0
 
 
 class FeatureNorm(nn.Module):
-    """Standardisation statistics of the radiomic feature pool (shared buffers, set from training data)."""
+    """Standardisation of the radiomic SSL targets (site-local buffers, set from the site's unlabeled rows)."""
 
     def __init__(self, n_features: int) -> None:
         super().__init__()
@@ -242,6 +247,22 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32)
 
 
+def site_feature_stats(data: SiteData) -> tuple[np.ndarray, np.ndarray]:
+    """Standardisation of one site's SSL targets from its own unlabeled split (never val/test patients);
+    central and federated training and the evaluation of new sites all call this, so they standardise on
+    the same rows. A site without unlabeled rows keeps the identity (mean 0, SD 1)."""
+    rows = np.asarray(data.splits["unlabeled"])
+    n_features = np.asarray(data.cache.features).shape[1]
+    if not len(rows):
+        return np.zeros(n_features, np.float32), np.ones(n_features, np.float32)
+    return feature_stats(np.asarray(data.cache.features)[rows])
+
+
+def standardise_on_site(model: nn.Module, data: SiteData) -> None:
+    """Set ``model``'s (site-local) feature standardisation from the site's own unlabeled rows."""
+    set_feature_stats(model, *site_feature_stats(data))
+
+
 def load_pretrained(model: nn.Module, shared: Mapping[str, torch.Tensor]) -> list[str]:
     """Load the self-supervised part (PRETRAINED_PREFIXES) of another checkpoint's shared state; returns
     the keys loaded. StateError if the encoder does not match (other model config or feature set)."""
@@ -258,7 +279,7 @@ def set_sbmd_prior(model: nn.Module, mean_sbmd: float) -> None:
 
 
 def set_feature_stats(model: nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
-    """Set the shared feature standardisation buffers (before self-supervision)."""
+    """Set the site-local feature standardisation buffers (before self-supervision)."""
     norm = unwrap(model).feature_norm
     norm.mean.copy_(torch.as_tensor(mean, dtype=norm.mean.dtype))
     norm.std.copy_(torch.as_tensor(std, dtype=norm.std.dtype))

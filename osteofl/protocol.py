@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
 from omegaconf import DictConfig
 
 from osteo_model import model as osteo
@@ -35,6 +35,9 @@ PROXIMAL_MU = "proximal-mu"  # FedProx: Flower's key
 
 NUM_EXAMPLES = "num-examples"  # weighting key of Flower's strategies (in METRICS)
 ERROR_BUDGET_SPENT = 901       # Error.code of a site that stopped because its epsilon budget is spent
+ERROR_POLICY_REFUSED = 902     # the site's own policy refuses what the run asks (e.g. federation.share_all)
+ERROR_SITE_FAILED = 903        # anything else that failed at the site (reason stripped of paths and ids)
+WITHHELD = "withheld"          # SITE ConfigRecord field: why a reply carries no aggregate (cohort too small)
 
 # --- run_config (flower-server -> every app) and node_config (osteo-client -> its SuperNode) ------------
 OVERRIDES = "overrides"    # extra Hydra overrides as one shell-quoted string (run and node config)
@@ -99,6 +102,14 @@ def payload_fingerprint(model: torch.nn.Module, cfg: DictConfig) -> str:
     state = model.state_dict()
     spec = "\n".join(f"{k}:{tuple(state[k].shape)}:{state[k].dtype}" for k in payload_keys(model, cfg))
     return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def withheld_reason(msg: Message) -> str | None:
+    """Why a site withheld this reply's aggregates (a valid answer, not a failure), or None."""
+    if msg.has_error() or SITE not in msg.content.config_records:
+        return None
+    reason = msg.content.config_records[SITE].get(WITHHELD)
+    return None if reason is None else str(reason)
 
 
 def record_nbytes(record: ArrayRecord) -> int:

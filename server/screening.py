@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 
-from osteofl.protocol import NUM_EXAMPLES
+from osteofl.protocol import NUM_EXAMPLES, withheld_reason
 from osteofl.server.identity import Identities
 
 
@@ -22,6 +22,7 @@ class Screened:
     accepted: list[Message] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)  # {"node", "site", "reason"}
     failed: list[dict[str, str]] = field(default_factory=list)    # error replies (dropped, budget spent)
+    withheld: list[dict[str, str]] = field(default_factory=list)  # valid replies without aggregates (small cohort)
 
 
 def _problem(msg: Message, expected: Mapping[str, tuple[int, ...]] | None) -> str | None:
@@ -71,6 +72,8 @@ def screen(replies: Iterable[Message], expected: Mapping[str, tuple[int, ...]] |
             out.rejected.append({**who, "reason": f"identity: {refused[node]}"})
         elif msg.has_error():
             out.failed.append({**who, "reason": msg.error.reason})
+        elif (reason := withheld_reason(msg)) is not None:  # the site's minimum cohort: not a failure
+            out.withheld.append({**who, "reason": reason})
         elif (reason := _problem(msg, expected)) is not None:
             out.rejected.append({**who, "reason": reason})
         else:

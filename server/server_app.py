@@ -90,8 +90,9 @@ class Federation:
             time.sleep(1.0)
         return nodes
 
-    def handshake(self) -> tuple[int, np.ndarray, np.ndarray, dict[str, Any]]:
-        """Ask every connected site for its feature count and pooled feature moments."""
+    def handshake(self) -> tuple[int, dict[str, Any]]:
+        """Ask every connected site for its feature count, fingerprints and (rounded) split sizes. No feature
+        statistic is asked for: each site standardises its SSL targets on its own rows."""
         nodes = self.wait_for_sites()
         msgs = [Message(RecordDict({CONFIG: ConfigRecord({PHASE: "handshake"})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
@@ -112,23 +113,17 @@ class Federation:
         if differ:
             raise ConfigError(None, f"sites {differ} build a different network than the server "
                                     "(model config or osteofl version differs)")
-        n = np.sum([np.asarray(m["feat_n"]) for _, m in infos.values()], axis=0)
-        s = np.sum([np.asarray(m["feat_sum"]) for _, m in infos.values()], axis=0)
-        ss = np.sum([np.asarray(m["feat_sumsq"]) for _, m in infos.values()], axis=0)
-        mean = s / np.maximum(n, 1)
-        std = np.sqrt(np.maximum(ss / np.maximum(n, 1) - mean**2, 0.0))
-        std = np.where(std > 1e-8, std, 1.0)
         sizes = {site: {k: v for k, v in m.items() if k.startswith("n_")} for site, (_, m) in infos.items()}
-        log(INFO, "handshake: %d sites %s", len(infos), sizes)
-        return n_features, mean, std, sizes
+        withheld = {site: str(i[protocol.WITHHELD]) for site, (i, _) in infos.items() if protocol.WITHHELD in i}
+        log(INFO, "handshake: %d sites %s%s", len(infos), sizes, f"; withheld {withheld}" if withheld else "")
+        return n_features, sizes
 
     def reference_model(self, n_features: int) -> torch.nn.Module:
         return osteo.build_model(self.cfg, n_features, ANY_MANUFACTURER)
 
-    def initial_arrays(self, n_features: int, mean: np.ndarray, std: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-        """Global arrays of a fresh model (pooled feature standardisation); also the whole model's bytes."""
+    def initial_arrays(self, n_features: int) -> tuple[dict[str, np.ndarray], int]:
+        """Global arrays of a fresh model; also the whole model's bytes."""
         model = self.reference_model(n_features)
-        osteo.set_feature_stats(model, mean.astype(np.float32), std.astype(np.float32))
         record = protocol.payload_record(model, self.cfg)
         whole = sum(v.numel() * v.element_size() for v in model.state_dict().values())
         return protocol.record_to_numpy(record), int(whole)
@@ -149,8 +144,8 @@ class Federation:
             aside = self.ckpt_dir.with_name(f"checkpoints.previous-{time.strftime('%Y%m%d-%H%M%S')}")
             self.ckpt_dir.rename(aside)
             log(WARNING, "fresh run: earlier checkpoints moved to %s", aside)
-        n_features, mean, std, sizes = self.handshake()
-        arrays, whole = self.initial_arrays(n_features, mean, std)
+        n_features, sizes = self.handshake()
+        arrays, whole = self.initial_arrays(n_features)
         shared = int(sum(a.nbytes for a in arrays.values()))
         meta = {"strategy": str(self.fed.strategy), "n_features": n_features, "site_sizes": sizes,
                 "payload_bytes": shared, "whole_model_bytes": whole, "share_all": bool(self.fed.share_all),
@@ -173,7 +168,9 @@ class Federation:
             log(WARNING, "round %d: REJECTED update from %s (node %s): %s", rnd, r["site"], r["node"], r["reason"])
         for f in got.failed:
             log(WARNING, "round %d: no update from %s: %s", rnd, f["site"], f["reason"])
-        record.update(rejected=got.rejected, failed=got.failed,
+        for w in got.withheld:
+            log(INFO, "round %d: %s withheld its update: %s", rnd, w["site"], w["reason"])
+        record.update(rejected=got.rejected, failed=got.failed, withheld=got.withheld,
                       site_train={self.name_of(m.metadata.src_node_id): metrics_of(m) for m in got.accepted},
                       upload_bytes={self.name_of(m.metadata.src_node_id): protocol.record_nbytes(_arrays_of(m))
                                     for m in got.accepted})
@@ -254,6 +251,7 @@ class Federation:
         for f in got.failed + got.rejected:
             log(WARNING, "round %d: no evaluation from %s: %s", rnd, f["site"], f["reason"])
         per_site = {self.name_of(m.metadata.src_node_id): metrics_of(m) for m in got.accepted}
+        per_site.update({w["site"]: {"withheld": w["reason"]} for w in got.withheld})  # recorded, not failed
         agg = self.strategy.aggregate_evaluate(rnd, got.accepted) if got.accepted else None
         return dict(agg or {}), per_site, got.failed + got.rejected
 

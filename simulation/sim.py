@@ -92,7 +92,7 @@ def local_only(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]
     for site in sites:
         data = _load(cfg, site)
         model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer).to(device)
-        osteo.set_feature_stats(model, *osteo.feature_stats(np.asarray(data.cache.features)))
+        osteo.standardise_on_site(model, data)
         state[site] = (data, model, training.Recipe({site: model}, cfg, training.phase_lengths(cfg, True), {site: data}))
     round_seconds = []
     for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
@@ -116,7 +116,8 @@ def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None
     datas = central.load_sites(cfg, sites)
     models = osteo.build_site_models(cfg, next(iter(datas.values())).cache.features.shape[1],
                                      {s: d.manufacturer for s, d in datas.items()})
-    osteo.set_feature_stats(next(iter(models.values())), *central.pooled_feature_stats(datas))
+    for site, model in models.items():
+        osteo.standardise_on_site(model, datas[site])
     recipe = training.Recipe(models, cfg, training.phase_lengths(cfg, True), datas)
     round_seconds = []
     for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
@@ -194,7 +195,7 @@ def simulate(overrides: Sequence[str], log: Callable[[str], None] = print, basel
     report["round_seconds_flower"] = list(np.diff([0.0, *secs]))
     if baselines:
         report["seconds"]["fedavg_whole"] = run_federated(
-            fed_overrides("fedavg_whole", "federation.share_all=true"), len(sites), "FedAvg whole model", log)
+            fed_overrides("fedavg_whole", "federation.share_all=true", "site.policy.allow_share_all=true"), len(sites), "FedAvg whole model", log)
         results["fedavg_whole"] = json.loads((out / "fedavg_whole" / "final_metrics.json").read_text())["sites"]
         t0 = time.perf_counter()
         results["local_only"], report["round_seconds_no_flower"] = local_only(compose(fed_overrides("local")), sites, log)

@@ -15,8 +15,9 @@ from cache_factory import make_site_cache
 SITES = {"site_a": "hologic", "site_b": "ge_lunar", "site_c": "norland"}
 
 
-def make_caches(root: Path, sites: dict[str, str] = SITES, n_patients: int = 10) -> Path:
-    """Fake prepared caches under ``root/data/cache/<site>`` (the default paths.cache_root)."""
+def make_caches(root: Path, sites: dict[str, str] = SITES, n_patients: int = 34) -> Path:
+    """Fake prepared caches under ``root/data/cache/<site>`` (the default paths.cache_root). 34 patients
+    give every split at least 5 (the hard minimum cohort, client/policy.py), so metrics are not withheld."""
     for i, (site, manufacturer) in enumerate(sites.items()):
         make_site_cache(root / "data" / "cache" / site, site=site, n_patients=n_patients, size=12,
                         manufacturer=manufacturer, device_bias=0.02 * i, seed=i)
@@ -31,7 +32,7 @@ def small_overrides(root: Path, **extra: object) -> list[str]:
         "model.channels=[4,8]", "model.embed_dim=16", "model.expert_hidden=8", "model.num_shared_experts=2",
         "train.batch_size=8", "federation.ssl_rounds=1", "federation.task_rounds=1",
         "federation.local_steps=2", "federation.round_timeout=60",
-        f"federation.sites=[{','.join(SITES)}]",
+        f"federation.sites=[{','.join(SITES)}]", "site.policy.min_cohort=5",
     ]
     return out + [f"{k}={v}" for k, v in extra.items()]
 
@@ -40,10 +41,12 @@ class LocalGrid:
     """A Grid that runs the ClientApp in-process for node ids 1..N (site i for node i). ``registered``
     plays Flower's node registry (``Grid.get_nodes``): node id -> (registered name, PEM public key)."""
 
-    def __init__(self, client_app: ClientApp, sites: Iterable[str], run_config: dict | None = None) -> None:
+    def __init__(self, client_app: ClientApp, sites: Iterable[str], run_config: dict | None = None,
+                 node_overrides: dict[str, str] | None = None) -> None:
         self.app = client_app
         self.nodes = {i + 1: site for i, site in enumerate(sites)}
-        self.run_config = dict(run_config or {})
+        self.run_config = dict(run_config or {})                # the coordinator's (run config "overrides")
+        self.node_overrides = dict(node_overrides or {})        # site -> its own `osteo-client` overrides
         self.drop: set[str] = set()                        # sites whose process "dies" mid-round
         self.tamper: Callable[[str, Message], None] | None = None  # edits a train reply in place
         self.sent: list[Message] = []                      # every reply that left a site
@@ -62,7 +65,8 @@ class LocalGrid:
             site = self.nodes[msg.metadata.dst_node_id]
             if site in self.drop:
                 continue  # no reply at all: the round goes on without it
-            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"site": site},
+            node_config = {"site": site, **({"overrides": self.node_overrides[site]} if site in self.node_overrides else {})}
+            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=node_config,
                           state=RecordDict(), run_config=self.run_config)
             try:
                 reply = self.app(msg, ctx)

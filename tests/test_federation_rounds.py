@@ -236,8 +236,8 @@ def test_fedprox_pulls_updates_towards_the_global_model(root: Path) -> None:
                                          "federation.strategy_args.fedprox.proximal_mu": mu,
                                          "federation.run_name": name, "train.lr": 0.05,
                                          "federation.local_steps": 4, "paths.state_root": str(root / name)})
-        n_features, mean, std, _ = fed.handshake()
-        start, _ = fed.initial_arrays(n_features, mean, std)
+        n_features, _ = fed.handshake()
+        start, _ = fed.initial_arrays(n_features)
         fed.run()
         sent = [m for m in grid.sent if m.content.array_records]
         (record,) = sent[0].content.array_records.values()

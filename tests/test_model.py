@@ -22,8 +22,8 @@ def test_shared_and_local_partition_state_dict(cfg):
     shared, local = set(osteo.shared_keys(m)), set(osteo.local_keys(m))
     assert shared and local and not shared & local
     assert shared | local == set(m.state_dict())
-    assert any(k.startswith("feature_norm.") for k in shared)
-    assert {k.split(".")[0] for k in local} == {"local_expert", "calibration"}
+    assert not any(k.startswith("feature_norm.") for k in shared)  # feature moments never leave a site
+    assert {k.split(".")[0] for k in local} == {"local_expert", "calibration", "feature_norm"}
     n_local = sum(p.numel() for p in osteo.local_parameters(m))
     n_shared = sum(p.numel() for p in osteo.shared_parameters(m))
     assert n_local + n_shared == sum(p.numel() for p in m.parameters())
@@ -86,9 +86,9 @@ def test_site_models_share_shared_modules_only(cfg):
     assert models["b"].calibration.manufacturer == "ge_lunar"
 
 
-def test_no_moe_variant_has_only_calibration_local(tmp_path):
+def test_no_moe_variant_has_only_feature_norm_local(tmp_path):
     m = osteo.build_model(tiny_cfg(tmp_path, "model.moe=false", "model.calibration=fixed"), 6, "hologic")
-    assert osteo.local_keys(m) == [] and not hasattr(m, "gate")
+    assert osteo.local_keys(m) == ["feature_norm.mean", "feature_norm.std"] and not hasattr(m, "gate")
     assert m(_x())["gate"].shape == (3, 1)
 
 

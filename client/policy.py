@@ -1,0 +1,123 @@
+"""The hospital's own policy, enforced at the site before anything is sent.
+
+Two configurations meet at a site. The *site-owned* one is composed from the hospital's ``site.yaml`` and
+the overrides it gives ``osteo-client`` (the node config), never from anything the coordinator sends. The
+*run* one is the coordinator's request (the run config). :func:`effective_config` makes the request no
+looser than the site's policy: the server may ask for more privacy, never for less.
+
+- payload: shared keys only. A run asking for the whole model (``federation.share_all``) is refused unless
+  the site opted in itself (``site.policy.allow_share_all``, the simulation's baseline only).
+- privacy floor: DP is on when either side turns it on; noise is the larger, clipping norm, delta and
+  epsilon budget the smaller of the two. The site's accountant (its state file) is the ledger that counts.
+- minimum cohort: no aggregate over fewer than ``site.policy.min_cohort`` patients leaves (never below
+  :data:`HARD_MIN_COHORT`); the reply says "withheld" instead.
+- error texts that leave the site pass through :func:`sanitise` (no paths, no patient or study ids).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from osteo_model import model as osteo
+from osteo_model.dataset import SiteData
+from osteo_model.errors import ConfigError, OsteoError
+
+HARD_MIN_COHORT = 5
+"""No site can set ``site.policy.min_cohort`` lower: aggregates over fewer patients come close to
+per-patient values (small-cell suppression in health statistics uses thresholds of 5 to 11)."""
+COUNT_QUANTUM = 10
+"""Split sizes in the handshake are rounded up to a multiple of this (up, so that the server's cap on a
+site's aggregation weight never cuts an honest site), so one new study rarely changes them."""
+REASON_MAX_CHARS = 300
+
+
+class PolicyRefusal(OsteoError):
+    """The run asks for something the site's policy does not allow."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(None, reason)
+
+
+# --- config ------------------------------------------------------------------------------------------------
+def _privacy_floor(site: dict, run: dict) -> dict:
+    """DP settings no looser than either side's: on if either turns it on, then the stricter of each value."""
+    if not site.get("enabled"):
+        return run
+    if not run.get("enabled"):
+        return site
+    return {
+        **run, **site, "enabled": True,
+        "noise_multiplier": max(float(site["noise_multiplier"]), float(run["noise_multiplier"])),
+        "max_grad_norm": min(float(site["max_grad_norm"]), float(run["max_grad_norm"])),
+        "delta": min(float(site["delta"]), float(run["delta"])),
+        "epsilon_budget": min(float(site["epsilon_budget"]), float(run["epsilon_budget"])),
+    }
+
+
+def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
+    """The run's config with the site's own folders, device and policy and the privacy floor applied.
+    ``site`` is composed from the hospital's configuration only (site.yaml + node overrides)."""
+    own = OmegaConf.to_container(site, resolve=True)
+    min_cohort = int(own["site"]["policy"]["min_cohort"])
+    if min_cohort < HARD_MIN_COHORT:
+        raise ConfigError(None, f"site.policy.min_cohort={min_cohort} is below the hard floor {HARD_MIN_COHORT}")
+    requested = OmegaConf.to_container(run, resolve=True)
+    cfg = OmegaConf.create({
+        **requested, "paths": own["paths"], "site": own["site"], "device": own["device"],
+        "privacy": _privacy_floor(own["privacy"], requested["privacy"]),
+    })
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def check_request(cfg: DictConfig) -> None:
+    """Refuse a run that asks for the whole model when the site has not opted in to that baseline."""
+    if cfg.federation.share_all and not cfg.site.policy.allow_share_all:
+        raise PolicyRefusal("the run asks for the whole model (federation.share_all=true); this site's "
+                            "policy sends shared parameters only (site.policy.allow_share_all=false)")
+
+
+def check_payload(model, cfg: DictConfig, keys: Iterable[str]) -> None:
+    """Refuse to send any key outside the declared shared set (unless the site opted in to share_all)."""
+    allowed = set(osteo.shared_keys(model))
+    if cfg.site.policy.allow_share_all:
+        allowed |= set(osteo.local_keys(model))
+    outside = sorted(set(keys) - allowed)
+    if outside:
+        raise PolicyRefusal(f"payload holds {len(outside)} key(s) outside the shared set, e.g. {outside[0]}")
+
+
+# --- minimum cohort ------------------------------------------------------------------------------------------
+def patients_in(data: SiteData, split: str) -> int:
+    rows = data.splits.get(split, np.array([], dtype=int))
+    return int(data.cache.table["patient_id"].astype(str).iloc[rows].nunique()) if len(rows) else 0
+
+
+def withheld(data: SiteData, split: str, cfg: DictConfig) -> str | None:
+    """Why aggregates over ``split`` may not leave (fewer patients than the site's minimum), or None."""
+    need = int(cfg.site.policy.min_cohort)
+    if patients_in(data, split) < need:
+        return f"{split}: fewer than {need} patients (site.policy.min_cohort)"
+    return None
+
+
+def rounded_count(n: int) -> int:
+    return -(-int(n) // COUNT_QUANTUM) * COUNT_QUANTUM
+
+
+# --- error texts ---------------------------------------------------------------------------------------------
+_PATH = re.compile(r"""(?:file://)?(?:[A-Za-z]:[\\/]|\\\\|~[\\/]|/|\.{1,2}[\\/])[^\s'"<>|]*|[\w.-]+(?:[\\/][\w.-]+)+""")
+_ID_FIELD = re.compile(r"""(?i)\b(patient|study|subject|accession|mrn)([ _-]?(?:id|uid|number))?\b(\s*[:=]?\s*)['"]?[\w.-]+['"]?""")
+
+
+def sanitise(text: str, identifiers: Iterable[str] = ()) -> str:
+    """An error text fit to leave the site: file paths become ``<path>``, the site's patient/study ids
+    and any value labelled as one (``patient P0007``, ``study_id=...``) become ``<id>``; capped length."""
+    out = _PATH.sub("<path>", str(text))
+    for ident in sorted({str(i) for i in identifiers if len(str(i)) >= 3}, key=len, reverse=True):
+        out = re.sub(rf"(?<![\w]){re.escape(ident)}(?![\w])", "<id>", out)
+    out = _ID_FIELD.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}{m.group(3) or ' '}<id>", out)
+    return out if len(out) <= REASON_MAX_CHARS else out[: REASON_MAX_CHARS - 1] + "…"

@@ -1,0 +1,216 @@
+"""The hospital's own policy against a coordinator that asks for more than it may (client/policy.py,
+client/audit.py), tested on the real ClientApp/ServerApp in-process (LocalGrid): share_all refused,
+the site's DP floor and budget, the minimum cohort, no feature statistics in the handshake (the
+differencing attack), no local path in any reply, and an audit log that lists exactly what was sent."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from cache_factory import make_site_cache
+from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
+from osteo_model import central, dataset, model as osteo
+from osteo_model.cache import SiteCache, write_site_cache
+from osteo_model.config import compose
+from osteo_model.errors import ConfigError
+from osteofl import protocol
+from osteofl.client import audit, audit_cli, policy
+from osteofl.client.client_app import make_client_app
+from osteofl.server.server_app import Federation
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _federation(root: Path, sites=tuple(SITES), run: str = "", node: dict | None = None, **extra):
+    """``run``: the coordinator's overrides (run config); ``node``: each site's own `osteo-client` overrides."""
+    overrides = small_overrides(root, **extra)
+    grid = LocalGrid(make_client_app(overrides), sites, run_config={"overrides": run} if run else None,
+                     node_overrides=node)
+    return Federation(grid, compose([*overrides, *run.split()])), grid
+
+
+def _shrunk_cache(src: Path, dst: Path, n_rows: int) -> None:
+    """A copy of a cache with only its first ``n_rows`` vertebrae (a one- or two-vertebra site)."""
+    c = SiteCache.open(src)
+    write_site_cache(dst, c.table.iloc[:n_rows].copy(), np.asarray(c.crops[:n_rows]), np.asarray(c.masks[:n_rows]),
+                     np.asarray(c.features[:n_rows]), c.feature_names, {**c.manifest, "site": dst.name})
+
+
+def _handshake(app, site: str, overrides: list[str] | None = None) -> Message:
+    msg = Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.PHASE: "handshake"})}), dst_node_id=1,
+                  message_type=MessageType.QUERY)
+    node = {"site": site, **({"overrides": " ".join(overrides)} if overrides else {})}
+    return app(msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_caches(tmp_path)
+
+
+# --- units ----------------------------------------------------------------------------------------------------
+def test_sanitise_strips_paths_and_identifiers() -> None:
+    text = ("InputError: /srv/hospital/data/cache/site_a/index.csv: row of patient P-0007 (study_id=S123) "
+            "unreadable; see C:\\pacs\\exports\\x.dcm and data/sites/site_a/studies.csv")
+    out = policy.sanitise(text, identifiers={"P-0007", "S123", "site_a-p004"})
+    for leak in ("/srv", "hospital", "P-0007", "S123", "pacs", "x.dcm", "studies.csv", "data/sites"):
+        assert leak not in out, out
+    assert out.startswith("InputError: <path>") and "unreadable" in out
+    assert policy.sanitise("known id site_a-p004 failed", {"site_a-p004"}) == "known id <id> failed"
+    assert len(policy.sanitise("x" * 5000)) <= policy.REASON_MAX_CHARS
+
+
+def test_privacy_floor_takes_the_stricter_side_and_cohort_has_a_hard_floor(tmp_path: Path) -> None:
+    run = compose([f"paths.root={tmp_path}", "privacy=dp", "privacy.noise_multiplier=2.0", "privacy.epsilon_budget=5"])
+    site = compose([f"paths.root={tmp_path}", "privacy=dp", "privacy.noise_multiplier=1.0", "privacy.epsilon_budget=1",
+                    "privacy.max_grad_norm=0.5"])
+    p = policy.effective_config(run, site).privacy
+    assert (p.enabled, p.noise_multiplier, p.epsilon_budget, p.max_grad_norm) == (True, 2.0, 1.0, 0.5)
+    none = compose([f"paths.root={tmp_path}"])
+    assert policy.effective_config(none, site).privacy.epsilon_budget == 1.0  # coordinator asks for no DP
+    assert policy.effective_config(run, none).privacy.noise_multiplier == 2.0  # a stricter request is honoured
+    loose = compose([f"paths.root={tmp_path}", "site.policy.allow_share_all=true", "site.policy.min_cohort=5"])
+    eff = policy.effective_config(loose, none)  # the run cannot loosen the site's policy
+    assert not eff.site.policy.allow_share_all and eff.site.policy.min_cohort == 10
+    with pytest.raises(ConfigError, match="hard floor"):
+        policy.effective_config(none, compose([f"paths.root={tmp_path}", "site.policy.min_cohort=2"]))
+
+
+def test_central_and_site_standardise_on_the_same_unlabeled_rows(root: Path) -> None:
+    cfg = compose(small_overrides(root, **{"train.ssl_epochs": 0, "train.task_epochs": 0}))
+    datas = central.load_sites(cfg, SITES)
+    models, _ = central.train_central(cfg, datas, root / "central", log=lambda _: None)
+    for site, data in datas.items():
+        rows = data.splits["unlabeled"]
+        held_out = np.concatenate([data.splits["val"], data.splits["test"]])
+        assert len(rows) and not set(rows) & set(held_out)
+        mean, std = osteo.feature_stats(np.asarray(data.cache.features)[rows])
+        assert np.allclose(models[site].feature_norm.mean.numpy(), mean)
+        assert np.allclose(models[site].feature_norm.std.numpy(), std)
+        everything = osteo.feature_stats(np.asarray(data.cache.features))[0]
+        assert not np.allclose(everything, mean)  # val/test rows would have changed it
+
+
+# --- against the real apps -------------------------------------------------------------------------------------
+def test_share_all_is_refused_by_the_site_unless_it_opted_in(root: Path) -> None:
+    # the coordinator asks for the whole model and even tries to grant itself the opt-in
+    fed, grid = _federation(root, run="federation.share_all=true site.policy.allow_share_all=true")
+    with pytest.raises(ConfigError, match="only 0 sites answered"):
+        fed.handshake()
+    assert len(grid.sent) == len(SITES)
+    for reply in grid.sent:
+        assert reply.error.code == protocol.ERROR_POLICY_REFUSED and "share_all" in reply.error.reason
+    for site in SITES:
+        (entry,) = audit.read(root / "data" / "state" / site)
+        assert entry["refused"] and entry["kind"] == "query" and not entry["arrays"]
+
+    opt_in = {s: "site.policy.allow_share_all=true" for s in SITES}
+    fed, grid = _federation(root, run="federation.share_all=true", node=opt_in, **{
+        "federation.task_rounds": 0, "federation.final_eval_split": "null", "paths.state_root": str(root / "optin")})
+    fed.run()
+    (record,) = next(m for m in grid.sent if m.content.array_records).content.array_records.values()
+    model = osteo.build_model(fed.cfg, 6, "hologic")
+    assert set(record) == set(model.state_dict()) and set(osteo.local_keys(model)) <= set(record)
+
+
+def test_site_dp_floor_and_budget_apply_when_the_coordinator_asks_for_none(root: Path) -> None:
+    own = {s: "privacy=dp privacy.epsilon_budget=0.001" for s in SITES}
+    fed, grid = _federation(root, node=own, **{"federation.final_eval_split": "null"})
+    assert not fed.cfg.privacy.enabled  # the coordinator's config: no DP at all
+    first, second = fed.run().records
+    assert all(first["site_train"][s]["epsilon"] > 0.001 for s in SITES)  # trained with DP-SGD
+    assert not second["site_train"]  # then stopped at the site's own budget
+    assert {f["site"] for f in second["failed"]} == set(SITES)
+    assert all("privacy budget spent" in f["reason"] for f in second["failed"])
+
+
+def test_small_sites_withhold_metrics_and_sizes_and_audit_lists_what_was_sent(root: Path, capsys) -> None:
+    cache = root / "data" / "cache"
+    _shrunk_cache(cache / "site_c", cache / "one_vertebra", 1)
+    _shrunk_cache(cache / "site_c", cache / "two_vertebrae", 2)
+    sites = ("site_a", "site_b", "one_vertebra", "two_vertebrae")
+    fed, grid = _federation(root, sites=sites, **{"federation.final_eval_split": "null"})
+    as_sent: dict[int, set[str]] = {}  # metric names at send time (the server trims records in place later)
+    grid.tamper = lambda _site, reply: as_sent.setdefault(
+        id(reply), {f"{n}/{k}" for n, r in reply.content.metric_records.items() for k in r})
+    history = fed.run()
+    small = {"one_vertebra", "two_vertebrae"}
+    for record in history.records:
+        assert {w["site"] for w in record["withheld"]} == small and not record["failed"]
+        assert set(record["site_train"]) == {"site_a", "site_b"}
+        for site in small:
+            assert set(record["site_eval"][site]) == {"withheld"}
+    by_site: dict[str, list[Message]] = {s: [] for s in sites}
+    for reply in grid.sent:
+        by_site[next(iter(reply.content.config_records.values()))["name"]].append(reply)
+    for site in small:
+        for reply in by_site[site]:
+            assert not reply.content.array_records
+            (metrics,) = reply.content.metric_records.values()
+            assert not any(k.startswith("n_") for k in metrics) and metrics[protocol.NUM_EXAMPLES] in (0, 1)
+            assert "fewer than 5 patients" in reply.content[protocol.SITE][protocol.WITHHELD]
+
+    # the audit log lists exactly what was sent, message by message
+    for site in sites:
+        entries = audit.read(root / "data" / "state" / site)
+        assert len(entries) == len(by_site[site])
+        for entry, reply in zip(entries, by_site[site]):
+            arrays = {f"{n}/{k}": (list(a.shape), str(a.dtype)) for n, r in reply.content.array_records.items()
+                      for k, a in r.items()}
+            assert {k: (v["shape"], v["dtype"]) for k, v in entry["arrays"].items()} == arrays
+            assert set(entry["metrics"]) == as_sent[id(reply)] and entry["bytes"] > 0
+            assert (entry["withheld"] is not None) == (site in small)
+    assert audit_cli.main(["--site", "site_a", *small_overrides(root)]) == 0
+    out = capsys.readouterr().out
+    assert "query 1, train 2" in out and "declared local among them: none" in out
+    summary = audit.summarise(audit.read(root / "data" / "state" / "site_a"))["1"]
+    shared = set(osteo.shared_keys(osteo.build_model(fed.cfg, 6, "hologic")))
+    assert set(summary["array_keys"]) == shared and not summary["local_keys"]
+
+
+def test_handshake_has_no_feature_statistics_and_one_new_study_changes_nothing(root: Path) -> None:
+    """The differencing attack: two handshakes, before and after one new study, must not differ in
+    anything from which that patient's radiomic vector could be recovered."""
+    overrides = small_overrides(root)
+    app = make_client_app(overrides)
+    before = _handshake(app, "site_a")
+    cache = root / "data" / "cache" / "site_a"
+    make_site_cache(cache, site="site_a", n_patients=35, size=12, manufacturer="hologic")  # one more patient
+    assert len(SiteCache.open(cache)) == 35 * 4
+    after = _handshake(app, "site_a")
+    for reply in (before, after):
+        metrics = dict(reply.content[protocol.METRICS])
+        assert not any(isinstance(v, list) for v in metrics.values())  # no vector of any kind
+        assert set(metrics) <= {protocol.NUM_EXAMPLES, "n_train", "n_val", "n_test", "n_unlabeled"}
+        assert all(v % policy.COUNT_QUANTUM == 0 for k, v in metrics.items() if k.startswith("n_"))
+    assert dict(before.content[protocol.SITE]) == dict(after.content[protocol.SITE])
+
+
+def test_no_local_path_in_any_reply_even_from_a_broken_cache(root: Path) -> None:
+    (root / "data" / "cache" / "site_b" / "features.npy").write_bytes(b"garbage")
+    shutil.rmtree(root / "data" / "cache" / "site_c")
+    fed, grid = _federation(root)
+    with pytest.raises(ConfigError):
+        fed.handshake()  # one site left: fewer than min_available_nodes
+    errors = [m for m in grid.sent if m.has_error()]
+    assert len(errors) == 2
+    for reply in grid.sent:
+        text = reply.error.reason if reply.has_error() else str(reply.content)
+        assert str(root) not in text and "/data/" not in text and "site_b/" not in text, text
+    assert all(m.error.code == protocol.ERROR_SITE_FAILED for m in errors)
+    assert any("<path>" in m.error.reason for m in errors)
+    state = root / "data" / "state" / "site_b"
+    assert [e["error_code"] for e in audit.read(state)] == [protocol.ERROR_SITE_FAILED]
+    assert json.dumps(audit.read(state)).count(str(root)) == 0
