@@ -319,9 +319,11 @@ def test_default_model_is_the_sites_own(tmp_path, capsys):
     save_site_model(cfg.site.state_dir, net, site="site_a", feature_names=FEATURE_NAMES,
                     model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
                     crop=None, card=card)
-    assert predict_main(["--site", "site_a", "--no-progress", f"paths.root={tmp_path}", *TINY]) == 0
+    # Hydra overrides right after the study ids are overrides, not ids.
+    assert predict_main(["--site", "site_a", "--no-progress", "--study", "site_a-s001", f"paths.root={tmp_path}", *TINY]) == 0
     out = Path(cfg.predict.out_dir)
     _, js = read_report(out)
+    assert [s["study_id"] for s in js["studies"]] == ["site_a-s001"]
     assert {k: js["model"][k] for k in ("kind", "run_id", "round", "n_sites", "epsilon")} == {
         "kind": "site", "run_id": "fed-7", "round": 12, "n_sites": 3, "epsilon": 2.5}
     assert "site_a's own device expert" in js["model"]["local_part"]

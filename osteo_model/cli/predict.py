@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: predict.out_dir = outputs/predict/<site>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args, overrides = parser.parse_known_args(argv)
+    if args.study:  # "--study A B key=value": the Hydra overrides that followed the ids are not ids
+        overrides += [s for s in args.study if "=" in s]
+        args.study = [s for s in args.study if "=" not in s]
     if args.site:
         overrides = [f"site.name={args.site}", *overrides]
 
