@@ -329,3 +329,25 @@ def test_default_model_is_the_sites_own(tmp_path, capsys):
     assert "site_a's own device expert" in js["model"]["local_part"]
     html = (out / "index.html").read_text()
     assert "run fed-7, round 12, 3 site(s)" in html and "ε 2.50" in html and "Research use only" in html
+
+
+def test_federated_checkpoint_gives_shared_weights_only(tmp_path):
+    from osteo_model.checkpoints import features_sha256, model_meta, write_npz
+    from osteo_model.model import shared_state
+
+    cfg = cfg_for(tmp_path, "site_a", "crop.size=16", "crop.fov_mm=16")
+    make_site_cache(tmp_path / "data/cache/site_a", site="site_a", n_patients=3, size=16)
+    net = build_site_models(cfg, len(FEATURE_NAMES), {"site_a": "hologic"})["site_a"]
+    arrays = {k: v.numpy() for k, v in shared_state(net).items()}
+    meta = {**model_meta(cfg, len(FEATURE_NAMES), features_sha256(FEATURE_NAMES)), "run_id": "fl-run", "round": 4,
+            "n_sites": 3}
+    npz = write_npz(tmp_path / "round-0004.npz", arrays, {}, meta)
+    run_predict(cfg, npz, out_dir=tmp_path / "r", progress=False)
+    rep, js = read_report(tmp_path / "r")
+    assert js["model"]["kind"] == "federated" and js["model"]["round"] == 4 and js["model"]["run_id"] == "fl-run"
+    assert js["model"]["local_part"].startswith("shared weights only")
+    assert rep["evaluable"].all() and np.isfinite(rep.loc[rep["level"] != "patient", "bmd"]).all()
+    # The same file with another feature set's hash is refused.
+    write_npz(npz, arrays, {}, {**meta, "features_sha256": features_sha256(["other"])})
+    with pytest.raises(ConfigError, match="feature set"):
+        run_predict(cfg, npz, out_dir=tmp_path / "r2", progress=False)
