@@ -32,7 +32,6 @@ from osteo_model.errors import ConfigError, StateError
 
 SITE_MODEL_FILE = "site_model.pt"
 MODEL_CARD_FILE = "model_card.json"
-KINDS = ("central", "federated", "site")
 STATE_KEYS = ("kind", "shared", "local", "manufacturers", "feature_names", "n_features", "features_sha256",
               "model_cfg", "crop", "card")
 """What every loaded state holds. ``feature_names`` is None for a federated checkpoint (the server only

@@ -20,7 +20,7 @@ from osteo_model import model as osteo
 from osteo_model.central import checkpoint_payload, load_sites, models_from_checkpoint
 from osteo_model.evaluate import evaluate_checkpoint
 from osteo_model.checkpoints import (
-    MODEL_CARD_FILE, SITE_MODEL_FILE, check_compatible, features_sha256, load_model_state, model_meta,
+    MODEL_CARD_FILE, SITE_MODEL_FILE, STATE_KEYS, check_compatible, features_sha256, load_model_state, model_meta,
     save_model_state, save_site_model, site_card, write_npz,
 )
 from osteo_model.cli import evaluate as eval_cli
@@ -73,7 +73,7 @@ def test_every_format_loads_to_one_state(trained, tmp_path: Path) -> None:
     shared_keys = set(osteo.shared_keys(models["site_a"]))
     for kind, path in paths.items():
         state = load_model_state(path)
-        assert state["kind"] == kind and set(state["shared"]) == shared_keys
+        assert set(STATE_KEYS) <= set(state) and state["kind"] == kind and set(state["shared"]) == shared_keys
         assert state["n_features"] == len(FEATURE_NAMES) and state["features_sha256"] == features_sha256(FEATURE_NAMES)
         assert state["crop"]["size"] == 16 and float(state["crop"]["fov_mm"]) == 16.0
     assert set(load_model_state(paths["central"])["local"]) == {"site_a", "site_b"}
