@@ -89,6 +89,17 @@ def test_every_format_loads_to_one_state(trained, tmp_path: Path) -> None:
     assert card["phases"] == {"ssl": 1, "task": 2} and card["crop"] == CROP and "research use only" in card["use"]
 
 
+def test_central_checkpoint_of_the_earlier_format_still_loads_and_evaluates(trained, tmp_path: Path) -> None:
+    cfg, datas, models = trained
+    old = {k: v for k, v in checkpoint_payload(models, cfg, FEATURE_NAMES, CROP).items()
+           if k not in ("kind", "crop", "features_sha256")}
+    state = load_model_state(save_model_state(tmp_path / "checkpoint.pt", old))
+    assert state["kind"] == "central" and state["crop"] is None
+    assert state["features_sha256"] == features_sha256(FEATURE_NAMES)
+    report = evaluate_checkpoint(state, cfg, datas, "test")
+    assert set(report) == {"site_a", "site_b", "overall"} and report["overall"]["num_examples"] > 0
+
+
 def test_site_model_predicts_exactly_as_the_model_it_was_saved_from(trained, tmp_path: Path) -> None:
     cfg, datas, models = trained
     _write_all(tmp_path, cfg, models)
