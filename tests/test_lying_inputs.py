@@ -300,7 +300,10 @@ def test_killed_prepare_leaves_no_worker_and_resumes_from_cache(make_site, tmp_p
         for pid in [main.pid, *workers]:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+    stale = cache / "entries" / f".0123.npz.tmp-{main.pid}"  # as a worker killed mid-write leaves it
+    stale.write_bytes(b"half an entry")
     assert prepare_main(args) == 0
+    assert not list((cache / "entries").glob(".*.tmp-*"))
     out = capsys.readouterr().out
     done = int(out.split("prepared ")[1].split(",")[0])
     cached = int(out.split("skipped as cached ")[1].split(",")[0])
