@@ -1,6 +1,7 @@
-"""End to end on loopback with Flower's real processes: osteo-provision, flower-server (SuperLink with
-TLS and SuperNode authentication), three osteo-client SuperNodes, two short rounds; an unregistered
-site's SuperNode is refused."""
+"""End to end on loopback with Flower's real processes: each hospital makes its key (osteo-keygen), the
+coordinator registers the public halves (osteo-provision --site-key), flower-server (SuperLink with TLS and
+SuperNode authentication), three osteo-client SuperNodes, two short rounds in which every site is named by
+its registered key (read from Flower's node registry); an unregistered site's SuperNode is refused."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 
 from federation_helpers import SITES, make_caches, small_overrides
-from osteofl.server.provision import make_site_key
+from osteofl.keys import make_site_key
+from osteofl.protocol import site_key_dir
 
 BIN = Path(sys.executable).parent
 
@@ -41,17 +43,31 @@ def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float)
 @pytest.mark.timeout(900)
 def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
     make_caches(tmp_path, {**SITES, "intruder": "hologic"})
+    for site in [*SITES, "intruder"]:  # each hospital's own policy: the tiny test splits hold 5+ patients
+        (tmp_path / "data" / "sites" / site).mkdir(parents=True)
+        (tmp_path / "data" / "sites" / site / "site.yaml").write_text("policy: {min_cohort: 5}\n")
     port = _free_port()
     overrides = small_overrides(
         tmp_path, **{"federation.superlink.port": port, "federation.superlink.address": f"127.0.0.1:{port}",
                      "federation.min_available_nodes": 3, "federation.min_train_replies": 3,
-                     "federation.final_eval_split": "null"})
+                     "federation.final_eval_split": "null", "federation.identity": "key",
+                     "federation.round_timeout": 300})  # one ClientApp process per message: slow on a busy CI box
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    prov = subprocess.run([str(BIN / "osteo-provision"), *overrides], capture_output=True, text=True, env=env)
+    fingerprints, sent = {}, []
+    for site in SITES:  # at each hospital: its own key pair, only the public half is sent
+        gen = subprocess.run([str(BIN / "osteo-keygen"), "--site", site, *overrides], capture_output=True,
+                             text=True, env=env)
+        assert gen.returncode == 0, gen.stderr
+        fingerprints[site] = gen.stdout.split("fingerprint: ")[1].split()[0]
+        sent += ["--site-key", f"{site}={site_key_dir(tmp_path / 'data' / 'state' / site) / f'{site}_key.pub'}"]
+    prov = subprocess.run([str(BIN / "osteo-provision"), *sent, *overrides], capture_output=True, text=True, env=env)
     assert prov.returncode == 0, prov.stderr
+    assert all(f"{s}: registered public key {fingerprints[s]}" in prov.stdout for s in SITES)
     pki = tmp_path / "data" / "pki"
-    assert (pki / "server.pem").exists() and all((pki / "sites" / s / f"{s}_key").exists() for s in SITES)
-    make_site_key(pki, "intruder")  # a well-formed key the SuperLink was never told about
+    assert (pki / "server.pem").exists()
+    assert {p.name for p in (pki / "sites").rglob("*") if p.is_file()} == {f"{s}_key.pub" for s in SITES}
+    # a well-formed key, where osteo-client looks for it, that the SuperLink was never told about
+    make_site_key(site_key_dir(tmp_path / "data" / "state" / "intruder"), "intruder")
 
     procs: list[subprocess.Popen] = []
     server_log = tmp_path / "server.log"
@@ -89,6 +105,8 @@ def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
     assert [r["round"] for r in history] == [1, 2]
     assert [r["phase"] for r in history] == ["ssl", "task"]
     assert all(set(r["site_train"]) == set(SITES) and not r["rejected"] for r in history)
+    # every site was named by the key it authenticated with (Flower's node registry), not by its reply
+    assert all(r["identity"] == {s: "key" for s in SITES} for r in history)
     ckpt = sorted((run / "checkpoints").glob("round-*.npz"))
     assert [p.name for p in ckpt] == ["round-0001.npz", "round-0002.npz"]
     with np.load(ckpt[-1]) as data:
