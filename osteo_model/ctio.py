@@ -10,6 +10,7 @@ import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import SimpleITK as sitk
@@ -160,7 +161,7 @@ def _nifti_layout(header: bytes) -> _NiftiLayout | None:
     return _NiftiLayout(offset, end, endian + dtype if dtype else None)
 
 
-def _open_nifti(path: Path):
+def _open_nifti(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
@@ -216,7 +217,10 @@ def check_finite(path: Path, img: sitk.Image) -> None:
     if img.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         return
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        bad = _nifti_nonfinite(path)
+        try:
+            bad = _nifti_nonfinite(path)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise InputError(path, f"unreadable image ({exc})") from None
     else:
         bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(img))))
     if bad:
