@@ -81,8 +81,9 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     supernode = runtime.start(cmd, env)
     try:
         return supernode.wait()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the SuperNode, then leave without a slow teardown
+        runtime.stop(supernode)
+        runtime.exit_now(130)
     finally:
         runtime.stop(supernode)
 

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-GRACE = 3.0  # seconds between SIGTERM and SIGKILL: our commands promise to stop within 5 s
+GRACE = 2.0  # seconds between SIGTERM and SIGKILL: our commands promise to stop within 5 s
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 

@@ -136,8 +136,9 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
             print("flower-server: --serve: SuperLink keeps running; Ctrl-C to stop", flush=True)
             owned[0].wait()
         return rc
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop every tree, then leave without a slow teardown
+        runtime.stop(*reversed(owned))
+        runtime.exit_now(130)
     finally:
         runtime.stop(*reversed(owned))
         os.close(lock)
