@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -59,21 +60,48 @@ def prepare_sites(overrides: Sequence[str], sites: Sequence[str], log: Callable[
 
 
 def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Callable[[str], None]) -> float:
-    """One federated run through Flower's simulation engine; returns its wall time."""
-    from flwr.simulation import run_simulation
+    """One federated run through Flower's simulation runtime; returns its wall time.
 
-    from osteofl.client.client_app import make_client_app
-    from osteofl.server.server_app import make_server_app
+    flwr 1.42's supported path (``run_simulation`` is deprecated): ``flwr run`` of the SAME app bundle a
+    deployment submits, on a SuperLink in simulation mode. Not ``flwr run``'s ``:local:`` federation, which
+    leaves a detached SuperLink on a fixed port behind: ours binds a free loopback port and runs below a
+    process keeper, so it stops with everything it spawned (SuperExec, simulation process, Ray) when the
+    run ends, fails or we are killed.
+    """
+    from osteo_model.errors import OsteoError
+    from osteofl import runtime
+    from osteofl.server.cli import run_command, write_connection
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Flower's processes need absolute paths; simulated nodes hold no keys: each is the site its first
+    # reply names, duplicates refused
+    paths = [f"paths.{k}={Path(str(v)).resolve()}" for k, v in compose(overrides).paths.items() if v is not None]
+    run = [*overrides, *paths, "federation.identity=declared", "federation.superlink.host=127.0.0.1",
+           f"federation.superlink.port={port}"]
+    cfg = compose(run)
+    home = Path(cfg.paths.outputs) / str(cfg.federation.run_name) / "flower"
+    env = runtime.flower_env(home / "flwr_home")
+    write_connection(home / "flwr_home", cfg, insecure=True)
     log(f"federated run '{label}' ({n_sites} simulated sites) ...")
     t0 = time.perf_counter()
-    run_simulation(
-        # simulated nodes hold no keys: each is the site its first reply names, duplicates refused
-        server_app=make_server_app([*overrides, "federation.identity=declared"]),
-        client_app=make_client_app(overrides), num_supernodes=n_sites,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"include_dashboard": False, "log_to_driver": True}},
-    )
+    owned: list[runtime.Owned] = []
+    try:
+        with open(home / "superlink.log", "ab") as out:
+            owned.append(runtime.start(["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
+                                        "--port", str(port), "--disable-runtime-dependency-installation"], env, out))
+        if not runtime.wait_for_port("127.0.0.1", port, 120, owned[0]):
+            raise OsteoError(home / "superlink.log", "the simulation SuperLink did not start")
+        owned.append(runtime.start([*run_command(run, resume=False), "--federation-config",
+                                    f"num-supernodes={n_sites} client-resources-num-cpus=1 "
+                                    "client-resources-num-gpus=0.0"], env))
+        rc = owned[1].wait()
+    finally:
+        runtime.stop(*reversed(owned))
+    end = "final_metrics.json" if cfg.federation.final_eval_split else "history.json"  # the run's last write
+    if rc != 0 or not (home.parent / end).is_file():  # `flwr run` exits 0 although the ServerApp failed
+        raise OsteoError(home / "superlink.log", f"federated run '{label}' did not finish (see the log above)")
     seconds = time.perf_counter() - t0
     log(f"  '{label}' done in {seconds:.1f} s")
     return seconds
