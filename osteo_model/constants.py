@@ -109,9 +109,10 @@ BMD_PLAUSIBLE_RANGE = (0.2, 2.5)
 VERTEBRA_MAX_VOLUME_ML = 150.0
 """A whole lumbar vertebra (body and posterior elements) is ~40-100 ml in adults (TotalSegmentator's example
 CT: L1-L4 58-65 ml); a larger "vertebra" is an organ under a wrong label id (spleen 150-250 ml)."""
-VERTEBRA_MIN_BONE_HU = 200.0
-"""90th percentile HU of a whole vertebra label: cortical shell, endplates and posterior elements keep it above
-300 HU even in osteoporosis (example CT at 3 mm: 356-412 HU); soft-tissue organs stay below ~150 HU, with contrast too."""
+VERTEBRA_MIN_BONE_HU = 150.0
+"""90th percentile HU of a whole vertebra label: cortical shell, endplates and posterior elements keep it well above
+this even in osteoporosis (TotalSegmentator's example CT at 3 mm: 356-412 HU; the synthetic sites' weakest: ~210 HU);
+unenhanced organs stay below ~80 HU. A strongly enhanced organ may pass: the volume and axis checks back this one up."""
 SPINE_MAX_AXIAL_OFFSET_MM = 50.0
 """A lumbar level farther than this (axial plane) from the median of the other levels is not on the same spine."""
 
