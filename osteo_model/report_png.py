@@ -29,7 +29,7 @@ BONE_WINDOW = (-250.0, 1250.0)
 MARGIN_MM = (25.0, 35.0)
 """Context shown around the L1-L4 bodies: above/below, and in front/beside."""
 T_AXIS = (-5.0, 2.5)
-WRAP = 62
+WRAP = 58
 """Characters per line of the value panel."""
 
 
@@ -81,9 +81,8 @@ def _level_lines(report: StudyReport) -> list[tuple[str, str]]:
             lines.append(("\n".join(textwrap.wrap(f"{lv.level}  not evaluable: {lv.reason}", WRAP)), ""))
             continue
         interval = f" [{_fmt(lv.t_low, '.1f')}, {_fmt(lv.t_high, '.1f')}]" if np.isfinite(lv.t_low) else ""
-        text = (f"{lv.level}  T {lv.t_score:+.1f}{interval}  {lv.category}\n"
-                f"HU {lv.hu_mean:.0f} (median {lv.hu_median:.0f})   BMD {lv.bmd:.3f} g/cm²   "
-                f"P(osteoporosis) {lv.p_osteoporosis:.2f}")
+        text = (f"{lv.level}  T {lv.t_score:+.1f}{interval}  {lv.category}, P(osteoporosis) {lv.p_osteoporosis:.2f}\n"
+                f"HU {lv.hu_mean:.0f} (median {lv.hu_median:.0f})   BMD {lv.bmd:.3f} g/cm²")
         flags = textwrap.wrap("⚠ " + "; ".join(lv.flags), WRAP) if lv.flags else []
         lines.append(("\n".join([text, *flags]), lv.category))
     return lines
@@ -150,8 +149,8 @@ def render_study_png(path: Path, report: StudyReport, ct: sitk.Image | None, lab
                      label_map: Mapping[str, int], model_line: str, dpi: int = 80) -> Path:
     """Write the study's PNG. Without a CT (unreadable), the values and the T-score strip only."""
     fig = plt.figure(figsize=(13, 8))
-    grid = GridSpec(2, 3, figure=fig, width_ratios=[1, 1, 1.25], height_ratios=[4, 1], hspace=0.25, wspace=0.3,
-                    left=0.09, right=0.98)
+    grid = GridSpec(2, 3, figure=fig, width_ratios=[1, 1, 1.35], height_ratios=[4, 1], hspace=0.25, wspace=0.3,
+                    left=0.08, right=0.99)
     p = report.patient
     headline = (f"L1-L4 ({', '.join(p.levels_used)}): T {p.t_score:+.1f}, {p.category.upper()}" if p.evaluable
                 else f"patient {p.reason}")
@@ -172,8 +171,21 @@ def render_study_png(path: Path, report: StudyReport, ct: sitk.Image | None, lab
     return path
 
 
+def _around_spine(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, int]) -> tuple[sitk.Image, np.ndarray]:
+    """The part of the scan around the labelled levels and the view's margins: reorienting and outlining a
+    whole 512 x 512 abdomen would cost seconds per study for pixels that are not shown."""
+    boxes = [b for b in level_boxes(label_arr, label_map).values() if b is not None]
+    if not boxes:
+        return ct, label_arr
+    pad = np.ceil(2 * max(MARGIN_MM) / np.asarray(ct.GetSpacing())[::-1]).astype(int)
+    lo = np.maximum(np.min([[s.start for s in b] for b in boxes], axis=0) - pad, 0)
+    hi = np.minimum(np.max([[s.stop for s in b] for b in boxes], axis=0) + pad, label_arr.shape)
+    window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return ct[window[2], window[1], window[0]], label_arr[window]  # SimpleITK indexes (x, y, z), keeps positions
+
+
 def _reformats(fig, grid, report: StudyReport, ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, int]) -> None:
-    ct_arr, lab, spacing, origin = _lps(ct, label_arr)
+    ct_arr, lab, spacing, origin = _lps(*_around_spine(ct, label_arr, label_map))
     bodies = body_labels(lab, spacing, label_map)
     window, xi, yi = _view(bodies, ct_arr.shape, spacing)
     zs = origin[0] + spacing[0] * np.arange(window[0].start, window[0].stop)
@@ -204,14 +216,14 @@ def _values(ax, report: StudyReport) -> None:
         ax.text(0.05, y, text, fontsize=9, va="top", color="black" if cat else "#555555")
         y -= 0.115
     p = report.patient
-    summary = ["Patient (ISCD: mean of the evaluable L1-L4 levels, at least two)"]
+    summary = ["Patient (ISCD: mean of evaluable L1-L4, at least two levels)"]
     if p.evaluable:
         interval = f" [{p.t_low:.1f}, {p.t_high:.1f}]" if np.isfinite(p.t_low) else ""
         summary.append(f"BMD {p.bmd:.3f} g/cm²   T {p.t_score:+.1f}{interval}   {p.category.upper()}")
     else:
         summary.append(p.reason)
     summary += textwrap.wrap(p.interval_note, WRAP) if p.interval_note else []
-    summary.append(f"L1-HU rule (Pickhardt 2013): {p.l1_hu_rule}")
+    summary += textwrap.wrap(f"L1-HU rule (Pickhardt 2013): {p.l1_hu_rule}", WRAP)
     summary.append(f"TotalSegmentator rule: {p.l1_totalseg_flag}")
     summary += [line for flag in report.flags for line in textwrap.wrap("⚠ " + flag, WRAP)]
     ax.text(0.0, y - 0.02, "\n".join(summary), fontsize=9, va="top", linespacing=1.5)
