@@ -1,14 +1,18 @@
 """Aggregate evaluation metrics (nothing per patient leaves this module).
 
-Vertebra level: osteoporosis AUC (osteoporosis vs not) from the diagnosis head's probability ("auc")
+Patient level first (the primary endpoints: WHO/ISCD classify the patient, not a vertebra), keys
+"patient_*": per study, the mean of the evaluable levels' BMD (osteo_model.bmd.patient_bmd, ISCD 2019:
+L1-L4, at least two levels) for prediction and for DXA alike, its T-score on the device reference and the
+WHO category from that T-score; osteoporosis AUC from the predicted patient T-score ("patient_auc_t"),
+3-class accuracy and macro-F1, MAE and Pearson r of patient BMD, and Bland-Altman bias and 95 % limits of
+agreement of patient BMD, overall and per DXA manufacturer ("patient_bias_bmd_<device>", ...).
+
+Vertebra level (secondary: a vertebra's category partly encodes its level, since each level is compared
+with the L1-L4 young-adult reference): osteoporosis AUC (osteoporosis vs not) from the diagnosis head's probability ("auc")
 and from the calibrated T-score ("auc_t"); 3-class accuracy and macro-F1 of the category implied by the
 calibrated T-score ("acc3", "f1_macro" - the reported category) and of the head's argmax ("acc3_head");
 MAE and Pearson r in standardised (sBMD) and device (BMD) scale; Bland-Altman bias and 95 % limits of
 agreement of device BMD, overall and per DXA manufacturer.
-
-Patient level ("patient_*"): per study, the mean of the evaluable levels' BMD (osteo_model.bmd.patient_bmd,
-ISCD 2019: L1-L4, at least two levels) for prediction and for DXA alike, its T-score on the device
-reference and the WHO category from that T-score.
 """
 from __future__ import annotations
 
@@ -70,16 +74,43 @@ def patient_level(pred_bmd: np.ndarray, table: pd.DataFrame) -> pd.DataFrame:
         p, t = bmdlib.patient_bmd(g["pred"]), bmdlib.patient_bmd(g["true"])
         if np.isnan(t) or bmdlib.normalise_manufacturer(device) is None:
             continue
-        rows.append({"device": device, "pred": p, "true": t,
+        rows.append({"study": study, "device": device, "pred": p, "true": t,
                      "t_pred": bmdlib.t_score(p, device), "t_true": bmdlib.t_score(t, device)})
-    out = pd.DataFrame(rows, columns=["device", "pred", "true", "t_pred", "t_true"])
+    out = pd.DataFrame(rows, columns=["study", "device", "pred", "true", "t_pred", "t_true"])
     out["cat_pred"] = bmdlib.category_from_t(out["t_pred"].to_numpy(float)) if len(out) else []
     out["cat_true"] = bmdlib.category_from_t(out["t_true"].to_numpy(float)) if len(out) else []
     return out
 
 
+def _agreement(prefix: str, pred: np.ndarray, truth: np.ndarray, devices: np.ndarray) -> dict[str, float]:
+    """Bland-Altman bias and 95 % limits of agreement, overall and per DXA manufacturer."""
+    res: dict[str, float] = {}
+    res[f"{prefix}bias_bmd"], res[f"{prefix}loa_low_bmd"], res[f"{prefix}loa_high_bmd"] = bland_altman(pred, truth)
+    for dev in np.unique(devices):
+        sel = devices == dev
+        res[f"{prefix}bias_bmd_{dev}"], res[f"{prefix}loa_low_bmd_{dev}"], res[f"{prefix}loa_high_bmd_{dev}"] = \
+            bland_altman(pred[sel], truth[sel])
+    return res
+
+
+def patient_metrics(pred_bmd: np.ndarray, table: pd.DataFrame) -> dict[str, float]:
+    """The primary endpoints on the patients of labeled rows ``table`` (see the module docstring); NaN
+    (same keys) when no patient has two evaluable levels."""
+    pat = patient_level(pred_bmd, table)
+    res: dict[str, float] = {"patient_n": float(len(pat))}
+    true_cat, pred_cat = pat["cat_true"].to_numpy(int), pat["cat_pred"].to_numpy(int)
+    pred, truth = pat["pred"].to_numpy(float), pat["true"].to_numpy(float)
+    res["patient_auc_t"] = auc(true_cat == OSTEOPOROSIS, -pat["t_pred"].to_numpy(float))
+    res.update(_classification("patient_", true_cat, pred_cat))
+    res["patient_mae_bmd"] = float(np.mean(np.abs(pred - truth))) if len(pat) else NAN
+    res["patient_r_bmd"] = pearson_r(pred, truth)
+    res.update(_agreement("patient_", pred, truth, pat["device"].astype(str).to_numpy()))
+    return res
+
+
 def compute_metrics(pred: dict[str, np.ndarray], table: pd.DataFrame, manufacturer: str | None = None) -> dict[str, float]:
-    """Aggregate metrics of predictions (training.predict) against the cache rows they came from.
+    """Aggregate metrics of predictions (training.predict) against the cache rows they came from:
+    patient-level endpoints first, then the per-vertebra ones.
 
     Only labeled rows count; ``manufacturer`` is unused except as documentation of the site's device
     (each row's own ``dxa_manufacturer`` gives its truth's device).
@@ -94,6 +125,7 @@ def compute_metrics(pred: dict[str, np.ndarray], table: pd.DataFrame, manufactur
     true_cat = t["category"].to_numpy(int)
     sbmd_p, bmd_p = pred["sbmd"][labeled], pred["bmd"][labeled]
     sbmd_t, bmd_t = t["sbmd"].to_numpy(float), t["bmd"].to_numpy(float)
+    res.update(patient_metrics(bmd_p, t))
     osteo = true_cat == OSTEOPOROSIS
     res["auc"] = auc(osteo, p[:, OSTEOPOROSIS])
     res["auc_t"] = auc(osteo, -pred["t"][labeled])
@@ -103,18 +135,7 @@ def compute_metrics(pred: dict[str, np.ndarray], table: pd.DataFrame, manufactur
     res["r_sbmd"] = pearson_r(sbmd_p, sbmd_t)
     res["mae_bmd"] = float(np.mean(np.abs(bmd_p - bmd_t)))
     res["r_bmd"] = pearson_r(bmd_p, bmd_t)
-    res["bias_bmd"], res["loa_low_bmd"], res["loa_high_bmd"] = bland_altman(bmd_p, bmd_t)
     if "level_pred" in pred:
         res["level_acc"] = float(np.mean(pred["level_pred"][labeled] == t["level_idx"].to_numpy(int)))
-    devices = t["dxa_manufacturer"].astype(str).to_numpy()
-    for dev in np.unique(devices):
-        sel = devices == dev
-        res[f"bias_bmd_{dev}"], res[f"loa_low_bmd_{dev}"], res[f"loa_high_bmd_{dev}"] = bland_altman(bmd_p[sel], bmd_t[sel])
-    pat = patient_level(bmd_p, t)
-    res["patient_n"] = float(len(pat))
-    if len(pat):
-        res["patient_auc_t"] = auc(pat["cat_true"].to_numpy() == OSTEOPOROSIS, -pat["t_pred"].to_numpy(float))
-        res.update(_classification("patient_", pat["cat_true"].to_numpy(int), pat["cat_pred"].to_numpy(int)))
-        res["patient_mae_bmd"] = float(np.mean(np.abs(pat["pred"] - pat["true"])))
+    res.update(_agreement("", bmd_p, bmd_t, t["dxa_manufacturer"].astype(str).to_numpy()))
     return res
-

@@ -31,8 +31,16 @@ from osteofl.server.history import write_json
 METHODS = ("osteofl", "fedavg_whole", "local_only", "central")
 LABELS = {"osteofl": "OsteoFL (ours)", "fedavg_whole": "FedAvg whole model", "local_only": "local only",
           "central": "centralised"}
-COLUMNS = (("auc_t", "AUC (T-score)"), ("auc", "AUC (diagnosis head)"), ("acc3", "3-class accuracy"),
-           ("mae_bmd", "MAE device BMD g/cm2"), ("bias_bmd", "Bland-Altman bias"))
+# Patient level first (the primary endpoints: WHO category of the evaluable L1-L4 BMD; a synthetic site has
+# one DXA device, so its Bland-Altman figures are per device), then the secondary per-vertebra figures.
+COLUMNS = (("patient_auc_t", "patient AUC (T-score)"), ("patient_acc3", "patient 3-class accuracy"),
+           ("patient_mae_bmd", "patient MAE BMD g/cm2"), ("patient_bias_bmd", "patient Bland-Altman bias"),
+           ("patient_loa_low_bmd", "patient B-A lower 95% LoA"), ("patient_loa_high_bmd", "patient B-A upper 95% LoA"),
+           ("auc_t", "vertebra AUC (T-score)"), ("auc", "vertebra AUC (diagnosis head)"),
+           ("acc3", "vertebra 3-class accuracy"), ("mae_bmd", "vertebra MAE BMD g/cm2"),
+           ("bias_bmd", "vertebra Bland-Altman bias"))
+DEMO_CAVEAT = ("A demo, not evidence: one short run, one seed, a few test patients per site and no intervals. "
+               "Conclusions come from the benchmark, not from this table.")
 
 
 def ensure_sites(cfg: DictConfig, log: Callable[[str], None]) -> None:
@@ -181,9 +189,9 @@ def _fmt(v: Any) -> str:
 
 
 def table(results: dict[str, dict[str, dict]], sites: Sequence[str]) -> str:
-    lines = []
+    lines = ["test split".ljust(24) + "".join(f"{LABELS[m]:>20}" for m in METHODS if m in results)]
     for key, name in COLUMNS:
-        lines.append(f"\n{name} (test split)".ljust(26) + "".join(f"{LABELS[m]:>20}" for m in METHODS if m in results))
+        lines.append(name)
         for site in sites:
             lines.append(f"  {site:<22}" + "".join(f"{_fmt(results[m].get(site, {}).get(key)):>20}"
                                                    for m in METHODS if m in results))
@@ -247,12 +255,12 @@ def simulate(overrides: Sequence[str], log: Callable[[str], None] = print, basel
 
 def render(report: dict, sites: Sequence[str]) -> str:
     p = report["payload"]
-    lines = [f"OsteoFL simulation: {len(sites)} sites + external {report['external']['site']}",
+    lines = [f"OsteoFL simulation: {len(sites)} sites + external {report['external']['site']}", DEMO_CAVEAT,
              table(report["results"], sites)]
     ext = report["external"]
     lines.append(f"\nexternal site {ext['site']} (test split), shared weights of OsteoFL:")
     for key, name in COLUMNS:
-        lines.append(f"  {name:<10} no local expert yet {_fmt(ext['before_onboarding'].get(key))}   "
+        lines.append(f"  {name:<30} no local expert yet {_fmt(ext['before_onboarding'].get(key))}   "
                      f"after onboarding on {ext['onboarding_labeled_vertebrae']} labeled vertebrae "
                      f"{_fmt(ext['after_onboarding'].get(key))}")
     epoch = int(ext["after_onboarding"].get("selected_epoch", 0))

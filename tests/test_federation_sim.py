@@ -28,3 +28,8 @@ def test_simulation_table_and_onboarding(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "outputs" / "sim" / "report.json").read_text())
     assert saved["payload"] == report["payload"]
     assert any("upload per site per round" in line for line in lines)
+    text = "\n".join(lines)  # patient-level endpoints first, and the demo says it is not the evidence
+    assert "Conclusions come from the benchmark" in text
+    assert text.index("patient AUC (T-score)") < text.index("vertebra AUC (T-score)")
+    assert all(m["patient_n"] > 0 and 0.0 <= m["patient_mae_bmd"] < 1.0 for m in report["results"]["osteofl"].values())
+    assert ext["after_onboarding"]["selected_epoch"] >= 0
