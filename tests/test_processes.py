@@ -165,7 +165,7 @@ def _entry_points() -> dict[str, str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
-REQUIRED = {"osteo-client": ["--site", "site_a"], "osteo-keygen": ["--site", "site_a"]}
+REQUIRED = {name: ["--site", "site_a"] for name in ("osteo-client", "osteo-keygen", "osteo-audit")}  # required flags
 
 
 @pytest.mark.parametrize("name", sorted(_entry_points()))
