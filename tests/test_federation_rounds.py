@@ -186,9 +186,10 @@ def test_dp_run_reports_cumulative_epsilon_and_stops_at_budget(root: Path) -> No
     # a new run with a budget below what is spent: every site refuses to train and says why
     budget = min(v[-1] for v in eps.values()) / 2
     fed2, _ = _federation(root, privacy="dp", **{"privacy.epsilon_budget": budget, "federation.run_name": "again"})
-    (first, *_) = fed2.run().records
+    (first, *rest) = fed2.run().records
     assert {f["site"] for f in first["failed"]} and all("privacy budget spent" in f["reason"] for f in first["failed"])
     assert not first["site_train"]
+    assert not rest and "can still train" in first["stopped"]  # the run ends instead of running empty rounds
 
 
 def test_corrupt_site_state_is_an_error_not_a_fresh_start(root: Path) -> None:
