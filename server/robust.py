@@ -40,7 +40,7 @@ class RobustConfig:
             value = robust.get(key)
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            if not _positive(value):
                 raise ConfigError(None, f"federation.robust.{key}={value!r}: a positive number or null (off)")
             return float(value)
 

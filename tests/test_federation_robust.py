@@ -26,7 +26,7 @@ ON = robust.RobustConfig(max_update_norm=3.0, reject_update_norm=10.0, max_globa
 
 
 def _arrays(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {"w": (scale * rng.normal(size=(4, 5))).astype(np.float32), "b": (scale * rng.normal(size=3)).astype(np.float32)}
+    return {k: (scale * rng.normal(size=shape)).astype(np.float32) for k, shape in (("w", (4, 5)), ("b", (3,)))}
 
 
 def test_huge_update_is_rejected_and_flipped_one_clipped_to_the_median_bound() -> None:
@@ -136,7 +136,8 @@ def _attack(grid, attacks) -> dict[str, dict]:
             if node not in sent or reply.has_error() or not reply.content.array_records:
                 continue  # not a train reply
             site, name = grid.nodes[node], next(iter(reply.content.array_records))
-            base, update = protocol.record_to_numpy(sent[node].content["arrays"]), protocol.record_to_numpy(reply.content[name])
+            base = protocol.record_to_numpy(sent[node].content["arrays"])
+            update = protocol.record_to_numpy(reply.content[name])
             honest[site] = {k: update[k].astype(np.float64) - base[k] for k in base}
             if site in attacks:
                 attacks[site](reply, update, base)
@@ -165,7 +166,8 @@ def test_scaled_flipped_and_inflated_replies_cannot_steer_the_global_model(root:
         "site_c": lambda r, u, g: _set_arrays(r, {k: u[k] * 1e20 for k in u}),
     })
     (record,) = fed.run().records
-    assert [r["site"] for r in record["rejected"]] == ["site_c"] and "reject_update_norm" in record["rejected"][0]["reason"]
+    assert [r["site"] for r in record["rejected"]] == ["site_c"]
+    assert "reject_update_norm" in record["rejected"][0]["reason"]
     assert [c["site"] for c in record["clipped"]] == ["site_b"] and record["clipped"][0]["ratio"] > 3
     cap = fed.site_sizes["site_a"]["n_unlabeled"]
     assert record["weights"]["site_a"] == cap < 1e3
@@ -209,13 +211,15 @@ def test_silent_sites_are_named_and_a_run_that_cannot_train_ends(root: Path) -> 
                  and int(m.content["config"][protocol.ROUND]) >= 2 and grid.nodes[m.metadata.dst_node_id] != "site_c"]
         errors = [Message(Error(code=protocol.ERROR_BUDGET_SPENT, reason="privacy budget spent"), reply_to=m)
                   for m in spent]
-        rest = [m for m in messages if all(m is not s for s in spent) and grid.nodes[m.metadata.dst_node_id] != "site_c"]
+        rest = [m for m in messages
+                if all(m is not s for s in spent) and grid.nodes[m.metadata.dst_node_id] != "site_c"]
         return original(rest, timeout=timeout) + errors  # site_c never answers after the handshake
 
     grid.send_and_receive = send
     first, second = fed.run().records
     silent = {"node": "3", "site": "site_c", "reason": "no reply within 60 s"}
-    assert first["failed"] == [silent] and first["eval_failed"] == [silent] and set(first["site_train"]) == {"site_a", "site_b"}
+    assert first["failed"] == [silent] and first["eval_failed"] == [silent]
+    assert set(first["site_train"]) == {"site_a", "site_b"}
     assert {f["site"] for f in second["failed"]} == set(fed.identity.values())
     assert "min_train_replies=2" in second["stopped"] and "site_a, site_b" in second["stopped"]
     final = json.loads((root / "outputs" / "federated" / "final_metrics.json").read_text())
