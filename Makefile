@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED ?= 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo evidence test test-fast bench setup clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/osteo-sim
+
+# The benchmark the README's results come from (configs/experiment/evidence.yaml); EXPERIMENT=evidence_quick for a
+# few-minute check of the pipeline.
+EXPERIMENT ?= evidence
+evidence: $(STAMP)
+	$(BIN)/python -m osteofl.simulation.evidence --experiment $(EXPERIMENT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

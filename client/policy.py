@@ -78,6 +78,9 @@ def check_request(cfg: DictConfig) -> None:
     if cfg.federation.share_all and not cfg.site.policy.allow_share_all:
         raise PolicyRefusal("the run asks for the whole model (federation.share_all=true); this site's "
                             "policy sends shared parameters only (site.policy.allow_share_all=false)")
+    if OmegaConf.select(cfg, "federation.personal_prefixes"):
+        raise PolicyRefusal("the run asks to keep shared modules at the site (federation.personal_prefixes): a "
+                            "benchmark baseline of osteo-evidence; a site's state file keeps only its local parts")
 
 
 def check_payload(model, cfg: DictConfig, keys: Iterable[str]) -> None:

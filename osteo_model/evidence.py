@@ -113,9 +113,12 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def _auc(positive: np.ndarray, score: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Mann-Whitney ROC AUC (ties count half) per resample; NaN when one class is missing."""
+    """Mann-Whitney ROC AUC (ties count half) per resample over the patients with a score; NaN when one
+    class is missing."""
     out = np.full(len(idx), np.nan)
+    scored = np.isfinite(score)
     for b, rows in enumerate(idx):
+        rows = rows[scored[rows]]
         y, s = positive[rows], score[rows]
         n1 = int(y.sum())
         n0 = len(y) - n1

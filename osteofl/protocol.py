@@ -15,9 +15,10 @@ from typing import Mapping
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from osteo_model import model as osteo
+from osteo_model.errors import ConfigError
 
 # --- record names in a message's RecordDict ------------------------------------------------------------
 ARRAYS = "arrays"    # ArrayRecord: global arrays (server -> site) or the site's update (site -> server)
@@ -69,11 +70,23 @@ def registered_key_path(pki: str | Path, site: str) -> Path:
 
 
 # --- payload: which arrays travel -------------------------------------------------------------------------
+def personal_prefixes(cfg: DictConfig) -> tuple[str, ...]:
+    """``federation.personal_prefixes``: shared modules a personalised baseline (FedPer-style: shared body,
+    local heads) keeps at each site; each must be one of the declared SHARED_PREFIXES."""
+    prefixes = tuple(str(p) for p in (OmegaConf.select(cfg, "federation.personal_prefixes") or ()))
+    unknown = [p for p in prefixes if p not in osteo.SHARED_PREFIXES]
+    if unknown:
+        raise ConfigError(None, f"federation.personal_prefixes {unknown}: not among the shared prefixes "
+                                f"{list(osteo.SHARED_PREFIXES)}")
+    return prefixes
+
+
 def payload_keys(model: torch.nn.Module, cfg: DictConfig) -> list[str]:
-    """Keys that travel: the shared ones (or, for the whole-model baseline, all of them)."""
+    """Keys that travel: the shared ones less any personal prefixes (or, for the whole-model baseline, all)."""
     if cfg.federation.share_all:
         return list(model.state_dict().keys())
-    return list(osteo.shared_keys(model))
+    personal = personal_prefixes(cfg)
+    return [k for k in osteo.shared_keys(model) if not (personal and k.startswith(personal))]
 
 
 def payload_record(model: torch.nn.Module, cfg: DictConfig) -> ArrayRecord:
@@ -92,8 +105,10 @@ def load_payload(model: torch.nn.Module, cfg: DictConfig, arrays: Mapping[str, n
         local = set(osteo.local_keys(model))
         osteo.load_shared(model, {k: v for k, v in arrays.items() if k not in local})
         osteo.load_local(model, {k: v for k, v in arrays.items() if k in local})
-    else:
-        osteo.load_shared(model, arrays)
+    else:  # a personalised baseline's own modules stay as they are; anything else sent is refused
+        personal = personal_prefixes(cfg)
+        own = {k: v for k, v in osteo.shared_state(model).items() if personal and k.startswith(personal)}
+        osteo.load_shared(model, {**arrays, **own})
 
 
 def payload_fingerprint(model: torch.nn.Module, cfg: DictConfig) -> str:

@@ -1,0 +1,190 @@
+"""The methods of the evidence benchmark, each giving per-patient test predictions per site.
+
+Federated methods run in process, round for round what a Flower run does, without Flower's processes
+(they cost more than the training on a small machine and add nothing to what is compared): each site
+loads the global payload (``osteofl.protocol.payload_keys``/``load_payload``: which arrays travel is the
+same code as a deployment's), trains with the one recipe (``training.Recipe``; a fresh optimiser per
+round restored from the site's saved state, as the ClientApp does; FedProx's term via
+``osteo_model.proximal``), and the payloads are averaged weighted by each site's pool size (FedAvg's n_k).
+Not modelled: the server's robust clipping of honest sites' updates (server/robust.py) and DP.
+
+Model selection, the same for every trained method: after each task-phase round each site judges the
+model it would use (global shared parts + its own local parts) on its own validation patients
+(``training.SELECTION_METRIC``) and keeps the best round; the test split is predicted once, with it.
+The L1-HU rule and radiomics+linear have nothing to select (a fixed rule; a closed-form fit).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from osteo_model import baselines, metrics, model as osteo, proximal, training
+from osteo_model.constants import LEVELS
+from osteo_model.dataset import SiteData
+from osteo_model.evidence import Patients
+from osteofl import protocol
+
+Predictions = dict[str, Patients]
+Engine = Callable[[DictConfig, Mapping[str, SiteData], str], tuple[Predictions, list[float]]]
+
+
+def _test(data: SiteData) -> tuple[np.ndarray, pd.DataFrame]:
+    rows = data.splits["test"]
+    return rows, data.cache.table.iloc[rows]
+
+
+def patients_from_bmd(pred_bmd: np.ndarray, table: pd.DataFrame) -> Patients:
+    """Per-vertebra device BMD -> the patient-level record (L1-L4 rule, T-score, WHO category)."""
+    pat = metrics.patient_level(pred_bmd, table)
+    return Patients(device=pat["device"].to_numpy(str), true_bmd=pat["true"].to_numpy(float),
+                    pred_bmd=pat["pred"].to_numpy(float), true_cat=pat["cat_true"].to_numpy(int),
+                    pred_cat=pat["cat_pred"].to_numpy(int), score=-pat["t_pred"].to_numpy(float))
+
+
+class Selector:
+    """Per site, the task-phase round whose model predicts the site's own validation patients best."""
+
+    def __init__(self, sites: list[str]) -> None:
+        self.best: dict[str, tuple[float, dict | None]] = {s: (float("inf"), None) for s in sites}
+
+    def update(self, models: Mapping[str, torch.nn.Module], datas: Mapping[str, SiteData], cfg, device: str) -> None:
+        for site, model in models.items():
+            score = float(training.evaluate(model, datas[site], cfg, "val", device).get(training.SELECTION_METRIC, np.nan))
+            if np.isfinite(score) and score < self.best[site][0]:
+                self.best[site] = (score, copy.deepcopy(model.state_dict()))
+
+    def predict(self, models: Mapping[str, torch.nn.Module], datas: Mapping[str, SiteData], device: str) -> Predictions:
+        """Test predictions of each site's selected model (the last one where nothing was judged). One site
+        after another: central models share modules, so each site's selected state is loaded just before."""
+        out = {}
+        for site, model in models.items():
+            state = self.best[site][1]
+            if state is not None:
+                model.load_state_dict(state)
+            rows, table = _test(datas[site])
+            out[site] = patients_from_bmd(training.predict(model, datas[site], rows, device)["bmd"], table)
+        return out
+
+
+def _site_models(cfg, datas: Mapping[str, SiteData]) -> dict[str, torch.nn.Module]:
+    """One model per site, all from the same seeded initial weights (the run's global model)."""
+    n_features = next(iter(datas.values())).cache.features.shape[1]
+    models = {}
+    for site, data in datas.items():
+        torch.manual_seed(int(cfg.seed))
+        models[site] = osteo.build_model(cfg, n_features, data.manufacturer)
+        osteo.standardise_on_site(models[site], data)
+    return models
+
+
+def fedavg(updates: list[tuple[Mapping[str, torch.Tensor], int]]) -> dict[str, np.ndarray]:
+    """Weighted mean of the sites' payloads (weights: pool sizes), each array back in its own dtype."""
+    total = float(sum(n for _, n in updates))
+    weights = [n / total if total else 1.0 / len(updates) for _, n in updates]
+    out = {}
+    for key, first in updates[0][0].items():
+        mean = sum(w * u[key].detach().cpu().double() for w, (u, _) in zip(weights, updates))
+        out[key] = (mean.round() if not first.is_floating_point() else mean).to(first.dtype).numpy()
+    return out
+
+
+def _rounds(cfg) -> list[tuple[int, str]]:
+    total = int(cfg.federation.ssl_rounds) + int(cfg.federation.task_rounds)
+    return [(rnd, protocol.phase_of(rnd, cfg)) for rnd in range(1, total + 1)]
+
+
+def _max_steps(cfg) -> int | None:
+    return None if cfg.federation.local_steps is None else int(cfg.federation.local_steps)
+
+
+def federated(cfg, datas: Mapping[str, SiteData], device: str, aggregate: bool = True) -> tuple[Predictions, list[float]]:
+    """FedAvg of ``payload_keys`` (OsteoFL's shared parts, the whole model with ``federation.share_all``,
+    FedPer with ``federation.personal_prefixes``; FedProx with ``federation.strategy=fedprox``);
+    ``aggregate=False``: local-only, the same rounds and steps with nothing averaged."""
+    models = _site_models(cfg, datas)
+    lengths = training.phase_lengths(cfg, federated=True)
+    mu = float(cfg.federation.strategy_args.fedprox.proximal_mu) if cfg.federation.strategy == "fedprox" else 0.0
+    keys = protocol.payload_keys(next(iter(models.values())), cfg) if aggregate else []
+    glob = fedavg([({k: m.state_dict()[k] for k in keys}, 1) for m in models.values()]) if keys else {}
+    opt: dict[str, dict | None] = {s: None for s in models}
+    selector, seconds = Selector(list(models)), []
+    for rnd, phase in _rounds(cfg):
+        t0, updates = time.perf_counter(), []
+        for site, model in models.items():
+            if keys:
+                protocol.load_payload(model, cfg, glob)
+            recipe = training.Recipe({site: model}, cfg, lengths, {site: datas[site]})
+            recipe.restore(opt[site])
+            recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
+            proximal.attach_proximal_term(recipe.optimizer, model, mu)
+            training.train_steps(model, datas[site], cfg, phase, recipe.optimizer, device, max_steps=_max_steps(cfg))
+            opt[site] = recipe.optimizer.state_dict()
+            state = model.state_dict()
+            updates.append(({k: state[k] for k in keys}, len(training.phase_rows(datas[site], phase))))
+        if keys:
+            glob = fedavg(updates)
+            for model in models.values():
+                protocol.load_payload(model, cfg, glob)
+        if phase == "task":
+            selector.update(models, datas, cfg, device)
+        seconds.append(time.perf_counter() - t0)
+    return selector.predict(models, datas, device), seconds
+
+
+def local_only(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Predictions, list[float]]:
+    return federated(cfg, datas, device, aggregate=False)
+
+
+def central(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Predictions, list[float]]:
+    """All sites' data in one place: one set of shared modules, each site's own local parts, trained round
+    for round with the federation's local steps per site, no averaging (as osteo-sim's centralised)."""
+    n_features = next(iter(datas.values())).cache.features.shape[1]
+    torch.manual_seed(int(cfg.seed))
+    models = osteo.build_site_models(cfg, n_features, {s: d.manufacturer for s, d in datas.items()})
+    for site, model in models.items():
+        osteo.standardise_on_site(model, datas[site])
+    recipe = training.Recipe(models, cfg, training.phase_lengths(cfg, federated=True), datas)
+    selector, seconds = Selector(list(models)), []
+    for rnd, phase in _rounds(cfg):
+        t0 = time.perf_counter()
+        recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
+        for site, model in models.items():
+            training.train_steps(model, datas[site], cfg, phase, recipe.optimizer, device, max_steps=_max_steps(cfg))
+        if phase == "task":
+            selector.update(models, datas, cfg, device)
+        seconds.append(time.perf_counter() - t0)
+    return selector.predict(models, datas, device), seconds
+
+
+def hu_rule(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Predictions, list[float]]:
+    """The L1 trabecular-HU rule per patient (score -HU, Pickhardt 2013 categories); where L1 is not
+    evaluable the next level down stands in. It predicts no BMD (BMD metrics are left empty)."""
+    out = {}
+    for site, data in datas.items():
+        rows, table = _test(data)
+        pat = patients_from_bmd(np.full(len(rows), np.nan), table)
+        studies = metrics.patient_level(np.full(len(rows), np.nan), table)["study"].to_numpy(str)
+        rank = table["level"].map({lv: i for i, lv in enumerate(LEVELS)}).fillna(len(LEVELS))
+        ordered = table.assign(_rank=rank.to_numpy())
+        ordered = ordered[np.isfinite(ordered["hu_mean"].to_numpy(float))].sort_values("_rank")
+        first_hu = ordered.groupby(ordered["study_id"].astype(str))["hu_mean"].first()
+        hu = first_hu.reindex(studies).to_numpy(float)
+        out[site] = Patients(device=pat.device, true_bmd=pat.true_bmd, pred_bmd=pat.pred_bmd, true_cat=pat.true_cat,
+                             pred_cat=baselines.hu_category(hu), score=-hu)
+    return out, []
+
+
+def radiomics_linear(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Predictions, list[float]]:
+    """Ridge regression of sBMD on the radiomic features, fit on the pooled training splits."""
+    fit = baselines.RadiomicsLinear().fit(datas)
+    return {s: patients_from_bmd(fit.predict(d, "test")["bmd"], _test(d)[1]) for s, d in datas.items()}, []
+
+
+ENGINES: dict[str, Engine] = {"federated": federated, "local": local_only, "central": central,
+                              "hu_rule": hu_rule, "radiomics_linear": radiomics_linear}
