@@ -77,3 +77,16 @@ def test_cli_prints_one_line_for_a_missing_experiment(capsys):
     assert evidence.main(["--experiment", "nope"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such experiment" in err[0]
+
+
+def test_fedavg_weights_by_pool_size_and_keeps_dtypes():
+    import torch
+
+    from osteofl.simulation.evidence_methods import fedavg
+
+    a = {"w": torch.zeros(2), "n": torch.tensor(0)}
+    b = {"w": torch.full((2,), 4.0), "n": torch.tensor(4)}
+    out = fedavg([(a, 1), (b, 3)])
+    assert np.allclose(out["w"], 3.0) and out["w"].dtype == np.float32
+    assert out["n"] == 3 and out["n"].dtype == np.int64
+    assert np.allclose(fedavg([(a, 0), (b, 0)])["w"], 2.0)  # no examples anywhere: plain mean
