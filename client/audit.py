@@ -19,7 +19,7 @@ from flwr.common.serde import recorddict_to_proto
 
 from osteo_model.errors import StateError
 from osteo_model.model import LOCAL_PREFIXES
-from osteofl.protocol import ERROR_POLICY_REFUSED, withheld_reason
+from osteofl.protocol import ERROR_POLICY_REFUSED, SITE, SIZES_WITHHELD, withheld_reason
 
 AUDIT_FILE = "audit.jsonl"
 
@@ -47,12 +47,17 @@ def entry(reply: Message, *, site: str, kind: str, rnd: int | None) -> dict[str,
     arrays = {f"{name}/{key}": {"shape": list(a.shape), "dtype": str(a.dtype), "bytes": len(a.data)}
               for name, record in content.array_records.items() for key, a in record.items()}
     return {
-        **out, "refused": None, "withheld": withheld_reason(reply),
+        **out, "refused": None, "withheld": withheld_reason(reply) or _sizes_withheld(reply),
         "arrays": arrays,
         "metrics": {f"{n}/{k}": _scalar(v) for n, r in content.metric_records.items() for k, v in r.items()},
         "config": {f"{n}/{k}": _scalar(v) for n, r in content.config_records.items() for k, v in r.items()},
         "bytes": int(recorddict_to_proto(content).ByteSize()),
     }
+
+
+def _sizes_withheld(reply: Message) -> str | None:
+    site = reply.content.config_records.get(SITE)
+    return str(site[SIZES_WITHHELD]) if site is not None and SIZES_WITHHELD in site else None
 
 
 def append(state_dir: str | Path, record: dict[str, Any]) -> None:

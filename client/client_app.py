@@ -28,7 +28,7 @@ from osteo_model.cache import SiteCache
 from osteofl import protocol
 from osteofl.protocol import (
     ARRAYS, CONFIG, ERROR_BUDGET_SPENT, ERROR_POLICY_REFUSED, ERROR_SITE_FAILED, METRICS, NUM_EXAMPLES, PHASE,
-    PROXIMAL_MU, SITE, SPLIT, WITHHELD,
+    PROXIMAL_MU, SITE, SIZES_WITHHELD, SPLIT, WITHHELD,
 )
 from osteofl.client import audit, policy
 from osteofl.client.dp import PrivacySession
@@ -64,23 +64,25 @@ def handle_query(message: Message, context: Context, extra: Sequence[str] = ()) 
         }
     )
     sizes, withheld = _split_sizes(session)
+    info.update(sizes)
     if withheld:
-        info[WITHHELD] = "; ".join(withheld)
-    return Message(RecordDict({SITE: info, METRICS: sizes}), reply_to=message)
+        info[SIZES_WITHHELD] = "; ".join(withheld)
+    # Flower's weighting key is the only metric; a handshake weighs nothing
+    return Message(RecordDict({SITE: info, METRICS: MetricRecord({NUM_EXAMPLES: 1})}), reply_to=message)
 
 
-def _split_sizes(session: SiteSession) -> tuple[MetricRecord, list[str]]:
-    """Split sizes for the run log, in vertebrae rounded up to policy.COUNT_QUANTUM; a split with fewer
-    patients than the site's minimum cohort is withheld. No feature statistic leaves: each site
-    standardises its SSL targets on its own unlabeled rows (osteo_model.model.site_feature_stats)."""
-    record = MetricRecord({NUM_EXAMPLES: 1})  # Flower's weighting key; a handshake weighs nothing
-    withheld = []
+def _split_sizes(session: SiteSession) -> tuple[dict[str, int], list[str]]:
+    """Split sizes for the run log and the server's weight caps, in vertebrae rounded up to
+    policy.COUNT_QUANTUM; a split with fewer patients than the site's minimum cohort is withheld. No
+    feature statistic leaves: each site standardises its SSL targets on its own unlabeled rows
+    (osteo_model.model.site_feature_stats)."""
+    sizes, withheld = {}, []
     for name, rows in sorted(session.data.splits.items()):
         if reason := policy.withheld(session.data, name, session.cfg):
             withheld.append(reason)
         else:
-            record[f"n_{name}"] = policy.rounded_count(len(rows))
-    return record, withheld
+            sizes[f"n_{name}"] = policy.rounded_count(len(rows))
+    return sizes, withheld
 
 
 def _withheld(message: Message, site: str, reason: str) -> Message:

@@ -39,6 +39,8 @@ ERROR_BUDGET_SPENT = 901       # Error.code of a site that stopped because its e
 ERROR_POLICY_REFUSED = 902     # the site's own policy refuses what the run asks (e.g. federation.share_all)
 ERROR_SITE_FAILED = 903        # anything else that failed at the site (reason stripped of paths and ids)
 WITHHELD = "withheld"          # SITE ConfigRecord field: why a reply carries no aggregate (cohort too small)
+SIZES_WITHHELD = "sizes-withheld"  # SITE field of a handshake: split sizes left out (cohort too small)
+SPLIT_SIZES = ("n_train", "n_val", "n_test", "n_unlabeled")  # SITE fields of a handshake: rounded split sizes
 
 # --- run_config (flower-server -> every app) and node_config (osteo-client -> its SuperNode) ------------
 OVERRIDES = "overrides"    # extra Hydra overrides as one shell-quoted string (run and node config)

@@ -113,8 +113,8 @@ class Federation:
         if differ:
             raise ConfigError(None, f"sites {differ} build a different network than the server "
                                     "(model config or osteofl version differs)")
-        sizes = {site: {k: v for k, v in m.items() if k.startswith("n_")} for site, (_, m) in infos.items()}
-        withheld = {site: str(i[protocol.WITHHELD]) for site, (i, _) in infos.items() if protocol.WITHHELD in i}
+        sizes = {site: {k: int(i[k]) for k in protocol.SPLIT_SIZES if k in i} for site, (i, _) in infos.items()}
+        withheld = {site: str(i[protocol.SIZES_WITHHELD]) for site, (i, _) in infos.items() if protocol.SIZES_WITHHELD in i}
         log(INFO, "handshake: %d sites %s%s", len(infos), sizes, f"; withheld {withheld}" if withheld else "")
         return n_features, sizes
 

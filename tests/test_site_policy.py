@@ -18,7 +18,7 @@ from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
 from osteo_model import central, dataset, model as osteo
 from osteo_model.cache import SiteCache, write_site_cache
 from osteo_model.config import compose
-from osteo_model.errors import ConfigError
+from osteo_model.errors import ConfigError, OsteoError
 from osteofl import protocol
 from osteofl.client import audit, audit_cli, policy
 from osteofl.client.client_app import make_client_app
@@ -103,6 +103,34 @@ def test_central_and_site_standardise_on_the_same_unlabeled_rows(root: Path) -> 
         assert not np.allclose(everything, mean)  # val/test rows would have changed it
 
 
+def test_payload_check_refuses_any_key_outside_the_shared_set(tmp_path: Path) -> None:
+    cfg = compose([f"paths.root={tmp_path}"])
+    model = osteo.build_model(cfg, 6, "hologic")
+    policy.check_payload(model, cfg, osteo.shared_keys(model))
+    for extra in ("calibration.residual.weight", "feature_norm.mean", "anything.else"):
+        with pytest.raises(policy.PolicyRefusal, match="outside the shared set"):
+            policy.check_payload(model, cfg, [*osteo.shared_keys(model), extra])
+
+
+def test_osteo_client_overrides_reach_the_clientapp_as_node_config(tmp_path: Path) -> None:
+    """`osteo-client --site X privacy=dp ...`: the hospital's overrides travel in the SuperNode's node config
+    (where site_session composes the site's own policy from), intact after Flower's parsing."""
+    import argparse
+
+    from flwr.common.config import parse_config_args
+
+    from osteofl.client import cli
+
+    own = ["privacy=dp", "privacy.epsilon_budget=0.001", "model.channels=[4,8]", f"paths.root={tmp_path}"]
+    args = argparse.Namespace(site="site_a", superlink=None, local_port=9094, insecure=True, auth_key=None,
+                              root_certificates=None)
+    cmd = cli.supernode_command(args, compose([*own, "site.name=site_a"]), own)
+    node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert node["site"] == "site_a" and node["overrides"].split() == [*own[:2], "'model.channels=[4,8]'", own[3]]
+    with pytest.raises(OsteoError, match="double quote"):
+        cli.supernode_command(args, compose([f"paths.root={tmp_path}"]), ['site.label_preset="x"'])
+
+
 # --- against the real apps -------------------------------------------------------------------------------------
 def test_share_all_is_refused_by_the_site_unless_it_opted_in(root: Path) -> None:
     # the coordinator asks for the whole model and even tries to grant itself the opt-in
@@ -147,6 +175,8 @@ def test_small_sites_withhold_metrics_and_sizes_and_audit_lists_what_was_sent(ro
         id(reply), {f"{n}/{k}" for n, r in reply.content.metric_records.items() for k in r})
     history = fed.run()
     small = {"one_vertebra", "two_vertebrae"}
+    assert set(fed.site_sizes) == set(sites)  # admitted at the handshake, without sizes
+    assert all(not fed.site_sizes[s] for s in small) and all(fed.site_sizes[s]["n_train"] for s in sites[:2]), fed.site_sizes
     for record in history.records:
         assert {w["site"] for w in record["withheld"]} == small and not record["failed"]
         assert set(record["site_train"]) == {"site_a", "site_b"}
@@ -159,8 +189,10 @@ def test_small_sites_withhold_metrics_and_sizes_and_audit_lists_what_was_sent(ro
         for reply in by_site[site]:
             assert not reply.content.array_records
             (metrics,) = reply.content.metric_records.values()
-            assert not any(k.startswith("n_") for k in metrics) and metrics[protocol.NUM_EXAMPLES] in (0, 1)
-            assert "fewer than 5 patients" in reply.content[protocol.SITE][protocol.WITHHELD]
+            assert set(metrics) == {protocol.NUM_EXAMPLES} and metrics[protocol.NUM_EXAMPLES] in (0, 1)
+            assert not set(reply.content[protocol.SITE]) & set(protocol.SPLIT_SIZES)
+            site_record = reply.content[protocol.SITE]
+            assert "fewer than 5 patients" in site_record.get(protocol.WITHHELD, site_record.get(protocol.SIZES_WITHHELD))
 
     # the audit log lists exactly what was sent, message by message
     for site in sites:
@@ -191,11 +223,14 @@ def test_handshake_has_no_feature_statistics_and_one_new_study_changes_nothing(r
     assert len(SiteCache.open(cache)) == 35 * 4
     after = _handshake(app, "site_a")
     for reply in (before, after):
-        metrics = dict(reply.content[protocol.METRICS])
-        assert not any(isinstance(v, list) for v in metrics.values())  # no vector of any kind
-        assert set(metrics) <= {protocol.NUM_EXAMPLES, "n_train", "n_val", "n_test", "n_unlabeled"}
-        assert all(v % policy.COUNT_QUANTUM == 0 for k, v in metrics.items() if k.startswith("n_"))
-    assert dict(before.content[protocol.SITE]) == dict(after.content[protocol.SITE])
+        assert dict(reply.content[protocol.METRICS]) == {protocol.NUM_EXAMPLES: 1}  # no statistic of any kind
+        site = dict(reply.content[protocol.SITE])
+        assert set(site) == {"name", "n_features", "features_sha256", "payload_sha256", *protocol.SPLIT_SIZES}
+        assert all(site[k] % policy.COUNT_QUANTUM == 0 for k in protocol.SPLIT_SIZES)
+    counts = set(protocol.SPLIT_SIZES)
+    strip = lambda r: {k: v for k, v in dict(r.content[protocol.SITE]).items() if k not in counts}  # noqa: E731
+    assert strip(before) == strip(after)
+    assert dict(before.content[protocol.SITE]) == dict(after.content[protocol.SITE])  # here even the rounded counts
 
 
 def test_no_local_path_in_any_reply_even_from_a_broken_cache(root: Path) -> None:
