@@ -96,10 +96,10 @@ def _new_ct(ct_path: Path, labels_path: Path, cfg: DictConfig, label_map: dict[s
         crops, features, excluded = featurise_study(ct, label_arr, label_map, cfg.crop, str(params_path(cfg.radiomics)))
     except (InputError, RuntimeError, ValueError) as exc:
         reason = exc.reason if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-        empty = new_ct_cache(study_id, [], np.zeros((0, 0)), [], "")
+        empty = new_ct_cache(study_id, [], np.zeros((0, 0)), [])
         return StudyInput(study_id, empty, np.zeros(0, int), {}, "", "new CT", ct_path, labels_path, reason), None, None
     names = extractor_for(str(params_path(cfg.radiomics)), crop_spacing_mm(cfg.crop)).names
-    cache = new_ct_cache(study_id, crops, features, names, "")
+    cache = new_ct_cache(study_id, crops, features, names)
     inp = StudyInput(study_id, cache, np.arange(len(crops)), {e.level: e.reason for e in excluded}, "", "new CT",
                      ct_path, labels_path)
     return inp, ct, label_arr

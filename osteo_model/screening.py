@@ -21,7 +21,9 @@ import pandas as pd
 from osteo_model import bmd as bmdlib
 from osteo_model.baselines import hu_category
 from osteo_model.cache import INDEX_COLUMNS, SiteCache
-from osteo_model.constants import LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, TOTALSEG_OSTEOPOROSIS_HU
+from osteo_model.constants import (
+    LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC, TOTALSEG_OSTEOPOROSIS_HU,
+)
 from osteo_model.dataset import SiteData
 from osteo_model.metrics import OSTEOPOROSIS, patient_level
 from osteo_model.model import OsteoNet, feature_stats
@@ -29,7 +31,8 @@ from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED
 from osteo_model.training import predict
 
 RESEARCH_USE = "Research use only: not a medical device, not for diagnosis or treatment decisions."
-HU_RULE_NAMES = ("normal (L1 > 160 HU)", "osteopenia or worse (L1 <= 160 HU)", "osteoporosis likely (L1 <= 110 HU)")
+HU_RULE_NAMES = (f"normal (L1 > {PICKHARDT_L1_HU_SENSITIVE:g} HU)", f"osteopenia or worse (L1 <= {PICKHARDT_L1_HU_SENSITIVE:g} HU)",
+                 f"osteoporosis likely (L1 <= {PICKHARDT_L1_HU_SPECIFIC:g} HU)")
 """Pickhardt 2013 thresholds (osteo_model.baselines.hu_category) as a reader sees them."""
 
 
@@ -239,8 +242,9 @@ def _patient(levels: list[LevelResult], manufacturer: str, ref: Reference) -> Pa
     if l1 is not None and np.isfinite(l1.hu_mean):
         res.l1_hu = l1.hu_mean
         res.l1_hu_rule = HU_RULE_NAMES[int(hu_category(np.array([l1.hu_mean]))[0])]
-        res.l1_totalseg_flag = ("osteoporosis (L1 median < 90.25 HU)" if l1.hu_median < TOTALSEG_OSTEOPOROSIS_HU
-                                else "no flag (L1 median >= 90.25 HU)")
+        res.l1_totalseg_flag = (f"osteoporosis (L1 median < {TOTALSEG_OSTEOPOROSIS_HU:g} HU)"
+                                if l1.hu_median < TOTALSEG_OSTEOPOROSIS_HU
+                                else f"no flag (L1 median >= {TOTALSEG_OSTEOPOROSIS_HU:g} HU)")
     else:
         res.l1_hu_rule = res.l1_totalseg_flag = "L1 not evaluable"
     return res
@@ -276,7 +280,8 @@ def screen(model: OsteoNet, studies: Iterable[StudyInput], ref: Reference, predi
                 row["level"], True, hu_mean=float(row["hu_mean"]), hu_median=float(row["hu_median"]),
                 sbmd=float(p["sbmd"]), bmd=bmd, t_score=float(p["t"]), t_low=t_low, t_high=t_high,
                 category=bmdlib.category_name(int(bmdlib.category_from_t(float(p["t"])))),
-                p_osteoporosis=float(p["p"][OSTEOPOROSIS]), flags=_level_flags(row, study.cache.features[int(r)], names, ref, predict_cfg))
+                p_osteoporosis=float(p["p"][OSTEOPOROSIS]),
+                flags=_level_flags(row, study.cache.features[int(r)], names, ref, predict_cfg))
         reason = study.problem or "not evaluated"
         levels = [by_level.get(lv) or LevelResult(lv, False, reason=study.excluded.get(lv, reason)) for lv in LEVELS]
         reports.append(StudyReport(study.study_id, study.source, study.scanner, manufacturer, levels,
@@ -292,12 +297,12 @@ def _by_cache(studies: list[StudyInput]) -> dict[int, list[StudyInput]]:
     return groups
 
 
-def new_ct_cache(study_id: str, crops: list, features: np.ndarray, feature_names: list[str], scanner: str) -> SiteCache:
+def new_ct_cache(study_id: str, crops: list, features: np.ndarray, feature_names: list[str]) -> SiteCache:
     """An in-memory cache of one new CT's crops (``crops.VertebraCrop``), so that it is predicted exactly
     as a prepared study is."""
     rows = [{c: np.nan for c in INDEX_COLUMNS} | {
         "study_id": study_id, "patient_id": "", "level": c.level, "level_idx": LEVELS.index(c.level), "labeled": False,
-        "scanner": scanner, "hu_mean": c.hu_mean, "hu_median": c.hu_median, "hu_std": c.hu_std,
+        "scanner": "", "hu_mean": c.hu_mean, "hu_median": c.hu_median, "hu_std": c.hu_std,
         "body_volume_ml": c.body_volume_ml, "category": -1, "sex": ""} for c in crops]
     table = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
     size = crops[0].crop.shape if crops else (1, 1, 1)
