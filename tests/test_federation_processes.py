@@ -1,0 +1,131 @@
+"""Killed commands leave nothing behind, and a resumed run continues where the killed one stopped, with
+Flower's real processes on loopback (``--insecure``: keys are tested in test_federation_loopback.py).
+
+flower-server + three osteo-clients run round 1; a second flower-server of the same run is refused while
+the first lives; every command is SIGKILLed and no process of theirs (SuperLink, SuperExec, ServerApp,
+flwr run, SuperNodes, ClientApps) survives; ``flower-server --resume`` then runs round 2 only, and
+SIGTERMed clients stop with their trees."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from federation_helpers import SITES, make_caches, small_overrides
+from osteofl.client.state_store import StateStore
+from osteofl.keeper import descendants
+from test_processes import alive, wait_gone
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(check, what: str, timeout: float, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not seen; logs:\n" + "\n".join(p.read_text()[-2000:] for p in logs if p.exists()))
+
+
+def _marked(marker: str) -> list[str]:
+    """Command lines of running processes that mention ``marker`` (our tmp path or port)."""
+    found = []
+    for pid in alive([int(p) for p in os.listdir("/proc") if p.isdigit()]):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and pid != os.getpid():
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_sigkill_leaves_no_process_and_resume_continues_at_round_2(tmp_path: Path) -> None:
+    make_caches(tmp_path)
+    for site in SITES:  # each hospital's own policy (site.yaml) lets these tiny splits' aggregates out
+        (tmp_path / "data" / "sites" / site).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "sites" / site / "site.yaml").write_text("policy:\n  min_cohort: 5\n")
+    port = _free_port()
+    overrides = small_overrides(
+        tmp_path, **{"federation.superlink.port": port, "federation.superlink.address": f"127.0.0.1:{port}",
+                     "federation.min_available_nodes": 3, "federation.min_train_replies": 3,
+                     "federation.final_eval_split": "null", "federation.round_timeout": 600})
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    run = tmp_path / "outputs" / "federated"
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            p = subprocess.Popen([str(BIN / args[0]), *args[1:], *overrides], stdout=out,
+                                 stderr=subprocess.STDOUT, env=env)
+        procs.append(p)
+        return p
+
+    def clients(tag: str) -> list[subprocess.Popen]:
+        return [start(["osteo-client", "--insecure", "--site", s, "--local-port", str(_free_port())],
+                      tmp_path / f"{s}-{tag}.log") for s in SITES]
+
+    try:
+        log1 = tmp_path / "server1.log"
+        server = start(["flower-server", "--insecure"], log1)
+        _wait_for(lambda: "waiting for 3 of 3 sites" in log1.read_text(), "server start", 300, [log1])
+        second = subprocess.run([str(BIN / "flower-server"), "--insecure", "--resume", *overrides],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 1 and "run.lock" in second.stderr and f"pid {server.pid}" in second.stderr
+        assert second.stderr.strip().count("\n") == 0, second.stderr
+        first_clients = clients("1")
+        ckpt1 = run / "checkpoints" / "round-0001.npz"
+        _wait_for(ckpt1.exists, "round 1 checkpoint", 900, [log1, *tmp_path.glob("site_*-1.log")])
+
+        trees = {p.pid: descendants(p.pid) for p in [server, *first_clients]}
+        assert len(trees[server.pid]) >= 6, trees  # keepers, flower-superlink, flower-superexec, serverapp, flwr
+        assert all(len(trees[c.pid]) >= 2 for c in first_clients), trees  # keeper + flower-supernode
+        for p in [*first_clients, server]:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        survivors = wait_gone([pid for tree in trees.values() for pid in tree], 30)
+        assert survivors == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in alive(survivors)]
+        assert _marked(f"127.0.0.1:{port}") == [] and _marked(str(tmp_path)) == []
+
+        # Flower counts a node online for two heartbeats (60 s) after its last sign of life, and an insecure
+        # SuperNode gets a new node id on every start (with keys it keeps its registered one): let the
+        # killed ones expire, or the resumed round samples a dead node and waits for it
+        time.sleep(65)
+        log2 = tmp_path / "server2.log"
+        resumed = start(["flower-server", "--insecure", "--resume"], log2)
+        _wait_for(lambda: "waiting for 3 of 3 sites" in log2.read_text(), "resumed server start", 300, [log2])
+        second_clients = clients("2")
+        assert resumed.wait(timeout=900) == 0, log2.read_text()[-3000:]
+        client_trees = [pid for c in second_clients for pid in descendants(c.pid)]
+        for c in second_clients:
+            c.send_signal(signal.SIGTERM)
+        assert all(c.wait(timeout=30) is not None for c in second_clients)
+        assert wait_gone(client_trees, 10) == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    assert "resuming after round 1" in log2.read_text()
+    history = json.loads((run / "history.json").read_text())
+    assert [r["round"] for r in history] == [1, 2]
+    assert [p.name for p in sorted((run / "checkpoints").glob("round-*.npz"))] == ["round-0001.npz", "round-0002.npz"]
+    for site in SITES:  # each site trained once per round: no orphan ServerApp ran a round of its own
+        assert StateStore(tmp_path / "data" / "state" / site, site).load().rounds_trained == 2
