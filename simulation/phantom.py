@@ -56,11 +56,12 @@ class Anatomy:
     calcifications: int
 
 
-def draw_anatomy(rng: np.random.Generator, bone: dict[str, dict], marrow_hu: float, age: float,
+def draw_anatomy(rng: np.random.Generator, bone: dict[str, dict], marrow_hu: float, calcifications: int,
                  truncated: str, cfg) -> Anatomy:
     """Random geometry around given bone parameters (``bone[level]`` for PHANTOM_LEVELS).
 
-    ``truncated`` ("", "L1" or "L4") lets the scan edge cut that level.
+    ``truncated`` ("", "L1" or "L4") lets the scan edge cut that level; ``calcifications``: aortic wall
+    plaques (drawn with the population, since the patient's DXA sees them too).
     """
     heights = 24.0 + 0.5 * np.arange(6) + rng.normal(0, 0.8, 6)
     discs = 8.0 + 0.6 * np.arange(6) + rng.normal(0, 0.7, 6)
@@ -91,7 +92,6 @@ def draw_anatomy(rng: np.random.Generator, bone: dict[str, dict], marrow_hu: flo
     post_wall = max(v.yc + FLAT * v.b for v in verts)
     skin_y = post_wall + rng.uniform(36.0, 44.0)
     anterior = min(v.yc - v.b for v in verts) - rng.uniform(5.0, 9.0)
-    decades = max(age - 50.0, 0.0) / 10.0
     return Anatomy(
         vertebrae=tuple(verts),
         x_range=(mid_x - half_x, mid_x + half_x),
@@ -100,7 +100,7 @@ def draw_anatomy(rng: np.random.Generator, bone: dict[str, dict], marrow_hu: flo
         marrow_hu=marrow_hu,
         skin_y=float(skin_y),
         fat_mm=float(rng.uniform(3.0, 12.0)),
-        calcifications=int(rng.poisson(cfg.phantom.calcifications_per_decade * decades)),
+        calcifications=int(calcifications),
     )
 
 

@@ -2,7 +2,11 @@
 
 Everything here is tables (no volumes), so a population can be drawn and checked in milliseconds.
 True standardised BMD (sBMD, Hui 1997 scale) depends on age and sex and follows the clinical L1-L4
-pattern; the DXA device reads it through the inverse Hui equation plus the site's bias and precision.
+pattern; the DXA device reads it through the inverse Hui equation plus the site's bias, drift and
+precision, each patient's own device error, and what DXA sees but a trabecular CT ROI does not
+(osteophytes and endplate sclerosis, aortic calcification projected over the spine). Portal-venous
+contrast raises some CTs' trabecular HU at equal bone. A site's profile may override the population
+(screening vs osteoporosis clinic: age and bone status).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from osteo_model import bmd
 from osteo_model.constants import HUI_1997, LEVEL_REFERENCE_BMD, LEVELS, MAX_EXCLUDED_LEVELS, YOUNG_ADULT_REFERENCE
@@ -77,13 +81,27 @@ def _bone_parameters(status: np.ndarray, rng: np.random.Generator, b: DictConfig
     }
 
 
+def _dxa_gain(rng: np.random.Generator, age: int, calcifications: int, years: float, profile: dict[str, Any],
+              d: DictConfig) -> np.ndarray:
+    """Relative L1-L4 reading of one patient's DXA over the truth (1 = exact), beyond the device bias:
+    the patient's own device error (positioning, soft tissue, ROI placement), the site's drift since
+    ``dxa.date_start``, degenerative change (osteophytes, endplate sclerosis, facet arthrosis: more
+    often with age and lower in the spine) and aortic calcification over the vertebrae on the AP scan."""
+    gain = np.full(4, 1.0 + rng.normal(0, d.patient_error) + float(profile.get("dxa_drift_per_year", 0.0)) * years)
+    p_degenerative = np.clip(d.degenerative_at_50 + d.degenerative_per_decade * (age - 50) / 10, 0.0, 0.9)
+    if rng.uniform() < p_degenerative:
+        gain += rng.uniform(*d.degenerative_gain) * np.asarray(d.degenerative_level_weight) * rng.uniform(0.5, 1.0, 4)
+    return gain + d.aortic_gain_per_plaque * calcifications * np.array([0.5, 1.0, 1.0, 1.0])
+
+
 def _dxa_measurement(rng: np.random.Generator, true_bmd: np.ndarray, fractured: np.ndarray,
-                     profile: dict[str, Any], d: DictConfig) -> np.ndarray:
-    """Device BMD of L1-L4 as reported: bias and precision of the site's device, excluded levels NaN.
+                     profile: dict[str, Any], d: DictConfig, gain: np.ndarray) -> np.ndarray:
+    """Device BMD of L1-L4 as reported: bias, ``gain`` (_dxa_gain) and precision of the site's device,
+    excluded levels NaN.
 
     A fractured vertebra reads falsely dense, so reporting excludes it first (ISCD: at most two).
     """
-    measured = true_bmd * (1 + profile["dxa_bias"]) + rng.normal(0, profile["dxa_noise"], 4)
+    measured = true_bmd * (1 + profile["dxa_bias"]) * gain + rng.normal(0, profile["dxa_noise"], 4)
     measured[fractured] *= 1.1
     n_random = int(rng.uniform() < d.exclude_one_level) + int(rng.uniform() < d.exclude_two_levels)
     order = np.concatenate([np.flatnonzero(fractured), rng.permutation(np.flatnonzero(~fractured))])
@@ -106,7 +124,9 @@ def sample_site(synth: DictConfig, site: str, profile: dict[str, Any], n_labeled
                 max_interval_days: int) -> SitePopulation:
     """Draw one site's patients (one CT each; the first ``n_labeled`` also have a DXA exam)."""
     rng = np.random.default_rng(site_seed(synth.seed, site) + [2])
-    pop, bone_cfg, dcfg = synth.population, synth.bone, synth.dxa
+    extra = np.random.default_rng(site_seed(synth.seed, site) + [4])  # contrast, DXA error and artefacts
+    pop = OmegaConf.merge(synth.population, profile.get("population") or {})
+    bone_cfg, dcfg = synth.bone, synth.dxa
     manufacturer = bmd.normalise_manufacturer(profile["dxa_manufacturer"])
     start = date.fromisoformat(dcfg.date_start)
     studies, vertebrae, dxa_rows = [], [], []
@@ -121,21 +141,25 @@ def sample_site(synth: DictConfig, site: str, profile: dict[str, Any], n_labeled
         truncated = "" if u >= synth.phantom.truncated_fraction else ("L1" if u < synth.phantom.truncated_fraction / 2 else "L4")
         ct_date = start + timedelta(days=int(rng.integers(0, dcfg.date_days)))
         labeled = k < n_labeled
+        contrast = float(extra.uniform(*synth.ct.contrast_hu)) if extra.uniform() < float(profile.get("contrast_fraction", 0.0)) else 0.0
+        marrow += contrast / (1.0 - bone_cfg.bvtv_ref)  # enhancing marrow: +contrast HU in the trabecular ROI
+        calcifications = int(extra.poisson(synth.phantom.calcifications_per_decade * max(age - 50.0, 0.0) / 10.0))
         study = {
             "site": site, "study_id": study_id, "patient_id": patient_id, "sex": sex, "age": age,
             "ct_date": ct_date.isoformat(), "status": status, "marrow_hu": float(marrow),
-            "truncated_level": truncated, "has_dxa": labeled,
+            "truncated_level": truncated, "has_dxa": labeled, "contrast_hu": contrast, "calcifications": calcifications,
             "bone": {name: {key: float(params[key][i]) for key in
                             ("bvtv", "coarse", "perforation", "cortex_mm", "cortex_hu", "posterior_hu", "wedge")}
                      for i, name in enumerate(PHANTOM_LEVELS)},
         }
         true_bmd = bmd.from_sbmd(sbmd[1:5], manufacturer)
-        measured = np.full(4, np.nan)
+        measured, gain = np.full(4, np.nan), np.full(4, np.nan)
         interval = np.nan
         if labeled:
             interval = _dxa_interval(rng, dcfg)
-            measured = _dxa_measurement(rng, true_bmd, params["wedge"][1:5] > 0, profile, dcfg)
             dxa_date = ct_date + timedelta(days=interval)
+            gain = _dxa_gain(extra, age, calcifications, (dxa_date - start).days / 365.25, profile, dcfg)
+            measured = _dxa_measurement(rng, true_bmd, params["wedge"][1:5] > 0, profile, dcfg, gain)
             dxa_rows.append({
                 "patient_id": patient_id, "dxa_date": dxa_date.isoformat(),
                 "manufacturer": profile["dxa_manufacturer"], "model": profile["dxa_model"],
@@ -157,7 +181,7 @@ def sample_site(synth: DictConfig, site: str, profile: dict[str, Any], n_labeled
                 "age": age, "true_sbmd": sbmd[i + 1], "true_bmd_device": true_bmd[i], "true_t": true_t[i],
                 "true_category": bmd.category_name(bmd.category_from_t(true_t[i])),
                 "patient_true_category": study["true_category"],
-                "dxa_bmd": measured[i], "dxa_excluded": bool(labeled and np.isnan(measured[i])),
+                "dxa_bmd": measured[i], "dxa_gain": gain[i], "dxa_excluded": bool(labeled and np.isnan(measured[i])),
                 "has_dxa": labeled, "interval_days": interval, "paired": study["paired"],
                 "truncated": truncated == level, "marrow_hu": marrow, "level_status": level_status[i + 1],
                 "fractured": bool(params["wedge"][i + 1] > 0),

@@ -41,7 +41,8 @@ def site_profile(synth: DictConfig, site: str) -> dict[str, Any]:
             "dxa_manufacturer": str(manufacturer),
             "dxa_model": str(model),
             **{key: round(float(rng.uniform(*rnd[key])), 3) for key in
-               ("inplane_mm", "slice_mm", "hu_slope", "hu_offset", "noise_hu", "blur_mm", "dxa_noise", "dxa_bias")},
+               ("inplane_mm", "slice_mm", "hu_slope", "hu_offset", "noise_hu", "blur_mm", "dxa_noise", "dxa_bias",
+                "dxa_drift_per_year", "contrast_fraction")},
         }
     if normalise_manufacturer(profile["dxa_manufacturer"]) is None:
         raise ConfigError(None, f"synth profile {site}: unknown DXA manufacturer {profile['dxa_manufacturer']!r}")

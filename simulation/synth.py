@@ -27,6 +27,7 @@ from osteo_model.bmd import normalise_manufacturer
 from osteo_model.errors import ConfigError
 from osteofl.simulation.phantom import draw_anatomy, render
 from osteofl.simulation.population import SitePopulation, sample_site
+from osteofl.simulation.realism import l1_roi_hu, site_realism
 from osteofl.simulation.scanners import DIRECTIONS, acquire, render_spacing, site_profile, site_seed
 
 MARKER = ".osteo-synth"
@@ -42,6 +43,7 @@ class SiteSummary:
     paired: int
     prevalence: dict[str, float]
     bytes: int
+    realism: dict[str, Any]
 
 
 def _site_sizes(synth: DictConfig) -> list[tuple[str, str, int, int]]:
@@ -91,12 +93,13 @@ def render_study(task: dict[str, Any]) -> dict[str, Any]:
     synth = OmegaConf.create(task["synth"])
     study, profile = task["study"], task["profile"]
     rng = np.random.default_rng(site_seed(synth.seed, study["site"]) + [3, task["index"]])
-    anatomy = draw_anatomy(rng, study["bone"], study["marrow_hu"], study["age"], study["truncated_level"], synth)
+    anatomy = draw_anatomy(rng, study["bone"], study["marrow_hu"], study["calcifications"], study["truncated_level"], synth)
     spacing, per_slice = render_spacing(profile)
     b = synth.bone
     hu, labels = render(anatomy, spacing, rng, float(b.tissue_hu),
                         (float(b.fine_wavelength_mm), float(b.coarse_wavelength_mm), float(b.perforation_wavelength_mm)))
     ct, labels = acquire(hu, labels, per_slice, profile, rng)
+    l1_hu = l1_roi_hu(ct, anatomy, spacing, per_slice)
     out_spacing = (float(profile["slice_mm"]), spacing[1], spacing[2])
     # Scanner coordinates: the spine sits posterior of the isocentre, the table anywhere along z.
     origin = np.array([anatomy.x_range[0], anatomy.y_range[0] + rng.uniform(30, 60),
@@ -105,7 +108,7 @@ def render_study(task: dict[str, Any]) -> dict[str, Any]:
     paths = {"ct": f"ct/{study['study_id']}.nii.gz", "labels": f"labels/{study['study_id']}.nii.gz"}
     for key, array in (("ct", ct), ("labels", labels)):
         sitk.WriteImage(_image(array, out_spacing, origin, profile["direction"]), str(site_dir / paths[key]), True)
-    return {**paths, "bytes": sum((site_dir / p).stat().st_size for p in paths.values())}
+    return {**paths, "bytes": sum((site_dir / p).stat().st_size for p in paths.values()), "l1_hu": l1_hu}
 
 
 def _prevalence(studies: pd.DataFrame) -> dict[str, float]:
@@ -157,9 +160,11 @@ def generate(cfg: DictConfig, progress: bool = False) -> list[SiteSummary]:
         studies[["study_id", "patient_id", "ct_date", "ct", "labels", "scanner"]].to_csv(site_dir / "studies.csv", index=False)
         pop.vertebrae.to_csv(truth_dir / f"{pop.site}.csv", index=False, float_format="%.5f")
         summary = SiteSummary(pop.site, role, len(studies), int(studies["has_dxa"].sum()), int(studies["paired"].sum()),
-                              _prevalence(studies), sum(r["bytes"] for r in done))
+                              _prevalence(studies), sum(r["bytes"] for r in done),
+                              site_realism(pop.studies, pop.dxa, np.array([r["l1_hu"] for r in done])))
         summaries.append(summary)
         sites_json[pop.site] = {"role": role, "profile": pop.profile, "studies": summary.studies,
-                                "with_dxa": summary.with_dxa, "paired": summary.paired, "prevalence": summary.prevalence}
+                                "with_dxa": summary.with_dxa, "paired": summary.paired, "prevalence": summary.prevalence,
+                                "realism": summary.realism}
     (truth_dir / "sites.json").write_text(json.dumps({"seed": int(synth.seed), "sites": sites_json}, indent=2))
     return summaries

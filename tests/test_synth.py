@@ -213,9 +213,11 @@ def test_texture_tracks_bone_density_beyond_mean_hu(tmp_path):
     mean = stats["mean"].to_numpy()
     for texture in ("sd", "gradient"):
         assert np.corrcoef(stats[texture], stats.true_sbmd)[0, 1] > 0.6
-        # Partial correlation: what texture knows about sBMD once mean HU is accounted for (marrow fat
-        # moves mean HU at equal bone density; it does not make trabeculae).
-        partial = np.corrcoef(_residual(stats[texture].to_numpy(), mean), _residual(stats.true_sbmd.to_numpy(), mean))
+        # Partial correlation: what texture knows about the trabecular bone once mean HU is accounted for
+        # (marrow fat and contrast move mean HU at equal bone; they do not make trabeculae). Against DXA's
+        # sBMD it is weaker by design: DXA also sees cortex, posterior elements and degeneration.
+        trab = stats.trab_status.to_numpy()
+        partial = np.corrcoef(_residual(stats[texture].to_numpy(), mean), _residual(trab, mean))
         assert partial[0, 1] > 0.25, texture
 
 
@@ -261,3 +263,69 @@ def test_unknown_dxa_manufacturer_is_a_config_error():
     cfg = compose(["synth.profiles.site_a.dxa_manufacturer=Acme"])
     with pytest.raises(ConfigError, match="Acme"):
         site_profile(cfg.synth, "site_a")
+
+
+def test_realism_summary_is_saved_and_printed(tiny):
+    cfg, summaries = tiny
+    saved = json.loads((Path(cfg.paths.ground_truth) / "sites.json").read_text())["sites"]
+    for s in summaries:
+        assert s.realism["n_labeled"] == s.with_dxa and s.realism["n_paired"] == s.paired
+        assert saved[s.site]["realism"]["n_unlabeled"] == s.studies - s.paired
+        assert 0 < s.realism["l1_hu_mean"] < 400 or np.isnan(s.realism["l1_hu_mean"])
+
+
+def test_l1_roi_measures_the_trabecular_bone_the_phantom_was_built_with(tmp_path):
+    """The ROI on the rendered CT agrees with the phantom's expected L1 HU (marrow, contrast, elements,
+    scanner calibration) within noise, so the population-level realism check stands for the rendered one."""
+    from omegaconf import OmegaConf
+
+    from osteofl.simulation.realism import expected_l1_hu
+    from osteofl.simulation.synth import render_study
+
+    cfg = compose(["synth.phantom.truncated_fraction=0", "synth.profiles.site_b.contrast_fraction=1.0"])
+    pop = sample_site(cfg.synth, "site_b", site_profile(cfg.synth, "site_b"), 4, 0, 180)
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "labels").mkdir()
+    plain = OmegaConf.to_container(cfg.synth, resolve=True)
+    measured = [render_study({"synth": plain, "study": s, "profile": pop.profile, "index": i, "site_dir": str(tmp_path)})["l1_hu"]
+                for i, s in enumerate(pop.studies.to_dict("records"))]
+    expected = expected_l1_hu(pop.studies, pop.profile, float(cfg.synth.bone.tissue_hu))
+    assert (pop.studies.contrast_hu >= 10).all()
+    np.testing.assert_allclose(measured, expected, atol=15)
+
+
+def test_default_scenario_is_as_hard_as_clinical_data():
+    """L1 HU vs DXA r within 0.5-0.75 and the L1-HU rule's AUC within 0.74-0.85 at every site (clinical
+    studies), on 800 patients per site from the phantom's expected HU."""
+    from osteofl.simulation.realism import expected_l1_hu, site_realism
+
+    cfg = compose(["scenario=default"])
+    for site in [*cfg.synth.sites, cfg.synth.external_site]:
+        profile = site_profile(cfg.synth, site)
+        pop = sample_site(cfg.synth, site, profile, 800, 0, 180)
+        r = site_realism(pop.studies, pop.dxa, expected_l1_hu(pop.studies, profile, float(cfg.synth.bone.tissue_hu)))
+        assert 0.5 <= r["l1_hu_dxa_r"] <= 0.75 and 0.74 <= r["l1_hu_rule_auc"] <= 0.85, (site, r)
+        # what DXA sees and the trabecular ROI does not: degeneration and calcification read high, more with age
+        v = pop.vertebrae.dropna(subset=["dxa_gain"]).groupby("study_id").agg(age=("age", "first"), gain=("dxa_gain", "mean"))
+        assert v[v.age >= 70].gain.mean() > v[v.age < 55].gain.mean() + 0.02
+
+
+def test_scenarios_compose_with_their_stories():
+    strong = compose(["scenario=strong_shift"]).synth
+    a, d = site_profile(strong, "site_a"), site_profile(strong, "site_d")
+    assert a["dxa_manufacturer"] == d["dxa_manufacturer"] == "Hologic" and a["dxa_bias"] * d["dxa_bias"] < 0
+    slopes = [site_profile(strong, s)["hu_slope"] for s in strong.sites]
+    assert min(slopes) == pytest.approx(0.85) and max(slopes) == pytest.approx(1.15)
+    clinic = sample_site(strong, "site_c", site_profile(strong, "site_c"), 300, 0, 180).studies
+    screening = sample_site(strong, "site_a", site_profile(strong, "site_a"), 300, 0, 180).studies
+    assert clinic.age.mean() > screening.age.mean() + 4
+    assert (clinic.dxa_category == "osteoporosis").mean() > (screening.dxa_category == "osteoporosis").mean()
+    assert (clinic.contrast_hu == 0).all()
+    scarce = compose(["scenario=label_scarce"])
+    n = scarce.synth.labeled_per_site
+    assert 10 <= round(scarce.data.label_fraction * scarce.data.split.train * n) <= 20  # training labels
+    assert scarce.data.split.test * n >= 30  # test patients
+    many = compose(["scenario=many_sites"]).synth
+    assert len(many.sites) == 12
+    profiles = [site_profile(many, s) for s in many.sites]
+    assert all(0.85 <= p["hu_slope"] <= 1.15 and 0.3 <= p["contrast_fraction"] <= 1.0 for p in profiles)
