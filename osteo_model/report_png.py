@@ -100,32 +100,76 @@ def _outline(bodies: np.ndarray, colours: Mapping[int, str]) -> np.ndarray:
     return rgba
 
 
-def _panel(ax, image: np.ndarray, bodies: np.ndarray, extent: tuple[float, ...], zs: np.ndarray,
-           labels: Mapping[int, tuple[str, str]], title: str, sides: tuple[str, str]) -> None:
+class _Canvas:
+    """The figure skeleton (axes, WHO bands, titles), built once per process: creating axes costs more than
+    drawing a study. Each study's artists are registered with ``add``, saved, and removed by ``clear``."""
+
+    def __init__(self) -> None:
+        self.fig = plt.figure(figsize=(13, 8))
+        grid = GridSpec(2, 3, figure=self.fig, width_ratios=[1, 1, 1.35], height_ratios=[4, 1], hspace=0.25,
+                        wspace=0.3, left=0.08, right=0.99)
+        self.sag, self.cor, self.values = (self.fig.add_subplot(grid[0, i]) for i in range(3))
+        for ax, title, sides in ((self.sag, "sagittal (anterior left)", "AP"), (self.cor, "coronal (patient's right left)", "RL")):
+            ax.set_title(title, fontsize=10)
+            ax.set_axis_off()
+            for x, label, ha in ((0.01, sides[0], "left"), (0.99, sides[1], "right")):
+                ax.text(x, 0.01, label, transform=ax.transAxes, color="white", fontsize=9, ha=ha, va="bottom", zorder=5)
+        self.values.set_axis_off()
+        self.strip = self.fig.add_subplot(grid[1, :])
+        _strip_bands(self.strip)
+        self.artists: list = []
+
+    def add(self, artist):
+        self.artists.extend(artist if isinstance(artist, list) else [artist])
+        return artist
+
+    def clear(self) -> None:
+        for artist in self.artists:
+            artist.remove()
+        self.artists.clear()
+
+
+_CANVAS: _Canvas | None = None
+
+
+def _canvas() -> _Canvas:
+    global _CANVAS
+    if _CANVAS is None:
+        _CANVAS = _Canvas()
+    return _CANVAS
+
+
+def _panel(c: _Canvas, ax, image: np.ndarray, bodies: np.ndarray, extent: tuple[float, ...], zs: np.ndarray,
+           labels: Mapping[int, tuple[str, str]]) -> None:
     """One reformat: bone window, outlines, and beside each body its label (``labels``: index -> text, colour)."""
-    ax.imshow(image, cmap="gray", vmin=BONE_WINDOW[0], vmax=BONE_WINDOW[1], origin="lower", extent=extent,
-              interpolation="bilinear")
-    ax.imshow(_outline(bodies, {k: c for k, (_, c) in labels.items()}), origin="lower", extent=extent,
-              interpolation="nearest")
+    c.add(ax.imshow(image, cmap="gray", vmin=BONE_WINDOW[0], vmax=BONE_WINDOW[1], origin="lower", extent=extent,
+                    interpolation="bilinear"))
+    c.add(ax.imshow(_outline(bodies, {k: col for k, (_, col) in labels.items()}), origin="lower", extent=extent,
+                    interpolation="nearest"))
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
     beside = matplotlib.transforms.blended_transform_factory(ax.transAxes, ax.transData)  # x: axes, z: mm
     for k, (text, colour) in labels.items():
         rows = np.flatnonzero((bodies == k).any(axis=1))
         if len(rows):  # outside the image, level with the body, so that no bone is hidden
-            ax.text(-0.02, zs[rows].mean(), text, color=colour, fontsize=9, fontweight="bold", va="center", ha="right",
-                    transform=beside)
-    ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for x, label, ha in ((0.01, sides[0], "left"), (0.99, sides[1], "right")):
-        ax.text(x, 0.01, label, transform=ax.transAxes, color="white", fontsize=9, ha=ha, va="bottom")
+            c.add(ax.text(-0.02, zs[rows].mean(), text, color=colour, fontsize=9, fontweight="bold", va="center",
+                          ha="right", transform=beside))
 
 
-def _t_strip(ax, report: StudyReport) -> None:
+def _strip_bands(ax) -> None:
     ax.axvspan(T_AXIS[0], T_OSTEOPOROSIS_MAX, color=COLOURS["osteoporosis"], alpha=0.25)
     ax.axvspan(T_OSTEOPOROSIS_MAX, T_NORMAL_MIN, color=COLOURS["osteopenia"], alpha=0.25)
     ax.axvspan(T_NORMAL_MIN, T_AXIS[1], color=COLOURS["normal"], alpha=0.25)
     for x, name in ((-3.75, "osteoporosis  T ≤ −2.5"), (-1.75, "osteopenia"), (0.75, "normal  T ≥ −1.0")):
         ax.text(x, 1.02, name, ha="center", va="bottom", fontsize=8, transform=ax.get_xaxis_transform())
+    ax.set_xlim(*T_AXIS)
+    ax.set_yticks([])
+    ax.set_xlabel("T-score (site's DXA reference); bars: uncertainty interval", fontsize=8)
+    ax.tick_params(labelsize=8)
+
+
+def _t_strip(c: _Canvas, report: StudyReport) -> None:
+    ax = c.strip
     rows = [(lv.level, lv.t_score, lv.t_low, lv.t_high, lv.category) for lv in report.levels if lv.evaluable]
     p = report.patient
     if p.evaluable:
@@ -134,40 +178,36 @@ def _t_strip(ax, report: StudyReport) -> None:
         y = len(rows) - i
         big = name == "L1-L4"
         if np.isfinite(lo):
-            ax.plot([lo, hi], [y, y], color="black", lw=1.2)
-        ax.plot([np.clip(t, *T_AXIS)], [y], marker="D" if big else "o", ms=9 if big else 6, color=COLOURS[cat],
-                markeredgecolor="black")
-        ax.text(T_AXIS[0] + 0.05, y, name, va="center", fontsize=8, fontweight="bold" if big else "normal")
+            c.add(ax.plot([lo, hi], [y, y], color="black", lw=1.2))
+        c.add(ax.plot([np.clip(t, *T_AXIS)], [y], marker="D" if big else "o", ms=9 if big else 6, color=COLOURS[cat],
+                      markeredgecolor="black"))
+        c.add(ax.text(T_AXIS[0] + 0.05, y, name, va="center", fontsize=8, fontweight="bold" if big else "normal"))
     ax.set_xlim(*T_AXIS)
     ax.set_ylim(0.3, max(len(rows), 1) + 0.7)
-    ax.set_yticks([])
-    ax.set_xlabel("T-score (site's DXA reference); bars: uncertainty interval", fontsize=8)
-    ax.tick_params(labelsize=8)
 
 
 def render_study_png(path: Path, report: StudyReport, ct: sitk.Image | None, label_arr: np.ndarray | None,
                      label_map: Mapping[str, int], model_line: str, dpi: int = 80) -> Path:
     """Write the study's PNG. Without a CT (unreadable), the values and the T-score strip only."""
-    fig = plt.figure(figsize=(13, 8))
-    grid = GridSpec(2, 3, figure=fig, width_ratios=[1, 1, 1.35], height_ratios=[4, 1], hspace=0.25, wspace=0.3,
-                    left=0.08, right=0.99)
+    c = _canvas()
     p = report.patient
     headline = (f"L1-L4 ({', '.join(p.levels_used)}): T {p.t_score:+.1f}, {p.category.upper()}" if p.evaluable
                 else f"patient {p.reason}")
-    fig.suptitle(f"Study {report.study_id}   —   {headline}", fontsize=13, fontweight="bold",
-                 color=COLOURS[p.category if p.evaluable else ""], y=0.985)
-    fig.text(0.5, 0.935, f"{model_line}\n{RESEARCH_USE}", ha="center", fontsize=8, color="#444444")
-    if ct is not None and label_arr is not None:
-        _reformats(fig, grid, report, ct, label_arr, label_map)
-    else:
-        ax = fig.add_subplot(grid[0, :2])
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"image unavailable\n{report.image_note}", ha="center", va="center", fontsize=11, wrap=True)
-    _values(fig.add_subplot(grid[0, 2]), report)
-    _t_strip(fig.add_subplot(grid[1, :]), report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 1})  # fast to write; a few 100 kB
-    plt.close(fig)
+    c.fig.suptitle(f"Study {report.study_id}   —   {headline}", fontsize=13, fontweight="bold",
+                   color=COLOURS[p.category if p.evaluable else ""], y=0.985)
+    c.add(c.fig.text(0.5, 0.935, f"{model_line}\n{RESEARCH_USE}", ha="center", fontsize=8, color="#444444"))
+    try:
+        if ct is not None and label_arr is not None:
+            _reformats(c, report, ct, label_arr, label_map)
+        else:
+            c.add(c.fig.text(0.3, 0.55, "\n".join(["image unavailable", *textwrap.wrap(report.image_note, 60)]),
+                             ha="center", va="center", fontsize=11))
+        _values(c, report)
+        _t_strip(c, report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        c.fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 1})  # fast to write; a few 100 kB
+    finally:
+        c.clear()
     return path
 
 
@@ -184,7 +224,7 @@ def _around_spine(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str,
     return ct[window[2], window[1], window[0]], label_arr[window]  # SimpleITK indexes (x, y, z), keeps positions
 
 
-def _reformats(fig, grid, report: StudyReport, ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, int]) -> None:
+def _reformats(c: _Canvas, report: StudyReport, ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, int]) -> None:
     ct_arr, lab, spacing, origin = _lps(*_around_spine(ct, label_arr, label_map))
     bodies = body_labels(lab, spacing, label_map)
     window, xi, yi = _view(bodies, ct_arr.shape, spacing)
@@ -202,18 +242,17 @@ def _reformats(fig, grid, report: StudyReport, ct: sitk.Image, label_arr: np.nda
     for lv in report.levels:
         colour = COLOURS[lv.category if lv.evaluable else ""]
         labels[LEVELS.index(lv.level) + 1] = (f"{lv.level} T {lv.t_score:+.1f}" if lv.evaluable else f"{lv.level} n/e", colour)
-    _panel(fig.add_subplot(grid[0, 0]), sag, sag_b, extent(ys), zs, labels, "sagittal (anterior left)", ("A", "P"))
-    _panel(fig.add_subplot(grid[0, 1]), cor, cor_b, extent(xs), zs, {k: (t.split()[0], c) for k, (t, c) in labels.items()},
-           "coronal (patient's right left)", ("R", "L"))
+    _panel(c, c.sag, sag, sag_b, extent(ys), zs, labels)
+    _panel(c, c.cor, cor, cor_b, extent(xs), zs, {k: (t.split()[0], col) for k, (t, col) in labels.items()})
 
 
-def _values(ax, report: StudyReport) -> None:
+def _values(c: _Canvas, report: StudyReport) -> None:
     """Per-level lines (a square in the category colour, the numbers in black), then the patient summary."""
-    ax.axis("off")
+    ax = c.values
     y = 0.98
     for text, cat in _level_lines(report):
-        ax.text(0.0, y, "■", fontsize=12, va="top", color=COLOURS[cat])
-        ax.text(0.05, y, text, fontsize=9, va="top", color="black" if cat else "#555555")
+        c.add(ax.text(0.0, y, "■", fontsize=12, va="top", color=COLOURS[cat]))
+        c.add(ax.text(0.05, y, text, fontsize=9, va="top", color="black" if cat else "#555555"))
         y -= 0.115
     p = report.patient
     summary = ["Patient (ISCD: mean of evaluable L1-L4, at least two levels)"]
@@ -226,4 +265,4 @@ def _values(ax, report: StudyReport) -> None:
     summary += textwrap.wrap(f"L1-HU rule (Pickhardt 2013): {p.l1_hu_rule}", WRAP)
     summary.append(f"TotalSegmentator rule: {p.l1_totalseg_flag}")
     summary += [line for flag in report.flags for line in textwrap.wrap("⚠ " + flag, WRAP)]
-    ax.text(0.0, y - 0.02, "\n".join(summary), fontsize=9, va="top", linespacing=1.5)
+    c.add(ax.text(0.0, y - 0.02, "\n".join(summary), fontsize=9, va="top", linespacing=1.5))
