@@ -12,17 +12,21 @@ method trains and predicts each site's test patients, and the statistics (osteo_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from osteo_model.atomic import atomic_file
 from osteo_model.config import compose, resolve_device
 from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError
+from osteo_model.evidence import Patients
 from osteofl.server.history import write_json
 from osteofl.simulation import evidence_report as report
 from osteofl.simulation.evidence_methods import ENGINES
@@ -71,6 +75,35 @@ def _data_overrides(exp: DictConfig, out: Path, scenario: str, seed: int) -> lis
             f"paths.ground_truth={root / 'truth'}", f"paths.state_root={root / 'state'}"]
 
 
+FIELDS = ("device", "true_bmd", "pred_bmd", "true_cat", "pred_cat", "score")
+
+
+def _config_key(cfg: DictConfig) -> str:
+    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()
+
+
+def _load_run(path: Path, key: str) -> tuple[dict[str, Patients], list[float], float] | None:
+    """A finished method's predictions, when they were made with exactly this composed config."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["config_key"]) != key:
+            return None
+        sites = [str(s) for s in z["sites"]]
+        preds = {s: Patients(**{f: z[f"{s}/{f}"] for f in FIELDS}) for s in sites}
+        return preds, [float(x) for x in z["round_seconds"]], float(z["seconds"])
+
+
+def _save_run(path: Path, key: str, preds: dict[str, Patients], rounds: list[float], seconds: float) -> None:
+    """Per-patient test predictions of one method, scenario and seed (no patient ids): a rerun after an
+    interruption, or with other statistics, skips what is done."""
+    arrays = {f"{s}/{f}": np.asarray(getattr(p, f)) for s, p in preds.items() for f in FIELDS}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as fh:
+        np.savez(fh, config_key=np.array(key), sites=np.array(list(preds)), round_seconds=np.array(rounds, float),
+                 seconds=np.array(seconds), **arrays)
+
+
 def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
     """The whole benchmark; returns the report written to ``<outputs>/<name>/evidence.json``."""
     from osteofl.simulation.sim import ensure_sites, prepare_sites
@@ -99,9 +132,15 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
             for method in methods:
                 spec = exp.methods[method]
                 mcfg = compose([*run_over, *map(str, spec.get("overrides") or [])])
-                t0 = time.perf_counter()
-                runs[seed][method], rounds = ENGINES[str(spec.engine)](mcfg, datas, resolve_device(mcfg))
-                seconds = time.perf_counter() - t0
+                saved, key = out / "runs" / scenario / f"seed{seed}" / f"{method}.npz", _config_key(mcfg)
+                if (done := _load_run(saved, key)) is not None:
+                    runs[seed][method], rounds, seconds = done
+                    log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: done earlier ({saved.name})")
+                else:
+                    t0 = time.perf_counter()
+                    runs[seed][method], rounds = ENGINES[str(spec.engine)](mcfg, datas, resolve_device(mcfg))
+                    seconds = time.perf_counter() - t0
+                    _save_run(saved, key, runs[seed][method], rounds, seconds)
                 result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
                 if rounds:
                     result["round_seconds"].setdefault(method, []).extend(rounds)

@@ -53,6 +53,11 @@ def test_quick_experiment_writes_every_method_site_and_interval(tmp_path):
     assert np.isfinite(written["seconds"]["total"]) and written["round_seconds"]["osteofl"]
     md = (out / "evidence.md").read_text()
     assert "Paired differences" in md and "FedPer (local heads)" in md and "L1-HU rule" in md
+    # a rerun trains nothing: every method's predictions of each seed were kept, and give the same figures
+    lines: list[str] = []
+    again = evidence.run(str(_experiment(tmp_path)), small_overrides(root), log=lines.append)
+    assert sum("done earlier" in line for line in lines) == 2 * len(methods)
+    assert again["scenarios"] == json.loads(json.dumps(result["scenarios"]))
 
 
 def test_unknown_engine_and_reference_are_config_errors(tmp_path):
