@@ -32,6 +32,14 @@ BASE_METRICS = ("acc3", "auc", "mae", "r")
 """Patient-level WHO 3-class accuracy, osteoporosis ROC AUC, BMD MAE (g/cm^2), Pearson r of BMD; plus
 ``bias_<device>``: Bland-Altman bias (predicted - DXA, g/cm^2) per DXA device."""
 LEVEL = 0.95
+RANGES = {"acc3": (0.0, 1.0), "auc": (0.0, 1.0), "mae": (0.0, np.inf), "r": (-1.0, 1.0)}
+"""Where each metric can lie (bias: anywhere): a t-interval over few seeds can reach past it."""
+
+
+def value_range(name: str, difference: bool = False) -> tuple[float, float]:
+    """The possible values of metric ``name``, or of a difference of two of them."""
+    lo, hi = RANGES.get(name, (-np.inf, np.inf))
+    return (lo - hi, hi - lo) if difference else (lo, hi)
 
 
 class EvidenceError(OsteoError):
@@ -224,9 +232,10 @@ class Interval:
         return {"point": clean(self.point), "lo": clean(self.lo), "hi": clean(self.hi), "n_seeds": self.n_seeds}
 
 
-def combine(estimates: Sequence[Estimate]) -> Interval:
+def combine(estimates: Sequence[Estimate], bounds: tuple[float, float] = (-np.inf, np.inf)) -> Interval:
     """Mean over seeds with an interval that holds the seed-to-seed spread and the patients' sampling
-    noise: t-interval across seeds, its variance floored by the mean bootstrap variance (docstring)."""
+    noise: t-interval across seeds, its variance floored by the mean bootstrap variance (docstring),
+    cut to ``bounds`` (value_range: with 2 seeds t is 12.7 and an accuracy's interval would pass 1)."""
     ok = [e for e in estimates if np.isfinite(e.point)]
     if not ok:
         return Interval(float("nan"), float("nan"), float("nan"), 0)
@@ -238,4 +247,4 @@ def combine(estimates: Sequence[Estimate]) -> Interval:
     var = max(float(values.var(ddof=1)), within)
     half = float(stats.t.ppf(0.5 + LEVEL / 2, len(ok) - 1)) * np.sqrt(var / len(ok))
     mean = float(values.mean())
-    return Interval(mean, mean - half, mean + half, len(ok))
+    return Interval(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), len(ok))

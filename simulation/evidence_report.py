@@ -26,10 +26,10 @@ def _groups(runs: Runs, method: str, sites: Sequence[str]) -> dict[str, list[ev.
     return out
 
 
-def _combine(per_seed: list[dict[str, ev.Estimate]]) -> dict[str, dict]:
+def _combine(per_seed: list[dict[str, ev.Estimate]], difference: bool) -> dict[str, dict]:
     names = sorted({k for est in per_seed for k in est}, key=lambda k: (k.startswith("bias_"), k))
     nan = ev.Estimate(*(float("nan"),) * 4)
-    return {k: ev.combine([est.get(k, nan) for est in per_seed]).as_dict() for k in names}
+    return {k: ev.combine([est.get(k, nan) for est in per_seed], ev.value_range(k, difference)).as_dict() for k in names}
 
 
 def summarise(runs: Runs, methods: Sequence[str], reference: str, sites: Sequence[str], n_boot: int) -> dict:
@@ -38,12 +38,12 @@ def summarise(runs: Runs, methods: Sequence[str], reference: str, sites: Sequenc
     groups = {m: _groups(runs, m, sites) for m in methods}
     out: dict = {"sites": list(sites), "seeds": list(runs), "reference": reference, "metrics": {}, "differences": {}}
     for m in methods:
-        out["metrics"][m] = {g: _combine([ev.within_seed(p, n_boot, seed=i) for i, p in enumerate(ps)])
+        out["metrics"][m] = {g: _combine([ev.within_seed(p, n_boot, seed=i) for i, p in enumerate(ps)], False)
                              for g, ps in groups[m].items()}
     for alt in methods:
         if alt != reference:
             out["differences"][alt] = {g: _combine([ev.paired(a, b, n_boot, seed=i) for i, (a, b) in enumerate(
-                zip(groups[reference][g], groups[alt][g]))]) for g in groups[reference]}
+                zip(groups[reference][g], groups[alt][g]))], True) for g in groups[reference]}
     return out
 
 
@@ -98,7 +98,7 @@ def forest_png(path: Path, report: dict, labels: Mapping[str, str]) -> Path:
         for ax, panel in zip(row, panels):
             keys = _bias_keys(sc) if panel == "bias" else [panel]
             items = [(f"{labels.get(alt, alt)}" + (f" · {k[5:]}" if panel == "bias" else ""), d[POOLED].get(k, {}))
-                     for alt, d in sc["differences"].items() for k in keys]
+                     for alt, d in sc["differences"].items() for k in keys if d[POOLED].get(k, {}).get("point") is not None]
             ys = np.arange(len(items))[::-1]
             for y, (_, iv) in zip(ys, items):
                 if iv.get("point") is None:

@@ -130,3 +130,10 @@ def test_combine_of_one_seed_is_its_bootstrap_interval_and_skips_missing_seeds()
     iv = ev.combine([one, ev.Estimate(float("nan"), float("nan"), float("nan"), float("nan"))])
     assert (iv.point, iv.lo, iv.hi, iv.n_seeds) == (0.5, 0.3, 0.7, 1)
     assert ev.combine([]).n_seeds == 0 and ev.combine([]).as_dict()["point"] is None
+
+
+def test_combined_interval_stays_within_the_metrics_range():
+    iv = ev.combine([ev.Estimate(v, 0.05, v - 0.1, v + 0.1) for v in (0.9, 0.99)], ev.value_range("auc"))
+    assert iv.hi == 1.0 and iv.lo >= 0.0 and iv.lo < iv.point
+    assert ev.value_range("r", difference=True) == (-2.0, 2.0)
+    assert ev.value_range("bias_hologic") == (-np.inf, np.inf)
