@@ -216,7 +216,9 @@ def simulate(overrides: Sequence[str], log: Callable[[str], None] = print, basel
         prepare_sites(overrides, [*sites, ext], log)
 
     def fed_overrides(name: str, *extra: str) -> list[str]:
-        return [*overrides, f"paths.outputs={out}", f"federation.run_name={name}",
+        # synthetic sites hold ~10 test patients: their policy's minimum cohort is the hard floor (5), so the
+        # demo's federated rows are not withheld (a user override still wins)
+        return ["site.policy.min_cohort=5", *overrides, f"paths.outputs={out}", f"federation.run_name={name}",
                 f"paths.state_root={out / name / 'state'}", *extra]
 
     report: dict[str, Any] = {"sites": sites, "external": ext, "seconds": {}}
