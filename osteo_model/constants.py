@@ -93,6 +93,9 @@ LEVEL_REFERENCE_BMD: Mapping[str, Mapping[str, float]] = MappingProxyType(
 # classification must not rest on a single vertebra.
 MIN_LEVELS_FOR_DIAGNOSIS = 2
 MAX_EXCLUDED_LEVELS = 2
+ISCD_ADJACENT_T_DIFFERENCE = 1.0
+"""ISCD 2019: a vertebra may be excluded as anatomically abnormal when its T-score differs from the adjacent
+vertebrae by more than 1.0 (the reader decides; osteo-predict flags it)."""
 
 # --- CT-only rules -----------------------------------------------------------------------------------
 PICKHARDT_L1_HU_SENSITIVE = 160.0

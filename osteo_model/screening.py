@@ -22,7 +22,8 @@ from osteo_model import bmd as bmdlib
 from osteo_model.baselines import hu_category
 from osteo_model.cache import INDEX_COLUMNS, SiteCache
 from osteo_model.constants import (
-    LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC, TOTALSEG_OSTEOPOROSIS_HU,
+    ISCD_ADJACENT_T_DIFFERENCE, LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC,
+    TOTALSEG_OSTEOPOROSIS_HU,
 )
 from osteo_model.dataset import SiteData
 from osteo_model.metrics import OSTEOPOROSIS, patient_level
@@ -250,6 +251,21 @@ def _patient(levels: list[LevelResult], manufacturer: str, ref: Reference) -> Pa
     return res
 
 
+def flag_outlier_levels(levels: list[LevelResult]) -> None:
+    """Flag an evaluable level whose T-score differs by more than ISCD_ADJACENT_T_DIFFERENCE from each
+    evaluable adjacent level and from the median of the other evaluable levels (ISCD 2019: such a vertebra
+    may be excluded, e.g. for a fracture or degenerative change; the median keeps the normal neighbour of an
+    outlier from being flagged too). Flagged, not excluded: that is the reader's decision."""
+    limit = ISCD_ADJACENT_T_DIFFERENCE
+    for i, lv in enumerate(levels):
+        neighbours = [n for n in levels[max(i - 1, 0):i] + levels[i + 1:i + 2] if n.evaluable]
+        others = [o.t_score for o in levels if o.evaluable and o is not lv]
+        if (lv.evaluable and neighbours and abs(lv.t_score - float(np.median(others))) > limit
+                and all(abs(lv.t_score - n.t_score) > limit for n in neighbours)):
+            lv.flags.append(f"T-score differs by more than {limit:g} from {' and '.join(n.level for n in neighbours)} "
+                            "(ISCD: consider excluding this level, e.g. fracture or degenerative change)")
+
+
 def _study_flags(study: StudyInput, ref: Reference, levels: list[LevelResult]) -> list[str]:
     flags = []
     if study.scanner and ref.scanners and study.scanner not in ref.scanners:
@@ -284,6 +300,7 @@ def screen(model: OsteoNet, studies: Iterable[StudyInput], ref: Reference, predi
                 flags=_level_flags(row, study.cache.features[int(r)], names, ref, predict_cfg))
         reason = study.problem or "not evaluated"
         levels = [by_level.get(lv) or LevelResult(lv, False, reason=study.excluded.get(lv, reason)) for lv in LEVELS]
+        flag_outlier_levels(levels)
         reports.append(StudyReport(study.study_id, study.source, study.scanner, manufacturer, levels,
                                    _patient(levels, manufacturer, ref), _study_flags(study, ref, levels)))
     return reports

@@ -351,3 +351,20 @@ def test_federated_checkpoint_gives_shared_weights_only(tmp_path):
     write_npz(npz, arrays, {}, {**meta, "features_sha256": features_sha256(["other"])})
     with pytest.raises(ConfigError, match="feature set"):
         run_predict(cfg, npz, out_dir=tmp_path / "r2", progress=False)
+
+
+def test_iscd_adjacent_outlier_is_flagged_not_excluded():
+    from osteo_model.screening import LevelResult, flag_outlier_levels
+
+    t = {"L1": -1.0, "L2": -2.5, "L3": -1.2, "L4": -1.4}
+    levels = [LevelResult(lv, True, t_score=v) for lv, v in t.items()]
+    flag_outlier_levels(levels)
+    flagged = [lv.level for lv in levels if lv.flags]
+    assert flagged == ["L2"] and "L1 and L3" in levels[1].flags[0]
+    assert all(lv.evaluable for lv in levels)
+    # An end level against its one evaluable neighbour and the others' median; a level without an evaluable
+    # neighbour is not judged.
+    levels = [LevelResult("L1", True, t_score=0.5), LevelResult("L2", True, t_score=-1.0),
+              LevelResult("L3", False), LevelResult("L4", True, t_score=-3.0)]
+    flag_outlier_levels(levels)
+    assert [bool(lv.flags) for lv in levels] == [True, False, False, False]
