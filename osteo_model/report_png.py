@@ -241,7 +241,7 @@ def _reformats(c: _Canvas, report: StudyReport, ct: sitk.Image, label_arr: np.nd
     labels = {}
     for lv in report.levels:
         colour = COLOURS[lv.category if lv.evaluable else ""]
-        labels[LEVELS.index(lv.level) + 1] = (f"{lv.level} T {lv.t_score:+.1f}" if lv.evaluable else f"{lv.level} n/e", colour)
+        labels[LEVELS.index(lv.level) + 1] = (f"{lv.level} T {lv.t_score:+.1f}" if lv.evaluable else f"{lv.level} excluded", colour)
     _panel(c, c.sag, sag, sag_b, extent(ys), zs, labels)
     _panel(c, c.cor, cor, cor_b, extent(xs), zs, {k: (t.split()[0], col) for k, (t, col) in labels.items()})
 
