@@ -172,5 +172,5 @@ def results_table(report: Mapping[str, Mapping[str, Mapping[str, float]]], keys=
 def write_report(out_dir: Path, report: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
-    (out_dir / "results.md").write_text(results_table(report))
+    (out_dir / "results.md").write_text(results_table(report), encoding="utf-8")
     return out_dir / "metrics.json"

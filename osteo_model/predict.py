@@ -165,7 +165,7 @@ class _Writer:
         self._draw_queued(progress)
         records = [_clean(asdict(r)) for r in self.reports]
         (self.out_dir / "report.json").write_text(json.dumps(
-            {"site": site, "model": self.card, "use": RESEARCH_USE, "studies": records}, indent=1, allow_nan=False))
+            {"site": site, "model": self.card, "use": RESEARCH_USE, "studies": records}, indent=1, allow_nan=False), encoding="utf-8")
         pd.DataFrame(_csv_rows(self.reports), columns=list(CSV_COLUMNS)).to_csv(self.out_dir / "report.csv", index=False)
         return report_html.write_index(self.out_dir / "index.html", self.reports, site, self.line)
 

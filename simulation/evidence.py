@@ -150,7 +150,7 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
     result["seconds"]["total"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evidence.json", result)
-    (out / "evidence.md").write_text(report.markdown(result, LABELS) + "\n")
+    (out / "evidence.md").write_text(report.markdown(result, LABELS) + "\n", encoding="utf-8")
     report.forest_png(out / "forest.png", result, LABELS)
     log(f"evidence: {out / 'evidence.md'} (JSON: evidence.json, forest plot: forest.png), "
         f"{result['seconds']['total']:.0f} s")

@@ -11,7 +11,7 @@ labels/, dxa.csv) under the test's tmp_path; tests then break one thing to test 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -128,3 +128,14 @@ def prepare_cfg(tmp_path: Path):
                         "radiomics.n_jobs=1", *overrides])
 
     return make
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower stamps outgoing messages with the running task's identity; set one for in-process runs."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -24,6 +24,13 @@ def make_caches(root: Path, sites: dict[str, str] = SITES, n_patients: int = 34)
     return root
 
 
+def allow_small_cohorts(root: Path, sites: Iterable[str] = SITES) -> None:
+    """Each test hospital's own site.yaml lets its tiny splits' aggregates out (the policy's hard floor, 5)."""
+    for site in sites:
+        (root / "data" / "sites" / site).mkdir(parents=True, exist_ok=True)
+        (root / "data" / "sites" / site / "site.yaml").write_text("policy:\n  min_cohort: 5\n")
+
+
 def small_overrides(root: Path, **extra: object) -> list[str]:
     """A model and federation small enough for a unit test on CPU. In-process grids hold no node keys, so
     sites are named by their first reply (``federation.identity=declared``) unless a test says ``key``."""

@@ -15,7 +15,7 @@ import torch
 from cache_factory import FEATURE_NAMES, make_site_cache
 from federation_helpers import SITES, make_caches as fed_caches, small_overrides
 from model_helpers import make_caches, tiny_cfg
-from test_federation_rounds import _federation, _task_identity  # noqa: F401  (autouse fixture)
+from test_federation_rounds import _federation
 from osteo_model import model as osteo
 from osteo_model.central import checkpoint_payload, load_sites, models_from_checkpoint
 from osteo_model.evaluate import evaluate_checkpoint
@@ -52,6 +52,8 @@ def trained(root):
             torch.nn.init.normal_(p, std=0.3)
         osteo.set_feature_stats(m, *osteo.feature_stats(np.asarray(datas["site_a"].cache.features)))
     return cfg, datas, models
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _write_all(folder: Path, cfg, models) -> dict[str, Path]:

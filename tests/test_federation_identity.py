@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
 from osteo_model.config import compose
@@ -22,14 +21,7 @@ from osteofl.server import provision
 from osteofl.server.identity import Identities
 from osteofl.server.server_app import Federation
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps outgoing messages with the running task's identity; set one for in-process runs."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _hospital_key(root: Path, site: str) -> bytes:

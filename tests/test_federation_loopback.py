@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federation_helpers import SITES, make_caches, small_overrides
+from federation_helpers import SITES, allow_small_cohorts, make_caches, small_overrides
 from osteofl.keys import make_site_key
 from osteofl.protocol import site_key_dir
 
@@ -43,9 +43,7 @@ def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float)
 @pytest.mark.timeout(900)
 def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
     make_caches(tmp_path, {**SITES, "intruder": "hologic"})
-    for site in [*SITES, "intruder"]:  # each hospital's own policy: the tiny test splits hold 5+ patients
-        (tmp_path / "data" / "sites" / site).mkdir(parents=True)
-        (tmp_path / "data" / "sites" / site / "site.yaml").write_text("policy: {min_cohort: 5}\n")
+    allow_small_cohorts(tmp_path, [*SITES, "intruder"])
     port = _free_port()
     overrides = small_overrides(
         tmp_path, **{"federation.superlink.port": port, "federation.superlink.address": f"127.0.0.1:{port}",

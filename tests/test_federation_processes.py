@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from federation_helpers import SITES, make_caches, small_overrides
+from federation_helpers import SITES, allow_small_cohorts, make_caches, small_overrides
 from osteofl.client.state_store import StateStore
 from osteofl.keeper import descendants
 from test_processes import alive, wait_gone
@@ -58,9 +58,7 @@ def _marked(marker: str) -> list[str]:
 @pytest.mark.timeout(1500)
 def test_sigkill_leaves_no_process_and_resume_continues_at_round_2(tmp_path: Path) -> None:
     make_caches(tmp_path)
-    for site in SITES:  # each hospital's own policy (site.yaml) lets these tiny splits' aggregates out
-        (tmp_path / "data" / "sites" / site).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "data" / "sites" / site / "site.yaml").write_text("policy:\n  min_cohort: 5\n")
+    allow_small_cohorts(tmp_path)
     port = _free_port()
     overrides = small_overrides(
         tmp_path, **{"federation.superlink.port": port, "federation.superlink.address": f"127.0.0.1:{port}",

@@ -20,9 +20,11 @@ from osteofl import protocol
 from osteofl.server import checkpoint as ckpt
 from osteofl.server import robust
 from osteofl.server.strategies import build_strategy, restore_strategy_state
-from test_federation_rounds import _federation, _task_identity  # noqa: F401  (autouse fixture)
+from test_federation_rounds import _federation
 
 ON = robust.RobustConfig(max_update_norm=3.0, reject_update_norm=10.0, max_global_change=1.0)
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _arrays(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:

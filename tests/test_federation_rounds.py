@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
 from osteo_model import model as osteo
@@ -20,14 +19,7 @@ from osteofl.client.state_store import StateStore
 from osteofl.server import checkpoint as ckpt
 from osteofl.server.server_app import Federation
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps outgoing messages with the running task's identity; set one for in-process runs."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _federation(root: Path, sites=SITES, **extra) -> tuple[Federation, LocalGrid]:

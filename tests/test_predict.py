@@ -64,7 +64,7 @@ def files_under(root: Path) -> set[Path]:
 
 
 def read_report(out: Path) -> tuple[pd.DataFrame, dict]:
-    return pd.read_csv(out / "report.csv", dtype={"study_id": str}), json.loads((out / "report.json").read_text())
+    return pd.read_csv(out / "report.csv", dtype={"study_id": str}), json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("site_in_model", [True, False], ids=["own-site", "new-site"])
@@ -258,7 +258,7 @@ def test_prepared_site_report_files_and_html(tmp_path, make_site, prepare_cfg):
     written = files_under(tmp_path) - before
     assert written and all(out in p.parents for p in written)  # nothing outside the output folder
     rep, js = read_report(out)
-    assert json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert len(rep) == 3 * 5 and js["use"].lower().startswith("research use only")
     assert js["model"]["kind"] == "central" and js["model"]["run_id"]
     row = rep[(rep["study_id"] == "s002") & (rep["level"] == "L4")].iloc[0]
@@ -267,9 +267,9 @@ def test_prepared_site_report_files_and_html(tmp_path, make_site, prepare_cfg):
     assert "unreadable" in notes["s001"] or "not found" in notes["s001"]
     assert notes["s000"] == "" and notes["s002"] == ""
     ids = set(rep["study_id"])
-    assert not any(pid in (out / f).read_text() for pid in ("p000", "p001", "p002")
+    assert not any(pid in (out / f).read_text(encoding="utf-8") for pid in ("p000", "p001", "p002")
                    for f in ("report.csv", "report.json", "index.html"))  # no patient ids added
-    html = (out / "index.html").read_text()
+    html = (out / "index.html").read_text(encoding="utf-8")
     page = _Page()
     page.feed(html)
     page.close()
@@ -293,7 +293,7 @@ def test_real_example_gets_a_complete_report(tmp_path):
     out = tmp_path / "report"
     run_predict(cfg, model, new_cts=[(REAL / "ct.nii.gz", REAL / "seg_total.nii.gz")], out_dir=out, progress=False)
     rep, js = read_report(out)
-    spine = json.loads((REAL / "spine_report.json").read_text())["results"]
+    spine = json.loads((REAL / "spine_report.json").read_text(encoding="utf-8"))["results"]
     (study,) = js["studies"]
     assert study["study_id"] == "ct" and study["image"] and not study["image_note"]
     assert (out / study["image"]).stat().st_size > 50_000
@@ -327,7 +327,7 @@ def test_default_model_is_the_sites_own(tmp_path, capsys):
     assert {k: js["model"][k] for k in ("kind", "run_id", "round", "n_sites", "epsilon")} == {
         "kind": "site", "run_id": "fed-7", "round": 12, "n_sites": 3, "epsilon": 2.5}
     assert "site_a's own device expert" in js["model"]["local_part"]
-    html = (out / "index.html").read_text()
+    html = (out / "index.html").read_text(encoding="utf-8")
     assert "run fed-7, round 12, 3 site(s)" in html and "ε 2.50" in html and "Research use only" in html
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.supercore.task_identity import TaskIdentity
 
 from federation_helpers import LocalGrid, make_caches, small_overrides
 from osteo_model import model as osteo, training
@@ -81,16 +80,8 @@ def test_cosine_factor_decays_over_a_phase():
     assert training.index_in_phase(compose(["federation.ssl_rounds=2"]), "task", 3) == 0
 
 
-@pytest.fixture
-def _task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 @pytest.mark.slow
-def test_central_simulation_and_client_build_the_same_groups(root, tmp_path, spy, _task_identity):
+def test_central_simulation_and_client_build_the_same_groups(root, tmp_path, spy, task_identity):
     pair = ["site_a", "site_b"]
     cfg = _cfg(root, f"federation.sites=[{','.join(pair)}]")
     train_central(cfg, load_sites(cfg, pair), tmp_path / "central", log=lambda _: None)

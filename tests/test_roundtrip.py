@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from osteo_model.bmd import to_sbmd
 from osteo_model.cache import SiteCache
 from osteo_model.config import compose, compose_site
 from osteo_model.prepare import prepare_site
@@ -30,6 +31,10 @@ def test_synthetic_site_prepares_with_labels_paired_and_hu_tracking_truth(tmp_pa
     assert set(zip(labeled.study_id, labeled.level)) == set(zip(expected_labeled.study_id, expected_labeled.level))
     assert (labeled.dxa_manufacturer == "ge_lunar").all()
     np.testing.assert_allclose(labeled.bmd, labeled.dxa_bmd, atol=1e-3)  # the DXA value written is the one read
-    np.testing.assert_allclose(labeled.sbmd, labeled.true_sbmd, atol=0.08)  # Hui standardisation undoes the device
-    assert np.corrcoef(table.hu_mean, table.true_sbmd)[0, 1] > 0.6
+    np.testing.assert_allclose(labeled.sbmd, to_sbmd(labeled.dxa_bmd.to_numpy(), "ge_lunar"), atol=1e-3)  # Hui 1997
+    # what DXA reads (truth x degenerative/aortic gain, plus device and per-patient error) survives standardisation
+    assert np.corrcoef(labeled.sbmd, labeled.true_sbmd * labeled.dxa_gain)[0, 1] > 0.8
+    # trabecular HU tracks bone density, but only as loosely as in clinical CT (contrast phase, marrow fat,
+    # scanner calibration: the default scenario targets r 0.5-0.75 against DXA; ~40 vertebrae here)
+    assert np.corrcoef(table.hu_mean, table.true_sbmd)[0, 1] > 0.3
     assert np.isfinite(cache.features).all()

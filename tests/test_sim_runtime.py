@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from federation_helpers import SITES, make_caches, small_overrides
+from federation_helpers import SITES, allow_small_cohorts, make_caches, small_overrides
 from osteofl.keeper import descendants
 from osteofl.simulation.sim import run_federated
 from test_processes import alive, wait_gone
@@ -28,9 +28,7 @@ def _cmdline(pid: int) -> str:
 @pytest.mark.timeout(900)
 def test_federated_simulation_uses_flwr_run_and_leaves_no_process(tmp_path: Path) -> None:
     make_caches(tmp_path)
-    for site in SITES:  # each hospital's own policy (site.yaml) lets these tiny splits' aggregates out
-        (tmp_path / "data" / "sites" / site).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "data" / "sites" / site / "site.yaml").write_text("policy:\n  min_cohort: 5\n")
+    allow_small_cohorts(tmp_path)
     overrides = small_overrides(tmp_path, **{"paths.outputs": tmp_path / "out", "federation.final_eval_split": "null",
                                              "federation.round_timeout": 600})
     seen: dict[int, str] = {}

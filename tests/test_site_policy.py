@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from cache_factory import make_site_cache
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
@@ -24,13 +23,7 @@ from osteofl.client import audit, audit_cli, policy
 from osteofl.client.client_app import make_client_app
 from osteofl.server.server_app import Federation
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _federation(root: Path, sites=tuple(SITES), run: str = "", node: dict | None = None, **extra):
