@@ -102,7 +102,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
             f"{session.cfg.privacy.epsilon_budget}); not training any more"
         )
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=reason), reply_to=message)
-    if reason := policy.withheld(session.data, _pool(phase), session.cfg):
+    if reason := policy.withheld(session.data, training.phase_split(phase), session.cfg):
         return _withheld(message, session.site, reason)
     policy.check_payload(session.model, session.cfg, protocol.payload_keys(session.model, session.cfg))
 
@@ -129,14 +129,9 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     return _reply(message, session.site, record, protocol.payload_record(session.model, session.cfg))
 
 
-def _pool(phase: str) -> str:
-    """The split a phase trains on."""
-    return "unlabeled" if phase == "ssl" else "train"
-
-
 def _pool_size(session: SiteSession, phase: str) -> int:
     """Aggregation weight: the size of the site's pool for this phase (FedAvg's n_k)."""
-    return len(session.data.splits[_pool(phase)])
+    return len(training.phase_rows(session.data, phase))
 
 
 def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:

@@ -111,10 +111,15 @@ class Recipe:
         self._set_lr(cosine_factor(index, self.lengths.get(phase, 1)))
 
 
-def phase_rows(data: SiteData, phase: str) -> np.ndarray:
+def phase_split(phase: str) -> str:
+    """The split a phase trains on: self-supervision on the unlabeled pool, the tasks on labeled training rows."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
-    return data.splits["unlabeled" if phase == "ssl" else "train"]
+    return "unlabeled" if phase == "ssl" else "train"
+
+
+def phase_rows(data: SiteData, phase: str) -> np.ndarray:
+    return data.splits[phase_split(phase)]
 
 
 def make_loader(data: SiteData, cfg, phase: str, shuffle: bool = True, augment: bool = True) -> DataLoader:

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from omegaconf import DictConfig
 
-from osteo_model import model as osteo
+from osteo_model import model as osteo, training
 from osteo_model.checkpoints import model_meta
 from osteo_model.config import compose
 from osteo_model.constants import HUI_1997
@@ -219,7 +219,7 @@ class Federation:
             record["clipped"].append({"node": str(node), "site": self.name_of(node), "ratio": c["ratio"]})
             name = next(iter(by_node[node].content.array_records))
             by_node[node].content[name] = to_record(bounded.updates[node])
-        split = "n_unlabeled" if phase == "ssl" else "n_train"
+        split = f"n_{training.phase_split(phase)}"
         kept = {n: by_node[n] for n in bounded.updates}
         claimed = {n: float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for n, m in kept.items()}
         caps = {n: self.site_sizes.get(self.name_of(n), {}).get(split) for n in kept}
