@@ -57,6 +57,20 @@ def _privacy_floor(site: dict, run: dict) -> dict:
     }
 
 
+DP_KEYS = ("noise_multiplier", "max_grad_norm", "delta", "epsilon_budget")
+
+
+def _site_yaml_privacy(floor: dict | None) -> dict:
+    """The DP floor a hospital writes in its site.yaml (``policy.privacy``): complete, or refused."""
+    if not floor:
+        return {}
+    missing = [k for k in DP_KEYS if floor.get("enabled") and k not in floor]
+    if missing:
+        raise ConfigError(None, f"site.policy.privacy turns DP on but lacks {', '.join(missing)}: give all of "
+                                f"enabled, {', '.join(DP_KEYS)} (the site's floor must not depend on the run)")
+    return floor
+
+
 def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
     """The run's config with the site's own folders, device and policy and the privacy floor applied.
     ``site`` is composed from the hospital's configuration only (site.yaml + node overrides)."""
@@ -65,9 +79,10 @@ def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
     if min_cohort < HARD_MIN_COHORT:
         raise ConfigError(None, f"site.policy.min_cohort={min_cohort} is below the hard floor {HARD_MIN_COHORT}")
     requested = OmegaConf.to_container(run, resolve=True)
+    own_privacy = {**own["privacy"], **_site_yaml_privacy(own["site"]["policy"].get("privacy"))}
     cfg = OmegaConf.create({
         **requested, "paths": own["paths"], "site": own["site"], "device": own["device"],
-        "privacy": _privacy_floor(own["privacy"], requested["privacy"]),
+        "privacy": _privacy_floor(own_privacy, requested["privacy"]),
     })
     OmegaConf.set_struct(cfg, True)
     return cfg

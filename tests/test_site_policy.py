@@ -16,7 +16,7 @@ from cache_factory import make_site_cache
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
 from osteo_model import central, dataset, model as osteo
 from osteo_model.cache import SiteCache, write_site_cache
-from osteo_model.config import compose
+from osteo_model.config import compose, compose_site
 from osteo_model.errors import ConfigError, OsteoError
 from osteofl import protocol
 from osteofl.client import audit, audit_cli, policy
@@ -79,6 +79,19 @@ def test_privacy_floor_takes_the_stricter_side_and_cohort_has_a_hard_floor(tmp_p
     assert not eff.site.policy.allow_share_all and eff.site.policy.min_cohort == 10
     with pytest.raises(ConfigError, match="hard floor"):
         policy.effective_config(none, compose([f"paths.root={tmp_path}", "site.policy.min_cohort=2"]))
+
+
+def test_site_yaml_sets_a_dp_floor_the_run_cannot_lower(tmp_path: Path) -> None:
+    site_dir = tmp_path / "data" / "sites" / "site_a"
+    site_dir.mkdir(parents=True)
+    floor = "{enabled: true, noise_multiplier: 1.5, max_grad_norm: 1.0, delta: 1.0e-5, epsilon_budget: 0.5}"
+    (site_dir / "site.yaml").write_text(f"policy:\n  privacy: {floor}\n")
+    own = compose_site([f"paths.root={tmp_path}", "site.name=site_a"])
+    p = policy.effective_config(compose([f"paths.root={tmp_path}"]), own).privacy
+    assert (p.enabled, p.noise_multiplier, p.epsilon_budget) == (True, 1.5, 0.5)
+    (site_dir / "site.yaml").write_text("policy:\n  privacy: {enabled: true, epsilon_budget: 0.5}\n")
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        policy.effective_config(compose([f"paths.root={tmp_path}"]), compose_site([f"paths.root={tmp_path}", "site.name=site_a"]))
 
 
 def test_central_and_site_standardise_on_the_same_unlabeled_rows(root: Path) -> None:
