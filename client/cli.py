@@ -90,13 +90,7 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
-    code = 0
-
-    def body() -> None:
-        nonlocal code
-        code = serve(args, overrides)
-
-    return run_cli(body) or code
+    return run_cli(lambda: serve(args, overrides))
 
 
 if __name__ == "__main__":

@@ -146,15 +146,9 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
-    code = 0
-
-    def body() -> None:
-        nonlocal code
-        # without node keys a site can only be the name its replies give (duplicates refused: server/identity.py)
-        insecure = ["federation.identity=declared"] if args.insecure else []
-        code = serve(args, absolute_overrides(overrides) + insecure)
-
-    return run_cli(body) or code
+    # without node keys a site can only be the name its replies give (duplicates refused: server/identity.py)
+    insecure = ["federation.identity=declared"] if args.insecure else []
+    return run_cli(lambda: serve(args, absolute_overrides(overrides) + insecure))
 
 
 if __name__ == "__main__":

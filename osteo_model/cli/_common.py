@@ -12,17 +12,18 @@ from omegaconf.errors import OmegaConfBaseException
 from osteo_model.errors import OsteoError
 
 
-def run_cli(body: Callable[[], None]) -> int:
-    """Run ``body``; an OsteoError prints ``error: <path>: <reason>`` (exit 1), a config error exit 2."""
+def run_cli(body: Callable[[], object]) -> int:
+    """Run ``body``; an int it returns is the exit code (commands that wrap a child process pass its status
+    on). An OsteoError prints ``error: <path>: <reason>`` (exit 1), a config error exit 2."""
     try:
-        body()
+        result = body()
     except OsteoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (HydraException, OmegaConfBaseException) as exc:
         print(f"error: config: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def run_config_cli(prog: str, description: str, argv: Sequence[str] | None, body: Callable[[DictConfig], None]) -> int:
