@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from osteo_model import central, model as osteo, training
 from osteo_model.config import compose, resolve_device
 from osteo_model.dataset import SiteData, load_site_data
+from osteo_model.errors import ConfigError, OsteoError
 from osteofl.server.checkpoint import load_latest
 from osteofl.server.history import write_json
 
@@ -67,6 +68,39 @@ def prepare_sites(overrides: Sequence[str], sites: Sequence[str], log: Callable[
         log(f"  prepared {site} in {time.perf_counter() - t0:.1f} s")
 
 
+def federation_config(cfg: DictConfig, n_sites: int) -> str:
+    """``flwr run --federation-config``: how many simulated sites and what each takes of Ray's resources
+    (``federation.simulation``); Ray runs ``<its CPUs> / client_cpus`` sites at once, the rest queue."""
+    sim = cfg.federation.simulation
+    return (f"num-supernodes={n_sites} client-resources-num-cpus={int(sim.client_cpus)} "
+            f"client-resources-num-gpus={float(sim.client_gpus)}")
+
+
+def ray_address(cfg: DictConfig) -> str:
+    """``RAY_ADDRESS`` for the simulation process, from ``federation.simulation.ray_address``.
+
+    flwr 1.42's backend options (``init-args``) carry only num-cpus/num-gpus/logging, and its Ray backend
+    calls ``ray.init()`` without an address, so Ray's own ``RAY_ADDRESS`` is how the engine attaches to a
+    running cluster. Unset, ``ray.init()`` would also join any cluster ``ray start`` left on this machine:
+    "local" keeps an unconfigured run on its own private instance.
+    """
+    address = cfg.federation.simulation.ray_address
+    if address is None:
+        return "local"
+    address = str(address)
+    if address == "auto":
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(None, f"federation.simulation.ray_address={address}: expected null, auto or HOST:PORT")
+    with socket.socket() as s:
+        s.settimeout(5.0)
+        if s.connect_ex((host, int(port))) != 0:
+            raise ConfigError(None, f"federation.simulation.ray_address={address}: no Ray cluster answers there "
+                                    f"(started with `ray start --head --port {port}`?)")
+    return address
+
+
 def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Callable[[str], None]) -> float:
     """One federated run through Flower's simulation runtime; returns its wall time.
 
@@ -74,9 +108,9 @@ def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Calla
     deployment submits, on a SuperLink in simulation mode. Not ``flwr run``'s ``:local:`` federation, which
     leaves a detached SuperLink on a fixed port behind: ours binds a free loopback port and runs below a
     process keeper, so it stops with everything it spawned (SuperExec, simulation process, Ray) when the
-    run ends, fails or we are killed.
+    run ends, fails or we are killed. Ray is a private instance unless ``federation.simulation.ray_address``
+    names a running cluster (then the cluster runs the sites and outlives the run; see :func:`ray_address`).
     """
-    from osteo_model.errors import OsteoError
     from osteofl import runtime
     from osteofl.server.cli import run_command, write_connection
 
@@ -90,9 +124,11 @@ def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Calla
            f"federation.superlink.port={port}"]
     cfg = compose(run)
     home = Path(cfg.paths.outputs) / str(cfg.federation.run_name) / "flower"
-    env = runtime.flower_env(home / "flwr_home")
+    ray_at = ray_address(cfg)
+    env = {**runtime.flower_env(home / "flwr_home"), "RAY_ADDRESS": ray_at}
     write_connection(home / "flwr_home", cfg, insecure=True)
-    log(f"federated run '{label}' ({n_sites} simulated sites) ...")
+    where = "a private Ray instance" if ray_at == "local" else f"the Ray cluster at {ray_at}"
+    log(f"federated run '{label}' ({n_sites} simulated sites on {where}) ...")
     t0 = time.perf_counter()
     owned: list[runtime.Owned] = []
     try:
@@ -102,8 +138,7 @@ def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Calla
         if not runtime.wait_for_port("127.0.0.1", port, 120, owned[0]):
             raise OsteoError(home / "superlink.log", "the simulation SuperLink did not start")
         owned.append(runtime.start([*run_command(run, resume=False), "--federation-config",
-                                    f"num-supernodes={n_sites} client-resources-num-cpus=1 "
-                                    "client-resources-num-gpus=0.0"], env))
+                                    federation_config(cfg, n_sites)], env))
         rc = owned[1].wait()
     finally:
         runtime.stop(*reversed(owned))
