@@ -3,11 +3,13 @@
 An experiment is a YAML file in configs/experiment/ (or a path): the scenarios (name -> the Hydra overrides
 that select it), the seeds (population, split and initialisation), the overrides every run gets (rounds,
 steps), the methods (an engine of simulation/evidence_methods.py plus its overrides) and the reference
-method the others are compared with; ``base: <experiment>`` starts from another experiment's file. For each
-scenario and seed the synthetic sites are generated and prepared under ``<outputs>/<name>/data`` (the
-same code as osteo-sim; ``data: as_configured`` uses the caches of ``paths.cache_root`` instead), every
-method trains and predicts each site's test patients, and the statistics (osteo_model/evidence.py) go to
-``<outputs>/<name>/evidence.{json,md}`` and ``forest.png``.
+method the others are compared with, and optionally ``onboarding`` (the external site onboarded onto one
+federated method with k labeled patients: simulation/evidence_onboarding.py); ``base: <experiment>``
+starts from another experiment's file. For each scenario and seed the synthetic sites are generated and
+prepared under ``<outputs>/<name>/data`` (the same code as osteo-sim; ``data: as_configured`` uses the
+caches of ``paths.cache_root`` instead), every method trains and predicts each site's test patients, and
+the statistics (osteo_model/evidence.py), the methods' diagnostics (simulation/evidence_diagnostics.py)
+and the onboarding curve go to ``<outputs>/<name>/evidence.{json,md}``, ``forest.png`` and ``onboarding.png``.
 """
 from __future__ import annotations
 
@@ -28,12 +30,14 @@ from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
 from osteofl.server.history import write_json
-from osteofl.simulation import evidence_report as report
-from osteofl.simulation.evidence_methods import ENGINES
+from osteofl.simulation import evidence_onboarding as onboarding, evidence_report as report
+from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
+from osteofl.simulation.evidence_methods import ENGINES, MethodRun
 
 LABELS = {"osteofl": "OsteoFL (ours)", "fedavg": "FedAvg whole model", "fedprox": "FedProx whole model",
           "fedper": "FedPer (local heads)", "local_only": "local only", "central": "centralised",
-          "hu_rule": "L1-HU rule", "radiomics_linear": "radiomics + linear"}
+          "hu_rule": "L1-HU rule", "radiomics_linear": "radiomics + linear",
+          "osteofl_nometa": "OsteoFL, no manufacturer in gate", "fedavg_nometa": "FedAvg whole, no manufacturer in gate"}
 DATA_MODES = ("per_seed", "as_configured")
 
 
@@ -64,6 +68,13 @@ def load_experiment(name: str) -> DictConfig:
         raise ConfigError(path, f"reference '{exp.reference}' is not one of the methods")
     if exp.get("data", "per_seed") not in DATA_MODES:
         raise ConfigError(path, f"data: '{exp.data}' is not one of {DATA_MODES}")
+    if exp.get("onboarding") is not None:
+        onb = exp.onboarding
+        if exp.methods.get(onb.get("method"), {}).get("engine") != "federated":
+            raise ConfigError(path, f"onboarding.method '{onb.get('method')}' is not a federated method of this experiment")
+        ks = list(onb.get("labeled_patients") or [])
+        if not ks or not all(isinstance(k, int) and k > 0 for k in ks):
+            raise ConfigError(path, f"onboarding.labeled_patients must be a list of positive integers, not {ks}")
     return exp
 
 
@@ -76,32 +87,56 @@ def _data_overrides(exp: DictConfig, out: Path, scenario: str, seed: int) -> lis
 
 
 FIELDS = ("device", "true_bmd", "pred_bmd", "true_cat", "pred_cat", "score")
+RUN_FORMAT = "2: predictions, diagnostics, payload"
+"""What a run file holds; part of its key, so files of an older format are trained again, not misread."""
 
 
-def _config_key(cfg: DictConfig) -> str:
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()
+def _config_key(cfg: DictConfig, *extra: object) -> str:
+    text = "\n".join([RUN_FORMAT, OmegaConf.to_yaml(cfg, resolve=True), *map(str, extra)])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _load_run(path: Path, key: str) -> tuple[dict[str, Patients], list[float], float] | None:
-    """A finished method's predictions, when they were made with exactly this composed config."""
+def _load_run(path: Path, key: str) -> tuple[MethodRun, float] | None:
+    """A finished method's run and its seconds, when it was made with exactly this key."""
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
         if str(z["config_key"]) != key:
             return None
         sites = [str(s) for s in z["sites"]]
-        preds = {s: Patients(**{f: z[f"{s}/{f}"] for f in FIELDS}) for s in sites}
-        return preds, [float(x) for x in z["round_seconds"]], float(z["seconds"])
+        run = MethodRun({s: Patients(**{f: z[f"pred/{s}/{f}"] for f in FIELDS}) for s in sites},
+                        [float(x) for x in z["round_seconds"]])
+        for name in z.files:
+            kind, _, rest = name.partition("/")
+            if kind == "diag":
+                site, _, metric = rest.rpartition("/")
+                run.diagnostics.setdefault(site, {})[metric] = float(z[name])
+            elif kind == "payload":
+                run.payload[rest] = z[name]
+        return run, float(z["seconds"])
 
 
-def _save_run(path: Path, key: str, preds: dict[str, Patients], rounds: list[float], seconds: float) -> None:
-    """Per-patient test predictions of one method, scenario and seed (no patient ids): a rerun after an
-    interruption, or with other statistics, skips what is done."""
-    arrays = {f"{s}/{f}": np.asarray(getattr(p, f)) for s, p in preds.items() for f in FIELDS}
+def _save_run(path: Path, key: str, run: MethodRun, seconds: float) -> None:
+    """One method's run in one scenario and seed (per-patient test predictions without patient ids,
+    diagnostics, the global payload): a rerun after an interruption, or with other statistics, skips what is done."""
+    arrays = {f"pred/{s}/{f}": np.asarray(getattr(p, f)) for s, p in run.predictions.items() for f in FIELDS}
+    arrays |= {f"diag/{s}/{n}": np.array(v, float) for s, d in run.diagnostics.items() for n, v in d.items()}
+    arrays |= {f"payload/{k}": np.asarray(v) for k, v in run.payload.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as fh:
-        np.savez(fh, config_key=np.array(key), sites=np.array(list(preds)), round_seconds=np.array(rounds, float),
-                 seconds=np.array(seconds), **arrays)
+        np.savez(fh, config_key=np.array(key), sites=np.array(list(run.predictions)),
+                 round_seconds=np.array(run.round_seconds, float), seconds=np.array(seconds), **arrays)
+
+
+def _cached(path: Path, key: str, make: Callable[[], MethodRun]) -> tuple[MethodRun, float, bool]:
+    """The run saved at ``path`` under ``key``, else ``make()``'s, saved; its seconds; whether it was saved earlier."""
+    if (done := _load_run(path, key)) is not None:
+        return *done, True
+    t0 = time.perf_counter()
+    run = make()
+    seconds = time.perf_counter() - t0
+    _save_run(path, key, run, seconds)
+    return run, seconds, False
 
 
 def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
@@ -115,46 +150,74 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
     for sc, sc_over in runs_of.items():  # fail before hours of training, not after
         compose([*base, *sc_over])
     methods = [str(m) for m in exp.methods]
+    onb = exp.get("onboarding")
     result: dict = {"experiment": str(exp.name), "config": OmegaConf.to_container(exp, resolve=True),
                     "scenarios": {}, "seconds": {}, "round_seconds": {}}
     t_start = time.perf_counter()
     for scenario, sc_over in runs_of.items():
-        runs: dict[int, dict] = {}
+        runs: dict[int, dict[str, MethodRun]] = {}
+        curves: dict[int, MethodRun] = {}
+        simulated: dict[int, dict] = {}
+        averaged: set[str] = set()
         for seed in [int(s) for s in exp.seeds]:
             run_over = [*base, *sc_over, f"seed={seed}", *_data_overrides(exp, out, scenario, seed)]
             cfg = compose(run_over)
-            sites = [str(s) for s in cfg.federation.sites]
+            sites, ext = [str(s) for s in cfg.federation.sites], str(cfg.synth.external_site)
             if exp.get("data", "per_seed") == "per_seed":
                 ensure_sites(cfg, log)
-                prepare_sites(run_over, sites, log)
+                prepare_sites(run_over, [*sites, *([ext] if onb is not None else [])], log)
             datas = {s: load_site_data(Path(cfg.paths.cache_root) / s, cfg) for s in sites}
+            ext_data = load_site_data(Path(cfg.paths.cache_root) / ext, cfg) if onb is not None else None
+            simulated[seed] = simulated_dxa_bias(Path(cfg.paths.ground_truth), sites)
             runs[seed] = {}
             for method in methods:
                 spec = exp.methods[method]
                 mcfg = compose([*run_over, *map(str, spec.get("overrides") or [])])
-                saved, key = out / "runs" / scenario / f"seed{seed}" / f"{method}.npz", _config_key(mcfg)
-                if (done := _load_run(saved, key)) is not None:
-                    runs[seed][method], rounds, seconds = done
-                    log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: done earlier ({saved.name})")
-                else:
-                    t0 = time.perf_counter()
-                    runs[seed][method], rounds = ENGINES[str(spec.engine)](mcfg, datas, resolve_device(mcfg))
-                    seconds = time.perf_counter() - t0
-                    _save_run(saved, key, runs[seed][method], rounds, seconds)
+                if spec.engine == "federated" and bool(mcfg.federation.share_all):
+                    averaged.add(method)
+                saved = out / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
+                runs[seed][method], seconds, earlier = _cached(saved, _config_key(mcfg), lambda: ENGINES[str(spec.engine)](
+                    mcfg, datas, resolve_device(mcfg)))
                 result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
-                if rounds:
-                    result["round_seconds"].setdefault(method, []).extend(rounds)
-                log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: {seconds:.1f} s")
-        result["scenarios"][scenario] = report.summarise(runs, methods, str(exp.reference), sites,
-                                                         int(exp.get("bootstrap", 1000)))
+                if runs[seed][method].round_seconds:
+                    result["round_seconds"].setdefault(method, []).extend(runs[seed][method].round_seconds)
+                log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: "
+                    + (f"done earlier ({saved.name})" if earlier else f"{seconds:.1f} s"))
+            if onb is not None:
+                curves[seed] = _onboard(exp, run_over, out / "runs" / scenario / f"seed{seed}", runs[seed], ext_data, log)
+        summary = report.summarise({sd: {m: r.predictions for m, r in by_m.items()} for sd, by_m in runs.items()},
+                                   methods, str(exp.reference), sites, int(exp.get("bootstrap", 1000)))
+        summary["diagnostics"] = report.summarise_diagnostics(
+            {sd: {m: r.diagnostics for m, r in by_m.items()} for sd, by_m in runs.items()}, simulated, sorted(averaged))
+        if onb is not None:
+            summary["onboarding"] = {"site": ext, "method": str(onb.method), **report.summarise_curve(
+                {sd: c.predictions for sd, c in curves.items()}, {sd: c.diagnostics for sd, c in curves.items()},
+                int(exp.get("bootstrap", 1000)))}
+        result["scenarios"][scenario] = summary
     result["seconds"]["total"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evidence.json", result)
     (out / "evidence.md").write_text(report.markdown(result, LABELS) + "\n", encoding="utf-8")
     report.forest_png(out / "forest.png", result, LABELS)
+    if onb is not None:
+        report.onboarding_png(out / "onboarding.png", result)
     log(f"evidence: {out / 'evidence.md'} (JSON: evidence.json, forest plot: forest.png), "
         f"{result['seconds']['total']:.0f} s")
     return result
+
+
+def _onboard(exp: DictConfig, run_over: list[str], folder: Path, runs: dict[str, MethodRun], ext_data,
+             log: Callable[[str], None]) -> MethodRun:
+    """The external site's onboarding curve on ``exp.onboarding.method``'s last global payload (kept with
+    the method's run; a curve made earlier from the same run and k is reused)."""
+    method, ks = str(exp.onboarding.method), [int(k) for k in exp.onboarding.labeled_patients]
+    cfg = compose([*run_over, *map(str, exp.methods[method].get("overrides") or [])])
+    key = _config_key(cfg, "onboarding", ks, ext_data.site)
+    curve, seconds, earlier = _cached(folder / "onboarding.npz", key, lambda: onboarding.curve(
+        cfg, ext_data, runs[method].payload, ks, resolve_device(cfg)))
+    log(f"  onboarding {ext_data.site} onto {LABELS.get(method, method)} (k = {', '.join(curve.predictions)}): "
+        + ("done earlier" if earlier else f"{seconds:.1f} s"))
+    return curve
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,11 +12,15 @@ Model selection, the same for every trained method: after each task-phase round 
 model it would use (global shared parts + its own local parts) on its own validation patients
 (``training.SELECTION_METRIC``) and keeps the best round; the test split is predicted once, with it.
 The L1-HU rule and radiomics+linear have nothing to select (a fixed rule; a closed-form fit).
+With its predictions each trained method reports what its site-local parts do at each site
+(simulation/evidence_diagnostics.py), and a federation the last round's global payload (what a new site
+is onboarded onto, simulation/evidence_onboarding.py).
 """
 from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -29,9 +33,24 @@ from osteo_model.constants import LEVELS
 from osteo_model.dataset import SiteData
 from osteo_model.evidence import Patients
 from osteofl import protocol
+from osteofl.simulation.evidence_diagnostics import diagnose
 
 Predictions = dict[str, Patients]
-Engine = Callable[[DictConfig, Mapping[str, SiteData], str], tuple[Predictions, list[float]]]
+
+
+@dataclass
+class MethodRun:
+    """One method in one scenario and seed: per-site test predictions, each round's wall time, per-site
+    diagnostics of its trained parts (evidence_diagnostics.DIAGNOSTICS) and, for a federation, the last
+    round's global payload."""
+
+    predictions: Predictions
+    round_seconds: list[float] = field(default_factory=list)
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+    payload: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+Engine = Callable[[DictConfig, Mapping[str, SiteData], str], MethodRun]
 
 
 def _test(data: SiteData) -> tuple[np.ndarray, pd.DataFrame]:
@@ -47,6 +66,13 @@ def patients_from_bmd(pred_bmd: np.ndarray, table: pd.DataFrame) -> Patients:
                     pred_cat=pat["cat_pred"].to_numpy(int), score=-pat["t_pred"].to_numpy(float))
 
 
+def site_outcome(model: torch.nn.Module, data: SiteData, device: str) -> tuple[Patients, dict[str, float]]:
+    """The site's test patients as ``model`` predicts them, and what its local parts do there."""
+    rows, table = _test(data)
+    pred = training.predict(model, data, rows, device)
+    return patients_from_bmd(pred["bmd"], table), diagnose(model, data, rows, pred, device)
+
+
 class Selector:
     """Per site, the task-phase round whose model predicts the site's own validation patients best."""
 
@@ -59,17 +85,18 @@ class Selector:
             if np.isfinite(score) and score < self.best[site][0]:
                 self.best[site] = (score, copy.deepcopy(model.state_dict()))
 
-    def predict(self, models: Mapping[str, torch.nn.Module], datas: Mapping[str, SiteData], device: str) -> Predictions:
-        """Test predictions of each site's selected model (the last one where nothing was judged). One site
-        after another: central models share modules, so each site's selected state is loaded just before."""
-        out = {}
+    def outcome(self, models: Mapping[str, torch.nn.Module], datas: Mapping[str, SiteData], device: str,
+                round_seconds: list[float]) -> MethodRun:
+        """Test predictions and diagnostics of each site's selected model (the last one where nothing was
+        judged). One site after another: central models share modules, so each site's selected state is
+        loaded just before."""
+        run = MethodRun({}, round_seconds)
         for site, model in models.items():
             state = self.best[site][1]
             if state is not None:
                 model.load_state_dict(state)
-            rows, table = _test(datas[site])
-            out[site] = patients_from_bmd(training.predict(model, datas[site], rows, device)["bmd"], table)
-        return out
+            run.predictions[site], run.diagnostics[site] = site_outcome(model, datas[site], device)
+        return run
 
 
 def _site_models(cfg, datas: Mapping[str, SiteData]) -> dict[str, torch.nn.Module]:
@@ -103,7 +130,7 @@ def _max_steps(cfg) -> int | None:
     return None if cfg.federation.local_steps is None else int(cfg.federation.local_steps)
 
 
-def federated(cfg, datas: Mapping[str, SiteData], device: str, aggregate: bool = True) -> tuple[Predictions, list[float]]:
+def federated(cfg, datas: Mapping[str, SiteData], device: str, aggregate: bool = True) -> MethodRun:
     """FedAvg of ``payload_keys`` (OsteoFL's shared parts, the whole model with ``federation.share_all``,
     FedPer with ``federation.personal_prefixes``; FedProx with ``federation.strategy=fedprox``);
     ``aggregate=False``: local-only, the same rounds and steps with nothing averaged."""
@@ -134,14 +161,16 @@ def federated(cfg, datas: Mapping[str, SiteData], device: str, aggregate: bool =
         if phase == "task":
             selector.update(models, datas, cfg, device)
         seconds.append(time.perf_counter() - t0)
-    return selector.predict(models, datas, device), seconds
+    run = selector.outcome(models, datas, device, seconds)
+    run.payload = glob
+    return run
 
 
-def local_only(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Predictions, list[float]]:
+def local_only(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     return federated(cfg, datas, device, aggregate=False)
 
 
-def central(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Predictions, list[float]]:
+def central(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     """All sites' data in one place: one set of shared modules, each site's own local parts, trained round
     for round with the federation's local steps per site, no averaging (as osteo-sim's centralised)."""
     n_features = next(iter(datas.values())).cache.features.shape[1]
@@ -159,10 +188,10 @@ def central(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Prediction
         if phase == "task":
             selector.update(models, datas, cfg, device)
         seconds.append(time.perf_counter() - t0)
-    return selector.predict(models, datas, device), seconds
+    return selector.outcome(models, datas, device, seconds)
 
 
-def hu_rule(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Predictions, list[float]]:
+def hu_rule(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     """The L1 trabecular-HU rule per patient (score -HU, Pickhardt 2013 categories); where L1 is not
     evaluable the next level down stands in. It predicts no BMD (BMD metrics are left empty)."""
     out = {}
@@ -177,13 +206,13 @@ def hu_rule(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Prediction
         hu = first_hu.reindex(studies).to_numpy(float)
         out[site] = Patients(device=pat.device, true_bmd=pat.true_bmd, pred_bmd=pat.pred_bmd, true_cat=pat.true_cat,
                              pred_cat=baselines.hu_category(hu), score=-hu)
-    return out, []
+    return MethodRun(out)
 
 
-def radiomics_linear(cfg, datas: Mapping[str, SiteData], device: str) -> tuple[Predictions, list[float]]:
+def radiomics_linear(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     """Ridge regression of sBMD on the radiomic features, fit on the pooled training splits."""
     fit = baselines.RadiomicsLinear().fit(datas)
-    return {s: patients_from_bmd(fit.predict(d, "test")["bmd"], _test(d)[1]) for s, d in datas.items()}, []
+    return MethodRun({s: patients_from_bmd(fit.predict(d, "test")["bmd"], _test(d)[1]) for s, d in datas.items()})
 
 
 ENGINES: dict[str, Engine] = {"federated": federated, "local": local_only, "central": central,

@@ -1,5 +1,6 @@
 """What the evidence benchmark writes: intervals per method, site and pooled, paired differences of the
-reference method against each alternative (osteo_model.evidence), as JSON, Markdown and a forest plot."""
+reference method against each alternative (osteo_model.evidence), the methods' diagnostics beside the
+simulated DXA bias, and the external site's onboarding curve, as JSON, Markdown, a forest plot and a curve."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,14 @@ from osteo_model import evidence as ev  # noqa: E402
 
 POOLED = "pooled"
 NAMES = {"acc3": "WHO 3-class accuracy", "auc": "osteoporosis AUC", "mae": "BMD MAE g/cm2", "r": "Pearson r BMD"}
+DIAGNOSTIC_NAMES = {"gate_local": "gate weight on local expert", "calibration_shift": "calibration residual g/cm2",
+                    "local_expert_shift": "local-expert shift g/cm2"}
+SIMULATED_NAMES = {"device_bias": "simulated device bias g/cm2", "dxa_minus_truth": "DXA minus truth g/cm2"}
+SHARED_ONLY = "shared_only"
 # seed -> method -> site -> patients
 Runs = Mapping[int, Mapping[str, Mapping[str, ev.Patients]]]
+# seed -> (method or point) -> site -> name -> value
+Values = Mapping[int, Mapping[str, Mapping[str, Mapping[str, float]]]]
 
 
 def _groups(runs: Runs, method: str, sites: Sequence[str]) -> dict[str, list[ev.Patients]]:
@@ -45,6 +52,56 @@ def summarise(runs: Runs, methods: Sequence[str], reference: str, sites: Sequenc
             out["differences"][alt] = {g: _combine([ev.paired(a, b, n_boot, seed=i) for i, (a, b) in enumerate(
                 zip(groups[reference][g], groups[alt][g]))], True) for g in groups[reference]}
     return out
+
+
+def _over_seeds(values: Sequence[float | None]) -> dict:
+    """A diagnostic over seeds: the mean of its finite values and each seed's value (None where missing)."""
+    clean = [float(v) if v is not None and np.isfinite(v) else None for v in values]
+    finite = [v for v in clean if v is not None]
+    return {"mean": float(np.mean(finite)) if finite else None, "per_seed": clean}
+
+
+def summarise_diagnostics(diags: Values, simulated: Mapping[int, Mapping[str, Mapping[str, float]]],
+                          averaged: Sequence[str]) -> dict:
+    """``methods[method][site][name]`` (evidence_diagnostics.DIAGNOSTICS) and ``simulated[site][name]``
+    (evidence_diagnostics.SIMULATED), each ``{mean, per_seed}``; ``averaged``: methods whose "local" parts
+    are averaged across sites like everything else (FedAvg of the whole model), so not site-local."""
+    seeds = list(diags)
+    methods: dict = {}
+    for method in dict.fromkeys(m for sd in seeds for m in diags[sd]):
+        sites = dict.fromkeys(s for sd in seeds for s in diags[sd].get(method, {}))
+        table = {s: {n: _over_seeds([diags[sd].get(method, {}).get(s, {}).get(n) for sd in seeds])
+                     for n in dict.fromkeys(n for sd in seeds for n in diags[sd].get(method, {}).get(s, {}))}
+                 for s in sites}
+        if any(table.values()):
+            methods[method] = table
+    sim_sites = dict.fromkeys(s for sd in seeds for s in simulated.get(sd, {}))
+    sim = {s: {n: _over_seeds([simulated.get(sd, {}).get(s, {}).get(n) for sd in seeds])
+               for n in dict.fromkeys(n for sd in seeds for n in simulated.get(sd, {}).get(s, {}))} for s in sim_sites}
+    return {"methods": methods, "simulated": sim, "averaged": list(averaged)}
+
+
+def summarise_curve(preds: Mapping[int, Mapping[str, ev.Patients]], info: Values, n_boot: int) -> dict:
+    """The onboarding curve: ``points[name]`` (ordered by labeled patients) with ``metrics`` like
+    summarise's, ``difference`` (point minus shared-only on the same patients), and per seed the labeled
+    patients used, fit_local's selected epoch and validation scores; ``kept_shared_only``: the seeds in
+    which fit_local kept the shared-only local parts (no fitted epoch beat them on validation)."""
+    seeds = list(preds)
+    names = sorted(dict.fromkeys(n for sd in seeds for n in preds[sd]),
+                   key=lambda n: max(info[sd].get(n, {}).get("labeled_patients", 0.0) for sd in seeds))
+    points = {}
+    for name in names:
+        have = [sd for sd in seeds if name in preds[sd]]
+        entry = {"seeds": have,
+                 "metrics": _combine([ev.within_seed(preds[sd][name], n_boot, seed=i) for i, sd in enumerate(have)], False)}
+        if name != SHARED_ONLY:
+            entry["difference"] = _combine([ev.paired(preds[sd][name], preds[sd][SHARED_ONLY], n_boot, seed=i)
+                                            for i, sd in enumerate(have)], True)
+            entry["kept_shared_only"] = [sd for sd in have if info[sd][name].get("selected_epoch") == 0]
+        for key in dict.fromkeys(k for sd in have for k in info[sd][name]):
+            entry[key] = _over_seeds([info[sd][name].get(key) for sd in have])
+        points[name] = entry
+    return {"points": points}
 
 
 def _cell(iv: Mapping) -> str:
@@ -83,7 +140,62 @@ def markdown(report: dict, labels: Mapping[str, str]) -> str:
         lines += [f"### Paired differences: {ref} minus each alternative", ""]
         for group in [POOLED, *sc["sites"]]:
             lines += [f"#### {group}", "", *_md_table(sc["differences"], group, labels, cols), ""]
+        lines += _md_diagnostics(sc.get("diagnostics"), labels)
+        lines += _md_onboarding(sc, labels)
     return "\n".join(lines)
+
+
+def _num(entry: Mapping | None, digits: int = 3) -> str:
+    value = (entry or {}).get("mean")
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _md_diagnostics(diag: Mapping | None, labels: Mapping[str, str]) -> list[str]:
+    """Per method and site: what its local parts do on the test vertebrae, beside what was simulated."""
+    if not diag or not diag["methods"]:
+        return []
+    lines = ["### What the site-local parts do (test vertebrae, mean over seeds)", "",
+             "Gate weight on local expert: the softmax weight the gate gives the local expert. Calibration "
+             "residual: predicted device BMD minus the inverse Hui 1997 of the predicted sBMD (what the "
+             "calibration head learned). Local-expert shift: device BMD with minus without the local expert. "
+             "Simulated device bias: the synthetic DXA device's bias x the true device BMD; DXA minus truth adds "
+             "drift, degeneration, calcification and patient error. Methods marked * average their local parts "
+             "across sites (not site-local).", ""]
+    head = ["method", "site", *DIAGNOSTIC_NAMES.values(), *SIMULATED_NAMES.values()]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, by_site in diag["methods"].items():
+        name = labels.get(method, method) + (" *" if method in diag["averaged"] else "")
+        for site, values in by_site.items():
+            sim = diag["simulated"].get(site, {})
+            lines.append("| " + " | ".join([name, site, *[_num(values.get(k)) for k in DIAGNOSTIC_NAMES],
+                                             *[_num(sim.get(k)) for k in SIMULATED_NAMES]]) + " |")
+    return [*lines, ""]
+
+
+def _md_onboarding(sc: Mapping, labels: Mapping[str, str]) -> list[str]:
+    """The external site's metrics against its labeled patients, beside the training sites (pooled)."""
+    onb = sc.get("onboarding")
+    if not onb:
+        return []
+    method = labels.get(onb["method"], onb["method"])
+    pooled = sc["metrics"].get(onb["method"], {}).get(POOLED, {})
+    lines = [f"### Onboarding the external site `{onb['site']}` onto {method}", "",
+             "fit_local fits only the local expert and calibration on k labeled training patients and keeps the "
+             "shared-only parts unless a fitted epoch predicts the site's own validation patients better (its whole "
+             "validation split, whatever k). Test patients of the external site; difference: point minus "
+             "shared-only on the same patients.", "",
+             "| labeled patients | " + " | ".join(NAMES[k] for k in ("auc", "acc3", "mae")) + " | MAE minus shared-only "
+             "| kept shared-only (seeds) |", "|" + "---|" * 6]
+    for name, point in onb["points"].items():
+        kept = point.get("kept_shared_only")
+        lines.append("| " + " | ".join([
+            "0 (shared only)" if name == SHARED_ONLY else _num(point.get("labeled_patients"), 0),
+            *[_cell(point["metrics"].get(k, {})) for k in ("auc", "acc3", "mae")],
+            _cell(point["difference"].get("mae", {})) if "difference" in point else "",
+            "" if kept is None else (", ".join(map(str, kept)) or "none")]) + " |")
+    lines.append(f"| training sites, pooled ({method}) | "
+                 + " | ".join(_cell(pooled.get(k, {})) for k in ("auc", "acc3", "mae")) + " | | |")
+    return [*lines, ""]
 
 
 def forest_png(path: Path, report: dict, labels: Mapping[str, str]) -> Path:
@@ -112,6 +224,35 @@ def forest_png(path: Path, report: dict, labels: Mapping[str, str]) -> Path:
             ax.set_title(f"{name}: {NAMES.get(panel, 'B-A bias g/cm2')}", fontsize=8)
             ax.tick_params(axis="x", labelsize=7)
         row[0].set_xlabel(f"{labels.get(sc['reference'], sc['reference'])} minus alternative (pooled, 95 % CI)", fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def onboarding_png(path: Path, report: dict) -> Path:
+    """The external site's AUC, 3-class accuracy and MAE against its labeled patients (95 % intervals),
+    one row per scenario; dashed: the training sites' pooled figure of the onboarded method."""
+    scenarios = {n: sc for n, sc in report["scenarios"].items() if sc.get("onboarding")}
+    panels = ("auc", "acc3", "mae")
+    fig, axes = plt.subplots(len(scenarios), len(panels), figsize=(3.4 * len(panels), 2.8 * len(scenarios)), squeeze=False)
+    for row, (name, sc) in zip(axes, scenarios.items()):
+        onb = sc["onboarding"]
+        for ax, metric in zip(row, panels):
+            for point in onb["points"].values():
+                iv, k = point["metrics"].get(metric, {}), point.get("labeled_patients", {}).get("mean") or 0.0
+                if iv.get("point") is None:
+                    continue
+                lo, hi = (iv["lo"], iv["hi"]) if iv.get("lo") is not None else (iv["point"], iv["point"])
+                ax.plot([k, k], [lo, hi], color="tab:blue", lw=2)
+                ax.plot(k, iv["point"], "o", color="tab:blue")
+            ref = sc["metrics"].get(onb["method"], {}).get(POOLED, {}).get(metric, {}).get("point")
+            if ref is not None:
+                ax.axhline(ref, color="grey", lw=1, ls="--")
+            ax.set_title(f"{name}: {onb['site']} {NAMES[metric]}", fontsize=8)
+            ax.set_xlabel("labeled patients (0 = shared only)", fontsize=7)
+            ax.tick_params(labelsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,16 +1,25 @@
 """The evidence benchmark's pipeline (osteo-evidence) end to end on tiny fake caches: the files, every method
-and site, ordered intervals and paired differences. It checks the pipeline, not what the methods achieve."""
+and site, ordered intervals and paired differences, the methods' diagnostics and the external site's
+onboarding curve. It checks the pipeline, not what the methods achieve."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from cache_factory import make_site_cache
 from federation_helpers import SITES, make_caches, small_overrides
+from osteo_model.config import compose
+from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError
 from osteofl.simulation import evidence
+from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
+from osteofl.simulation.evidence_onboarding import labeled_counts
+
+EXTERNAL = "site_ext"
 
 
 def _experiment(tmp_path: Path, **extra: str) -> Path:
@@ -23,9 +32,12 @@ def _experiment(tmp_path: Path, **extra: str) -> Path:
 @pytest.mark.slow
 def test_quick_experiment_writes_every_method_site_and_interval(tmp_path):
     root = make_caches(tmp_path, n_patients=24)
+    make_site_cache(root / "data" / "cache" / EXTERNAL, site=EXTERNAL, n_patients=24, size=12,
+                    manufacturer="hologic", device_bias=0.05, seed=9)
     result = evidence.run(str(_experiment(tmp_path)), small_overrides(root), log=lambda _: None)
     out = root / "outputs" / "tiny"
-    assert (out / "evidence.md").stat().st_size > 0 and (out / "forest.png").stat().st_size > 0
+    for name in ("evidence.md", "forest.png", "onboarding.png"):
+        assert (out / name).stat().st_size > 0, name
     written = json.loads((out / "evidence.json").read_text())
     assert written["scenarios"].keys() == result["scenarios"].keys() == {"default"}
     sc = written["scenarios"]["default"]
@@ -53,11 +65,89 @@ def test_quick_experiment_writes_every_method_site_and_interval(tmp_path):
     assert np.isfinite(written["seconds"]["total"]) and written["round_seconds"]["osteofl"]
     md = (out / "evidence.md").read_text()
     assert "Paired differences" in md and "FedPer (local heads)" in md and "L1-HU rule" in md
-    # a rerun trains nothing: every method's predictions of each seed were kept, and give the same figures
+    assert "no manufacturer in gate" in md and "What the site-local parts do" in md and "Onboarding the external" in md
+    _check_diagnostics(sc["diagnostics"])
+    _check_onboarding(sc["onboarding"], compose(small_overrides(root)), n_seeds=2)
+    # a rerun trains nothing: every method's run and the onboarding curve of each seed were kept, and give
+    # the same figures
     lines: list[str] = []
     again = evidence.run(str(_experiment(tmp_path)), small_overrides(root), log=lines.append)
-    assert sum("done earlier" in line for line in lines) == 2 * len(methods)
+    assert sum("done earlier" in line for line in lines) == 2 * (len(methods) + 1)
     assert again["scenarios"] == json.loads(json.dumps(result["scenarios"]))
+
+
+def _check_diagnostics(diag: dict) -> None:
+    """Every trained method has finite diagnostics at every site in every seed; the rules have none; the
+    whole-model FedAvg variants are marked as averaging their local parts; fake caches have no truth."""
+    trained = {"osteofl", "fedavg", "osteofl_nometa", "fedavg_nometa", "fedprox", "fedper", "local_only", "central"}
+    assert set(diag["methods"]) == trained
+    assert set(diag["averaged"]) == {"fedavg", "fedavg_nometa", "fedprox"}
+    for method, by_site in diag["methods"].items():
+        assert set(by_site) == set(SITES), method
+        for site, values in by_site.items():
+            assert set(values) == {"gate_local", "calibration_shift", "local_expert_shift"}, (method, site)
+            for name, entry in values.items():
+                assert len(entry["per_seed"]) == 2 and all(np.isfinite(v) for v in entry["per_seed"]), (method, site, name)
+                assert entry["mean"] == pytest.approx(np.mean(entry["per_seed"]))
+            assert all(0.0 < v < 1.0 for v in values["gate_local"]["per_seed"])
+    assert diag["simulated"] == {}
+
+
+def _check_onboarding(onb: dict, cfg, n_seeds: int) -> None:
+    """One point per requested k capped at the external site's labeled training patients, plus shared-only;
+    onboarding never worse than shared-only on the site's own validation patients."""
+    assert onb["site"] == EXTERNAL and onb["method"] == "osteofl"
+    ext = load_site_data(Path(cfg.paths.cache_root) / EXTERNAL, cfg)
+    available = ext.cache.table["patient_id"].iloc[ext.splits["train"]].nunique()
+    assert 5 < available < 20  # the list [2, 5, 10, 20, 40] must be capped
+    ks = labeled_counts(evidence.load_experiment("evidence_quick").onboarding.labeled_patients, available)
+    assert ks[-1] == available and len(ks) == len(set(ks))
+    assert list(onb["points"]) == ["shared_only", *(f"k{k}" for k in ks)]
+    for name, point in onb["points"].items():
+        assert point["seeds"] == list(range(n_seeds)), name
+        for metric in ("auc", "acc3", "mae"):
+            iv = point["metrics"][metric]
+            if iv["point"] is not None:
+                assert iv["lo"] <= iv["point"] <= iv["hi"], (name, metric)
+        assert point["metrics"]["mae"]["point"] is not None and np.isfinite(point["metrics"]["mae"]["point"])
+        assert np.isfinite(point["calibration_shift"]["mean"]) and 0 < point["gate_local"]["mean"] < 1
+        if name == "shared_only":
+            assert point["labeled_patients"]["mean"] == 0 and "difference" not in point
+            assert abs(point["local_expert_shift"]["mean"]) < 1e-6  # fresh local expert: the shared mixture
+            continue
+        assert point["labeled_patients"]["per_seed"] == [float(name[1:])] * n_seeds
+        for sel, base in zip(point["val_patient_mae_bmd_selected"]["per_seed"],
+                             point["val_patient_mae_bmd_shared_only"]["per_seed"]):
+            assert sel <= base
+        kept = [sd for sd, ep in enumerate(point["selected_epoch"]["per_seed"]) if ep == 0]
+        assert point["kept_shared_only"] == kept
+        assert point["difference"]["mae"]["point"] is not None
+
+
+def test_simulated_dxa_bias_reads_the_synthetic_truth(tmp_path):
+    (tmp_path / "sites.json").write_text(json.dumps({"seed": 0, "sites": {
+        "a": {"profile": {"dxa_bias": 0.05}}, "b": {"profile": {"dxa_bias": -0.04}}}}))
+    pd.DataFrame({"true_bmd_device": [1.0, 0.8, 0.9], "dxa_bmd": [1.06, np.nan, 0.95]}).to_csv(tmp_path / "a.csv")
+    out = simulated_dxa_bias(tmp_path, ["a", "b", "c"])
+    assert set(out) == {"a"}  # b has no per-vertebra truth, c no profile
+    assert out["a"] == pytest.approx({"device_bias_rel": 0.05, "device_bias": 0.05 * 0.95, "dxa_minus_truth": 0.055})
+    assert simulated_dxa_bias(tmp_path / "nowhere", ["a"]) == {}
+
+
+def test_onboarding_counts_are_capped_once_each():
+    assert labeled_counts([2, 5, 10, 20, 40], 12) == [2, 5, 10, 12]
+    assert labeled_counts([40, 20], 12) == [12]
+    assert labeled_counts([2, 5], 0) == []
+
+
+def test_onboarding_needs_a_federated_method_and_positive_counts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: evidence_quick\nname: bad\nonboarding: {method: local_only, labeled_patients: [2]}\n")
+    with pytest.raises(ConfigError, match="not a federated method"):
+        evidence.load_experiment(str(bad))
+    bad.write_text("base: evidence_quick\nname: bad\nonboarding: {method: osteofl, labeled_patients: [0, 2]}\n")
+    with pytest.raises(ConfigError, match="positive integers"):
+        evidence.load_experiment(str(bad))
 
 
 def test_unknown_engine_and_reference_are_config_errors(tmp_path):
