@@ -2,13 +2,21 @@
 
 It dials out to the SuperLink (TLS with the federation's root certificate, authenticated by the site's
 private key); the hospital opens no inbound port (the SuperNode's own runtime API listens on loopback
-only, ``--local-port``). The ClientApp it runs reads the site's prepared cache and keeps the local
-expert, calibration head, optimiser and privacy accountant in the site's state folder.
+only, ``--local-port``). Beside it runs the site's warm worker (client/worker.py), which holds the
+imports and config the handlers need, so the ClientApp process Flower starts for each message only
+relays it; the site's prepared cache stays at the site, and its local expert, calibration head,
+optimiser and privacy accountant stay in its state folder. Both run below keepers (osteofl/keeper.py):
+when either ends, or osteo-client is stopped or killed, both are gone.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
+import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +26,11 @@ from osteo_model.config import compose_site
 from osteo_model.errors import OsteoError
 from osteofl import runtime
 from osteofl.client.probe import superlink_mismatch
-from osteofl.protocol import site_key_dir, site_key_paths
+from osteofl.protocol import (
+    NODE_CACHE_DIR, NODE_SITE, NODE_SITE_DIR, NODE_STATE_DIR, NODE_WORKER, OVERRIDES, site_key_dir, site_key_paths,
+)
+
+WORKER_START_S = 180.0  # imports and the first config on a busy 2-core machine take ~10 s; a broken site fails fast
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,25 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loopback port of the SuperNode's local runtime API (distinct per SuperNode on one host)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (testing only)")
     p.add_argument("--telemetry", action="store_true", help="allow Flower's usage telemetry (off by default)")
+    p.add_argument("--no-worker", action="store_true",
+                   help="no warm site worker: every message pays the imports in its own process (slower; for comparison)")
     return p
 
 
-def _node_overrides(overrides: Sequence[str]) -> str:
-    """The hospital's own overrides as the node config's "overrides" (TOML string): the ClientApp composes
-    the site's policy and privacy floor from them (client/policy.py), never from the run config."""
-    text = shlex.join(overrides)
-    if '"' in text or "\\" in text:
-        raise OsteoError(None, "an osteo-client override holds a double quote or a backslash; put it in site.yaml instead")
-    return f' overrides="{text}"' if text else ""
+def node_config(args: argparse.Namespace, cfg, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """What the site's handlers read: its name and folders, and the hospital's own overrides, from which the
+    site's policy and privacy floor are composed (client/policy.py), never from the run config."""
+    config = {NODE_SITE: args.site, NODE_CACHE_DIR: str(Path(cfg.site.cache_dir).resolve()),
+              NODE_STATE_DIR: str(Path(cfg.site.state_dir).resolve()), NODE_SITE_DIR: str(Path(cfg.site.dir).resolve())}
+    if overrides:
+        config[OVERRIDES] = shlex.join(overrides)
+    return config
 
 
-def supernode_command(args: argparse.Namespace, cfg, overrides: Sequence[str] = ()) -> list[str]:
+def _toml(config: dict[str, str]) -> str:
+    """Flower's ``--node-config`` string."""
+    bad = [k for k, v in config.items() if '"' in v or "\\" in v]
+    if bad:
+        raise OsteoError(None, f"{bad} hold a double quote or a backslash; put such settings in site.yaml instead")
+    return " ".join(f'{k}="{v}"' for k, v in config.items())
+
+
+def supernode_command(args: argparse.Namespace, cfg, overrides: Sequence[str] = (), worker: Path | None = None) -> list[str]:
     pki = Path(cfg.paths.pki)
-    node_config = (f"site='{args.site}' cache-dir='{Path(cfg.site.cache_dir).resolve()}' "
-                   f"state-dir='{Path(cfg.site.state_dir).resolve()}' site-dir='{Path(cfg.site.dir).resolve()}'"
-                   + _node_overrides(overrides))
+    config = node_config(args, cfg, overrides)
+    if worker is not None:
+        config[NODE_WORKER] = str(worker)
     cmd = ["flower-supernode", "--superlink", args.superlink or str(cfg.federation.superlink.address),
-           "--port", str(args.local_port), "--host", "127.0.0.1", "--node-config", node_config]
+           "--port", str(args.local_port), "--host", "127.0.0.1", "--node-config", _toml(config)]
     if args.insecure:
         return cmd + ["--insecure"]
     key = Path(args.auth_key) if args.auth_key else site_key_paths(site_key_dir(cfg.site.state_dir), args.site)[0]
@@ -62,30 +85,70 @@ def supernode_command(args: argparse.Namespace, cfg, overrides: Sequence[str] = 
     return cmd + ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
 
 
+def worker_command(config: dict[str, str], socket_path: Path) -> list[str]:
+    return [sys.executable, "-m", "osteofl.client.worker", "--socket", str(socket_path), "--node-config", json.dumps(config)]
+
+
+def _wait_ready(worker: runtime.Owned, socket_path: Path) -> None:
+    """Until the worker listens (it binds once warmed up); its own one-line error is already printed if not."""
+    deadline = time.monotonic() + WORKER_START_S
+    while not socket_path.exists():
+        if worker.poll() is not None:
+            raise OsteoError(None, f"the site worker stopped while starting (exit {worker.poll()}; its error is above)")
+        if time.monotonic() > deadline:
+            raise OsteoError(None, f"the site worker was not ready after {WORKER_START_S:.0f} s")
+        time.sleep(0.2)
+
+
+def _supervise(supernode: runtime.Owned, worker: runtime.Owned | None) -> int:
+    """The SuperNode's exit code; if the worker dies first, every later message would fail: stop instead."""
+    while (code := supernode.poll()) is None:
+        if worker is not None and worker.poll() is not None:
+            print(f"osteo-client: the site worker stopped (exit {worker.poll()}); stopping the SuperNode", flush=True)
+            return 1
+        time.sleep(0.5)
+    return code
+
+
 def serve(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Check the site and the SuperLink's transport, then run the SuperNode until it ends or we are stopped."""
+    """Check the site and the SuperLink's transport, start the site worker, then run the SuperNode until
+    either ends or we are stopped."""
     cfg = compose_site([*overrides, f"site.name={args.site}"])
     cache = SiteCache.open(cfg.site.cache_dir)  # fail early, in one line, if the site is not prepared
-    cmd = supernode_command(args, cfg, overrides)
+    private = None if args.no_worker else Path(tempfile.mkdtemp(prefix="osteo-worker-"))  # 0700
+    socket_path = None if private is None else private / "site.sock"
+    cmd = supernode_command(args, cfg, overrides, socket_path)
     address = cmd[cmd.index("--superlink") + 1]
     ca = None if args.insecure else Path(cmd[cmd.index("--root-certificates") + 1])
-    mismatch = superlink_mismatch(address, ca)
-    if mismatch:
-        raise OsteoError(None, mismatch)
-    Path(cfg.site.state_dir).mkdir(parents=True, exist_ok=True)
-    env = runtime.flower_env(Path(cfg.site.state_dir) / "flwr_home", telemetry=args.telemetry)
-    print(f"osteo-client: site {args.site} ({len(cache)} vertebrae) -> {address}; "
-          f"{'INSECURE' if args.insecure else 'TLS + node authentication'}; {runtime.say_telemetry(args.telemetry)}",
-          flush=True)
-    runtime.exit_on_sigterm()
-    supernode = runtime.start(cmd, env)
+    owned: list[runtime.Owned] = []
+
+    def stop_all() -> None:
+        runtime.stop(*owned)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
     try:
-        return supernode.wait()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the SuperNode, then leave without a slow teardown
-        runtime.stop(supernode)
+        if mismatch := superlink_mismatch(address, ca):
+            raise OsteoError(None, mismatch)
+        Path(cfg.site.state_dir).mkdir(parents=True, exist_ok=True)
+        env = runtime.flower_env(Path(cfg.site.state_dir) / "flwr_home", telemetry=args.telemetry)
+        print(f"osteo-client: site {args.site} ({len(cache)} vertebrae) -> {address}; "
+              f"{'INSECURE' if args.insecure else 'TLS + node authentication'}; "
+              f"{'no site worker' if private is None else 'warm site worker'}; {runtime.say_telemetry(args.telemetry)}",
+              flush=True)
+        runtime.exit_on_sigterm()
+        worker = None
+        if socket_path is not None:
+            worker = runtime.start(worker_command(node_config(args, cfg, overrides), socket_path), env)
+            owned.append(worker)
+            _wait_ready(worker, socket_path)
+        owned.append(runtime.start(cmd, env))
+        return _supervise(owned[-1], worker)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the children, then leave without a slow teardown
+        stop_all()
         runtime.exit_now(130)
     finally:
-        runtime.stop(supernode)
+        stop_all()
 
 
 def main(argv: list[str] | None = None) -> int:

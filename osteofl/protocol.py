@@ -5,6 +5,10 @@ run/node config keys our commands set, the phase schedule, where a site's keys l
 travel (derived from the model's one ownership declaration, ``osteo_model.model.SHARED_PREFIXES``).
 ``federation.share_all`` exists for the "FedAvg of the whole model" baseline only; it makes the payload
 every key of the state dict (a site's own policy decides whether it agrees to send that).
+
+It imports neither torch nor the science library at module level: the ClientApp process that Flower
+starts for every message imports this module, and with a warm site worker (client/worker.py) it needs
+nothing heavier (issue 11: ~3 s of imports per message otherwise).
 """
 from __future__ import annotations
 
@@ -12,13 +16,23 @@ import hashlib
 from pathlib import Path
 from typing import Mapping
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, Message
 from omegaconf import DictConfig, OmegaConf
 
-from osteo_model import model as osteo
 from osteo_model.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _osteo():
+    """The model's ownership declaration (imports torch), loaded only by the functions that select arrays."""
+    from osteo_model import model
+
+    return model
 
 # --- record names in a message's RecordDict ------------------------------------------------------------
 ARRAYS = "arrays"    # ArrayRecord: global arrays (server -> site) or the site's update (site -> server)
@@ -49,6 +63,7 @@ NODE_SITE = "site"         # node_config keys set by `osteo-client --site X`
 NODE_CACHE_DIR = "cache-dir"
 NODE_STATE_DIR = "state-dir"
 NODE_SITE_DIR = "site-dir"
+NODE_WORKER = "worker"     # node_config: the site worker's local socket (osteo-client sets it; client/worker.py)
 
 
 def phase_of(rnd: int, cfg: DictConfig) -> str:
@@ -76,6 +91,7 @@ def personal_prefixes(cfg: DictConfig) -> tuple[str, ...]:
     """``federation.personal_prefixes``: shared modules a personalised baseline (FedPer-style: shared body,
     local heads) keeps at each site; each must be one of the declared SHARED_PREFIXES."""
     prefixes = tuple(str(p) for p in (OmegaConf.select(cfg, "federation.personal_prefixes") or ()))
+    osteo = _osteo()
     unknown = [p for p in prefixes if p not in osteo.SHARED_PREFIXES]
     if unknown:
         raise ConfigError(None, f"federation.personal_prefixes {unknown}: not among the shared prefixes "
@@ -88,7 +104,7 @@ def payload_keys(model: torch.nn.Module, cfg: DictConfig) -> list[str]:
     if cfg.federation.share_all:
         return list(model.state_dict().keys())
     personal = personal_prefixes(cfg)
-    return [k for k in osteo.shared_keys(model) if not (personal and k.startswith(personal))]
+    return [k for k in _osteo().shared_keys(model) if not (personal and k.startswith(personal))]
 
 
 def payload_record(model: torch.nn.Module, cfg: DictConfig) -> ArrayRecord:
@@ -103,6 +119,7 @@ def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def load_payload(model: torch.nn.Module, cfg: DictConfig, arrays: Mapping[str, np.ndarray]) -> None:
     """Load received arrays; ``load_shared`` raises if the key set is not exactly the shared set."""
+    osteo = _osteo()
     if cfg.federation.share_all:
         local = set(osteo.local_keys(model))
         osteo.load_shared(model, {k: v for k, v in arrays.items() if k not in local})

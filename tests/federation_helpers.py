@@ -49,11 +49,12 @@ class LocalGrid:
     plays Flower's node registry (``Grid.get_nodes``): node id -> (registered name, PEM public key)."""
 
     def __init__(self, client_app: ClientApp, sites: Iterable[str], run_config: dict | None = None,
-                 node_overrides: dict[str, str] | None = None) -> None:
+                 node_overrides: dict[str, str] | None = None, node_config: dict[str, dict] | None = None) -> None:
         self.app = client_app
         self.nodes = {i + 1: site for i, site in enumerate(sites)}
         self.run_config = dict(run_config or {})                # the coordinator's (run config "overrides")
         self.node_overrides = dict(node_overrides or {})        # site -> its own `osteo-client` overrides
+        self.node_config = dict(node_config or {})              # site -> further node config (its worker)
         self.drop: set[str] = set()                        # sites whose process "dies" mid-round
         self.tamper: Callable[[str, Message], None] | None = None  # edits a train reply in place
         self.sent: list[Message] = []                      # every reply that left a site
@@ -72,7 +73,8 @@ class LocalGrid:
             site = self.nodes[msg.metadata.dst_node_id]
             if site in self.drop:
                 continue  # no reply at all: the round goes on without it
-            node_config = {"site": site, **({"overrides": self.node_overrides[site]} if site in self.node_overrides else {})}
+            node_config = {"site": site, **({"overrides": self.node_overrides[site]} if site in self.node_overrides else {}),
+                           **self.node_config.get(site, {})}
             ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=node_config,
                           state=RecordDict(), run_config=self.run_config)
             try:

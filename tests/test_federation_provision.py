@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.config import parse_config_args
 
 from osteo_model.config import compose
 from osteo_model.errors import ConfigError
@@ -178,7 +179,7 @@ def test_client_supernode_command_uses_site_key_and_root_cert(tmp_path: Path) ->
     assert cmd[cmd.index("--auth-supernode-private-key") + 1].endswith("state/site_a/keys/site_a_key")
     assert cmd[cmd.index("--root-certificates") + 1].endswith("ca.pem") and "--insecure" not in cmd
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # the SuperNode's own API stays on loopback
-    assert "site='site_a'" in cmd[cmd.index("--node-config") + 1]
+    assert parse_config_args([cmd[cmd.index("--node-config") + 1]])["site"] == "site_a"
 
 
 def test_client_cli_refuses_unprepared_site_in_one_line(tmp_path: Path, capsys) -> None:

@@ -1,0 +1,206 @@
+"""What a site does with each message of the federation (the ClientApp's work, kept out of its module).
+
+Run either inside the ClientApp process (Flower's simulation engine, whose workers stay warm) or inside
+the site's long-lived worker (client/worker.py) that ``osteo-client`` starts, so that a deployed message
+does not pay torch's imports and the cache loading again. Three handlers:
+- ``query``: the handshake: the site's feature count (so the server can build the same network), a
+  fingerprint of the feature names (so sites with different radiomics settings are caught early) and
+  rounded split sizes; no feature statistic of any kind (standardisation is site-local);
+- ``train``: load the global shared arrays over the site's own local expert and calibration head, train
+  a few steps of the round's phase ("ssl" or "task"), save the local state, reply with ONLY the shared
+  arrays and scalar metrics;
+- ``evaluate``: the global shared arrays plus the site's local parts, judged on the site's split; only
+  aggregate metrics are returned.
+Every reply also names the site in a ConfigRecord so the server can keep per-site histories, and leaves
+through ``answer``: the site's own policy (client/policy.py: shared keys only, its DP floor, minimum
+cohort, sanitised error texts) and its audit log (client/audit.py).
+"""
+from __future__ import annotations
+
+import math
+from logging import INFO, WARNING
+from typing import Callable, Sequence
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore import log
+
+from osteo_model import checkpoints, proximal, training
+from osteo_model.cache import SiteCache
+from osteofl import protocol
+from osteofl.protocol import (
+    ARRAYS, CONFIG, ERROR_BUDGET_SPENT, ERROR_POLICY_REFUSED, ERROR_SITE_FAILED, METRICS, NUM_EXAMPLES, PHASE,
+    PROXIMAL_MU, SITE, SIZES_WITHHELD, SPLIT, WITHHELD,
+)
+from osteofl.client import audit, policy
+from osteofl.client.dp import PrivacySession
+from osteofl.client.site_session import SiteSession, site_config
+
+
+def _metric_record(values: dict[str, float], num_examples: int) -> MetricRecord:
+    """Scalar metrics only; non-finite values become NaN so every site sends the same key set."""
+    record = MetricRecord({NUM_EXAMPLES: int(num_examples)})
+    for key, value in sorted(values.items()):
+        if key in ("num_examples", NUM_EXAMPLES):
+            continue
+        v = float(value)
+        record[key] = v if math.isfinite(v) else float("nan")
+    return record
+
+
+def _reply(message: Message, site: str, metrics: MetricRecord, arrays=None) -> Message:
+    content = RecordDict({METRICS: metrics, SITE: ConfigRecord({"name": site})})
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    return Message(content, reply_to=message)
+
+
+def handle_query(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
+    session = SiteSession.open(context, extra)
+    info = ConfigRecord(
+        {
+            "name": session.site,
+            "n_features": len(session.data.cache.feature_names),
+            "features_sha256": checkpoints.features_sha256(session.data.cache.feature_names),
+            "payload_sha256": protocol.payload_fingerprint(session.model, session.cfg),
+        }
+    )
+    sizes, withheld = _split_sizes(session)
+    info.update(sizes)
+    if withheld:
+        info[SIZES_WITHHELD] = "; ".join(withheld)
+    # Flower's weighting key is the only metric; a handshake weighs nothing
+    return Message(RecordDict({SITE: info, METRICS: MetricRecord({NUM_EXAMPLES: 1})}), reply_to=message)
+
+
+def _split_sizes(session: SiteSession) -> tuple[dict[str, int], list[str]]:
+    """Split sizes for the run log and the server's weight caps, in vertebrae rounded up to
+    policy.COUNT_QUANTUM; a split with fewer patients than the site's minimum cohort is withheld. No
+    feature statistic leaves: each site standardises its SSL targets on its own unlabeled rows
+    (osteo_model.model.site_feature_stats)."""
+    sizes, withheld = {}, []
+    for name, rows in sorted(session.data.splits.items()):
+        if reason := policy.withheld(session.data, name, session.cfg):
+            withheld.append(reason)
+        else:
+            sizes[f"n_{name}"] = policy.rounded_count(len(rows))
+    return sizes, withheld
+
+
+def _withheld(message: Message, site: str, reason: str) -> Message:
+    """A valid reply without any aggregate: the server records the site as withheld, not as failed."""
+    content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 0}), SITE: ConfigRecord({"name": site, WITHHELD: reason})})
+    return Message(content, reply_to=message)
+
+
+def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
+    session = SiteSession.open(context, extra)
+    config = message.content[CONFIG]
+    phase = str(config[PHASE])
+    privacy = PrivacySession(session)
+    if privacy.budget_spent():
+        reason = (
+            f"site {session.site}: privacy budget spent (epsilon {session.state.epsilon:.3f} >= "
+            f"{session.cfg.privacy.epsilon_budget}); not training any more"
+        )
+        return Message(Error(code=ERROR_BUDGET_SPENT, reason=reason), reply_to=message)
+    if reason := policy.withheld(session.data, training.phase_split(phase), session.cfg):
+        return _withheld(message, session.site, reason)
+    policy.check_payload(session.model, session.cfg, protocol.payload_keys(session.model, session.cfg))
+
+    protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
+    recipe = training.Recipe({session.site: session.model}, session.cfg,
+                             training.phase_lengths(session.cfg, federated=True), {session.site: session.data})
+    recipe.restore(session.state.optimizer)
+    recipe.begin(phase, training.index_in_phase(session.cfg, phase, int(config[protocol.ROUND])))
+    optimizer = recipe.optimizer
+    proximal.attach_proximal_term(optimizer, session.model, float(config.get(PROXIMAL_MU, 0.0)))
+    steps = session.cfg.federation.local_steps
+    private = privacy.attach(optimizer, phase)
+    metrics = training.train_steps(
+        session.model, session.data, session.cfg, phase, optimizer, session.device,
+        max_steps=None if steps is None else int(steps), private=private,
+    )
+    session.state.optimizer = optimizer.state_dict()
+    session.state.rounds_trained += 1
+    privacy.record(private)
+    session.save()
+    metrics = {f"train_{k}": v for k, v in metrics.items() if k != "num_examples"}
+    metrics["epsilon"] = session.state.epsilon
+    record = _metric_record(metrics, num_examples=_pool_size(session, phase))
+    return _reply(message, session.site, record, protocol.payload_record(session.model, session.cfg))
+
+
+def _pool_size(session: SiteSession, phase: str) -> int:
+    """Aggregation weight: the size of the site's pool for this phase (FedAvg's n_k)."""
+    return len(training.phase_rows(session.data, phase))
+
+
+def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
+    session = SiteSession.open(context, extra)
+    split = str(message.content[CONFIG].get(SPLIT, session.cfg.federation.eval_split))
+    protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
+    metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
+    _keep_site_model(message, session, split, metrics)
+    if reason := policy.withheld(session.data, split, session.cfg):
+        return _withheld(message, session.site, reason)
+    n = int(metrics.get("num_examples", len(session.data.splits.get(split, ()))))
+    return _reply(message, session.site, _metric_record(metrics, n))
+
+
+def _keep_site_model(message: Message, session: SiteSession, split: str, metrics: dict[str, float]) -> None:
+    """The newest global shared weights over this site's local parts: the complete model, kept at the site
+    with its card (osteo_model.checkpoints) so the hospital can use it after the run."""
+    config, cfg, cache = message.content[CONFIG], session.cfg, session.data.cache
+    card = checkpoints.site_card(
+        cfg.site.state_dir, run_id=str(config.get(protocol.RUN_ID, message.metadata.run_id)),
+        rnd=int(config.get(protocol.ROUND, 0)), n_sites=config.get(protocol.N_SITES),
+        phases=training.phase_lengths(cfg, federated=True), epsilon=session.state.epsilon, metrics=metrics, split=split)
+    checkpoints.save_site_model(cfg.site.state_dir, session.model, site=session.site, feature_names=cache.feature_names,
+                                model_cfg=cfg.model, crop=cache.manifest.get("crop"), card=card)
+
+
+Handler = Callable[[Message, Context, Sequence[str]], Message]
+HANDLERS: dict[str, Handler] = {"query": handle_query, "train": handle_train, "evaluate": handle_evaluate}
+"""Message type -> handler; the same for the in-process ClientApp and the site worker."""
+
+
+def answer(kind: str, message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
+    """Run a handler and vet what leaves the site: a policy refusal or any failure becomes an Error reply
+    whose reason is sanitised (no paths, no patient or study ids; Flower would otherwise send the raw
+    exception text), refusals and withheld replies are logged here, and every reply is appended to the
+    site's audit log before it is sent."""
+    try:
+        reply = HANDLERS[kind](message, context, extra)
+    except policy.PolicyRefusal as exc:
+        reply = Message(Error(code=ERROR_POLICY_REFUSED, reason=exc.reason), reply_to=message)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the server gets a clean one-line reason
+        log(WARNING, "%s failed at this site: %s: %s", kind, type(exc).__name__, exc)
+        reply = Message(Error(code=ERROR_SITE_FAILED, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+    try:
+        site, cfg = site_config(context, extra)
+    except Exception:  # noqa: BLE001 - a broken config is already in the reply
+        site, cfg = str(context.node_config.get(protocol.NODE_SITE, "unknown")), None
+    if reply.has_error():
+        reason = policy.sanitise(reply.error.reason, _identifiers(cfg))
+        reply = Message(Error(code=reply.error.code, reason=reason), reply_to=message)
+        if reply.error.code == ERROR_POLICY_REFUSED:
+            log(WARNING, "site %s REFUSED %s: %s", site, kind, reason)
+    elif reason := protocol.withheld_reason(reply):
+        log(INFO, "site %s withheld its %s aggregates: %s", site, kind, reason)
+    state_dir = cfg.site.state_dir if cfg is not None else context.node_config.get(protocol.NODE_STATE_DIR)
+    config = message.content.config_records.get(CONFIG) if not message.has_error() else None
+    rnd = config.get(protocol.ROUND) if config is not None else None
+    if state_dir:
+        audit.append(state_dir, audit.entry(reply, site=site, kind=kind, rnd=None if rnd is None else int(rnd)))
+    else:
+        log(WARNING, "site %s: no state folder known, %s reply not audited", site, kind)
+    return reply
+
+
+def _identifiers(cfg) -> set[str]:
+    """The site's patient and study ids (to scrub from error texts); none when the cache cannot be read."""
+    try:
+        table = SiteCache.open(cfg.site.cache_dir).table
+        return {str(v) for col in ("patient_id", "study_id") if col in table for v in table[col].dropna()}
+    except Exception:  # noqa: BLE001 - a broken cache: paths are scrubbed anyway
+        return set()
