@@ -237,6 +237,7 @@ def simulate(overrides: Sequence[str], log: Callable[[str], None] = print, basel
              prepare: bool = True) -> dict:
     """The whole demo; ``prepare=False`` uses the site caches as they are (tests)."""
     cfg = compose(overrides)
+    ray_address(cfg)  # a Ray cluster that does not answer is refused before synthesis and preparation
     sites, ext = [str(s) for s in cfg.federation.sites], str(cfg.synth.external_site)
     out = Path(cfg.paths.outputs) / "sim"
     shutil.rmtree(out, ignore_errors=True)  # each demo run starts fresh: its own state and checkpoints

@@ -128,6 +128,13 @@ def test_ray_address_refuses_what_it_cannot_reach(tmp_path: Path) -> None:
         ray_address(cfg)
 
 
+def test_osteo_sim_refuses_an_unreachable_cluster_before_any_work(tmp_path: Path) -> None:
+    overrides = [f"paths.root={tmp_path}", f"federation.simulation.ray_address=127.0.0.1:{_free_port()}"]
+    with pytest.raises(ConfigError, match="no Ray cluster answers"):
+        simulate(overrides, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []  # no synthetic site generated, nothing prepared, no outputs
+
+
 def test_federation_config_carries_the_resources_per_site(tmp_path: Path) -> None:
     cfg = compose([f"paths.root={tmp_path}", "federation.simulation.client_cpus=2",
                    "federation.simulation.client_gpus=0.25"])
