@@ -168,7 +168,7 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
                 prepare_sites(run_over, [*sites, *([ext] if onb is not None else [])], log)
             datas = {s: load_site_data(Path(cfg.paths.cache_root) / s, cfg) for s in sites}
             ext_data = load_site_data(Path(cfg.paths.cache_root) / ext, cfg) if onb is not None else None
-            simulated[seed] = simulated_dxa_bias(Path(cfg.paths.ground_truth), sites)
+            simulated[seed] = simulated_dxa_bias(Path(cfg.paths.ground_truth), [*sites, ext])
             runs[seed] = {}
             for method in methods:
                 spec = exp.methods[method]
@@ -185,15 +185,7 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
                     + (f"done earlier ({saved.name})" if earlier else f"{seconds:.1f} s"))
             if onb is not None:
                 curves[seed] = _onboard(exp, run_over, out / "runs" / scenario / f"seed{seed}", runs[seed], ext_data, log)
-        summary = report.summarise({sd: {m: r.predictions for m, r in by_m.items()} for sd, by_m in runs.items()},
-                                   methods, str(exp.reference), sites, int(exp.get("bootstrap", 1000)))
-        summary["diagnostics"] = report.summarise_diagnostics(
-            {sd: {m: r.diagnostics for m, r in by_m.items()} for sd, by_m in runs.items()}, simulated, sorted(averaged))
-        if onb is not None:
-            summary["onboarding"] = {"site": ext, "method": str(onb.method), **report.summarise_curve(
-                {sd: c.predictions for sd, c in curves.items()}, {sd: c.diagnostics for sd, c in curves.items()},
-                int(exp.get("bootstrap", 1000)))}
-        result["scenarios"][scenario] = summary
+        result["scenarios"][scenario] = _summary(exp, runs, curves, simulated, sorted(averaged), sites, ext)
     result["seconds"]["total"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evidence.json", result)
@@ -204,6 +196,20 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
     log(f"evidence: {out / 'evidence.md'} (JSON: evidence.json, forest plot: forest.png), "
         f"{result['seconds']['total']:.0f} s")
     return result
+
+
+def _summary(exp: DictConfig, runs: dict[int, dict[str, MethodRun]], curves: dict[int, MethodRun],
+             simulated: dict[int, dict], averaged: list[str], sites: list[str], ext: str) -> dict:
+    """One scenario's statistics, diagnostics and (when the experiment has one) onboarding curve."""
+    n_boot = int(exp.get("bootstrap", 1000))
+    summary = report.summarise({sd: {m: r.predictions for m, r in by_m.items()} for sd, by_m in runs.items()},
+                               [str(m) for m in exp.methods], str(exp.reference), sites, n_boot)
+    summary["diagnostics"] = report.summarise_diagnostics(
+        {sd: {m: r.diagnostics for m, r in by_m.items()} for sd, by_m in runs.items()}, simulated, averaged)
+    if curves:
+        summary["onboarding"] = {"site": ext, "method": str(exp.onboarding.method), **report.summarise_curve(
+            {sd: c.predictions for sd, c in curves.items()}, {sd: c.diagnostics for sd, c in curves.items()}, n_boot)}
+    return summary
 
 
 def _onboard(exp: DictConfig, run_over: list[str], folder: Path, runs: dict[str, MethodRun], ext_data,

@@ -19,6 +19,7 @@ NAMES = {"acc3": "WHO 3-class accuracy", "auc": "osteoporosis AUC", "mae": "BMD 
 DIAGNOSTIC_NAMES = {"gate_local": "gate weight on local expert", "calibration_shift": "calibration residual g/cm2",
                     "local_expert_shift": "local-expert shift g/cm2"}
 SIMULATED_NAMES = {"device_bias": "simulated device bias g/cm2", "dxa_minus_truth": "DXA minus truth g/cm2"}
+SHIFTS = ("calibration_shift", "local_expert_shift")
 SHARED_ONLY = "shared_only"
 # seed -> method -> site -> patients
 Runs = Mapping[int, Mapping[str, Mapping[str, ev.Patients]]]
@@ -179,22 +180,25 @@ def _md_onboarding(sc: Mapping, labels: Mapping[str, str]) -> list[str]:
         return []
     method = labels.get(onb["method"], onb["method"])
     pooled = sc["metrics"].get(onb["method"], {}).get(POOLED, {})
+    sim = sc.get("diagnostics", {}).get("simulated", {}).get(onb["site"], {})
     lines = [f"### Onboarding the external site `{onb['site']}` onto {method}", "",
              "fit_local fits only the local expert and calibration on k labeled training patients and keeps the "
              "shared-only parts unless a fitted epoch predicts the site's own validation patients better (its whole "
              "validation split, whatever k). Test patients of the external site; difference: point minus "
-             "shared-only on the same patients.", "",
+             "shared-only on the same patients; calibration residual and local-expert shift as above"
+             + (f" (the site's simulated device bias: {_num(sim.get('device_bias'))} g/cm2)." if sim else "."), "",
              "| labeled patients | " + " | ".join(NAMES[k] for k in ("auc", "acc3", "mae")) + " | MAE minus shared-only "
-             "| kept shared-only (seeds) |", "|" + "---|" * 6]
+             "| kept shared-only (seeds) | " + " | ".join(DIAGNOSTIC_NAMES[k] for k in SHIFTS) + " |", "|" + "---|" * 8]
     for name, point in onb["points"].items():
         kept = point.get("kept_shared_only")
         lines.append("| " + " | ".join([
             "0 (shared only)" if name == SHARED_ONLY else _num(point.get("labeled_patients"), 0),
             *[_cell(point["metrics"].get(k, {})) for k in ("auc", "acc3", "mae")],
             _cell(point["difference"].get("mae", {})) if "difference" in point else "",
-            "" if kept is None else (", ".join(map(str, kept)) or "none")]) + " |")
+            "" if kept is None else (", ".join(map(str, kept)) or "none"),
+            *[_num(point.get(k)) for k in SHIFTS]]) + " |")
     lines.append(f"| training sites, pooled ({method}) | "
-                 + " | ".join(_cell(pooled.get(k, {})) for k in ("auc", "acc3", "mae")) + " | | |")
+                 + " | ".join(_cell(pooled.get(k, {})) for k in ("auc", "acc3", "mae")) + " | | | | |")
     return [*lines, ""]
 
 
@@ -249,7 +253,8 @@ def onboarding_png(path: Path, report: dict) -> Path:
                 ax.plot(k, iv["point"], "o", color="tab:blue")
             ref = sc["metrics"].get(onb["method"], {}).get(POOLED, {}).get(metric, {}).get("point")
             if ref is not None:
-                ax.axhline(ref, color="grey", lw=1, ls="--")
+                ax.axhline(ref, color="grey", lw=1, ls="--", label="training sites, pooled")
+                ax.legend(fontsize=6, loc="best")
             ax.set_title(f"{name}: {onb['site']} {NAMES[metric]}", fontsize=8)
             ax.set_xlabel("labeled patients (0 = shared only)", fontsize=7)
             ax.tick_params(labelsize=7)
