@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cache_factory import make_site_cache
 from federation_helpers import SITES, make_caches, small_overrides
+from osteo_model import model as osteo
 from osteo_model.config import compose
 from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError
 from osteofl.simulation import evidence
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
+from osteofl.simulation.evidence_methods import site_outcome
 from osteofl.simulation.evidence_onboarding import labeled_counts
 
 EXTERNAL = "site_ext"
@@ -124,6 +127,22 @@ def _check_onboarding(onb: dict, cfg, n_seeds: int) -> None:
         assert point["difference"]["mae"]["point"] is not None
 
 
+def test_diagnostics_measure_what_the_local_parts_add(tmp_path):
+    cache = make_site_cache(tmp_path / "cache" / "site_a", n_patients=12, size=12)
+    cfg = compose(small_overrides(tmp_path))
+    data = load_site_data(cache, cfg)
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+    fresh = site_outcome(model, data, "cpu")[1]
+    assert fresh["calibration_shift"] == 0.0 and fresh["local_expert_shift"] == 0.0  # both start at zero
+    assert 0.0 < fresh["gate_local"] < 0.5
+    with torch.no_grad():
+        model.calibration.residual.bias.fill_(0.03)
+        model.local_expert[2].bias.fill_(1.0)
+    moved = site_outcome(model, data, "cpu")[1]
+    assert moved["calibration_shift"] == pytest.approx(0.03, abs=1e-6)  # the residual adds 0.03 g/cm2 everywhere
+    assert abs(moved["local_expert_shift"]) > 1e-4 and moved["gate_local"] == pytest.approx(fresh["gate_local"])
+
+
 def test_simulated_dxa_bias_reads_the_synthetic_truth(tmp_path):
     (tmp_path / "sites.json").write_text(json.dumps({"seed": 0, "sites": {
         "a": {"profile": {"dxa_bias": 0.05}}, "b": {"profile": {"dxa_bias": -0.04}}}}))
@@ -175,8 +194,6 @@ def test_cli_prints_one_line_for_a_missing_experiment(capsys):
 
 
 def test_fedavg_weights_by_pool_size_and_keeps_dtypes():
-    import torch
-
     from osteofl.simulation.evidence_methods import fedavg
 
     a = {"w": torch.zeros(2), "n": torch.tensor(0)}
