@@ -31,6 +31,8 @@ from osteofl.protocol import (
 )
 
 WORKER_START_S = 180.0  # imports and the first config on a busy 2-core machine take ~10 s; a broken site fails fast
+NOT_ACTIVATED = 305     # flower-supernode's exit code when the SuperLink refuses to activate it (Flower's ExitCode)
+RETRY_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loopback port of the SuperNode's local runtime API (distinct per SuperNode on one host)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (testing only)")
     p.add_argument("--telemetry", action="store_true", help="allow Flower's usage telemetry (off by default)")
+    p.add_argument("--activation-wait", type=float, default=90.0, metavar="S",
+                   help="keep retrying for S seconds when the SuperLink refuses to activate this site: it still "
+                        "counts a session that ended less than ~60 s ago (Flower's heartbeat patience)")
     p.add_argument("--no-worker", action="store_true",
                    help="no warm site worker: every message pays the imports in its own process (slower; for comparison)")
     return p
@@ -142,8 +147,22 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
             worker = runtime.start(worker_command(node_config(args, cfg, overrides), socket_path), env)
             owned.append(worker)
             _wait_ready(worker, socket_path)
-        owned.append(runtime.start(cmd, env))
-        return _supervise(owned[-1], worker)
+        deadline = time.monotonic() + args.activation_wait
+        while True:
+            owned.append(runtime.start(cmd, env))
+            code = _supervise(owned[-1], worker)
+            if code != NOT_ACTIVATED or time.monotonic() + RETRY_S > deadline:
+                break
+            owned.pop()
+            print(f"osteo-client: the SuperLink did not activate site {args.site}; retrying in {RETRY_S:.0f} s "
+                  f"(for up to {args.activation_wait:.0f} s in all)", flush=True)
+            time.sleep(RETRY_S)
+        if code == NOT_ACTIVATED:
+            raise OsteoError(None, f"the SuperLink refused to activate site {args.site}: either its public key is not "
+                                   "registered with the coordinator (osteo-provision --site-key), or the SuperLink "
+                                   "still counts this site's previous session as connected (Flower releases it "
+                                   "~60 s after its last heartbeat; --activation-wait)")
+        return code
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the children, then leave without a slow teardown
         stop_all()
         runtime.exit_now(130)

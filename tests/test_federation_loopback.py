@@ -76,17 +76,18 @@ def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
         procs.append(server)
         _wait_for_line(server, server_log, "sites registered", 120)
 
-        def client(site: str, local_port: int, log_name: str) -> subprocess.Popen:
+        def client(site: str, local_port: int, log_name: str, *flags: str) -> subprocess.Popen:
             with open(tmp_path / log_name, "w") as out:
                 p = subprocess.Popen([str(BIN / "osteo-client"), "--site", site, "--local-port", str(local_port),
-                                      *overrides], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                      *flags, *overrides], stdout=out, stderr=subprocess.STDOUT, env=env)
             procs.append(p)
             return p
 
-        intruder = client("intruder", _free_port(), "intruder.log")
-        assert intruder.wait(timeout=120) != 0, "an unregistered SuperNode must be refused"
-        for site in SITES:
-            client(site, _free_port(), f"{site}.log")
+        # without retrying: the SuperLink cannot tell it from a site whose previous session it still counts
+        intruder = client("intruder", _free_port(), "intruder.log", "--activation-wait", "0")
+        assert intruder.wait(timeout=120) == 1, "an unregistered SuperNode must be refused"
+        for i, site in enumerate(SITES):  # one hospital runs without the warm worker: both paths in one run
+            client(site, _free_port(), f"{site}.log", *(["--no-worker"] if i == 2 else []))
         assert server.wait(timeout=780) == 0, server_log.read_text()[-3000:]
     finally:
         for p in procs:
@@ -112,4 +113,7 @@ def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
         assert not any(k.startswith(("arrays/local_expert.", "arrays/calibration.")) for k in data.files)
     for site in SITES:
         assert (tmp_path / "data" / "state" / site / "site_state.pt").stat().st_size > 0
-    assert "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
+    intruder_log = (tmp_path / "intruder.log").read_text()
+    assert "Failed to activate SuperNode" in intruder_log and "refused to activate site intruder" in intruder_log
+    for i, site in enumerate(SITES):  # two sites answered from their warm workers, the third in process
+        assert ("site worker: train answered" in (tmp_path / f"{site}.log").read_text()) == (i != 2)
