@@ -58,8 +58,8 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
     with open(log_path, "ab") as log:
         head = runtime.start(["ray", "start", "--head", "--block", "--port", str(port), "--node-ip-address",
                               "127.0.0.1", "--temp-dir", str(temp), "--num-cpus", "2", "--include-dashboard",
-                              "false", "--disable-usage-stats", *[a for opt in fixed for a in (opt, str(_free_port()))]],
-                             env, log)
+                              "false", "--disable-usage-stats",
+                              *[a for opt in fixed for a in (opt, str(_free_port()))]], env, log)
     try:
         deadline = time.monotonic() + 120
         while "Ray runtime started" not in log_path.read_text(errors="replace"):
@@ -102,8 +102,8 @@ def test_osteo_sim_runs_on_an_existing_ray_cluster(tmp_path: Path, ray_cluster: 
     own = " ".join(cmd for cmd in spawned.values() if str(temp) not in cmd)  # not the cluster's processes
     assert "flwr-simulation" in own, own  # the simulation process was the run's own ...
     assert "gcs_server" not in own and "raylet" not in own, own  # ... but it started no Ray of its own
-    actors = [p for p in (temp / "session_latest" / "logs").glob("worker-*") if "ClientAppActor" in p.read_text(errors="replace")]
-    assert actors, sorted(p.name for p in (temp / "session_latest" / "logs").iterdir())  # the sites ran on the cluster
+    logs = temp / "session_latest" / "logs"  # the cluster's own: its workers ran the sites' ClientApps
+    assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("worker-*")), sorted(logs.iterdir())
     assert set(report["results"]["osteofl"]) == set(SITES)
     assert all(0.0 <= m["mae_bmd"] < 1.0 for m in report["results"]["osteofl"].values())
     history = json.loads((tmp_path / "outputs" / "sim" / "osteofl" / "history.json").read_text())
