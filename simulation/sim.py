@@ -72,7 +72,9 @@ def federation_config(cfg: DictConfig, n_sites: int) -> str:
     """``flwr run --federation-config``: how many simulated sites and what each takes of Ray's resources
     (``federation.simulation``); Ray runs ``<its CPUs> / client_cpus`` sites at once, the rest queue."""
     sim = cfg.federation.simulation
-    return (f"num-supernodes={n_sites} client-resources-num-cpus={int(sim.client_cpus)} "
+    if not isinstance(sim.client_cpus, int) or sim.client_cpus < 1:  # flwr 1.42 takes whole CPUs only
+        raise ConfigError(None, f"federation.simulation.client_cpus={sim.client_cpus}: expected a whole number >= 1")
+    return (f"num-supernodes={n_sites} client-resources-num-cpus={sim.client_cpus} "
             f"client-resources-num-gpus={float(sim.client_gpus)}")
 
 
@@ -124,7 +126,7 @@ def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Calla
            f"federation.superlink.port={port}"]
     cfg = compose(run)
     home = Path(cfg.paths.outputs) / str(cfg.federation.run_name) / "flower"
-    ray_at = ray_address(cfg)
+    ray_at, resources = ray_address(cfg), federation_config(cfg, n_sites)
     env = {**runtime.flower_env(home / "flwr_home"), "RAY_ADDRESS": ray_at}
     write_connection(home / "flwr_home", cfg, insecure=True)
     where = "a private Ray instance" if ray_at == "local" else f"the Ray cluster at {ray_at}"
@@ -138,7 +140,7 @@ def run_federated(overrides: Sequence[str], n_sites: int, label: str, log: Calla
         if not runtime.wait_for_port("127.0.0.1", port, 120, owned[0]):
             raise OsteoError(home / "superlink.log", "the simulation SuperLink did not start")
         owned.append(runtime.start([*run_command(run, resume=False), "--federation-config",
-                                    federation_config(cfg, n_sites)], env))
+                                    resources], env))
         rc = owned[1].wait()
     finally:
         runtime.stop(*reversed(owned))
@@ -237,8 +239,9 @@ def simulate(overrides: Sequence[str], log: Callable[[str], None] = print, basel
              prepare: bool = True) -> dict:
     """The whole demo; ``prepare=False`` uses the site caches as they are (tests)."""
     cfg = compose(overrides)
-    ray_address(cfg)  # a Ray cluster that does not answer is refused before synthesis and preparation
     sites, ext = [str(s) for s in cfg.federation.sites], str(cfg.synth.external_site)
+    ray_address(cfg)  # wrong simulation options (an unreachable cluster) are refused before any work
+    federation_config(cfg, len(sites))
     out = Path(cfg.paths.outputs) / "sim"
     shutil.rmtree(out, ignore_errors=True)  # each demo run starts fresh: its own state and checkpoints
     out.mkdir(parents=True)

@@ -140,3 +140,6 @@ def test_federation_config_carries_the_resources_per_site(tmp_path: Path) -> Non
                    "federation.simulation.client_gpus=0.25"])
     assert federation_config(cfg, 16) == ("num-supernodes=16 client-resources-num-cpus=2 "
                                           "client-resources-num-gpus=0.25")
+    cfg = compose([f"paths.root={tmp_path}", "federation.simulation.client_cpus=0.5"])
+    with pytest.raises(ConfigError, match="client_cpus=0.5: expected a whole number"):
+        federation_config(cfg, 16)
