@@ -43,10 +43,11 @@ def run() -> Iterator[tuple[str, float, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         overrides = [f"paths.root={root}", "federation.ssl_rounds=1", "federation.task_rounds=2",
-                     "federation.final_eval_split=null", "federation.min_available_nodes=3"]
+                     "federation.final_eval_split=null", "federation.min_available_nodes=3",
+                     "site.policy.min_cohort=5"]  # 34 patients: every split above the cohort floor, nothing withheld
         cfg = compose(overrides)
         for site, manufacturer in SITES.items():
-            _random_cache(root / "data" / "cache" / site, site, manufacturer, int(cfg.crop.size))
+            _random_cache(root / "data" / "cache" / site, site, manufacturer, int(cfg.crop.size), n_patients=34)
         run_federated(overrides, len(SITES), "benchmark", log=lambda m: None)
         out = root / "outputs" / "federated"
         history = json.loads((out / "history.json").read_text())
