@@ -40,7 +40,9 @@ PRETRAINED_PREFIXES: tuple[str, ...] = ("encoder.", "ssl_head.")
 SBMD_CENTER, SBMD_SCALE = 1.0, 0.15
 """Output scaling of the sBMD head (g/cm^2): keeps the regression target near unit scale (not clinical)."""
 LOCAL_GATE_BIAS = -2.0
-"""Initial gate logit of the local expert: small weight until a site has trained it."""
+"""Default initial gate logit of the local expert (``model.local_gate_bias``): ~4 % of the gate weight next
+to three shared experts at logit 0. The local expert's last layer starts at zero, so this logit does not
+change a fresh model's predictions; it sets how strongly the local expert's training moves them."""
 T_SOFTNESS = 0.25
 """Width (T-score units) of the soft WHO thresholds that anchor the diagnosis head (not clinical)."""
 FEATURE_CLIP = 5.0
@@ -99,7 +101,7 @@ class OsteoNet(nn.Module):
             gate_in = embed + (len(onehot) if self.use_metadata else 0)
             self.gate = _mlp(gate_in, hidden, n_shared + 1)
             with torch.no_grad():
-                self.gate[2].bias[-1] = LOCAL_GATE_BIAS
+                self.gate[2].bias[-1] = float(model_cfg.get("local_gate_bias", LOCAL_GATE_BIAS))
             self.local_expert = _mlp(embed, hidden, hidden, zero_last=True)
         self.dropout = nn.Dropout(float(model_cfg.get("dropout", 0.0)))
         self.heads = nn.ModuleDict(

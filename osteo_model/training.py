@@ -66,13 +66,20 @@ class Recipe:
     - schedule: cosine decay over each phase (``lengths``: steps per phase, see phase_lengths);
     - priors: at the first step of the task phase the sBMD head starts at the mean training sBMD of
       ``datas`` (pooled in central training; a site's own in a federation, where FedAvg's n-weighted mean
-      of the sites' priors is the pooled one), unless ``priors`` is false (onboarding keeps the shared head).
+      of the sites' priors is the pooled one), unless ``priors`` is false (onboarding keeps the shared head);
+    - personalisation: the last ``train.personalise_steps`` steps of the task phase train only the local
+      parts (shared learning rate 0) on a cosine of their own, so they fit the final shared model rather
+      than one that is still moving (``personalise`` false: onboarding, where only local parts train anyway).
     Call ``begin(phase, index)`` before each epoch/round; ``restore`` an optimizer state saved earlier.
     """
 
     def __init__(self, models: Mapping[str, nn.Module], cfg, lengths: Mapping[str, int],
-                 datas: Mapping[str, SiteData] | None = None, priors: bool = True) -> None:
+                 datas: Mapping[str, SiteData] | None = None, priors: bool = True, personalise: bool = True) -> None:
         self.cfg, self.lengths, self.models, self.datas, self.priors = cfg, dict(lengths), dict(models), datas, priors
+        self.tail = int(cfg.train.get("personalise_steps", 0) or 0) if personalise else 0
+        if self.tail and self.tail >= self.lengths.get("task", 0):
+            raise ValueError(f"train.personalise_steps={self.tail} must be fewer than the task phase's "
+                             f"{self.lengths.get('task', 0)} steps")
         first = next(iter(self.models.values()))
         groups = [{"params": shared_parameters(first), "role": "shared"}]
         groups += [{"params": local_parameters(m), "role": "local"} for m in self.models.values()]
@@ -82,9 +89,10 @@ class Recipe:
     def base_lr(self, role: str) -> float:
         return float(self.cfg.train.lr) * (float(self.cfg.train.local_lr_factor) if role == "local" else 1.0)
 
-    def _set_lr(self, factor: float) -> None:
+    def _set_lr(self, factor: float, shared_factor: float | None = None) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr(group["role"]) * factor
+            own = factor if shared_factor is None or group["role"] == "local" else shared_factor
+            group["lr"] = self.base_lr(group["role"]) * own
 
     def restore(self, state: dict | None) -> bool:
         """Load an optimizer state saved by an earlier round/epoch; False (and a fresh optimizer) when it
@@ -108,7 +116,13 @@ class Recipe:
             prior = mean_train_sbmd(self.datas.values())
             if np.isfinite(prior):
                 set_sbmd_prior(next(iter(self.models.values())), prior)
-        self._set_lr(cosine_factor(index, self.lengths.get(phase, 1)))
+        length = self.lengths.get(phase, 1)
+        if phase != "task" or not self.tail:
+            self._set_lr(cosine_factor(index, length))
+        elif index < length - self.tail:
+            self._set_lr(cosine_factor(index, length - self.tail))
+        else:
+            self._set_lr(cosine_factor(index - (length - self.tail), self.tail), shared_factor=0.0)
 
 
 def phase_split(phase: str) -> str:
@@ -297,7 +311,8 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int) -
         for p in frozen:
             p.requires_grad_(False)
         try:
-            recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, priors=False)  # frozen groups get no step
+            # frozen groups get no step; the whole fit is local, so no personalisation tail either
+            recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, priors=False, personalise=False)
             for epoch in range(int(epochs)):
                 recipe.begin("task", epoch)
                 result = train_steps(model, data, cfg, "task", recipe.optimizer, device)
