@@ -159,24 +159,20 @@ def test_onboarding_counts_are_capped_once_each():
     assert labeled_counts([2, 5], 0) == []
 
 
-def test_onboarding_needs_a_federated_method_and_positive_counts(tmp_path):
+@pytest.mark.parametrize("body, match", [
+    ("onboarding: {method: local_only, labeled_patients: [2]}", "not a federated method"),
+    ("onboarding: {method: osteofl, labeled_patients: [0, 2]}", "positive integers"),
+    ("methods: {x: {engine: magic}}", "unknown engine"),
+    ("reference: nobody", "reference 'nobody'"),
+])
+def test_a_broken_experiment_is_a_config_error(tmp_path, body, match):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("base: evidence_quick\nname: bad\nonboarding: {method: local_only, labeled_patients: [2]}\n")
-    with pytest.raises(ConfigError, match="not a federated method"):
-        evidence.load_experiment(str(bad))
-    bad.write_text("base: evidence_quick\nname: bad\nonboarding: {method: osteofl, labeled_patients: [0, 2]}\n")
-    with pytest.raises(ConfigError, match="positive integers"):
+    bad.write_text(f"base: evidence_quick\nname: bad\n{body}\n")
+    with pytest.raises(ConfigError, match=match):
         evidence.load_experiment(str(bad))
 
 
-def test_unknown_engine_and_reference_are_config_errors(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("base: evidence_quick\nname: bad\nmethods: {x: {engine: magic}}\n")
-    with pytest.raises(ConfigError, match="unknown engine"):
-        evidence.load_experiment(str(bad))
-    bad.write_text("base: evidence_quick\nname: bad\nreference: nobody\n")
-    with pytest.raises(ConfigError, match="reference 'nobody'"):
-        evidence.load_experiment(str(bad))
+def test_an_unknown_experiment_is_a_config_error():
     with pytest.raises(ConfigError, match="no such experiment"):
         evidence.load_experiment("does_not_exist")
 
