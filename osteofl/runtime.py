@@ -25,9 +25,6 @@ def flower_env(flwr_home: str | Path, telemetry: bool = False) -> dict[str, str]
     env["FLWR_TELEMETRY_ENABLED"] = "1" if telemetry else "0"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    # SuperExec looks for a message to start a ClientApp (or the run's ServerApp) for every 1 s by default;
-    # a round's messages wait for that at every site (issue 11 §3). 0.25 s: 4 local requests a second.
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
     bin_dir = str(Path(sys.executable).parent)  # the venv's flower-* scripts, even when PATH lacks them
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
