@@ -28,8 +28,9 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore import log
 
 from osteo_model.cli._common import run_cli
+from osteo_model.dataset import load_site_data
 from osteofl.client import handlers, worker_wire
-from osteofl.client.site_session import SiteSession
+from osteofl.client.site_session import site_config
 
 READY = "osteo-worker ready"
 """Printed (and flushed) once the socket accepts connections; osteo-client waits for it."""
@@ -59,11 +60,12 @@ def serve_connection(conn: socket.socket, node_config: dict[str, Any]) -> None:
 
 
 def warm_up(node_config: dict[str, Any]) -> str:
-    """Compose the site's config and open its data and model once, so the first message is as fast as
-    the rest and a broken site fails here, at start, in one line."""
+    """Compose the site's own config and open its prepared data once, so a broken site fails here, at
+    start, in one line. The model is not built: its settings come with each run's request."""
     context = Context(run_id=0, node_id=0, node_config=dict(node_config), state=RecordDict(), run_config={})
-    session = SiteSession.open(context)
-    return f"site {session.site}: {len(session.data.cache)} vertebrae, model on {session.device}"
+    site, cfg = site_config(context)
+    data = load_site_data(cfg.site.cache_dir, cfg)
+    return f"site {site}: {len(data.cache)} vertebrae"
 
 
 def listen(path: Path) -> socket.socket:

@@ -90,6 +90,11 @@ def test_a_federation_runs_through_the_site_workers(tmp_path: Path, workers: dic
         # the site's own minimum cohort (5, from its own overrides) let its aggregates out: evaluated, not withheld
         assert not any(protocol.withheld_reason(m) for m in grid.sent)
     assert stat.S_IMODE(workers["site_a"].socket.stat().st_mode) == 0o600
+    # a worker restarted mid-federation starts on the site's trained state, whatever model the run uses
+    workers["site_a"].proc.kill()
+    workers["site_a"].proc.wait()
+    workers["site_a"] = again = Worker(tmp_path, "site_a", small_overrides(tmp_path)[:1])
+    again.wait_ready()
 
 
 @pytest.mark.slow
