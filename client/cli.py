@@ -14,8 +14,10 @@ import argparse
 import json
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +33,7 @@ from osteofl.protocol import (
 )
 
 WORKER_START_S = 180.0  # imports and the first config on a busy 2-core machine take ~10 s; a broken site fails fast
-NOT_ACTIVATED = 305     # flower-supernode's exit code when the SuperLink refuses to activate it (Flower's ExitCode)
+NOT_ACTIVATED = b"Failed to activate SuperNode"  # what flower-supernode prints then (it exits 1, as for any error)
 RETRY_S = 10.0
 
 
@@ -115,6 +117,23 @@ def _supervise(supernode: runtime.Owned, worker: runtime.Owned | None) -> int:
     return code
 
 
+def start_supernode(cmd: list[str], env: dict[str, str]) -> tuple[runtime.Owned, threading.Event]:
+    """The SuperNode below its keeper, its output passed through to ours; the event is set once it says that
+    the SuperLink refused to activate it (its exit code cannot tell: Flower exits 1 for every error)."""
+    refused = threading.Event()
+    owned = runtime.start(cmd, env, log=subprocess.PIPE)
+
+    def echo() -> None:
+        for line in owned.proc.stdout:
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            if NOT_ACTIVATED in line:
+                refused.set()
+
+    threading.Thread(target=echo, daemon=True).start()
+    return owned, refused
+
+
 def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     """Check the site and the SuperLink's transport, start the site worker, then run the SuperNode until
     either ends or we are stopped."""
@@ -149,15 +168,17 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
             _wait_ready(worker, socket_path)
         deadline = time.monotonic() + args.activation_wait
         while True:
-            owned.append(runtime.start(cmd, env))
-            code = _supervise(owned[-1], worker)
-            if code != NOT_ACTIVATED or time.monotonic() + RETRY_S > deadline:
+            supernode, refused = start_supernode(cmd, env)
+            owned.append(supernode)
+            code = _supervise(supernode, worker)
+            refused.wait(timeout=2.0)  # the last lines may still be on their way
+            if code == 0 or not refused.is_set() or time.monotonic() + RETRY_S > deadline:
                 break
             owned.pop()
             print(f"osteo-client: the SuperLink did not activate site {args.site}; retrying in {RETRY_S:.0f} s "
                   f"(for up to {args.activation_wait:.0f} s in all)", flush=True)
             time.sleep(RETRY_S)
-        if code == NOT_ACTIVATED:
+        if code != 0 and refused.is_set():
             raise OsteoError(None, f"the SuperLink refused to activate site {args.site}: either its public key is not "
                                    "registered with the coordinator (osteo-provision --site-key), or the SuperLink "
                                    "still counts this site's previous session as connected (Flower releases it "

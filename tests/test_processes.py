@@ -182,34 +182,29 @@ def test_every_command_answers_a_malformed_override_in_one_line(name: str, tmp_p
 
 def test_osteo_client_retries_a_refused_activation_then_says_why(tmp_path: Path, capsys, monkeypatch) -> None:
     """A SuperLink refuses to activate a site whose previous session it still counts as connected (Flower
-    keeps a node online ~60 s after its last heartbeat) exactly as it refuses an unregistered key: the client
-    retries for --activation-wait seconds, then names both causes in one line."""
+    keeps a node online ~60 s after its last heartbeat) exactly as it refuses an unregistered key, and the
+    SuperNode exits 1 as for any error: the client reads its output, retries for --activation-wait seconds,
+    then names both causes in one line. The stand-in SuperNode (below the real keeper) is refused twice."""
     from federation_helpers import make_caches
 
     make_caches(tmp_path, {"site_a": "hologic"}, n_patients=6)
-    exits: list[int] = []
-
-    class Refused:  # a SuperNode that exits at once with the next code
-        def __init__(self, code: int) -> None:
-            self.code = code
-
-        def poll(self) -> int:
-            return self.code
-
-    def start(cmd, env, *a, **k):
-        assert cmd[0] == "flower-supernode"
-        return Refused(exits.pop(0))
-
-    monkeypatch.setattr(client_cli.runtime, "start", start)
-    monkeypatch.setattr(client_cli.runtime, "stop", lambda *owned, **k: [])
+    tries = tmp_path / "tries"
+    script = (f"import pathlib, sys; p = pathlib.Path({str(tries)!r}); n = len(p.read_text()) if p.exists() else 0; "
+              "p.write_text('x' * (n + 1)); refused = n < int(sys.argv[1]); "
+              "print('[code: 2004] Failed to activate SuperNode.' if refused else 'connected', flush=True); "
+              "sys.exit(1 if refused else 0)")
+    refusals = {"n": "2"}
+    monkeypatch.setattr(client_cli, "supernode_command", lambda args, cfg, overrides=(), worker=None: [
+        sys.executable, "-c", script, refusals["n"], "--superlink", "127.0.0.1:1"])
     monkeypatch.setattr(client_cli, "RETRY_S", 0.0)
-    argv = ["--site", "site_a", "--insecure", "--no-worker", "--superlink", "127.0.0.1:1", f"paths.root={tmp_path}"]
+    argv = ["--site", "site_a", "--insecure", "--no-worker", f"paths.root={tmp_path}"]
 
-    exits[:] = [client_cli.NOT_ACTIVATED, client_cli.NOT_ACTIVATED, 0]
-    assert client_cli.main([*argv, "--activation-wait", "60"]) == 0 and exits == []
-    assert capsys.readouterr().out.count("did not activate site site_a; retrying") == 2
+    assert client_cli.main([*argv, "--activation-wait", "60"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("did not activate site site_a; retrying") == 2 and len(tries.read_text()) == 3
 
-    exits[:] = [client_cli.NOT_ACTIVATED, 0]
-    assert client_cli.main([*argv, "--activation-wait", "0"]) == 1 and exits == [0]
+    tries.unlink()
+    refusals["n"] = "9"
+    assert client_cli.main([*argv, "--activation-wait", "0"]) == 1 and len(tries.read_text()) == 1
     err = capsys.readouterr().err.strip()
     assert "refused to activate site site_a" in err and "not registered" in err and "\n" not in err
