@@ -1,8 +1,9 @@
 """One message's worth of a site: its config, prepared data, model with the local state loaded.
 
-A deployment starts a fresh ClientApp process for every message, so nothing is cached in memory:
-everything that must persist is read from the site's state folder (:mod:`state_store`) and written
-back after training.
+Every message opens its session afresh, in the site worker or the ClientApp process alike: only the
+composed config is cached; the data (memory-mapped, ~10 ms) and the model are opened per message, and
+everything that must persist is read from the site's state folder (:mod:`state_store`) and written back
+after training, so a worker that restarts loses nothing.
 """
 from __future__ import annotations
 
