@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from osteo_model.cache import SiteCache
 from osteo_model.cli._common import run_cli
@@ -117,9 +117,10 @@ def _supervise(supernode: runtime.Owned, worker: runtime.Owned | None) -> int:
     return code
 
 
-def start_supernode(cmd: list[str], env: dict[str, str]) -> tuple[runtime.Owned, threading.Event]:
-    """The SuperNode below its keeper, its output passed through to ours; the event is set once it says that
-    the SuperLink refused to activate it (its exit code cannot tell: Flower exits 1 for every error)."""
+def start_supernode(cmd: list[str], env: dict[str, str]) -> tuple[runtime.Owned, Callable[[], bool]]:
+    """The SuperNode below its keeper, its output passed through to ours, and a question to ask once it has
+    ended: did it say that the SuperLink refused to activate it? (Its exit code cannot tell: Flower exits 1
+    for every error.)"""
     refused = threading.Event()
     owned = runtime.start(cmd, env, log=subprocess.PIPE)
 
@@ -130,8 +131,14 @@ def start_supernode(cmd: list[str], env: dict[str, str]) -> tuple[runtime.Owned,
             if NOT_ACTIVATED in line:
                 refused.set()
 
-    threading.Thread(target=echo, daemon=True).start()
-    return owned, refused
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+
+    def was_refused() -> bool:
+        reader.join(timeout=2.0)  # its last lines, until the pipe closes
+        return refused.is_set()
+
+    return owned, was_refused
 
 
 def serve(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -168,17 +175,17 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
             _wait_ready(worker, socket_path)
         deadline = time.monotonic() + args.activation_wait
         while True:
-            supernode, refused = start_supernode(cmd, env)
+            supernode, was_refused = start_supernode(cmd, env)
             owned.append(supernode)
             code = _supervise(supernode, worker)
-            refused.wait(timeout=2.0)  # the last lines may still be on their way
-            if code == 0 or not refused.is_set() or time.monotonic() + RETRY_S > deadline:
+            refused = code != 0 and was_refused()
+            if not refused or time.monotonic() + RETRY_S > deadline:
                 break
             owned.pop()
             print(f"osteo-client: the SuperLink did not activate site {args.site}; retrying in {RETRY_S:.0f} s "
                   f"(for up to {args.activation_wait:.0f} s in all)", flush=True)
             time.sleep(RETRY_S)
-        if code != 0 and refused.is_set():
+        if refused:
             raise OsteoError(None, f"the SuperLink refused to activate site {args.site}: either its public key is not "
                                    "registered with the coordinator (osteo-provision --site-key), or the SuperLink "
                                    "still counts this site's previous session as connected (Flower releases it "

@@ -33,7 +33,7 @@ from osteofl.client import handlers, worker_wire
 from osteofl.client.site_session import site_config
 
 READY = "osteo-worker ready"
-"""Printed (and flushed) once the socket accepts connections; osteo-client waits for it."""
+"""Printed (and flushed) once the socket listens (osteo-client waits for the socket itself)."""
 
 
 def relayed(kind: str, message: Message, context: Context, node_config: dict[str, Any]) -> Message:

@@ -66,7 +66,7 @@ def workers(tmp_path: Path) -> Iterator[dict[str, Worker]]:
             w.proc.wait()
 
 
-def _grid(root: Path, workers: dict[str, Worker], run: list[str], node_overrides: dict[str, str] | None = None):
+def _grid(workers: dict[str, Worker], run: list[str], node_overrides: dict[str, str] | None = None):
     """The Grid delivers to the plain deployed ClientApp (no overrides of its own) with a worker per site."""
     return LocalGrid(make_client_app(), SITES, run_config={"overrides": shlex.join(run)}, node_overrides=node_overrides,
                      node_config={s: {protocol.NODE_WORKER: str(w.socket)} for s, w in workers.items()})
@@ -76,7 +76,7 @@ def _grid(root: Path, workers: dict[str, Worker], run: list[str], node_overrides
 def test_a_federation_runs_through_the_site_workers(tmp_path: Path, workers: dict[str, Worker]) -> None:
     overrides = small_overrides(tmp_path)
     pids = {s: w.proc.pid for s, w in workers.items()}
-    grid = _grid(tmp_path, workers, overrides)
+    grid = _grid(workers, overrides)
     history = Federation(grid, compose(overrides)).run()
 
     assert [(r["round"], r["phase"]) for r in history.records] == [(1, "ssl"), (2, "task")]
@@ -104,7 +104,7 @@ def test_the_worker_keeps_its_own_policy_against_a_relayed_node_config(tmp_path:
     worker answers with the configuration osteo-client started it with, so every site refuses."""
     overrides = small_overrides(tmp_path)
     run = [*overrides, "federation.share_all=true"]
-    grid = _grid(tmp_path, workers, run, node_overrides={s: "site.policy.allow_share_all=true" for s in SITES})
+    grid = _grid(workers, run, node_overrides={s: "site.policy.allow_share_all=true" for s in SITES})
     with pytest.raises(ConfigError, match="only 0 sites answered"):
         Federation(grid, compose(run)).handshake()
     assert len(grid.sent) == len(SITES)
@@ -120,7 +120,7 @@ def test_a_bad_request_is_dropped_and_a_dead_worker_is_a_clean_error(tmp_path: P
         s.sendall(b"\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00{oops")
     workers["site_c"].proc.kill()
     workers["site_c"].proc.wait()
-    grid = _grid(tmp_path, workers, overrides)
+    grid = _grid(workers, overrides)
     fed = Federation(grid, compose(overrides))
     _, answered = fed.handshake()
     assert set(answered) == {"site_a", "site_b"}
