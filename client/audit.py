@@ -1,10 +1,10 @@
 """The site's audit log: one JSON line per message the site sends, in ``<state_dir>/audit.jsonl``.
 
 It records what left, not what the site computed: run id, round, kind, every array key with its shape,
-dtype and size, metric names and values (aggregates only, by policy), config fields, the serialised size
-of the message, the UTC time, and whether the reply was withheld or refused. Lines are appended with one
-``write`` on an ``O_APPEND`` descriptor and fsynced, so concurrent ClientApp processes never interleave
-or lose a line. ``osteo-audit`` (client/audit_cli.py) summarises it for a data-protection officer.
+dtype and size (split by the layout that travels with the packed arrays, osteofl.protocol.pack), metric
+names and values (aggregates only, by policy), config fields, the serialised size of the message, the UTC
+time, and whether the reply was withheld or refused. Lines are appended with one ``write`` on an
+``O_APPEND`` descriptor and fsynced, so concurrent ClientApp processes never interleave or lose a line. ``osteo-audit`` (client/audit_cli.py) summarises it for a data-protection officer.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from flwr.common.serde import recorddict_to_proto
 
 from osteo_model.errors import StateError
 from osteo_model.model import LOCAL_PREFIXES
-from osteofl.protocol import ERROR_POLICY_REFUSED, SITE, SIZES_WITHHELD, withheld_reason
+from osteofl.protocol import ERROR_POLICY_REFUSED, LAYOUT, SITE, SIZES_WITHHELD, payload_of, withheld_reason
 
 AUDIT_FILE = "audit.jsonl"
 
@@ -44,13 +44,15 @@ def entry(reply: Message, *, site: str, kind: str, rnd: int | None) -> dict[str,
                 "refused": reason if reply.error.code == ERROR_POLICY_REFUSED else None,
                 "withheld": None, "arrays": {}, "metrics": {}, "config": {}, "bytes": len(reason.encode())}
     content = reply.content
-    arrays = {f"{name}/{key}": {"shape": list(a.shape), "dtype": str(a.dtype), "bytes": len(a.data)}
-              for name, record in content.array_records.items() for key, a in record.items()}
+    name = next(iter(content.array_records), None)
+    arrays = {f"{name}/{key}": {"shape": list(a.shape), "dtype": str(a.dtype), "bytes": int(a.nbytes)}
+              for key, a in payload_of(content).items()} if name is not None else {}
     return {
         **out, "refused": None, "withheld": withheld_reason(reply) or _sizes_withheld(reply),
         "arrays": arrays,
         "metrics": {f"{n}/{k}": _scalar(v) for n, r in content.metric_records.items() for k, v in r.items()},
-        "config": {f"{n}/{k}": _scalar(v) for n, r in content.config_records.items() for k, v in r.items()},
+        "config": {f"{n}/{k}": _scalar(v) for n, r in content.config_records.items() if n != LAYOUT
+                   for k, v in r.items()},  # the layout is in "arrays", key by key
         "bytes": int(recorddict_to_proto(content).ByteSize()),
     }
 

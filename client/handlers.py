@@ -28,7 +28,7 @@ from osteo_model import checkpoints, proximal, training
 from osteo_model.cache import SiteCache
 from osteofl import protocol
 from osteofl.protocol import (
-    ARRAYS, CONFIG, ERROR_BUDGET_SPENT, ERROR_POLICY_REFUSED, ERROR_SITE_FAILED, METRICS, NUM_EXAMPLES, PHASE,
+    CONFIG, ERROR_BUDGET_SPENT, ERROR_POLICY_REFUSED, ERROR_SITE_FAILED, METRICS, NUM_EXAMPLES, PHASE,
     PROXIMAL_MU, SITE, SIZES_WITHHELD, SPLIT, WITHHELD,
 )
 from osteofl.client import audit, policy
@@ -47,11 +47,17 @@ def _metric_record(values: dict[str, float], num_examples: int) -> MetricRecord:
     return record
 
 
-def _reply(message: Message, site: str, metrics: MetricRecord, arrays=None) -> Message:
+def _reply(message: Message, site: str, metrics: MetricRecord, arrays: dict | None = None) -> Message:
     content = RecordDict({METRICS: metrics, SITE: ConfigRecord({"name": site})})
     if arrays is not None:
-        content[ARRAYS] = arrays
+        protocol.put_payload(content, arrays)
     return Message(content, reply_to=message)
+
+
+def _load_global(message: Message, session: SiteSession) -> None:
+    """Load the server's arrays; they must be exactly the payload this site's own config expects."""
+    spec = protocol.payload_spec(session.model, session.cfg)
+    protocol.load_payload(session.model, session.cfg, protocol.payload_of(message.content, spec))
 
 
 def handle_query(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
@@ -107,7 +113,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
         return _withheld(message, session.site, reason)
     policy.check_payload(session.model, session.cfg, protocol.payload_keys(session.model, session.cfg))
 
-    protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
+    _load_global(message, session)
     recipe = training.Recipe({session.site: session.model}, session.cfg,
                              training.phase_lengths(session.cfg, federated=True), {session.site: session.data})
     recipe.restore(session.state.optimizer)
@@ -127,7 +133,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     metrics = {f"train_{k}": v for k, v in metrics.items() if k != "num_examples"}
     metrics["epsilon"] = session.state.epsilon
     record = _metric_record(metrics, num_examples=_pool_size(session, phase))
-    return _reply(message, session.site, record, protocol.payload_record(session.model, session.cfg))
+    return _reply(message, session.site, record, protocol.payload_arrays(session.model, session.cfg))
 
 
 def _pool_size(session: SiteSession, phase: str) -> int:
@@ -138,7 +144,7 @@ def _pool_size(session: SiteSession, phase: str) -> int:
 def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
     session = SiteSession.open(context, extra)
     split = str(message.content[CONFIG].get(SPLIT, session.cfg.federation.eval_split))
-    protocol.load_payload(session.model, session.cfg, protocol.record_to_numpy(message.content[ARRAYS]))
+    _load_global(message, session)
     metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
     _keep_site_model(message, session, split, metrics)
     if reason := policy.withheld(session.data, split, session.cfg):

@@ -13,11 +13,12 @@ nothing heavier (issue 11: ~3 s of imports per message otherwise).
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from omegaconf import DictConfig, OmegaConf
 
 from osteo_model.errors import ConfigError
@@ -37,6 +38,7 @@ ARRAYS = "arrays"    # ArrayRecord: global arrays (server -> site) or the site's
 CONFIG = "config"    # ConfigRecord: instructions of the server (phase, round, split, ...)
 METRICS = "metrics"  # MetricRecord: aggregate metrics of a site
 SITE = "site"        # ConfigRecord: the site's declared identity and handshake facts
+LAYOUT = "layout"    # ConfigRecord beside a packed ARRAYS record: the keys, shapes and dtypes it holds
 
 # --- keys of the server's CONFIG record --------------------------------------------------------------
 PHASE = "phase"              # "handshake" | "ssl" | "task"
@@ -105,14 +107,113 @@ def payload_keys(model: torch.nn.Module, cfg: DictConfig) -> list[str]:
     return [k for k in _osteo().shared_keys(model) if not (personal and k.startswith(personal))]
 
 
-def payload_record(model: torch.nn.Module, cfg: DictConfig) -> ArrayRecord:
-    """The model's payload arrays as an ArrayRecord (numpy copies, CPU)."""
+def payload_arrays(model: torch.nn.Module, cfg: DictConfig) -> dict[str, np.ndarray]:
+    """The model's payload arrays (numpy copies, CPU)."""
     state = model.state_dict()
-    return ArrayRecord({k: Array(state[k].detach().cpu().numpy().copy()) for k in payload_keys(model, cfg)})
+    return {k: state[k].detach().cpu().numpy().copy() for k in payload_keys(model, cfg)}
 
 
-def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+# --- payload on the wire: packed, one Array per dtype ----------------------------------------------------
+Spec = dict[str, tuple[tuple[int, ...], str]]
+"""What a receiver expects: array key -> (shape, numpy dtype name)."""
+
+
+class PayloadError(ValueError):
+    """A packed payload that does not hold what the receiver expects (the reason is safe to log and send)."""
+
+
+def spec_of(arrays: Mapping[str, np.ndarray]) -> Spec:
+    return {k: (tuple(int(d) for d in np.shape(v)), np.asarray(v).dtype.name) for k, v in arrays.items()}
+
+
+def payload_spec(model: torch.nn.Module, cfg: DictConfig) -> Spec:
+    """The payload this model's site expects to receive and send."""
+    return spec_of(payload_arrays(model, cfg))
+
+
+def pack(arrays: Mapping[str, np.ndarray]) -> tuple[ArrayRecord, ConfigRecord]:
+    """The arrays as one flat Array per dtype (keys in sorted order) plus the layout that names them.
+
+    Flower 1.42 moves every Array of a message as objects of their own, one request per object and hop, so
+    the 52 shared arrays cost ~300 requests per site and round (issue 11 §3); packed, they are one. Flower's
+    strategies aggregate element-wise, so averaging, trimming or a median of the packed arrays is the same
+    as per key."""
+    keys = sorted(arrays)
+    groups: dict[str, list[np.ndarray]] = {}
+    for k in keys:
+        value = np.asarray(arrays[k])
+        groups.setdefault(value.dtype.name, []).append(value.ravel())
+    record = ArrayRecord({name: Array(np.concatenate(parts)) for name, parts in groups.items()})
+    spec = spec_of(arrays)
+    layout = ConfigRecord({"keys": keys, "shapes": [",".join(map(str, spec[k][0])) for k in keys],
+                           "dtypes": [spec[k][1] for k in keys]})
+    return record, layout
+
+
+def put_payload(content: RecordDict, arrays: Mapping[str, np.ndarray], name: str = ARRAYS) -> None:
+    """Put packed ``arrays`` and their layout into a message's content (``name``: its ArrayRecord's name)."""
+    content[name], content[LAYOUT] = pack(arrays)
+
+
+def _layout_spec(content: RecordDict) -> Spec:
+    layout = content.config_records.get(LAYOUT)
+    if layout is None:
+        raise PayloadError("arrays come without their layout")
+    try:
+        keys, shapes, dtypes = (list(layout[f]) for f in ("keys", "shapes", "dtypes"))
+        if not len(keys) == len(shapes) == len(dtypes):
+            raise ValueError("fields of different lengths")
+        return {str(k): (tuple(int(d) for d in str(s).split(",") if d), np.dtype(str(t)).name)
+                for k, s, t in zip(keys, shapes, dtypes, strict=True)}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PayloadError(f"malformed array layout ({exc})") from None
+
+
+def _differs(sent: Spec, expected: Spec) -> str | None:
+    if set(sent) != set(expected):
+        extra, missing = sorted(set(sent) - set(expected)), sorted(set(expected) - set(sent))
+        return f"array keys differ from the shared set (unexpected {extra[:3]}, missing {missing[:3]})"
+    for key in sorted(expected):
+        if sent[key] != expected[key]:
+            return f"array {key!r} has shape/dtype {sent[key]}, expected {expected[key]}"
+    return None
+
+
+def payload_of(content: RecordDict, expected: Spec | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a message, split by the layout it carries, which must equal the receiver's own
+    ``expected`` spec (None: trust the layout, for audits and tests). PayloadError says what does not fit."""
+    records = list(content.array_records.values())
+    if len(records) != 1:
+        raise PayloadError(f"expected one ArrayRecord, got {len(records)}")
+    spec = _layout_spec(content)
+    if expected is not None and (problem := _differs(spec, expected)):
+        raise PayloadError(problem)
+    return unpack(records[0], spec)
+
+
+def unpack(record: ArrayRecord, spec: Spec) -> dict[str, np.ndarray]:
+    """Split a packed record (``pack``, or a strategy's aggregate of packed records) by ``spec``."""
+    sizes: dict[str, int] = {}
+    for shape, dtype in spec.values():
+        sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+    if set(record) != set(sizes):
+        raise PayloadError(f"packed arrays {sorted(record)} do not match the layout's dtypes {sorted(sizes)}")
+    flat: dict[str, np.ndarray] = {}
+    for dtype, size in sizes.items():
+        try:
+            value = record[dtype].numpy()
+        except Exception as exc:  # noqa: BLE001 - undecodable bytes
+            raise PayloadError(f"packed {dtype} arrays cannot be decoded ({type(exc).__name__})") from None
+        if value.ndim != 1 or value.size != size or not np.issubdtype(value.dtype, np.number):
+            raise PayloadError(f"packed {dtype} arrays hold {value.size} {value.dtype} values in {value.ndim} "
+                               f"dimensions, the layout says {size}")
+        flat[dtype] = value  # an aggregate of integer arrays comes back as float: cast below
+    out, offsets = {}, dict.fromkeys(sizes, 0)
+    for key in sorted(spec):
+        shape, dtype = spec[key]
+        start, offsets[dtype] = offsets[dtype], offsets[dtype] + math.prod(shape)
+        out[key] = flat[dtype][start:offsets[dtype]].reshape(shape).astype(dtype, copy=False)
+    return out
 
 
 def load_payload(model: torch.nn.Module, cfg: DictConfig, arrays: Mapping[str, np.ndarray]) -> None:

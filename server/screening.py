@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 
-from osteofl.protocol import NUM_EXAMPLES, withheld_reason
+from osteofl.protocol import NUM_EXAMPLES, PayloadError, Spec, payload_of, withheld_reason
 from osteofl.server.identity import Identities
 
 
@@ -25,7 +25,7 @@ class Screened:
     withheld: list[dict[str, str]] = field(default_factory=list)  # valid replies without aggregates (small cohort)
 
 
-def _problem(msg: Message, expected: Mapping[str, tuple[int, ...]] | None) -> str | None:
+def _problem(msg: Message, expected: Spec | None) -> str | None:
     """Why a reply cannot be aggregated, or None when it is fine."""
     content = msg.content
     metrics = list(content.metric_records.values())
@@ -36,31 +36,20 @@ def _problem(msg: Message, expected: Mapping[str, tuple[int, ...]] | None) -> st
         return f"'{NUM_EXAMPLES}' missing or not a positive number ({n!r})"
     if expected is None:
         return None
-    arrays = list(content.array_records.values())
-    if len(arrays) != 1:
-        return f"expected one ArrayRecord, got {len(arrays)}"
-    record = arrays[0]
-    if set(record) != set(expected):
-        extra, missing = sorted(set(record) - set(expected)), sorted(set(expected) - set(record))
-        return f"array keys differ from the shared set (unexpected {extra[:3]}, missing {missing[:3]})"
-    for key, array in record.items():
-        try:
-            value = array.numpy()
-        except Exception as exc:  # undecodable bytes
-            return f"array {key!r} cannot be decoded ({type(exc).__name__})"
-        if tuple(value.shape) != tuple(expected[key]):
-            return f"array {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key])}"
-        if not np.issubdtype(value.dtype, np.number):
-            return f"array {key!r} has dtype {value.dtype}"
+    try:
+        arrays = payload_of(content, expected)
+    except PayloadError as exc:
+        return str(exc)
+    for key, value in arrays.items():
         if not np.all(np.isfinite(value)):
             return f"array {key!r} holds non-finite values"
     return None
 
 
-def screen(replies: Iterable[Message], expected: Mapping[str, tuple[int, ...]] | None,
-           identities: Identities) -> Screened:
-    """Split replies into accepted / rejected / failed. ``expected`` = shared key -> shape for train
-    replies (their arrays are checked), None for evaluate replies (metrics only). Sites are named by
+def screen(replies: Iterable[Message], expected: Spec | None, identities: Identities) -> Screened:
+    """Split replies into accepted / rejected / failed. ``expected`` = the payload's spec (key -> shape,
+    dtype) for train replies (their packed arrays are unpacked and checked), None for evaluate replies
+    (metrics only). Sites are named by
     ``identities`` (their registered key), never by what a reply says."""
     out = Screened()
     replies = list(replies)

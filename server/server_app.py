@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from omegaconf import DictConfig
@@ -46,10 +46,6 @@ def run_config_overrides(context: Context, extra: Sequence[str] = ()) -> list[st
     if str(context.run_config.get(RESUME, "false")).lower() in ("1", "true", "yes"):
         out.append("federation.resume=true")
     return out
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -124,9 +120,8 @@ class Federation:
     def initial_arrays(self, n_features: int) -> tuple[dict[str, np.ndarray], int]:
         """Global arrays of a fresh model; also the whole model's bytes."""
         model = self.reference_model(n_features)
-        record = protocol.payload_record(model, self.cfg)
         whole = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-        return protocol.record_to_numpy(record), int(whole)
+        return protocol.payload_arrays(model, self.cfg), int(whole)
 
     def start_state(self) -> tuple[int, dict[str, np.ndarray], History, dict[str, Any]]:
         """(first round to run, arrays, history, meta) from a checkpoint or from the handshake."""
@@ -158,12 +153,13 @@ class Federation:
     def train_round(self, rnd: int, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> dict[str, np.ndarray]:
         phase = record["phase"]
         config = self.round_config({PHASE: phase, ROUND: rnd})
-        msgs = list(self.strategy.configure_train(rnd, to_record(arrays), config, self.grid))
+        spec = protocol.spec_of(arrays)
+        msgs = _with_payload(self.strategy.configure_train, rnd, arrays, config, self.grid)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
-        got = self.screened(msgs, replies, {k: v.shape for k, v in arrays.items()})
+        got = self.screened(msgs, replies, spec)
         self.spent |= {int(m.metadata.src_node_id) for m in replies
                        if m.has_error() and m.error.code == protocol.ERROR_BUDGET_SPENT}
-        got.accepted = self.bounded(rnd, phase, arrays, got, record)
+        got.accepted = self.bounded(rnd, phase, arrays, spec, got, record)
         for r in got.rejected:
             log(WARNING, "round %d: REJECTED update from %s (node %s): %s", rnd, r["site"], r["node"], r["reason"])
         for f in got.failed:
@@ -184,7 +180,7 @@ class Federation:
         record["train"] = dict(train_metrics or {})
         if agg is None:
             return arrays
-        new = protocol.record_to_numpy(agg)
+        new = protocol.unpack(agg, spec)
         problem = robust.aggregate_problem(arrays, new, self.robust.max_global_change)
         if problem:
             log(WARNING, "round %d: aggregate REFUSED (%s): global model unchanged, no checkpoint", rnd, problem)
@@ -193,21 +189,21 @@ class Federation:
             return arrays
         return new
 
-    def screened(self, msgs: list[Message], replies: list[Message], shapes: dict | None) -> Screened:
+    def screened(self, msgs: list[Message], replies: list[Message], spec: protocol.Spec | None) -> Screened:
         """Screen replies; failures and rejections carry the site's handshake name, and every site that
         was asked but never answered (dropped, timed out) is a failure too."""
-        got = screen(replies, shapes, self.identities)
+        got = screen(replies, spec, self.identities)
         answered = {int(m.metadata.src_node_id) for m in replies}
         got.failed += [{"node": str(n), "site": self.name_of(n), "reason": f"no reply within {self.timeout:g} s"}
                        for n in sorted({int(m.metadata.dst_node_id) for m in msgs} - answered)]
         return got
 
-    def bounded(self, rnd: int, phase: str, arrays: dict[str, np.ndarray], got: Screened,
+    def bounded(self, rnd: int, phase: str, arrays: dict[str, np.ndarray], spec: protocol.Spec, got: Screened,
                 record: dict[str, Any]) -> list[Message]:
         """Apply server/robust.py to the accepted updates in place, before the strategy sees them: reject or
         clip each update's change, and cap each aggregation weight by the pool size reported at the handshake."""
         by_node = {int(m.metadata.src_node_id): m for m in got.accepted}
-        updates = {n: protocol.record_to_numpy(_arrays_of(m)) for n, m in by_node.items()}
+        updates = {n: protocol.payload_of(m.content, spec) for n, m in by_node.items()}
         bounded = robust.bound_updates(updates, arrays, self.robust)
         for r in bounded.rejected:
             got.rejected.append({"node": str(r["site"]), "site": self.name_of(r["site"]), "reason": r["reason"]})
@@ -218,7 +214,7 @@ class Federation:
                 "(federation.robust.max_update_norm=%g)", rnd, self.name_of(node), c["ratio"], c["bound"])
             record["clipped"].append({"node": str(node), "site": self.name_of(node), "ratio": c["ratio"]})
             name = next(iter(by_node[node].content.array_records))
-            by_node[node].content[name] = to_record(bounded.updates[node])
+            protocol.put_payload(by_node[node].content, bounded.updates[node], name)
         split = f"n_{training.phase_split(phase)}"
         kept = {n: by_node[n] for n in bounded.updates}
         claimed = {n: float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for n, m in kept.items()}
@@ -246,7 +242,7 @@ class Federation:
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], split: str) -> tuple[dict, dict, list[dict]]:
         """(aggregate metrics, each site's metrics, the sites that did not evaluate and why)."""
         config = self.round_config({SPLIT: split, ROUND: rnd})
-        msgs = list(self.strategy.configure_evaluate(rnd, to_record(arrays), config, self.grid))
+        msgs = _with_payload(self.strategy.configure_evaluate, rnd, arrays, config, self.grid)
         got = self.screened(msgs, list(self.grid.send_and_receive(msgs, timeout=self.timeout)), None)
         for f in got.failed + got.rejected:
             log(WARNING, "round %d: no evaluation from %s: %s", rnd, f["site"], f["reason"])
@@ -300,6 +296,15 @@ class Federation:
 
 def _arrays_of(msg: Message) -> ArrayRecord:
     return next(iter(msg.content.array_records.values()))
+
+
+def _with_payload(configure, rnd: int, arrays: dict[str, np.ndarray], config: ConfigRecord, grid: Grid) -> list[Message]:
+    """The strategy's messages for this round, carrying ``arrays`` packed (protocol.pack) with their layout."""
+    record, layout = protocol.pack(arrays)
+    msgs = list(configure(rnd, record, config, grid))
+    for msg in msgs:
+        msg.content[protocol.LAYOUT] = layout
+    return msgs
 
 
 def _short(metrics: dict | None) -> str:

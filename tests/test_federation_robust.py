@@ -137,9 +137,8 @@ def _attack(grid, attacks) -> dict[str, dict]:
             node = reply.metadata.src_node_id
             if node not in sent or reply.has_error() or not reply.content.array_records:
                 continue  # not a train reply
-            site, name = grid.nodes[node], next(iter(reply.content.array_records))
-            base = protocol.record_to_numpy(sent[node].content["arrays"])
-            update = protocol.record_to_numpy(reply.content[name])
+            site = grid.nodes[node]
+            base, update = protocol.payload_of(sent[node].content), protocol.payload_of(reply.content)
             honest[site] = {k: update[k].astype(np.float64) - base[k] for k in base}
             if site in attacks:
                 attacks[site](reply, update, base)
@@ -150,8 +149,7 @@ def _attack(grid, attacks) -> dict[str, dict]:
 
 
 def _set_arrays(reply: Message, arrays: dict[str, np.ndarray]) -> None:
-    reply.content[next(iter(reply.content.array_records))] = ArrayRecord(
-        {k: Array(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items()})
+    protocol.put_payload(reply.content, {k: np.asarray(v, np.float32) for k, v in arrays.items()})
 
 
 def test_scaled_flipped_and_inflated_replies_cannot_steer_the_global_model(root: Path) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord
 
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
 from osteo_model import model as osteo
 from osteo_model.config import compose
 from osteo_model.errors import ConfigError, StateError
+from osteofl import protocol
 from osteofl.client.client_app import make_client_app
 from osteofl.client.state_store import StateStore
 from osteofl.server import checkpoint as ckpt
@@ -47,7 +47,9 @@ def test_two_phases_payload_audit_state_and_outputs(root: Path) -> None:
     assert len(train_replies) == 2 * len(SITES)
     for reply in train_replies:  # payload audit: only shared keys leave a site, and only scalars beside them
         (record,) = reply.content.array_records.values()
-        assert set(record) == shared and not set(record) & local
+        assert set(record) == {"float32"}  # packed: one Array per dtype (protocol.pack), not one per key
+        sent = protocol.payload_of(reply.content)
+        assert set(sent) == shared and not set(sent) & local
         (metrics,) = reply.content.metric_records.values()
         assert all(isinstance(v, (int, float)) for v in metrics.values())
     for reply in grid.sent:  # evaluate / query replies carry no arrays
@@ -80,14 +82,12 @@ def test_non_finite_and_malformed_updates_are_rejected(root: Path) -> None:
     def tamper(site: str, reply) -> None:
         if not reply.content.array_records:
             return
-        (record,) = reply.content.array_records.values()
+        arrays = {k: v.copy() for k, v in protocol.payload_of(reply.content).items()}
         if site == "site_b":
-            key = next(iter(record))
-            bad = record[key].numpy().copy()
-            bad.flat[0] = np.nan
-            record[key] = Array(bad)
+            next(iter(arrays.values())).flat[0] = np.nan
         if site == "site_c":
-            record[next(iter(local))] = Array(np.zeros(3, np.float32))  # a local key must never be accepted
+            arrays[next(iter(local))] = np.zeros(3, np.float32)  # a local key must never be accepted
+        protocol.put_payload(reply.content, arrays)
 
     grid.tamper = tamper
     history = fed.run()
@@ -218,7 +218,7 @@ def test_fedadam_state_survives_a_checkpoint(root: Path) -> None:
     assert any(k.startswith("m_t/") for k in last.strategy_state) and any(k.startswith("v_t/") for k in last.strategy_state)
     fed2, _ = _federation(root, **{"federation.strategy": "fedadam", "federation.resume": "true"})
     fed2.start_state()
-    assert set(fed2.strategy.m_t) == set(last.arrays)
+    assert set(fed2.strategy.m_t) == set(protocol.pack(last.arrays)[0])  # moments of the packed arrays
     np.testing.assert_array_equal(next(iter(fed2.strategy.v_t.values())), next(iter(
         v for k, v in last.strategy_state.items() if k.startswith("v_t/"))))
 
@@ -233,21 +233,17 @@ def test_fedprox_pulls_updates_towards_the_global_model(root: Path) -> None:
         start, _ = fed.initial_arrays(n_features)
         fed.run()
         sent = [m for m in grid.sent if m.content.array_records]
-        (record,) = sent[0].content.array_records.values()
-        return float(sum(np.sum((record[k].numpy() - start[k]) ** 2) for k in start))
+        update = protocol.payload_of(sent[0].content)
+        return float(sum(np.sum((update[k] - start[k]) ** 2) for k in start))
 
     assert update_norm(50.0, "strong") < update_norm(0.0, "none")
 
 
-def test_payload_record_ignores_unknown_arrays(root: Path) -> None:
+def test_load_payload_refuses_unknown_arrays(root: Path) -> None:
     """load_shared refuses arrays whose keys are not exactly the shared set (a malformed broadcast)."""
     cfg = compose(small_overrides(root))
     model = osteo.build_model(cfg, 6, "hologic")
-    from osteofl import protocol
-
-    record = protocol.payload_record(model, cfg)
-    arrays = protocol.record_to_numpy(record)
+    arrays = protocol.payload_arrays(model, cfg)
     arrays["local_expert.0.weight"] = np.zeros(1, np.float32)
     with pytest.raises(StateError):
         protocol.load_payload(model, cfg, arrays)
-    assert isinstance(record, ArrayRecord)

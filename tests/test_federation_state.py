@@ -6,12 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from osteo_model.config import compose
 from osteo_model.errors import ConfigError, StateError
+from osteofl import protocol
 from osteofl.client.state_store import SiteState, StateStore
 from osteofl.server import checkpoint as ckpt
 from osteofl.server.identity import Identities
@@ -100,13 +101,13 @@ def _reply(node: int, arrays: dict, metrics: dict, site: str = "s") -> Message:
     msg = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site})})
     if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        protocol.put_payload(content, arrays)
     return Message(content, reply_to=msg)
 
 
 def test_screen_rejects_bad_updates_and_aligns_metric_keys() -> None:
     good = {"w": np.ones((2, 2), np.float32)}
-    expected = {"w": (2, 2)}
+    expected = {"w": ((2, 2), "float32")}
     replies = [
         _reply(1, good, {"num-examples": 10, "loss": 1.0, "extra": 2.0}, "a"),
         _reply(2, good, {"num-examples": 5, "loss": 2.0}, "b"),
@@ -124,4 +125,4 @@ def test_screen_rejects_bad_updates_and_aligns_metric_keys() -> None:
     assert "non-finite" in reasons["c"] and "shape" in reasons["d"] and "unexpected" in reasons["e"]
     assert all(set(next(iter(m.content.metric_records.values()))) == {"num-examples", "loss"} for m in out.accepted)
     arrays, _ = FedAvg().aggregate_train(1, out.accepted)  # Flower accepts what survives screening
-    np.testing.assert_allclose(arrays["w"].numpy(), np.ones((2, 2)))
+    np.testing.assert_allclose(protocol.unpack(arrays, expected)["w"], np.ones((2, 2)))

@@ -154,9 +154,9 @@ def test_share_all_is_refused_by_the_site_unless_it_opted_in(root: Path) -> None
     fed, grid = _federation(root, run="federation.share_all=true", node=opt_in, **{
         "federation.task_rounds": 0, "federation.final_eval_split": "null", "paths.state_root": str(root / "optin")})
     fed.run()
-    (record,) = next(m for m in grid.sent if m.content.array_records).content.array_records.values()
+    sent = protocol.payload_of(next(m for m in grid.sent if m.content.array_records).content)
     model = osteo.build_model(fed.cfg, 6, "hologic")
-    assert set(record) == set(model.state_dict()) and set(osteo.local_keys(model)) <= set(record)
+    assert set(sent) == set(model.state_dict()) and set(osteo.local_keys(model)) <= set(sent)
 
 
 def test_site_dp_floor_and_budget_apply_when_the_coordinator_asks_for_none(root: Path) -> None:
@@ -205,8 +205,8 @@ def test_small_sites_withhold_metrics_and_sizes_and_audit_lists_what_was_sent(ro
         entries = audit.read(root / "data" / "state" / site)
         assert len(entries) == len(by_site[site])
         for entry, reply in zip(entries, by_site[site]):
-            arrays = {f"{n}/{k}": (list(a.shape), str(a.dtype)) for n, r in reply.content.array_records.items()
-                      for k, a in r.items()}
+            arrays = {f"{protocol.ARRAYS}/{k}": (list(a.shape), str(a.dtype))
+                      for k, a in protocol.payload_of(reply.content).items()} if reply.content.array_records else {}
             assert {k: (v["shape"], v["dtype"]) for k, v in entry["arrays"].items()} == arrays
             assert set(entry["metrics"]) == as_sent[id(reply)] and entry["bytes"] > 0
             assert (entry["withheld"] is not None) == (site in small)
