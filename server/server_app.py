@@ -33,6 +33,7 @@ from osteofl.protocol import CONFIG, METRICS, N_SITES, NUM_EXAMPLES, OVERRIDES, 
 from osteofl.server import checkpoint as ckpt, robust
 from osteofl.server.history import History, write_json
 from osteofl.server.identity import Identities
+from osteofl.server.reply_poll import ShortPollGrid
 from osteofl.server.screening import Screened, metrics_of, screen, site_info
 from osteofl.server.strategies import build_strategy, min_robust_replies, restore_strategy_state, strategy_state
 
@@ -322,7 +323,7 @@ def make_server_app(extra_overrides: Sequence[str] = ()) -> ServerApp:
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         cfg = compose(run_config_overrides(context, extra))
-        Federation(grid, cfg, run_id=context.run_id).run()
+        Federation(ShortPollGrid(grid, float(cfg.federation.reply_poll_s)), cfg, run_id=context.run_id).run()
 
     return server_app
 
