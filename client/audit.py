@@ -4,7 +4,8 @@ It records what left, not what the site computed: run id, round, kind, every arr
 dtype and size (split by the layout that travels with the packed arrays, osteofl.protocol.pack), metric
 names and values (aggregates only, by policy), config fields, the serialised size of the message, the UTC
 time, and whether the reply was withheld or refused. Lines are appended with one ``write`` on an
-``O_APPEND`` descriptor and fsynced, so concurrent ClientApp processes never interleave or lose a line. ``osteo-audit`` (client/audit_cli.py) summarises it for a data-protection officer.
+``O_APPEND`` descriptor and fsynced, so concurrent ClientApp processes never interleave or lose a line.
+``osteo-audit`` (client/audit_cli.py) summarises it for a data-protection officer.
 """
 from __future__ import annotations
 

@@ -127,8 +127,9 @@ def spec_of(arrays: Mapping[str, np.ndarray]) -> Spec:
 
 
 def payload_spec(model: torch.nn.Module, cfg: DictConfig) -> Spec:
-    """The payload this model's site expects to receive and send."""
-    return spec_of(payload_arrays(model, cfg))
+    """The payload this model's site expects to receive and send (read off the state dict, nothing copied)."""
+    state = model.state_dict()
+    return {k: (tuple(state[k].shape), str(state[k].dtype).removeprefix("torch.")) for k in payload_keys(model, cfg)}
 
 
 def pack(arrays: Mapping[str, np.ndarray]) -> tuple[ArrayRecord, ConfigRecord]:
@@ -140,14 +141,14 @@ def pack(arrays: Mapping[str, np.ndarray]) -> tuple[ArrayRecord, ConfigRecord]:
     as per key."""
     keys = sorted(arrays)
     groups: dict[str, list[np.ndarray]] = {}
+    shapes, dtypes = [], []
     for k in keys:
         value = np.asarray(arrays[k])
         groups.setdefault(value.dtype.name, []).append(value.ravel())
+        shapes.append(",".join(map(str, value.shape)))
+        dtypes.append(value.dtype.name)
     record = ArrayRecord({name: Array(np.concatenate(parts)) for name, parts in groups.items()})
-    spec = spec_of(arrays)
-    layout = ConfigRecord({"keys": keys, "shapes": [",".join(map(str, spec[k][0])) for k in keys],
-                           "dtypes": [spec[k][1] for k in keys]})
-    return record, layout
+    return record, ConfigRecord({"keys": keys, "shapes": shapes, "dtypes": dtypes})
 
 
 def put_payload(content: RecordDict, arrays: Mapping[str, np.ndarray], name: str = ARRAYS) -> None:
@@ -232,8 +233,7 @@ def load_payload(model: torch.nn.Module, cfg: DictConfig, arrays: Mapping[str, n
 def payload_fingerprint(model: torch.nn.Module, cfg: DictConfig) -> str:
     """SHA-256 of the payload's key names, shapes and dtypes: sites whose code or config builds a
     different network are caught at the handshake instead of failing mid-round."""
-    state = model.state_dict()
-    spec = "\n".join(f"{k}:{tuple(state[k].shape)}:{state[k].dtype}" for k in payload_keys(model, cfg))
+    spec = "\n".join(f"{k}:{shape}:{dtype}" for k, (shape, dtype) in payload_spec(model, cfg).items())
     return hashlib.sha256(spec.encode()).hexdigest()
 
 

@@ -49,8 +49,7 @@ def _problem(msg: Message, expected: Spec | None) -> str | None:
 def screen(replies: Iterable[Message], expected: Spec | None, identities: Identities) -> Screened:
     """Split replies into accepted / rejected / failed. ``expected`` = the payload's spec (key -> shape,
     dtype) for train replies (their packed arrays are unpacked and checked), None for evaluate replies
-    (metrics only). Sites are named by
-    ``identities`` (their registered key), never by what a reply says."""
+    (metrics only). Sites are named by ``identities`` (their registered key), never by what a reply says."""
     out = Screened()
     replies = list(replies)
     refused = identities.check(replies)

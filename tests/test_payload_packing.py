@@ -101,3 +101,15 @@ def test_a_payload_that_lies_about_what_it_holds_is_refused_with_its_reason(how:
     with pytest.raises(PayloadError) as err:
         protocol.payload_of(content, protocol.spec_of(arrays))
     assert reason in str(err.value)
+
+
+def test_a_sites_own_spec_matches_what_it_packs() -> None:
+    """payload_spec (read off the state dict, what a site expects) equals the spec of the arrays it sends."""
+    from osteo_model import model as osteo
+    from osteo_model.config import compose
+
+    cfg = compose([])
+    model = osteo.build_model(cfg, 6, "Hologic")
+    arrays = protocol.payload_arrays(model, cfg)
+    assert protocol.payload_spec(model, cfg) == protocol.spec_of(arrays)
+    assert protocol.payload_of(_content(arrays), protocol.payload_spec(model, cfg)).keys() == arrays.keys()
