@@ -357,13 +357,18 @@ class _SiteRun:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs. A zombie counts as dead: a killed run's orphaned pool worker stays one
+    where PID 1 does not reap (containers), and its half-written entry must still be cleaned up."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        pass
-    return True
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux), or it ended just now
+        return not Path("/proc/self/stat").exists()
 
 
 def _consolidate(cache_dir: Path, cfg: DictConfig, parts: list[dict], feature_names: list[str],

@@ -309,3 +309,29 @@ def test_killed_prepare_leaves_no_worker_and_resumes_from_cache(make_site, tmp_p
     cached = int(out.split("skipped as cached ")[1].split(",")[0])
     assert done >= 1 and cached >= 1 and done + cached == 16 and "quarantined 0 studies" in out
     assert len(SiteCache.open(cache)) == 64
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_resume_removes_a_zombie_writers_entry_and_keeps_a_live_ones(make_site, tmp_path):
+    """Where PID 1 does not reap (containers), a killed run's pool worker stays a zombie: its half-written
+    entry is garbage all the same. A live writer's (another run still working) is left alone."""
+    site = make_site(n_labeled=2, n_unlabeled=0)
+    entries = tmp_path / "cache" / "entries"
+    entries.mkdir(parents=True)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while _running(zombie.pid) and time.monotonic() < deadline:  # exited, not yet waited for
+            time.sleep(0.02)
+        assert Path(f"/proc/{zombie.pid}").exists(), "the child was reaped before the check"
+        dead_tmp = entries / f".0001.npz.tmp-{zombie.pid}"
+        live_tmp = entries / f".0002.npz.tmp-{live.pid}"
+        for tmp in (dead_tmp, live_tmp):
+            tmp.write_bytes(b"half an entry")
+        assert prepare_main([f"site.dir={site}", f"site.cache_dir={tmp_path / 'cache'}", "--no-progress"]) == 0
+        assert not dead_tmp.exists() and live_tmp.exists()
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
