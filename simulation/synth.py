@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from osteo_model.bmd import normalise_manufacturer
 from osteo_model.errors import ConfigError
+from osteo_model.radiomics_features import n_workers
 from osteofl.simulation.phantom import draw_anatomy, render
 from osteofl.simulation.population import SitePopulation, sample_site
 from osteofl.simulation.realism import l1_roi_hu, site_realism
@@ -117,9 +117,10 @@ def _prevalence(studies: pd.DataFrame) -> dict[str, float]:
     return {c: float((cats == c).mean()) if len(cats) else float("nan") for c in ("normal", "osteopenia", "osteoporosis")}
 
 
-def _render_all(tasks: list[dict[str, Any]], n_jobs: int, progress: bool) -> list[dict[str, Any]]:
-    """Render every study, in a process pool unless one worker is asked for (same files either way)."""
-    workers = min(n_jobs if n_jobs > 0 else (os.cpu_count() or 1), max(len(tasks), 1))
+def _render_all(tasks: list[dict[str, Any]], synth: DictConfig, progress: bool) -> list[dict[str, Any]]:
+    """Render every study, in a process pool unless one worker is asked for (same files either way);
+    ``synth.n_jobs`` 0 counts the CPUs this process may use, as osteo-prepare does (``taskset``, cgroups)."""
+    workers = min(n_workers(synth), max(len(tasks), 1))
     bar = tqdm(total=len(tasks), desc="osteo-synth", unit="study", disable=not progress)
     with bar, (ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext()) as pool:
         done = []
@@ -150,7 +151,7 @@ def generate(cfg: DictConfig, progress: bool = False) -> list[SiteSummary]:
         site_rows[pop.site] = len(tasks)
         tasks += [{"synth": synth_plain, "study": study, "profile": pop.profile, "index": i, "site_dir": str(site_dir)}
                   for i, study in enumerate(pop.studies.to_dict("records"))]
-    results = _render_all(tasks, int(synth.n_jobs), progress)
+    results = _render_all(tasks, synth, progress)
     summaries, sites_json = [], {}
     for role, pop in populations:
         site_dir = sites_root / pop.site

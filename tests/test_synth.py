@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from osteo_model import bmd
 from osteo_model.config import compose
 from osteo_model.constants import HUI_1997, LABEL_PRESETS, LEVEL_REFERENCE_BMD, LEVELS
 from osteo_model.errors import ConfigError
+from osteofl.simulation import synth
 from osteofl.simulation.population import sample_site
 from osteofl.simulation.scanners import site_profile
 from osteofl.simulation.synth import generate
@@ -257,6 +259,32 @@ def test_cli_prints_summary_and_overwrites_cleanly(tmp_path, capsys):
     (foreign / ".osteo-synth").unlink()
     assert synth_main(args) == 1
     assert capsys.readouterr().err.startswith(f"error: {foreign}")
+
+
+@pytest.mark.parametrize("n_jobs, allowed, expected", [(0, {1}, None), (0, {0, 2, 5}, 3), (2, {1}, 2)])
+def test_workers_count_the_cpus_this_process_may_use(monkeypatch, n_jobs, allowed, expected):
+    """``synth.n_jobs=0`` under ``taskset -c 1`` renders in this process, not in a pool of os.cpu_count() workers."""
+    pools: list[int] = []
+
+    class Pool:  # records the pool's size; renders nothing
+        def __init__(self, max_workers: int) -> None:
+            pools.append(max_workers)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+        def map(self, fn, tasks, chunksize=1):
+            return [{} for _ in tasks]
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
+    monkeypatch.setattr(synth, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(synth, "render_study", lambda task: {})
+    done = synth._render_all([{}] * 8, compose([f"synth.n_jobs={n_jobs}"]).synth, progress=False)
+    assert len(done) == 8 and pools == ([] if expected is None else [expected])
 
 
 def test_unknown_dxa_manufacturer_is_a_config_error():
