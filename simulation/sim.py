@@ -45,16 +45,19 @@ DEMO_CAVEAT = ("A demo, not evidence: one short run, one seed, a few test patien
 
 
 def ensure_sites(cfg: DictConfig, log: Callable[[str], None]) -> None:
-    """Generate the synthetic sites if any is missing (deterministic by seed)."""
+    """Generate the synthetic sites (deterministic by seed) if any is missing or they were made from
+    another synth config: a resized experiment would otherwise prepare and train on the old sites."""
+    from osteofl.simulation.synth import config_change, generate
+
     sites = [*cfg.synth.sites, cfg.synth.external_site]
     missing = [s for s in sites if not (Path(cfg.paths.sites_root) / s / "studies.csv").is_file()]
-    if missing:
-        from osteofl.simulation.synth import generate
-
-        log(f"synthetic sites missing ({', '.join(missing)}): generating all with seed {cfg.synth.seed}")
-        t0 = time.perf_counter()
-        generate(cfg)
-        log(f"  generated in {time.perf_counter() - t0:.1f} s")
+    reason = f"synthetic sites missing ({', '.join(missing)})" if missing else config_change(cfg)
+    if reason is None:
+        return
+    log(f"{reason}: generating all with seed {cfg.synth.seed}")
+    t0 = time.perf_counter()
+    generate(cfg)
+    log(f"  generated in {time.perf_counter() - t0:.1f} s")
 
 
 def prepare_sites(overrides: Sequence[str], sites: Sequence[str], log: Callable[[str], None]) -> None:

@@ -2,7 +2,8 @@
 
 For each configured site and the external site: ``<sites_root>/<site>/`` with studies.csv, dxa.csv,
 ct/<study>.nii.gz, labels/<study>.nii.gz (TotalSegmentator `total` ids) and site.yaml; the truth goes
-to ``<ground_truth>/`` (``<site>.csv`` per vertebra, ``sites.json`` with the acquisition profiles),
+to ``<ground_truth>/`` (``<site>.csv`` per vertebra, ``sites.json`` with the acquisition profiles and
+the config the files were made from, written last),
 which no site-side code reads. Volumes are rendered in parallel, each from its own seed, so the output
 depends on the seed only, not on the number of workers.
 """
@@ -64,6 +65,39 @@ def sample_populations(cfg: DictConfig) -> list[tuple[str, SitePopulation]]:
                            int(cfg.site.max_dxa_interval_days)))
         for site, role, n_lab, n_unlab in _site_sizes(cfg.synth)
     ]
+
+
+def config_record(cfg: DictConfig) -> dict[str, Any]:
+    """What decides the generated files (JSON-ready): the resolved ``synth`` config without its worker
+    count (the files do not depend on it) and the CT<->DXA pairing window the populations are drawn with."""
+    synth = OmegaConf.to_container(cfg.synth, resolve=True)
+    synth.pop("n_jobs", None)
+    return json.loads(json.dumps({"synth": synth, "site": {"max_dxa_interval_days": cfg.site.max_dxa_interval_days}}))
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+def config_change(cfg: DictConfig) -> str | None:
+    """Why the sites written earlier do not fit ``cfg`` (None: they do), from the config record that
+    ``generate`` writes last into ``<ground_truth>/sites.json``; no record (an older or unfinished
+    generation) counts as a change."""
+    path = Path(cfg.paths.ground_truth) / "sites.json"
+    try:
+        recorded = json.loads(path.read_text()).get("config")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None:
+        return f"{path} records no synth config"
+    old, new = _flat(recorded), _flat(config_record(cfg))
+    changed = [f"{k.rstrip('.')} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if not changed:
+        return None
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return f"synth config changed since the sites were generated ({', '.join(changed[:3])}{more})"
 
 
 def _fresh_dir(path: Path) -> None:
@@ -167,5 +201,6 @@ def generate(cfg: DictConfig, progress: bool = False) -> list[SiteSummary]:
         sites_json[pop.site] = {"role": role, "profile": pop.profile, "studies": summary.studies,
                                 "with_dxa": summary.with_dxa, "paired": summary.paired, "prevalence": summary.prevalence,
                                 "realism": summary.realism}
-    (truth_dir / "sites.json").write_text(json.dumps({"seed": int(synth.seed), "sites": sites_json}, indent=2))
+    (truth_dir / "sites.json").write_text(json.dumps({"seed": int(synth.seed), "config": config_record(cfg), "sites": sites_json},
+                                                        indent=2))
     return summaries
