@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from osteo_model.atomic import atomic_file
 from osteo_model.config import compose, resolve_device
-from osteo_model.dataset import load_site_data
+from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
 from osteofl.server.history import write_json
@@ -89,11 +90,42 @@ def _data_overrides(exp: DictConfig, out: Path, scenario: str, seed: int) -> lis
 FIELDS = ("device", "true_bmd", "pred_bmd", "true_cat", "pred_cat", "score")
 RUN_FORMAT = "2: predictions, diagnostics, payload"
 """What a run file holds; part of its key, so files of an older format are trained again, not misread."""
+NOT_TRAINING = (
+    "paths", "train.out_dir", "site.dir", "site.cache_dir", "site.state_dir", "eval", "predict",
+    "synth.n_jobs", "radiomics.n_jobs", "site.policy", "federation.superlink", "federation.simulation",
+    "federation.identity", "federation.robust", "federation.min_available_nodes", "federation.min_train_replies",
+    "federation.round_timeout", "federation.reply_poll_s", "federation.run_name", "federation.resume",
+    "federation.keep_checkpoints", "federation.eval_split", "federation.final_eval_split",
+    "federation.onboard_labeled_patients", "federation.onboard_epochs")
+"""Config the in-process engines never read, left out of a run's key so that changing it keeps the cached
+runs: where files live (the data enter the key by content, ``_data_key``), how a deployment's processes
+meet, wait and defend the global model, osteo-sim's Ray and onboarding settings, worker counts, and
+osteo-eval's and osteo-predict's settings. Everything else is in the key, read by the engines or not."""
 
 
 def _config_key(cfg: DictConfig, *extra: object) -> str:
-    text = "\n".join([RUN_FORMAT, OmegaConf.to_yaml(cfg, resolve=True), *map(str, extra)])
+    """A run's key: ``cfg`` without ``NOT_TRAINING`` and ``extra`` (the data's ``_data_key``, ...)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for name in NOT_TRAINING:
+        *parents, leaf = name.split(".")
+        node = plain
+        for parent in parents:
+            node = node.get(parent) or {}
+        node.pop(leaf, None)
+    text = "\n".join([RUN_FORMAT, json.dumps(plain, sort_keys=True, default=str), *map(str, extra)])
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _data_key(datas: Mapping[str, SiteData]) -> str:
+    """The content of the site caches a run trains and is judged on, wherever they live."""
+    digest = hashlib.sha256()
+    for site, data in sorted(datas.items()):
+        cache = data.cache
+        digest.update(json.dumps([site, cache.feature_names, cache.manifest], sort_keys=True, default=str).encode())
+        digest.update(cache.table.to_csv(index=False).encode())
+        for array in (cache.crops, cache.masks, cache.features):
+            digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def _load_run(path: Path, key: str) -> tuple[MethodRun, float] | None:
@@ -168,6 +200,7 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
                 prepare_sites(run_over, [*sites, *([ext] if onb is not None else [])], log)
             datas = {s: load_site_data(Path(cfg.paths.cache_root) / s, cfg) for s in sites}
             ext_data = load_site_data(Path(cfg.paths.cache_root) / ext, cfg) if onb is not None else None
+            data_key = _data_key(datas)
             simulated[seed] = simulated_dxa_bias(Path(cfg.paths.ground_truth), [*sites, ext])
             runs[seed] = {}
             for method in methods:
@@ -176,7 +209,7 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
                 if spec.engine == "federated" and bool(mcfg.federation.share_all):
                     averaged.add(method)
                 saved = out / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
-                runs[seed][method], seconds, earlier = _cached(saved, _config_key(mcfg), lambda: ENGINES[str(spec.engine)](
+                runs[seed][method], seconds, earlier = _cached(saved, _config_key(mcfg, data_key), lambda: ENGINES[str(spec.engine)](
                     mcfg, datas, resolve_device(mcfg)))
                 result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
                 if runs[seed][method].round_seconds:
@@ -184,7 +217,8 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
                 log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: "
                     + (f"done earlier ({saved.name})" if earlier else f"{seconds:.1f} s"))
             if onb is not None:
-                curves[seed] = _onboard(exp, run_over, out / "runs" / scenario / f"seed{seed}", runs[seed], ext_data, log)
+                curves[seed] = _onboard(exp, run_over, out / "runs" / scenario / f"seed{seed}", runs[seed], ext_data,
+                                        data_key, log)
         result["scenarios"][scenario] = _summary(exp, runs, curves, simulated, sorted(averaged), sites, ext)
     result["seconds"]["total"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
@@ -212,13 +246,13 @@ def _summary(exp: DictConfig, runs: dict[int, dict[str, MethodRun]], curves: dic
     return summary
 
 
-def _onboard(exp: DictConfig, run_over: list[str], folder: Path, runs: dict[str, MethodRun], ext_data,
-             log: Callable[[str], None]) -> MethodRun:
+def _onboard(exp: DictConfig, run_over: list[str], folder: Path, runs: dict[str, MethodRun], ext_data: SiteData,
+             data_key: str, log: Callable[[str], None]) -> MethodRun:
     """The external site's onboarding curve on ``exp.onboarding.method``'s last global payload (kept with
-    the method's run; a curve made earlier from the same run and k is reused)."""
+    the method's run; a curve made earlier from the same run, external site and k is reused)."""
     method, ks = str(exp.onboarding.method), [int(k) for k in exp.onboarding.labeled_patients]
     cfg = compose([*run_over, *map(str, exp.methods[method].get("overrides") or [])])
-    key = _config_key(cfg, "onboarding", ks, ext_data.site)
+    key = _config_key(cfg, data_key, "onboarding", ks, _data_key({ext_data.site: ext_data}))
     curve, seconds, earlier = _cached(folder / "onboarding.npz", key, lambda: onboarding.curve(
         cfg, ext_data, runs[method].payload, ks, resolve_device(cfg)))
     log(f"  onboarding {ext_data.site} onto {LABELS.get(method, method)} (k = {', '.join(curve.predictions)}): "
