@@ -93,7 +93,8 @@ def config_change(cfg: DictConfig) -> str | None:
     if recorded is None:
         return f"{path} records no synth config"
     old, new = _flat(recorded), _flat(config_record(cfg))
-    changed = [f"{k.rstrip('.')} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    changed = [f"{k.rstrip('.')} {old.get(k)} -> {new.get(k)}"
+               for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     if not changed:
         return None
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -201,6 +202,6 @@ def generate(cfg: DictConfig, progress: bool = False) -> list[SiteSummary]:
         sites_json[pop.site] = {"role": role, "profile": pop.profile, "studies": summary.studies,
                                 "with_dxa": summary.with_dxa, "paired": summary.paired, "prevalence": summary.prevalence,
                                 "realism": summary.realism}
-    (truth_dir / "sites.json").write_text(json.dumps({"seed": int(synth.seed), "config": config_record(cfg), "sites": sites_json},
-                                                        indent=2))
+    record = {"seed": int(synth.seed), "config": config_record(cfg), "sites": sites_json}
+    (truth_dir / "sites.json").write_text(json.dumps(record, indent=2))
     return summaries
