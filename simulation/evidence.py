@@ -8,8 +8,9 @@ federated method with k labeled patients: simulation/evidence_onboarding.py); ``
 starts from another experiment's file. For each scenario and seed the synthetic sites are generated and
 prepared under ``<outputs>/<name>/data`` (the same code as osteo-sim; ``data: as_configured`` uses the
 caches of ``paths.cache_root`` instead), every method trains and predicts each site's test patients, and
-the statistics (osteo_model/evidence.py), the methods' diagnostics (simulation/evidence_diagnostics.py)
-and the onboarding curve go to ``<outputs>/<name>/evidence.{json,md}``, ``forest.png`` and ``onboarding.png``.
+the statistics (osteo_model/evidence.py), the methods' diagnostics (simulation/evidence_diagnostics.py),
+the task round each trained method kept per site and the onboarding curve go to
+``<outputs>/<name>/evidence.{json,md}``, ``forest.png`` and ``onboarding.png``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from osteo_model.config import compose, resolve_device
 from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
+from osteo_model.training import SELECTION_METRIC
 from osteofl.server.history import write_json
 from osteofl.simulation import evidence_onboarding as onboarding, evidence_report as report
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
@@ -88,7 +90,7 @@ def _data_overrides(exp: DictConfig, out: Path, scenario: str, seed: int) -> lis
 
 
 FIELDS = ("device", "true_bmd", "pred_bmd", "true_cat", "pred_cat", "score")
-RUN_FORMAT = "2: predictions, diagnostics, payload"
+RUN_FORMAT = "3: predictions, diagnostics, payload, validation history"
 """What a run file holds; part of its key, so files of an older format are trained again, not misread."""
 NOT_TRAINING = (
     "paths", "train.out_dir", "site.dir", "site.cache_dir", "site.state_dir", "eval", "predict",
@@ -145,15 +147,22 @@ def _load_run(path: Path, key: str) -> tuple[MethodRun, float] | None:
                 run.diagnostics.setdefault(site, {})[metric] = float(z[name])
             elif kind == "payload":
                 run.payload[rest] = z[name]
+            elif kind == "val":
+                run.val_history[rest] = [float(x) for x in z[name]]
+            elif kind == "selected":
+                run.selected_round[rest] = int(z[name])
         return run, float(z["seconds"])
 
 
 def _save_run(path: Path, key: str, run: MethodRun, seconds: float) -> None:
     """One method's run in one scenario and seed (per-patient test predictions without patient ids,
-    diagnostics, the global payload): a rerun after an interruption, or with other statistics, skips what is done."""
+    diagnostics, the global payload, each site's validation score per task round and the round kept): a
+    rerun after an interruption, or with other statistics, skips what is done."""
     arrays = {f"pred/{s}/{f}": np.asarray(getattr(p, f)) for s, p in run.predictions.items() for f in FIELDS}
     arrays |= {f"diag/{s}/{n}": np.array(v, float) for s, d in run.diagnostics.items() for n, v in d.items()}
     arrays |= {f"payload/{k}": np.asarray(v) for k, v in run.payload.items()}
+    arrays |= {f"val/{s}": np.array(h, float) for s, h in run.val_history.items()}
+    arrays |= {f"selected/{s}": np.array(r, int) for s, r in run.selected_round.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as fh:
         np.savez(fh, config_key=np.array(key), sites=np.array(list(run.predictions)),
@@ -209,8 +218,8 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
                 if spec.engine == "federated" and bool(mcfg.federation.share_all):
                     averaged.add(method)
                 saved = out / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
-                runs[seed][method], seconds, earlier = _cached(saved, _config_key(mcfg, data_key), lambda: ENGINES[str(spec.engine)](
-                    mcfg, datas, resolve_device(mcfg)))
+                runs[seed][method], seconds, earlier = _cached(saved, _config_key(mcfg, data_key), lambda: ENGINES[
+                    str(spec.engine)](mcfg, datas, resolve_device(mcfg)))
                 result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
                 if runs[seed][method].round_seconds:
                     result["round_seconds"].setdefault(method, []).extend(runs[seed][method].round_seconds)
@@ -234,12 +243,15 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
 
 def _summary(exp: DictConfig, runs: dict[int, dict[str, MethodRun]], curves: dict[int, MethodRun],
              simulated: dict[int, dict], averaged: list[str], sites: list[str], ext: str) -> dict:
-    """One scenario's statistics, diagnostics and (when the experiment has one) onboarding curve."""
+    """One scenario's statistics, diagnostics, model selection and (when the experiment has one) onboarding curve."""
     n_boot = int(exp.get("bootstrap", 1000))
     summary = report.summarise({sd: {m: r.predictions for m, r in by_m.items()} for sd, by_m in runs.items()},
                                [str(m) for m in exp.methods], str(exp.reference), sites, n_boot)
     summary["diagnostics"] = report.summarise_diagnostics(
         {sd: {m: r.diagnostics for m, r in by_m.items()} for sd, by_m in runs.items()}, simulated, averaged)
+    summary["selection"] = report.summarise_selection(
+        {sd: {m: r.val_history for m, r in by_m.items()} for sd, by_m in runs.items()},
+        {sd: {m: r.selected_round for m, r in by_m.items()} for sd, by_m in runs.items()}, SELECTION_METRIC)
     if curves:
         summary["onboarding"] = {"site": ext, "method": str(exp.onboarding.method), **report.summarise_curve(
             {sd: c.predictions for sd, c in curves.items()}, {sd: c.diagnostics for sd, c in curves.items()}, n_boot)}

@@ -11,6 +11,7 @@ Not modelled: the server's robust clipping of honest sites' updates (server/robu
 Model selection, the same for every trained method: after each task-phase round each site judges the
 model it would use (global shared parts + its own local parts) on its own validation patients
 (``training.SELECTION_METRIC``) and keeps the best round; the test split is predicted once, with it.
+Each round's score and the round kept go with the run, so a best round at the very end shows.
 The L1-HU rule and radiomics+linear have nothing to select (a fixed rule; a closed-form fit).
 With its predictions each trained method reports what its site-local parts do at each site
 (simulation/evidence_diagnostics.py), and a federation the last round's global payload (what a new site
@@ -41,13 +42,17 @@ Predictions = dict[str, Patients]
 @dataclass
 class MethodRun:
     """One method in one scenario and seed: per-site test predictions, each round's wall time, per-site
-    diagnostics of its trained parts (evidence_diagnostics.DIAGNOSTICS) and, for a federation, the last
-    round's global payload."""
+    diagnostics of its trained parts (evidence_diagnostics.DIAGNOSTICS), for a federation the last
+    round's global payload and, for a trained method, its model selection per site: the validation score
+    after each task-phase round (NaN where none) and the task round kept (1-based; 0: none could be
+    judged, the last model was kept), so that a best round at the end (not shown converged) is visible."""
 
     predictions: Predictions
     round_seconds: list[float] = field(default_factory=list)
     diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
     payload: dict[str, np.ndarray] = field(default_factory=dict)
+    val_history: dict[str, list[float]] = field(default_factory=dict)
+    selected_round: dict[str, int] = field(default_factory=dict)
 
 
 Engine = Callable[[DictConfig, Mapping[str, SiteData], str], MethodRun]
@@ -78,19 +83,23 @@ class Selector:
 
     def __init__(self, sites: list[str]) -> None:
         self.best: dict[str, tuple[float, dict | None]] = {s: (float("inf"), None) for s in sites}
+        self.history: dict[str, list[float]] = {s: [] for s in sites}
+        self.selected: dict[str, int] = {s: 0 for s in sites}
 
     def update(self, models: Mapping[str, torch.nn.Module], datas: Mapping[str, SiteData], cfg, device: str) -> None:
         for site, model in models.items():
             score = float(training.evaluate(model, datas[site], cfg, "val", device).get(training.SELECTION_METRIC, np.nan))
+            self.history[site].append(score)
             if np.isfinite(score) and score < self.best[site][0]:
                 self.best[site] = (score, copy.deepcopy(model.state_dict()))
+                self.selected[site] = len(self.history[site])
 
     def outcome(self, models: Mapping[str, torch.nn.Module], datas: Mapping[str, SiteData], device: str,
                 round_seconds: list[float]) -> MethodRun:
         """Test predictions and diagnostics of each site's selected model (the last one where nothing was
         judged). One site after another: central models share modules, so each site's selected state is
         loaded just before."""
-        run = MethodRun({}, round_seconds)
+        run = MethodRun({}, round_seconds, val_history=self.history, selected_round=self.selected)
         for site, model in models.items():
             state = self.best[site][1]
             if state is not None:

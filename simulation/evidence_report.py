@@ -1,6 +1,7 @@
 """What the evidence benchmark writes: intervals per method, site and pooled, paired differences of the
 reference method against each alternative (osteo_model.evidence), the methods' diagnostics beside the
-simulated DXA bias, and the external site's onboarding curve, as JSON, Markdown, a forest plot and a curve."""
+simulated DXA bias, the round each trained method kept per site, and the external site's onboarding
+curve, as JSON, Markdown, a forest plot and a curve."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -82,6 +83,33 @@ def summarise_diagnostics(diags: Values, simulated: Mapping[int, Mapping[str, Ma
     return {"methods": methods, "simulated": sim, "averaged": list(averaged)}
 
 
+def _finite_or_none(values: Sequence[float]) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def summarise_selection(histories: Mapping[int, Mapping[str, Mapping[str, Sequence[float]]]],
+                        selected: Mapping[int, Mapping[str, Mapping[str, int]]], metric: str) -> dict:
+    """``methods[method][site]``, per seed in ``seeds``: ``task_rounds`` run, ``selected_round`` (the task
+    round whose model predicted the test split; None: no round could be judged, the last was used) and
+    ``val_history`` (``metric`` on the site's validation patients after each task round, lower is better);
+    ``at_last_round``: the seeds whose kept round was the last one (validation still improving when
+    training stopped: maybe not converged). Methods without selection (fixed rules, closed-form fits)
+    have no entry."""
+    methods: dict = {}
+    for method in dict.fromkeys(m for sd in histories for m in histories[sd]):
+        table = {}
+        for site in dict.fromkeys(s for sd in histories for s in histories[sd].get(method, {})):
+            have = [sd for sd in histories if site in histories[sd].get(method, {})]
+            rounds = [len(histories[sd][method][site]) for sd in have]
+            kept = [selected[sd][method].get(site) or None for sd in have]
+            table[site] = {"seeds": have, "task_rounds": rounds, "selected_round": kept,
+                           "at_last_round": [sd for sd, k, n in zip(have, kept, rounds) if k == n],
+                           "val_history": [_finite_or_none(histories[sd][method][site]) for sd in have]}
+        if table:
+            methods[method] = table
+    return {"metric": metric, "methods": methods}
+
+
 def summarise_curve(preds: Mapping[int, Mapping[str, ev.Patients]], info: Values, n_boot: int) -> dict:
     """The onboarding curve: ``points[name]`` (ordered by labeled patients) with ``metrics`` like
     summarise's, ``difference`` (point minus shared-only on the same patients), and per seed the labeled
@@ -142,6 +170,7 @@ def markdown(report: dict, labels: Mapping[str, str]) -> str:
         for group in [POOLED, *sc["sites"]]:
             lines += [f"#### {group}", "", *_md_table(sc["differences"], group, labels, cols), ""]
         lines += _md_diagnostics(sc.get("diagnostics"), labels)
+        lines += _md_selection(sc.get("selection"), labels)
         lines += _md_onboarding(sc, labels)
     return "\n".join(lines)
 
@@ -170,6 +199,28 @@ def _md_diagnostics(diag: Mapping | None, labels: Mapping[str, str]) -> list[str
             sim = diag["simulated"].get(site, {})
             lines.append("| " + " | ".join([name, site, *[_num(values.get(k)) for k in DIAGNOSTIC_NAMES],
                                              *[_num(sim.get(k)) for k in SIMULATED_NAMES]]) + " |")
+    return [*lines, ""]
+
+
+def _md_selection(selection: Mapping | None, labels: Mapping[str, str]) -> list[str]:
+    """Per trained method and site: the task round kept in each seed, and where it was the last one."""
+    if not selection or not selection["methods"]:
+        return []
+    lines = ["### Model selection: the task round kept per site", "",
+             f"Each trained method keeps, per site, the task round whose model has the lowest {selection['metric']} "
+             "on the site's own validation patients, and predicts the test split with it. Kept round / rounds run, "
+             "per seed; * the last round (validation still improving when training stopped: maybe not converged); "
+             "n/a: no round could be judged (the last was used).", "",
+             "| method | site | kept round per seed | seeds at the last round | validation score of the kept round (mean) |",
+             "|---|---|---|---|---|"]
+    for method, by_site in selection["methods"].items():
+        for site, entry in by_site.items():
+            kept = [f"{k}/{n}" + ("*" if k == n else "") if k else "n/a"
+                    for k, n in zip(entry["selected_round"], entry["task_rounds"])]
+            scores = [h[k - 1] for h, k in zip(entry["val_history"], entry["selected_round"]) if k]
+            lines.append("| " + " | ".join([labels.get(method, method), site, ", ".join(kept),
+                                             f"{len(entry['at_last_round'])} of {len(entry['seeds'])}",
+                                             _num({"mean": float(np.mean(scores)) if scores else None})]) + " |")
     return [*lines, ""]
 
 

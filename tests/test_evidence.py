@@ -1,6 +1,6 @@
 """The evidence benchmark's pipeline (osteo-evidence) end to end on tiny fake caches: the files, every method
-and site, ordered intervals and paired differences, the methods' diagnostics and the external site's
-onboarding curve. It checks the pipeline, not what the methods achieve."""
+and site, ordered intervals and paired differences, the methods' diagnostics, the round each kept and the
+external site's onboarding curve. It checks the pipeline, not what the methods achieve."""
 from __future__ import annotations
 
 import json
@@ -37,7 +37,8 @@ def test_quick_experiment_writes_every_method_site_and_interval(tmp_path):
     root = make_caches(tmp_path, n_patients=24)
     make_site_cache(root / "data" / "cache" / EXTERNAL, site=EXTERNAL, n_patients=24, size=12,
                     manufacturer="hologic", device_bias=0.05, seed=9)
-    result = evidence.run(str(_experiment(tmp_path)), small_overrides(root), log=lambda _: None)
+    overrides = small_overrides(root, **{"federation.task_rounds": 2})  # two rounds to select from
+    result = evidence.run(str(_experiment(tmp_path)), overrides, log=lambda _: None)
     out = root / "outputs" / "tiny"
     for name in ("evidence.md", "forest.png", "onboarding.png"):
         assert (out / name).stat().st_size > 0, name
@@ -70,11 +71,12 @@ def test_quick_experiment_writes_every_method_site_and_interval(tmp_path):
     assert "Paired differences" in md and "FedPer (local heads)" in md and "L1-HU rule" in md
     assert "no manufacturer in gate" in md and "What the site-local parts do" in md and "Onboarding the external" in md
     _check_diagnostics(sc["diagnostics"])
-    _check_onboarding(sc["onboarding"], compose(small_overrides(root)), n_seeds=2)
+    _check_selection(sc["selection"], md)
+    _check_onboarding(sc["onboarding"], compose(overrides), n_seeds=2)
     # a rerun trains nothing: every method's run and the onboarding curve of each seed were kept, and give
     # the same figures
     lines: list[str] = []
-    again = evidence.run(str(_experiment(tmp_path)), small_overrides(root), log=lines.append)
+    again = evidence.run(str(_experiment(tmp_path)), overrides, log=lines.append)
     assert sum("done earlier" in line for line in lines) == 2 * (len(methods) + 1)
     assert again["scenarios"] == json.loads(json.dumps(result["scenarios"]))
 
@@ -94,6 +96,21 @@ def _check_diagnostics(diag: dict) -> None:
                 assert entry["mean"] == pytest.approx(np.mean(entry["per_seed"]))
             assert all(0.0 < v < 1.0 for v in values["gate_local"]["per_seed"])
     assert diag["simulated"] == {}
+
+
+def _check_selection(selection: dict, md: str) -> None:
+    """Every trained method kept one of its task rounds per site and seed (evidence_quick: 2), with each
+    round's validation score; the rules select nothing."""
+    trained = {"osteofl", "fedavg", "osteofl_nometa", "fedavg_nometa", "fedprox", "fedper", "local_only", "central"}
+    assert selection["metric"] == "patient_mae_bmd" and set(selection["methods"]) == trained
+    for method, by_site in selection["methods"].items():
+        assert set(by_site) == set(SITES), method
+        for entry in by_site.values():
+            assert entry["seeds"] == [0, 1] and entry["task_rounds"] == [2, 2]
+            for kept, history in zip(entry["selected_round"], entry["val_history"]):
+                assert len(history) == 2 and kept == 1 + int(np.argmin(history)), (method, history)
+            assert entry["at_last_round"] == [sd for sd, k in zip(entry["seeds"], entry["selected_round"]) if k == 2]
+    assert "Model selection: the task round kept per site" in md
 
 
 def _check_onboarding(onb: dict, cfg, n_seeds: int) -> None:

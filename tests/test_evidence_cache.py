@@ -1,15 +1,20 @@
 """osteo-evidence's run cache: what its key covers (what changes training and evaluation, the data by
-content) and what it leaves out (deployment-only settings)."""
+content) and what it leaves out (deployment-only settings); the model selection it keeps per site (each
+task round's validation score, the round kept) and how the report shows it."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from cache_factory import make_site_cache
 from federation_helpers import small_overrides
+from osteo_model import model as osteo, training
 from osteo_model.config import compose
 from osteo_model.dataset import load_site_data
-from osteofl.simulation import evidence
+from osteofl.simulation import evidence, evidence_report as report
+from osteofl.simulation.evidence_methods import MethodRun, Selector, federated, hu_rule
 
 NO_DATA = "data"
 
@@ -50,3 +55,76 @@ def test_the_data_enter_the_key_by_content_not_by_place(tmp_path):
     keys = [evidence._data_key({"site_a": load_site_data(p, cfg)}) for p in (one, moved, other)]
     assert keys[0] == keys[1] != keys[2]
     assert evidence._config_key(cfg, keys[0]) != evidence._config_key(cfg, keys[2])
+
+
+def _tiny(tmp_path, n_sites: int = 1):
+    cfg = compose(small_overrides(tmp_path, **{"federation.task_rounds": 3}))
+    datas = {s: load_site_data(make_site_cache(tmp_path / "cache" / s, site=s, n_patients=12, size=8, seed=i), cfg)
+             for i, s in enumerate(["site_a", "site_b"][:n_sites])}
+    return cfg, datas
+
+
+def test_selector_keeps_each_rounds_validation_score_and_the_round_it_uses(tmp_path):
+    cfg, datas = _tiny(tmp_path)
+    data = datas["site_a"]
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+    osteo.standardise_on_site(model, data)
+    selector = Selector(["site_a"])
+    for shift in (0.3, 0.05, 0.15):  # the calibration residual moves every prediction by this much (g/cm2)
+        with torch.no_grad():
+            model.calibration.residual.bias.fill_(shift)
+        selector.update({"site_a": model}, datas, cfg, "cpu")
+    history = selector.history["site_a"]
+    assert len(history) == 3 and len(set(history)) == 3 and all(np.isfinite(history))
+    run = selector.outcome({"site_a": model}, datas, "cpu", [1.0, 2.0, 3.0])
+    assert run.val_history == {"site_a": history} and run.selected_round == {"site_a": int(np.argmin(history)) + 1}
+    # the model that predicted the test split is the kept round's: its validation score is that round's
+    assert training.evaluate(model, data, cfg, "val", "cpu")[training.SELECTION_METRIC] == pytest.approx(min(history))
+
+
+def test_a_trained_method_saves_and_reloads_its_selection(tmp_path):
+    cfg, datas = _tiny(tmp_path, n_sites=2)
+    run = federated(cfg, datas, "cpu")
+    assert set(run.val_history) == set(datas) and all(len(h) == 3 for h in run.val_history.values())
+    for site, history in run.val_history.items():
+        assert run.selected_round[site] == int(np.nanargmin(history)) + 1
+    path, key = tmp_path / "runs" / "osteofl.npz", evidence._config_key(cfg, evidence._data_key(datas))
+    evidence._save_run(path, key, run, 5.0)
+    loaded, seconds = evidence._load_run(path, key)
+    assert seconds == 5.0 and loaded.val_history == run.val_history and loaded.selected_round == run.selected_round
+    rule = evidence._cached(tmp_path / "runs" / "hu_rule.npz", key, lambda: hu_rule(cfg, datas, "cpu"))[0]
+    assert rule.val_history == {} and rule.selected_round == {}  # nothing to select: nothing saved, loads as such
+    assert evidence._load_run(tmp_path / "runs" / "hu_rule.npz", key)[0].val_history == {}
+
+
+def test_a_run_cached_without_selection_is_trained_again(tmp_path):
+    """Files of the previous format (no validation history) carry an older key: trained again, not misread."""
+    cfg, datas = _tiny(tmp_path)
+    path, key = tmp_path / "osteofl.npz", evidence._config_key(cfg, evidence._data_key(datas))
+    old = MethodRun(hu_rule(cfg, datas, "cpu").predictions, [1.0])
+    evidence._save_run(path, "key of a format-2 run", old, 1.0)
+    made: list[MethodRun] = []
+
+    def train() -> MethodRun:
+        made.append(MethodRun(old.predictions, [2.0], val_history={"site_a": [0.2, 0.1]}, selected_round={"site_a": 2}))
+        return made[-1]
+
+    run, _, earlier = evidence._cached(path, key, train)
+    assert not earlier and run is made[0]
+    assert evidence._load_run(path, key)[0].selected_round == {"site_a": 2}
+
+
+def test_selection_report_flags_a_kept_last_round():
+    nan = float("nan")
+    histories = {0: {"osteofl": {"a": [0.3, 0.2, 0.1], "b": [0.2, 0.1, 0.3]}, "hu_rule": {}},
+                 1: {"osteofl": {"a": [0.3, 0.25, 0.28], "b": [nan, nan, nan]}, "hu_rule": {}}}
+    selected = {0: {"osteofl": {"a": 3, "b": 2}, "hu_rule": {}}, 1: {"osteofl": {"a": 2, "b": 0}, "hu_rule": {}}}
+    out = report.summarise_selection(histories, selected, "patient_mae_bmd")
+    assert set(out["methods"]) == {"osteofl"}
+    a, b = out["methods"]["osteofl"]["a"], out["methods"]["osteofl"]["b"]
+    assert a["selected_round"] == [3, 2] and a["task_rounds"] == [3, 3] and a["at_last_round"] == [0]
+    assert b["selected_round"] == [2, None] and b["at_last_round"] == [] and b["val_history"][1] == [None] * 3
+    md = report.markdown({"experiment": "x", "scenarios": {"s": {
+        "reference": "osteofl", "seeds": [0, 1], "sites": [], "metrics": {}, "differences": {}, "selection": out}}}, {})
+    assert "| osteofl | a | 3/3*, 2/3 | 1 of 2 | 0.175 |" in md  # mean of 0.1 and 0.25
+    assert "| osteofl | b | 2/3, n/a | 0 of 2 | 0.100 |" in md
