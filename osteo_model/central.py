@@ -90,6 +90,8 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
     device = resolve_device(cfg)
     names, crop = _feature_names(datas), _crop_settings(datas)
     models = build_site_models(cfg, len(names), {s: d.manufacturer for s, d in datas.items()})
+    for model in models.values():  # before any state is loaded: a restored optimizer state lands beside the parameters
+        model.to(device)
     first = next(iter(models.values()))
     pretrained = OmegaConf.select(cfg, "train.pretrained")
     if pretrained:

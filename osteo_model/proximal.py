@@ -13,7 +13,8 @@ def attach_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
     """Add ``mu * (w - w_anchor)`` to every shared parameter's gradient before each step, the anchor being
     the weights at the time of the call (the global model of the round): the gradient of
     ``mu/2 ||w - w_anchor||^2``. Under DP-SGD the hook runs after clipping and noise; the term depends on
-    no data, so it costs no privacy. ``mu <= 0`` attaches nothing."""
+    no data, so it costs no privacy. The anchor follows its parameter to the device it trains on (the
+    model may be moved there after the call). ``mu <= 0`` attaches nothing."""
     if mu <= 0:
         return
     anchors = [(p, p.detach().clone()) for p in shared_parameters(model)]
@@ -22,6 +23,6 @@ def attach_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
         with torch.no_grad():
             for p, anchor in anchors:
                 if p.grad is not None:
-                    p.grad.add_(p.detach() - anchor, alpha=mu)
+                    p.grad.add_(p.detach() - anchor.to(p.device), alpha=mu)
 
     optimizer.register_step_pre_hook(add_proximal)
