@@ -4,8 +4,11 @@ The same 3 sites (random-content caches of the default crop size), the same defa
 rounds and local steps run three ways on this machine:
 - simulated: ``osteo-sim``'s path (Flower's simulation engine, ``simulation/sim.py``);
 - deployed: ``flower-server`` and three ``osteo-client`` processes over TLS with node authentication on
-  loopback, each site with its warm worker (client/worker.py), as a hospital runs it;
-- deployed ``--no-worker``: every message pays its imports in Flower's fresh ClientApp process (before).
+  loopback, as a hospital runs it: each site with its warm worker (client/worker.py), its fork server
+  for Flower's per-message ClientApp process (client/fork_server.py) and its SuperNode polling every
+  ``site.poll_s`` (client/supernode_launch.py);
+- deployed ``--no-worker``: every message pays its imports in Flower's fresh ClientApp process (before;
+  ``site.poll_s`` still applies).
 Each site gets one CPU thread in every mode (Ray's default for a simulated site; OMP_NUM_THREADS=1 for
 the deployed processes). Round times come from each run's history.json (round 1 also pays the start-up and is left out). The
 per-message overhead at a site is the deployed round's excess over the simulated one, divided by the two

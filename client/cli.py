@@ -4,14 +4,17 @@ It dials out to the SuperLink (TLS with the federation's root certificate, authe
 private key); the hospital opens no inbound port (the SuperNode's own runtime API listens on loopback
 only, ``--local-port``). Beside it runs the site's warm worker (client/worker.py), which holds the
 imports and config the handlers need, so the ClientApp process Flower starts for each message only
-relays it; the site's prepared cache stays at the site, and its local expert, calibration head,
-optimiser and privacy accountant stay in its state folder. Both run below keepers (osteofl/keeper.py):
-when either ends, or osteo-client is stopped or killed, both are gone.
+relays it, and a fork server (client/fork_server.py) hands Flower that ClientApp process with Flower's
+imports already paid. The SuperNode asks for work every ``site.poll_s`` seconds
+(client/supernode_launch.py). The site's prepared cache stays at the site, and its local expert,
+calibration head, optimiser and privacy accountant stay in its state folder. All run below keepers
+(osteofl/keeper.py): when one ends, or osteo-client is stopped or killed, all are gone.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -51,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep retrying for S seconds when the SuperLink refuses to activate this site: it still "
                         "counts a session that ended less than ~60 s ago (Flower's heartbeat patience)")
     p.add_argument("--no-worker", action="store_true",
-                   help="no warm site worker: every message pays the imports in its own process (slower; for comparison)")
+                   help="no warm site worker and no fork server: every message pays the imports in its own "
+                        "process (slower; for comparison)")
     return p
 
 
@@ -78,7 +82,12 @@ def supernode_command(args: argparse.Namespace, cfg, overrides: Sequence[str] = 
     config = node_config(args, cfg, overrides)
     if worker is not None:
         config[NODE_WORKER] = str(worker)
-    cmd = ["flower-supernode", "--superlink", args.superlink or str(cfg.federation.superlink.address),
+    poll = cfg.site.get("poll_s")
+    if poll is not None and not float(poll) > 0:
+        raise OsteoError(None, f"site.poll_s must be a number of seconds > 0, or null for Flower's own waits; got {poll}")
+    launcher = ["flower-supernode"] if poll is None else [sys.executable, "-m", "osteofl.client.supernode_launch",
+                                                          f"{float(poll):g}", "--"]
+    cmd = [*launcher, "--superlink", args.superlink or str(cfg.federation.superlink.address),
            "--port", str(args.local_port), "--host", "127.0.0.1", "--node-config", _toml(config)]
     if args.insecure:
         return cmd + ["--insecure"]
@@ -96,14 +105,43 @@ def worker_command(config: dict[str, str], socket_path: Path) -> list[str]:
     return [sys.executable, "-m", "osteofl.client.worker", "--socket", str(socket_path), "--node-config", json.dumps(config)]
 
 
-def _wait_ready(worker: runtime.Owned, socket_path: Path) -> None:
-    """Until the worker listens (it binds once warmed up); its own one-line error is already printed if not."""
+def fork_server_command(socket_path: Path) -> list[str]:
+    return [sys.executable, "-m", "osteofl.client.fork_server", "--socket", str(socket_path)]
+
+
+def write_clientapp_shim(bin_dir: Path, fork_socket: Path, real: Path | None = None) -> Path:
+    """``bin_dir/flwr-clientapp``: the stand-in that hands each message's ClientApp to the fork server
+    (Flower's own program ``real`` if the server is not there). ``bin_dir`` goes first on the SuperNode's PATH."""
+    from osteofl.client import clientapp_shim
+
+    bin_dir.mkdir(mode=0o700, exist_ok=True)
+    real = real or Path(sys.executable).parent / "flwr-clientapp"
+    shim = bin_dir / "flwr-clientapp"
+    shim.write_text("#!/bin/sh\n" + shlex.join(["exec", sys.executable, "-S", "-E", clientapp_shim.__file__,
+                                                 str(fork_socket), str(real)]) + ' "$@"\n')
+    shim.chmod(0o700)
+    return shim
+
+
+def supernode_env(env: dict[str, str], cfg, bin_dir: Path | None) -> dict[str, str]:
+    """The SuperNode's environment: the stand-in first on PATH, and its SuperExec asking for tasks as often
+    as the SuperNode asks the SuperLink (``site.poll_s``; Flower's default is every 1 s)."""
+    env = dict(env)
+    if bin_dir is not None:
+        env["PATH"] = str(bin_dir) + os.pathsep + env["PATH"]
+    if cfg.site.get("poll_s") is not None:
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = f"{min(max(float(cfg.site.poll_s), 0.01), 60.0):g}"
+    return env
+
+
+def _wait_ready(proc: runtime.Owned, socket_path: Path, what: str) -> None:
+    """Until ``proc`` listens (it binds once warmed up); its own one-line error is already printed if not."""
     deadline = time.monotonic() + WORKER_START_S
     while not socket_path.exists():
-        if worker.poll() is not None:
-            raise OsteoError(None, f"the site worker stopped while starting (exit {worker.poll()}; its error is above)")
+        if proc.poll() is not None:
+            raise OsteoError(None, f"the {what} stopped while starting (exit {proc.poll()}; its error is above)")
         if time.monotonic() > deadline:
-            raise OsteoError(None, f"the site worker was not ready after {WORKER_START_S:.0f} s")
+            raise OsteoError(None, f"the {what} was not ready after {WORKER_START_S:.0f} s")
         time.sleep(0.2)
 
 
@@ -168,14 +206,18 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
               f"{'no site worker' if private is None else 'warm site worker'}; {runtime.say_telemetry(args.telemetry)}",
               flush=True)
         runtime.exit_on_sigterm()
-        worker = None
-        if socket_path is not None:
+        worker, bin_dir = None, None
+        if private is not None:
             worker = runtime.start(worker_command(node_config(args, cfg, overrides), socket_path), env)
-            owned.append(worker)
-            _wait_ready(worker, socket_path)
+            forks = runtime.start(fork_server_command(private / "fork.sock"), env)
+            owned += [worker, forks]
+            _wait_ready(worker, socket_path, "site worker")
+            _wait_ready(forks, private / "fork.sock", "fork server")
+            bin_dir = write_clientapp_shim(private / "bin", private / "fork.sock").parent
+        node_env = supernode_env(env, cfg, bin_dir)
         deadline = time.monotonic() + args.activation_wait
         while True:
-            supernode, was_refused = start_supernode(cmd, env)
+            supernode, was_refused = start_supernode(cmd, node_env)
             owned.append(supernode)
             code = _supervise(supernode, worker)
             refused = code != 0 and was_refused()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import sys
 import time
@@ -68,23 +67,10 @@ def warm_up(node_config: dict[str, Any]) -> str:
     return f"site {site}: {len(data.cache)} vertebrae"
 
 
-def listen(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path`` that only this user can open (the folder is 0700 as well)."""
-    path.unlink(missing_ok=True)
-    old = os.umask(0o177)
-    try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    sock.listen(8)
-    return sock
-
-
 def serve(path: Path, node_config: dict[str, Any]) -> None:
     """Answer relayed messages one at a time (a site trains one message at a time) until stopped."""
     summary = warm_up(node_config)
-    with listen(path) as sock:
+    with worker_wire.listen(path) as sock:
         print(f"{READY}: {summary}", flush=True)
         while True:
             conn, _ = sock.accept()

@@ -8,8 +8,10 @@ RecordDict), so nothing is pickled and the worker rebuilds exactly the objects t
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
+from pathlib import Path
 from typing import Any, Sequence
 
 from flwr.app import Context, Error, Message
@@ -104,3 +106,16 @@ def forward(path: str, kind: str, message: Message, context: Context) -> Message
     except OSError as exc:  # WireError included
         reason = f"the site worker did not answer ({type(exc).__name__}): is osteo-client still running?"
         return Message(Error(code=ERROR_SITE_FAILED, reason=reason), reply_to=message)
+
+
+def listen(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path`` that only this user can open (the folder is 0700 as well)."""
+    path.unlink(missing_ok=True)
+    old = os.umask(0o177)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(8)
+    return sock

@@ -22,7 +22,8 @@ from osteo_model.config import compose
 from osteo_model.errors import ConfigError
 from osteofl import protocol
 from osteofl.client.client_app import make_client_app
-from osteofl.client.worker import READY, listen
+from osteofl.client.worker import READY
+from osteofl.client.worker_wire import listen
 from osteofl.server.server_app import Federation
 
 pytestmark = pytest.mark.usefixtures("task_identity")
