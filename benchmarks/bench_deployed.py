@@ -114,10 +114,10 @@ def run() -> Iterator[tuple[str, float, str]]:
         raise
     shutil.rmtree(root)
     flower = "flwr.supernode.runtime.run_clientapp"
-    yield "per-message process imports: Flower + relay ClientApp", _import_seconds(f"{flower}, osteofl.client.client_app"), "s"
-    yield "per-message process imports: Flower + handlers (no worker)", _import_seconds(f"{flower}, osteofl.client.handlers"), "s"
+    yield "fresh ClientApp process imports: Flower + relay (what the fork server saves)", _import_seconds(f"{flower}, osteofl.client.client_app"), "s"
+    yield "fresh ClientApp process imports: Flower + handlers (--no-worker)", _import_seconds(f"{flower}, osteofl.client.handlers"), "s"
     yield "simulated round (osteo-sim)", simulated, "s"
-    yield "deployed round, TLS, warm site workers", warm, "s"
+    yield "deployed round, TLS, warm site workers + fork server", warm, "s"
     yield "deployed round, TLS, --no-worker", plain, "s"
     yield "deployed (warm) / simulated (goal <= 1.5)", warm / simulated, "x"
     yield "per-message overhead, warm (goal <= 1 s)", (warm - simulated) / 2, "s"

@@ -105,8 +105,10 @@ def worker_command(config: dict[str, str], socket_path: Path) -> list[str]:
     return [sys.executable, "-m", "osteofl.client.worker", "--socket", str(socket_path), "--node-config", json.dumps(config)]
 
 
-def fork_server_command(socket_path: Path) -> list[str]:
-    return [sys.executable, "-m", "osteofl.client.fork_server", "--socket", str(socket_path)]
+def fork_server_command(socket_path: Path, cfg) -> list[str]:
+    poll = cfg.site.get("poll_s")
+    return [sys.executable, "-m", "osteofl.client.fork_server", "--socket", str(socket_path),
+            *([] if poll is None else ["--first-retry", f"{float(poll):g}"])]
 
 
 def write_clientapp_shim(bin_dir: Path, fork_socket: Path, real: Path | None = None) -> Path:
@@ -209,7 +211,7 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
         worker, bin_dir = None, None
         if private is not None:
             worker = runtime.start(worker_command(node_config(args, cfg, overrides), socket_path), env)
-            forks = runtime.start(fork_server_command(private / "fork.sock"), env)
+            forks = runtime.start(fork_server_command(private / "fork.sock", cfg), env)
             owned += [worker, forks]
             _wait_ready(worker, socket_path, "site worker")
             _wait_ready(forks, private / "fork.sock", "fork server")

@@ -32,6 +32,7 @@ from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
 import osteofl.client.client_app  # noqa: F401  imported once here, not in every message's process
 from osteofl.client.worker_wire import listen
+from osteofl.flower_waits import cap_pull_backoff
 
 READY = "osteo-fork-server ready"
 STREAMS = 3  # stdin, stdout, stderr of the stand-in
@@ -130,7 +131,11 @@ def serve(path: Path, entry: Entry = flwr_clientapp) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="osteo-fork-server", description=__doc__.splitlines()[0])
     p.add_argument("--socket", required=True, type=Path, help="where to listen (a file in a private folder)")
+    p.add_argument("--first-retry", type=float, metavar="S",
+                   help="retry a message object the SuperNode has not pulled yet after S s, not Flower's 1 s (site.poll_s)")
     args = p.parse_args(argv)
+    if args.first_retry is not None:
+        cap_pull_backoff(args.first_retry)  # before any fork: every child inherits it
     try:
         serve(args.socket)
     except KeyboardInterrupt:

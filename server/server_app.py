@@ -29,6 +29,7 @@ from osteo_model.config import compose
 from osteo_model.constants import HUI_1997
 from osteo_model.errors import ConfigError, StateError
 from osteofl import protocol
+from osteofl.flower_waits import cap_pull_backoff
 from osteofl.protocol import CONFIG, METRICS, N_SITES, NUM_EXAMPLES, OVERRIDES, PHASE, RESUME, ROUND, RUN_ID, SPLIT, phase_of
 from osteofl.server import checkpoint as ckpt, robust
 from osteofl.server.history import History, write_json
@@ -323,6 +324,7 @@ def make_server_app(extra_overrides: Sequence[str] = ()) -> ServerApp:
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         cfg = compose(run_config_overrides(context, extra))
+        cap_pull_backoff(float(cfg.federation.reply_poll_s))  # a reply is visible before all of its objects
         Federation(ShortPollGrid(grid, float(cfg.federation.reply_poll_s)), cfg, run_id=context.run_id).run()
 
     return server_app
