@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import re
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -34,7 +33,7 @@ from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import InputError
 from osteo_model.labels import label_map_from_cfg
 from osteo_model.prepare import featurise_study, load_studies
-from osteo_model.radiomics_features import extractor_for, params_path
+from osteo_model.radiomics_features import extractor_for, n_workers, params_path
 from osteo_model.screening import (
     RESEARCH_USE, Reference, StudyInput, StudyReport, new_ct_cache, prepared_studies, screen, site_reference,
 )
@@ -134,7 +133,7 @@ class _Writer:
 
     def __init__(self, out_dir: Path, card: dict[str, Any], label_map: dict[str, int], predict_cfg) -> None:
         self.out_dir, self.card, self.label_map = out_dir, card, label_map
-        self.dpi, self.n_jobs = int(predict_cfg.png_dpi), int(predict_cfg.n_jobs) or len(os.sched_getaffinity(0))
+        self.dpi, self.n_jobs = int(predict_cfg.png_dpi), n_workers(predict_cfg)
         self.line = model_line(card)
         self.reports: list[StudyReport] = []
         self.jobs: list[_PngJob] = []

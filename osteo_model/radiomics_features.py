@@ -46,9 +46,9 @@ def params_digest(radiomics_cfg) -> str:
     return hashlib.sha256(params_path(radiomics_cfg).read_bytes()).hexdigest()
 
 
-def n_workers(radiomics_cfg) -> int:
-    """``radiomics.n_jobs``: 0 = all cores this process may use."""
-    n = int(radiomics_cfg.n_jobs)
+def n_workers(group_cfg) -> int:
+    """A config group's ``n_jobs`` (radiomics, synth, predict): 0 = all cores this process may use."""
+    n = int(group_cfg.n_jobs)
     return n if n > 0 else len(os.sched_getaffinity(0))
 
 

@@ -108,14 +108,16 @@ class Selector:
         return run
 
 
-def _site_models(cfg, datas: Mapping[str, SiteData]) -> dict[str, torch.nn.Module]:
-    """One model per site, all from the same seeded initial weights (the run's global model)."""
+def _site_models(cfg, datas: Mapping[str, SiteData], device: str) -> dict[str, torch.nn.Module]:
+    """One model per site on ``device``, all from the same seeded initial weights (the run's global model);
+    on the device before any optimiser or FedProx anchor is made from them."""
     n_features = next(iter(datas.values())).cache.features.shape[1]
     models = {}
     for site, data in datas.items():
         torch.manual_seed(int(cfg.seed))
         models[site] = osteo.build_model(cfg, n_features, data.manufacturer)
         osteo.standardise_on_site(models[site], data)
+        models[site].to(device)
     return models
 
 
@@ -143,7 +145,7 @@ def federated(cfg, datas: Mapping[str, SiteData], device: str, aggregate: bool =
     """FedAvg of ``payload_keys`` (OsteoFL's shared parts, the whole model with ``federation.share_all``,
     FedPer with ``federation.personal_prefixes``; FedProx with ``federation.strategy=fedprox``);
     ``aggregate=False``: local-only, the same rounds and steps with nothing averaged."""
-    models = _site_models(cfg, datas)
+    models = _site_models(cfg, datas, device)
     lengths = training.phase_lengths(cfg, federated=True)
     mu = float(cfg.federation.strategy_args.fedprox.proximal_mu) if cfg.federation.strategy == "fedprox" else 0.0
     keys = protocol.payload_keys(next(iter(models.values())), cfg) if aggregate else []
@@ -185,6 +187,8 @@ def central(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     n_features = next(iter(datas.values())).cache.features.shape[1]
     torch.manual_seed(int(cfg.seed))
     models = osteo.build_site_models(cfg, n_features, {s: d.manufacturer for s, d in datas.items()})
+    for model in models.values():
+        model.to(device)
     for site, model in models.items():
         osteo.standardise_on_site(model, datas[site])
     recipe = training.Recipe(models, cfg, training.phase_lengths(cfg, federated=True), datas)
