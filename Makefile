@@ -24,10 +24,11 @@ demo: $(STAMP)
 	$(BIN)/osteo-sim
 
 # The benchmark the README's results come from (configs/experiment/evidence.yaml); EXPERIMENT=evidence_quick for a
-# few-minute check of the pipeline.
+# few-minute check of the pipeline. JOBS: scenario x seed runs trained at once (0 = one per CPU).
 EXPERIMENT ?= evidence
+JOBS ?= 0
 evidence: $(STAMP)
-	$(BIN)/python -m osteofl.simulation.evidence --experiment $(EXPERIMENT)
+	$(BIN)/python -m osteofl.simulation.evidence --experiment $(EXPERIMENT) --jobs $(JOBS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

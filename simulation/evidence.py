@@ -15,10 +15,14 @@ the task round each trained method kept per site and the onboarding curve go to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -180,61 +184,127 @@ def _cached(path: Path, key: str, make: Callable[[], MethodRun]) -> tuple[Method
     return run, seconds, False
 
 
-def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
-    """The whole benchmark; returns the report written to ``<outputs>/<name>/evidence.json``."""
+@dataclasses.dataclass
+class Plan:
+    """What every scenario and seed of one benchmark run shares."""
+
+    exp: DictConfig
+    base: list[str]
+    out: Path
+    scenarios: dict[str, list[str]]
+    methods: list[str]
+
+    @classmethod
+    def make(cls, experiment: str, overrides: Sequence[str]) -> "Plan":
+        exp = load_experiment(experiment)
+        base = [*map(str, exp.get("overrides") or []), *overrides]
+        scenarios = {str(sc): [*map(str, sc_over or [])] for sc, sc_over in exp.scenarios.items()}
+        for sc_over in scenarios.values():  # fail before hours of training, not after
+            compose([*base, *sc_over])
+        return cls(exp, base, Path(compose(base).paths.outputs) / str(exp.name), scenarios, [str(m) for m in exp.methods])
+
+    def units(self) -> list[tuple[str, int]]:
+        return [(sc, int(seed)) for sc in self.scenarios for seed in self.exp.seeds]
+
+
+@dataclasses.dataclass
+class SeedRuns:
+    """One scenario and seed: every method's run, the onboarding curve, the simulated DXA biases."""
+
+    runs: dict[str, MethodRun]
+    curve: MethodRun | None
+    simulated: dict
+    averaged: set[str]
+    sites: list[str]
+    external: str
+
+
+def _seed_runs(plan: Plan, scenario: str, seed: int, result: dict, log: Callable[[str], None]) -> SeedRuns:
+    """Data, every method and the onboarding curve of one scenario and seed, each trained unless cached."""
     from osteofl.simulation.sim import ensure_sites, prepare_sites
 
-    exp = load_experiment(experiment)
-    base = [*map(str, exp.get("overrides") or []), *overrides]
-    out = Path(compose(base).paths.outputs) / str(exp.name)
-    runs_of = {str(sc): [*map(str, sc_over or [])] for sc, sc_over in exp.scenarios.items()}
-    for sc, sc_over in runs_of.items():  # fail before hours of training, not after
-        compose([*base, *sc_over])
-    methods = [str(m) for m in exp.methods]
-    onb = exp.get("onboarding")
+    exp, onb = plan.exp, plan.exp.get("onboarding")
+    run_over = [*plan.base, *plan.scenarios[scenario], f"seed={seed}", *_data_overrides(exp, plan.out, scenario, seed)]
+    cfg = compose(run_over)
+    sites, ext = [str(s) for s in cfg.federation.sites], str(cfg.synth.external_site)
+    if exp.get("data", "per_seed") == "per_seed":
+        ensure_sites(cfg, log)
+        prepare_sites(run_over, [*sites, *([ext] if onb is not None else [])], log)
+    datas = {s: load_site_data(Path(cfg.paths.cache_root) / s, cfg) for s in sites}
+    data_key = _data_key(datas)
+    runs: dict[str, MethodRun] = {}
+    averaged: set[str] = set()
+    for method in plan.methods:
+        spec = exp.methods[method]
+        mcfg = compose([*run_over, *map(str, spec.get("overrides") or [])])
+        if spec.engine == "federated" and bool(mcfg.federation.share_all):
+            averaged.add(method)
+        saved = plan.out / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
+        runs[method], seconds, earlier = _cached(saved, _config_key(mcfg, data_key), lambda: ENGINES[
+            str(spec.engine)](mcfg, datas, resolve_device(mcfg)))
+        result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
+        if runs[method].round_seconds:
+            result["round_seconds"].setdefault(method, []).extend(runs[method].round_seconds)
+        log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: "
+            + (f"done earlier ({saved.name})" if earlier else f"{seconds:.1f} s"))
+    curve = None
+    if onb is not None:
+        ext_data = load_site_data(Path(cfg.paths.cache_root) / ext, cfg)
+        curve = _onboard(exp, run_over, plan.out / "runs" / scenario / f"seed{seed}", runs, ext_data, data_key, log)
+    simulated = simulated_dxa_bias(Path(cfg.paths.ground_truth), [*sites, ext])
+    return SeedRuns(runs, curve, simulated, averaged, sites, ext)
+
+
+def _train_unit(experiment: str, overrides: Sequence[str], scenario: str, seed: int, threads: int) -> None:
+    """A worker process's share of ``run(jobs > 1)``: one scenario and seed, trained into the run cache."""
+    import torch
+
+    torch.set_num_threads(threads)
+    plan = Plan.make(experiment, overrides)
+    _seed_runs(plan, scenario, seed, {"seconds": {}, "round_seconds": {}}, log=lambda m: print(m, flush=True))
+
+
+def _train_in_parallel(plan: Plan, experiment: str, overrides: Sequence[str], jobs: int,
+                       log: Callable[[str], None]) -> None:
+    """Every scenario and seed in ``jobs`` worker processes (each with its share of the CPUs), into the run
+    cache that the sequential pass then reads: the same code and the same files as ``jobs=1``."""
+    from osteofl.simulation.evidence import _train_unit  # by its import name: spawned workers cannot load __main__'s
+
+    units = plan.units()
+    jobs = min(jobs, len(units))
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    log(f"evidence: {len(units)} scenario x seed runs in {jobs} processes, {threads} thread(s) each")
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        for future in [pool.submit(_train_unit, experiment, list(overrides), sc, seed, threads) for sc, seed in units]:
+            future.result()
+
+
+def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], None] = print, jobs: int = 1) -> dict:
+    """The whole benchmark; returns the report written to ``<outputs>/<name>/evidence.json``. With ``jobs``
+    > 1 the scenarios and seeds train in that many processes first; the report is made the same way."""
+    plan = Plan.make(experiment, overrides)
+    exp = plan.exp
     result: dict = {"experiment": str(exp.name), "config": OmegaConf.to_container(exp, resolve=True),
                     "scenarios": {}, "seconds": {}, "round_seconds": {}}
     t_start = time.perf_counter()
-    for scenario, sc_over in runs_of.items():
-        runs: dict[int, dict[str, MethodRun]] = {}
-        curves: dict[int, MethodRun] = {}
-        simulated: dict[int, dict] = {}
-        averaged: set[str] = set()
-        for seed in [int(s) for s in exp.seeds]:
-            run_over = [*base, *sc_over, f"seed={seed}", *_data_overrides(exp, out, scenario, seed)]
-            cfg = compose(run_over)
-            sites, ext = [str(s) for s in cfg.federation.sites], str(cfg.synth.external_site)
-            if exp.get("data", "per_seed") == "per_seed":
-                ensure_sites(cfg, log)
-                prepare_sites(run_over, [*sites, *([ext] if onb is not None else [])], log)
-            datas = {s: load_site_data(Path(cfg.paths.cache_root) / s, cfg) for s in sites}
-            ext_data = load_site_data(Path(cfg.paths.cache_root) / ext, cfg) if onb is not None else None
-            data_key = _data_key(datas)
-            simulated[seed] = simulated_dxa_bias(Path(cfg.paths.ground_truth), [*sites, ext])
-            runs[seed] = {}
-            for method in methods:
-                spec = exp.methods[method]
-                mcfg = compose([*run_over, *map(str, spec.get("overrides") or [])])
-                if spec.engine == "federated" and bool(mcfg.federation.share_all):
-                    averaged.add(method)
-                saved = out / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
-                runs[seed][method], seconds, earlier = _cached(saved, _config_key(mcfg, data_key), lambda: ENGINES[
-                    str(spec.engine)](mcfg, datas, resolve_device(mcfg)))
-                result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
-                if runs[seed][method].round_seconds:
-                    result["round_seconds"].setdefault(method, []).extend(runs[seed][method].round_seconds)
-                log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: "
-                    + (f"done earlier ({saved.name})" if earlier else f"{seconds:.1f} s"))
-            if onb is not None:
-                curves[seed] = _onboard(exp, run_over, out / "runs" / scenario / f"seed{seed}", runs[seed], ext_data,
-                                        data_key, log)
-        result["scenarios"][scenario] = _summary(exp, runs, curves, simulated, sorted(averaged), sites, ext)
+    if jobs > 1:
+        _train_in_parallel(plan, experiment, overrides, jobs, log)
+    for scenario in plan.scenarios:
+        by_seed = {seed: _seed_runs(plan, scenario, seed, result, log) for sc, seed in plan.units() if sc == scenario}
+        last = by_seed[max(by_seed)]
+        averaged = sorted(set().union(*(r.averaged for r in by_seed.values())))
+        result["scenarios"][scenario] = _summary(
+            exp, {sd: r.runs for sd, r in by_seed.items()},
+            {sd: r.curve for sd, r in by_seed.items() if r.curve is not None},
+            {sd: r.simulated for sd, r in by_seed.items()}, averaged, last.sites, last.external)
     result["seconds"]["total"] = time.perf_counter() - t_start
+    out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evidence.json", result)
     (out / "evidence.md").write_text(report.markdown(result, LABELS) + "\n", encoding="utf-8")
     report.forest_png(out / "forest.png", result, LABELS)
-    if onb is not None:
+    if exp.get("onboarding") is not None:
         report.onboarding_png(out / "onboarding.png", result)
     log(f"evidence: {out / 'evidence.md'} (JSON: evidence.json, forest plot: forest.png), "
         f"{result['seconds']['total']:.0f} s")
@@ -275,10 +345,13 @@ def _onboard(exp: DictConfig, run_over: list[str], folder: Path, runs: dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="osteo-evidence", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="evidence", help="configs/experiment/<name>.yaml or a .yaml path")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train the scenarios and seeds in N processes (0 = one per CPU this process may use)")
     args, overrides = p.parse_known_args(argv)
     from osteo_model.cli._common import run_cli
 
-    return run_cli(lambda: run(args.experiment, overrides, log=lambda m: print(m, flush=True)))
+    jobs = args.jobs if args.jobs > 0 else len(os.sched_getaffinity(0))
+    return run_cli(lambda: run(args.experiment, overrides, log=lambda m: print(m, flush=True), jobs=jobs))
 
 
 if __name__ == "__main__":

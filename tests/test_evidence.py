@@ -215,3 +215,21 @@ def test_fedavg_weights_by_pool_size_and_keeps_dtypes():
     assert np.allclose(out["w"], 3.0) and out["w"].dtype == np.float32
     assert out["n"] == 3 and out["n"].dtype == np.int64
     assert np.allclose(fedavg([(a, 0), (b, 0)])["w"], 2.0)  # no examples anywhere: plain mean
+
+
+@pytest.mark.slow
+def test_jobs_train_every_scenario_and_seed_in_worker_processes(tmp_path):
+    """``--jobs 2``: the two seeds train in two spawned processes into the run cache, so the report pass
+    trains nothing itself, and the report has both seeds."""
+    root = make_caches(tmp_path, n_patients=24)
+    exp = tmp_path / "jobs.yaml"
+    exp.write_text("base: evidence_quick\nname: jobs\ndata: as_configured\nbootstrap: 20\nonboarding: null\n"
+                   "methods:\n  osteofl: {engine: federated}\n  local_only: {engine: local}\n")
+    lines: list[str] = []
+    result = evidence.run(str(exp), small_overrides(root), log=lines.append, jobs=2)
+    assert any("2 scenario x seed runs in 2 processes" in line for line in lines)
+    trained_here = [line for line in lines if line.startswith("[default seed") and "done earlier" not in line]
+    assert trained_here == [] and sum("done earlier" in line for line in lines) == 4
+    sc = result["scenarios"]["default"]
+    assert sc["seeds"] == [0, 1] and set(sc["metrics"]) == {"osteofl", "local_only"}
+    assert all(result["seconds"]["default"][seed][m] > 0 for seed in ("0", "1") for m in ("osteofl", "local_only"))
