@@ -151,6 +151,15 @@ def pack(arrays: Mapping[str, np.ndarray]) -> tuple[ArrayRecord, ConfigRecord]:
     return record, ConfigRecord({"keys": keys, "shapes": shapes, "dtypes": dtypes})
 
 
+def packed_shapes(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shape of each flat array ``pack`` makes of ``arrays`` (one per dtype), without packing them."""
+    sizes: dict[str, int] = {}
+    for value in arrays.values():
+        value = np.asarray(value)
+        sizes[value.dtype.name] = sizes.get(value.dtype.name, 0) + int(value.size)
+    return {name: (n,) for name, n in sizes.items()}
+
+
 def put_payload(content: RecordDict, arrays: Mapping[str, np.ndarray], name: str = ARRAYS) -> None:
     """Put packed ``arrays`` and their layout into a message's content (``name``: its ArrayRecord's name)."""
     content[name], content[LAYOUT] = pack(arrays)

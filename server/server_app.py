@@ -134,7 +134,7 @@ class Federation:
             if last.meta.get("strategy") != str(self.fed.strategy):
                 raise ConfigError(None, f"checkpoint was made with strategy {last.meta.get('strategy')!r}, "
                                         f"config says {self.fed.strategy!r}")
-            restore_strategy_state(self.strategy, last.strategy_state)
+            restore_strategy_state(self.strategy, last.strategy_state, protocol.packed_shapes(last.arrays), self.ckpt_dir)
             log(INFO, "resuming after round %d (%s phase) from %s", last.round, last.phase, self.ckpt_dir)
             return last.round + 1, last.arrays, History(last.meta.get("history")), last.meta
         if ckpt.list_checkpoints(self.ckpt_dir):  # keep an earlier run's checkpoints, out of resume's way

@@ -11,6 +11,7 @@ moments ``m_t``/``v_t``); it goes into the checkpoint so a resumed run carries o
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,13 +75,20 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     return out
 
 
-def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray],
+                           packed: dict[str, tuple[int, ...]] | None = None, source: Path | None = None) -> None:
     """Set the strategy's cross-round state to ``state`` (an attribute absent there is reset to None: the
-    state before the first aggregation, or before a refused one)."""
+    state before the first aggregation, or before a refused one). ``packed``: the shapes of the payload's
+    packed arrays (protocol.packed_shapes), which the moments of the checkpoint ``source`` must have to be resumed."""
     for attr in _STATEFUL_ATTRS:
         values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attr}/")}
         if not hasattr(strategy, attr):
             if values:
                 raise ConfigError(None, f"checkpoint holds {attr} but strategy {type(strategy).__name__} has none")
             continue
+        shapes = {k: tuple(np.shape(v)) for k, v in values.items()}
+        if values and packed is not None and shapes != packed:
+            raise ConfigError(source, f"checkpoint's {type(strategy).__name__} state {attr} is kept per "
+                                    f"{sorted(shapes)[:3]}... , not per packed payload array {sorted(packed)}: it was "
+                                    "made before osteofl packed its payload (or for another model); start a fresh run")
         setattr(strategy, attr, values or None)

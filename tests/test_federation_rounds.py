@@ -221,6 +221,14 @@ def test_fedadam_state_survives_a_checkpoint(root: Path) -> None:
     assert set(fed2.strategy.m_t) == set(protocol.pack(last.arrays)[0])  # moments of the packed arrays
     np.testing.assert_array_equal(next(iter(fed2.strategy.v_t.values())), next(iter(
         v for k, v in last.strategy_state.items() if k.startswith("v_t/"))))
+    # a checkpoint made before the payload was packed holds its moments per parameter: one clear error on
+    # resume, not a KeyError inside Flower's FedAdam at the next aggregation
+    per_key = {f"{attr}/{k}": np.zeros_like(v) for attr in ("m_t", "v_t") for k, v in last.arrays.items()}
+    ckpt.save_checkpoint(root / "outputs" / "federated" / "checkpoints",
+                         ckpt.Checkpoint(last.round + 1, last.phase, last.arrays, per_key, last.meta))
+    fed3, _ = _federation(root, **{"federation.strategy": "fedadam", "federation.resume": "true"})
+    with pytest.raises(ConfigError, match="made before osteofl packed its payload"):
+        fed3.start_state()
 
 
 def test_fedprox_pulls_updates_towards_the_global_model(root: Path) -> None:
