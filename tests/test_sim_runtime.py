@@ -33,10 +33,11 @@ def test_federated_simulation_uses_flwr_run_and_leaves_no_process(tmp_path: Path
                                              "federation.round_timeout": 600})
     seen: dict[int, str] = {}
     done = threading.Event()
+    before = set(descendants(os.getpid()))  # e.g. multiprocessing's resource tracker, left by an earlier test
 
     def watch() -> None:  # what the run spawned, sampled while it runs
         while not done.wait(0.3):
-            for pid in descendants(os.getpid()):
+            for pid in set(descendants(os.getpid())) - before:
                 seen.setdefault(pid, _cmdline(pid))
 
     watcher = threading.Thread(target=watch, daemon=True)
