@@ -96,6 +96,8 @@ def _data_overrides(exp: DictConfig, out: Path, scenario: str, seed: int) -> lis
 FIELDS = ("device", "true_bmd", "pred_bmd", "true_cat", "pred_cat", "score")
 RUN_FORMAT = "3: predictions, diagnostics, payload, validation history"
 """What a run file holds; part of its key, so files of an older format are trained again, not misread."""
+ONBOARDING_FORMAT = "onboarding 2: the point of all training patients is 'all'"
+"""Part of an onboarding curve's key, so curves saved with per-seed capped names are made again."""
 NOT_TRAINING = (
     "paths", "train.out_dir", "site.dir", "site.cache_dir", "site.state_dir", "eval", "predict",
     "synth.n_jobs", "radiomics.n_jobs", "site.policy", "federation.superlink", "federation.simulation",
@@ -334,7 +336,7 @@ def _onboard(exp: DictConfig, run_over: list[str], folder: Path, runs: dict[str,
     the method's run; a curve made earlier from the same run, external site and k is reused)."""
     method, ks = str(exp.onboarding.method), [int(k) for k in exp.onboarding.labeled_patients]
     cfg = compose([*run_over, *map(str, exp.methods[method].get("overrides") or [])])
-    key = _config_key(cfg, data_key, "onboarding", ks, _data_key({ext_data.site: ext_data}))
+    key = _config_key(cfg, data_key, ONBOARDING_FORMAT, ks, _data_key({ext_data.site: ext_data}))
     curve, seconds, earlier = _cached(folder / "onboarding.npz", key, lambda: onboarding.curve(
         cfg, ext_data, runs[method].payload, ks, resolve_device(cfg)))
     log(f"  onboarding {ext_data.site} onto {LABELS.get(method, method)} (k = {', '.join(curve.predictions)}): "

@@ -31,8 +31,13 @@ def labeled_counts(requested: Sequence[int], available: int) -> list[int]:
     return sorted({min(int(k), int(available)) for k in requested} - {0})
 
 
-def point_name(k: int) -> str:
-    return SHARED_ONLY if k == 0 else f"k{k}"
+ALL = "all"
+"""The point that fits every labeled training patient the site has: a requested k at or above that count,
+whose number differs between seeds (their splits differ), is one point of the curve, not one per seed."""
+
+
+def point_name(k: int, available: int) -> str:
+    return SHARED_ONLY if k == 0 else ALL if k >= available else f"k{k}"
 
 
 def _shared_only_model(cfg, data: SiteData, payload: Mapping[str, np.ndarray]) -> osteo.OsteoNet:
@@ -61,7 +66,7 @@ def curve(cfg, data: SiteData, payload: Mapping[str, np.ndarray], requested: Seq
         model = copy.deepcopy(base)
         few = dataclasses.replace(data, splits={**data.splits, "train": rows[np.isin(patients, order[:k])]})
         fit = training.fit_local(model, few, cfg, device, int(cfg.train.fit_local_epochs))
-        run.predictions[point_name(k)], diag = site_outcome(model, data, device)
-        run.diagnostics[point_name(k)] = {"labeled_patients": float(k), "selected_epoch": fit["selected_epoch"],
+        run.predictions[point_name(k, len(order))], diag = site_outcome(model, data, device)
+        run.diagnostics[point_name(k, len(order))] = {"labeled_patients": float(k), "selected_epoch": fit["selected_epoch"],
                                           SELECTED: fit[SELECTED], BASELINE: fit[BASELINE], **diag}
     return run

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from osteo_model import evidence as ev  # noqa: E402
+from osteofl.simulation.evidence_onboarding import ALL, SHARED_ONLY  # noqa: E402
 
 POOLED = "pooled"
 NAMES = {"acc3": "WHO 3-class accuracy", "auc": "osteoporosis AUC", "mae": "BMD MAE g/cm2", "r": "Pearson r BMD"}
@@ -21,7 +22,6 @@ DIAGNOSTIC_NAMES = {"gate_local": "gate weight on local expert", "calibration_sh
                     "local_expert_shift": "local-expert shift g/cm2"}
 SIMULATED_NAMES = {"device_bias": "simulated device bias g/cm2", "dxa_minus_truth": "DXA minus truth g/cm2"}
 SHIFTS = ("calibration_shift", "local_expert_shift")
-SHARED_ONLY = "shared_only"
 # seed -> method -> site -> patients
 Runs = Mapping[int, Mapping[str, Mapping[str, ev.Patients]]]
 # seed -> (method or point) -> site -> name -> value
@@ -243,7 +243,8 @@ def _md_onboarding(sc: Mapping, labels: Mapping[str, str]) -> list[str]:
     for name, point in onb["points"].items():
         kept = point.get("kept_shared_only")
         lines.append("| " + " | ".join([
-            "0 (shared only)" if name == SHARED_ONLY else _num(point.get("labeled_patients"), 0),
+            "0 (shared only)" if name == SHARED_ONLY else (
+                f"all ({_num(point.get('labeled_patients'), 1)}, mean)" if name == ALL else _num(point.get("labeled_patients"), 0)),
             *[_cell(point["metrics"].get(k, {})) for k in ("auc", "acc3", "mae")],
             _cell(point["difference"].get("mae", {})) if "difference" in point else "",
             "" if kept is None else (", ".join(map(str, kept)) or "none"),

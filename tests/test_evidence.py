@@ -20,7 +20,7 @@ from osteo_model.errors import ConfigError
 from osteofl.simulation import evidence
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
 from osteofl.simulation.evidence_methods import site_outcome
-from osteofl.simulation.evidence_onboarding import labeled_counts
+from osteofl.simulation.evidence_onboarding import labeled_counts, point_name
 
 EXTERNAL = "site_ext"
 
@@ -122,7 +122,7 @@ def _check_onboarding(onb: dict, cfg, n_seeds: int) -> None:
     assert 5 < available < 20  # the list [2, 5, 10, 20, 40] must be capped
     ks = labeled_counts(evidence.load_experiment("evidence_quick").onboarding.labeled_patients, available)
     assert ks[-1] == available and len(ks) == len(set(ks))
-    assert list(onb["points"]) == ["shared_only", *(f"k{k}" for k in ks)]
+    assert list(onb["points"]) == ["shared_only", *(f"k{k}" for k in ks[:-1]), "all"]
     for name, point in onb["points"].items():
         assert point["seeds"] == list(range(n_seeds)), name
         for metric in ("auc", "acc3", "mae"):
@@ -135,7 +135,8 @@ def _check_onboarding(onb: dict, cfg, n_seeds: int) -> None:
             assert point["labeled_patients"]["mean"] == 0 and "difference" not in point
             assert abs(point["local_expert_shift"]["mean"]) < 1e-6  # fresh local expert: the shared mixture
             continue
-        assert point["labeled_patients"]["per_seed"] == [float(name[1:])] * n_seeds
+        k = available if name == "all" else int(name[1:])
+        assert point["labeled_patients"]["per_seed"] == [float(k)] * n_seeds
         for sel, base in zip(point["val_patient_mae_bmd_selected"]["per_seed"],
                              point["val_patient_mae_bmd_shared_only"]["per_seed"]):
             assert sel <= base
@@ -174,6 +175,10 @@ def test_onboarding_counts_are_capped_once_each():
     assert labeled_counts([2, 5, 10, 20, 40], 12) == [2, 5, 10, 12]
     assert labeled_counts([40, 20], 12) == [12]
     assert labeled_counts([2, 5], 0) == []
+    # a seed with 28 training patients and one with 30: k=40 is the same point ("all") in both
+    assert [point_name(k, 28) for k in labeled_counts([20, 40], 28)] == ["k20", "all"]
+    assert [point_name(k, 30) for k in labeled_counts([20, 40], 30)] == ["k20", "all"]
+    assert point_name(0, 28) == "shared_only" and point_name(28, 28) == "all"
 
 
 @pytest.mark.parametrize("body, match", [
