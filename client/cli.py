@@ -77,16 +77,22 @@ def _toml(config: dict[str, str]) -> str:
     return " ".join(f'{k}="{v}"' for k, v in config.items())
 
 
+def poll_s(cfg) -> float | None:
+    """``site.poll_s``, checked: how often this site's Flower processes look for work (None: Flower's waits)."""
+    poll = cfg.site.get("poll_s")
+    if poll is not None and not float(poll) > 0:
+        raise OsteoError(None, f"site.poll_s must be a number of seconds > 0, or null for Flower's own waits; got {poll}")
+    return None if poll is None else float(poll)
+
+
 def supernode_command(args: argparse.Namespace, cfg, overrides: Sequence[str] = (), worker: Path | None = None) -> list[str]:
     pki = Path(cfg.paths.pki)
     config = node_config(args, cfg, overrides)
     if worker is not None:
         config[NODE_WORKER] = str(worker)
-    poll = cfg.site.get("poll_s")
-    if poll is not None and not float(poll) > 0:
-        raise OsteoError(None, f"site.poll_s must be a number of seconds > 0, or null for Flower's own waits; got {poll}")
+    poll = poll_s(cfg)
     launcher = ["flower-supernode"] if poll is None else [sys.executable, "-m", "osteofl.client.supernode_launch",
-                                                          f"{float(poll):g}", "--"]
+                                                          f"{poll:g}", "--"]
     cmd = [*launcher, "--superlink", args.superlink or str(cfg.federation.superlink.address),
            "--port", str(args.local_port), "--host", "127.0.0.1", "--node-config", _toml(config)]
     if args.insecure:
@@ -106,9 +112,9 @@ def worker_command(config: dict[str, str], socket_path: Path) -> list[str]:
 
 
 def fork_server_command(socket_path: Path, cfg) -> list[str]:
-    poll = cfg.site.get("poll_s")
+    poll = poll_s(cfg)
     return [sys.executable, "-m", "osteofl.client.fork_server", "--socket", str(socket_path),
-            *([] if poll is None else ["--first-retry", f"{float(poll):g}"])]
+            *([] if poll is None else ["--first-retry", f"{poll:g}"])]
 
 
 def write_clientapp_shim(bin_dir: Path, fork_socket: Path, real: Path | None = None) -> Path:
@@ -131,8 +137,8 @@ def supernode_env(env: dict[str, str], cfg, bin_dir: Path | None) -> dict[str, s
     env = dict(env)
     if bin_dir is not None:
         env["PATH"] = str(bin_dir) + os.pathsep + env["PATH"]
-    if cfg.site.get("poll_s") is not None:
-        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = f"{min(max(float(cfg.site.poll_s), 0.01), 60.0):g}"
+    if (poll := poll_s(cfg)) is not None:
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = f"{min(max(poll, 0.01), 60.0):g}"
     return env
 
 

@@ -324,8 +324,9 @@ def make_server_app(extra_overrides: Sequence[str] = ()) -> ServerApp:
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         cfg = compose(run_config_overrides(context, extra))
-        cap_pull_backoff(float(cfg.federation.reply_poll_s))  # a reply is visible before all of its objects
-        Federation(ShortPollGrid(grid, float(cfg.federation.reply_poll_s)), cfg, run_id=context.run_id).run()
+        polling = ShortPollGrid(grid, float(cfg.federation.reply_poll_s))  # checks reply_poll_s (ConfigError)
+        cap_pull_backoff(polling.interval)  # a reply is visible before all of its objects
+        Federation(polling, cfg, run_id=context.run_id).run()
 
     return server_app
 
