@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(BIN)/osteo-sim
 
 # The benchmark the README's results come from (configs/experiment/evidence.yaml); EXPERIMENT=evidence_quick for a
-# few-minute check of the pipeline. JOBS: scenario x seed runs trained at once (0 = one per CPU).
+# few-minute check of the pipeline. JOBS: processes that prepare the scenarios x seeds, then train the methods
+# on each (0 = one per CPU).
 EXPERIMENT ?= evidence
 JOBS ?= 0
 evidence: $(STAMP)

@@ -6,8 +6,10 @@ steps), the methods (an engine of simulation/evidence_methods.py plus its overri
 method the others are compared with, and optionally ``onboarding`` (the external site onboarded onto one
 federated method with k labeled patients: simulation/evidence_onboarding.py); ``base: <experiment>``
 starts from another experiment's file. For each scenario and seed the synthetic sites are generated and
-prepared under ``<outputs>/<name>/data`` (the same code as osteo-sim; ``data: as_configured`` uses the
-caches of ``paths.cache_root`` instead), every method trains and predicts each site's test patients, and
+prepared under ``<outputs>/<store>/data`` (the same code as osteo-sim; ``data: as_configured`` uses the
+caches of ``paths.cache_root`` instead), every method trains and predicts each site's test patients into
+``<outputs>/<store>/runs`` (``store`` defaults to the name; experiments that name the same store reuse each
+other's sites and runs wherever their configs agree: the runs are keyed by config and data), and
 the statistics (osteo_model/evidence.py), the methods' diagnostics (simulation/evidence_diagnostics.py),
 the task round each trained method kept per site and the onboarding curve go to
 ``<outputs>/<name>/evidence.{json,md}``, ``forest.png`` and ``onboarding.png``.
@@ -55,19 +57,34 @@ def _experiment_file(name: str) -> Path:
     return Path(str(resources.files("osteofl.configs") / "experiment" / f"{name}.yaml"))
 
 
-def load_experiment(name: str) -> DictConfig:
-    """The experiment's YAML merged over its ``base``; ConfigError naming the file when it is unusable."""
-    path = _experiment_file(name)
+def _merged(path: Path) -> DictConfig:
+    """The file over its ``base`` chain: each top-level key given replaces the base's whole entry, and a
+    file with its own ``methods`` catalogue runs all of it unless it has its own ``select``."""
     if not path.is_file():
         raise ConfigError(path, "no such experiment (configs/experiment/<name>.yaml or a .yaml path)")
     exp = OmegaConf.load(path)
-    if "base" in exp:  # each top-level key given replaces the base's whole entry (scenarios, methods, ...)
-        merged = OmegaConf.to_container(load_experiment(str(exp.base)))
+    if "base" in exp:
+        merged = OmegaConf.to_container(_merged(_experiment_file(str(exp.base))))
+        if "methods" in exp:
+            merged.pop("select", None)
         merged.update({k: v for k, v in OmegaConf.to_container(exp).items() if k != "base"})
         exp = OmegaConf.create(merged)
+    return exp
+
+
+def load_experiment(name: str) -> DictConfig:
+    """The experiment's YAML merged over its ``base``; ConfigError naming the file when it is unusable."""
+    path = _experiment_file(name)
+    exp = _merged(path)
     for key in ("name", "scenarios", "seeds", "methods", "reference"):
         if OmegaConf.select(exp, key) in (None, "", [], {}):
             raise ConfigError(path, f"'{key}' is missing or empty")
+    if exp.get("select") is not None:  # the methods run, from the catalogue of definitions in ``methods``
+        chosen = [str(m) for m in exp.select]
+        if not chosen or (unknown := [m for m in chosen if m not in exp.methods]):
+            raise ConfigError(path, f"select: {chosen} must name methods defined under 'methods' "
+                                    f"({sorted(exp.methods)})")
+        exp.methods = {m: exp.methods[m] for m in chosen}
     unknown = [f"{m}: {s.get('engine')}" for m, s in exp.methods.items() if s.get("engine") not in ENGINES]
     if unknown:
         raise ConfigError(path, f"unknown engine(s) {unknown}; known: {sorted(ENGINES)}")
@@ -193,6 +210,7 @@ class Plan:
     exp: DictConfig
     base: list[str]
     out: Path
+    store: Path
     scenarios: dict[str, list[str]]
     methods: list[str]
 
@@ -203,7 +221,9 @@ class Plan:
         scenarios = {str(sc): [*map(str, sc_over or [])] for sc, sc_over in exp.scenarios.items()}
         for sc_over in scenarios.values():  # fail before hours of training, not after
             compose([*base, *sc_over])
-        return cls(exp, base, Path(compose(base).paths.outputs) / str(exp.name), scenarios, [str(m) for m in exp.methods])
+        outputs = Path(compose(base).paths.outputs)
+        return cls(exp, base, outputs / str(exp.name), outputs / str(exp.get("store") or exp.name), scenarios,
+                   [str(m) for m in exp.methods])
 
     def units(self) -> list[tuple[str, int]]:
         return [(sc, int(seed)) for sc in self.scenarios for seed in self.exp.seeds]
@@ -221,64 +241,109 @@ class SeedRuns:
     external: str
 
 
-def _seed_runs(plan: Plan, scenario: str, seed: int, result: dict, log: Callable[[str], None]) -> SeedRuns:
-    """Data, every method and the onboarding curve of one scenario and seed, each trained unless cached."""
+@dataclasses.dataclass
+class UnitData:
+    """One scenario and seed's composed config and loaded training sites."""
+
+    run_over: list[str]
+    cfg: DictConfig
+    datas: dict[str, SiteData]
+    key: str
+
+
+def _unit_data(plan: Plan, scenario: str, seed: int, log: Callable[[str], None], prepare: bool = True) -> UnitData:
+    """The scenario and seed's sites, generated and prepared first when ``prepare`` (skipping what is cached)."""
     from osteofl.simulation.sim import ensure_sites, prepare_sites
 
-    exp, onb = plan.exp, plan.exp.get("onboarding")
-    run_over = [*plan.base, *plan.scenarios[scenario], f"seed={seed}", *_data_overrides(exp, plan.out, scenario, seed)]
+    exp = plan.exp
+    run_over = [*plan.base, *plan.scenarios[scenario], f"seed={seed}", *_data_overrides(exp, plan.store, scenario, seed)]
     cfg = compose(run_over)
-    sites, ext = [str(s) for s in cfg.federation.sites], str(cfg.synth.external_site)
-    if exp.get("data", "per_seed") == "per_seed":
+    sites = [str(s) for s in cfg.federation.sites]
+    if prepare and exp.get("data", "per_seed") == "per_seed":
         ensure_sites(cfg, log)
-        prepare_sites(run_over, [*sites, *([ext] if onb is not None else [])], log)
+        external = [str(cfg.synth.external_site)] if exp.get("onboarding") is not None else []
+        prepare_sites(run_over, [*sites, *external], log)
     datas = {s: load_site_data(Path(cfg.paths.cache_root) / s, cfg) for s in sites}
-    data_key = _data_key(datas)
-    runs: dict[str, MethodRun] = {}
-    averaged: set[str] = set()
-    for method in plan.methods:
-        spec = exp.methods[method]
-        mcfg = compose([*run_over, *map(str, spec.get("overrides") or [])])
-        if spec.engine == "federated" and bool(mcfg.federation.share_all):
-            averaged.add(method)
-        saved = plan.out / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
-        runs[method], seconds, earlier = _cached(saved, _config_key(mcfg, data_key), lambda: ENGINES[
-            str(spec.engine)](mcfg, datas, resolve_device(mcfg)))
-        result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
-        if runs[method].round_seconds:
-            result["round_seconds"].setdefault(method, []).extend(runs[method].round_seconds)
-        log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: "
-            + (f"done earlier ({saved.name})" if earlier else f"{seconds:.1f} s"))
+    return UnitData(run_over, cfg, datas, _data_key(datas))
+
+
+def _method_cfg(plan: Plan, unit: UnitData, method: str) -> DictConfig:
+    return compose([*unit.run_over, *map(str, plan.exp.methods[method].get("overrides") or [])])
+
+
+def _method_run(plan: Plan, scenario: str, seed: int, method: str, unit: UnitData, result: dict,
+                log: Callable[[str], None]) -> MethodRun:
+    """One method's run on one scenario and seed: from the run cache, or trained and saved there."""
+    spec = plan.exp.methods[method]
+    mcfg = _method_cfg(plan, unit, method)
+    saved = plan.store / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
+    run, seconds, earlier = _cached(saved, _config_key(mcfg, unit.key), lambda: ENGINES[
+        str(spec.engine)](mcfg, unit.datas, resolve_device(mcfg)))
+    result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
+    if run.round_seconds:
+        result["round_seconds"].setdefault(method, []).extend(run.round_seconds)
+    log(f"[{scenario} seed {seed}] {LABELS.get(method, method)}: "
+        + (f"done earlier ({saved.name})" if earlier else f"{seconds:.1f} s"))
+    return run
+
+
+def _seed_runs(plan: Plan, scenario: str, seed: int, result: dict, log: Callable[[str], None]) -> SeedRuns:
+    """Data, every method and the onboarding curve of one scenario and seed, each trained unless cached."""
+    exp, onb = plan.exp, plan.exp.get("onboarding")
+    unit = _unit_data(plan, scenario, seed, log)
+    cfg = unit.cfg
+    sites, ext = list(unit.datas), str(cfg.synth.external_site)
+    runs = {m: _method_run(plan, scenario, seed, m, unit, result, log) for m in plan.methods}
+    averaged = {m for m in plan.methods
+                if exp.methods[m].engine == "federated" and bool(_method_cfg(plan, unit, m).federation.share_all)}
     curve = None
     if onb is not None:
         ext_data = load_site_data(Path(cfg.paths.cache_root) / ext, cfg)
-        curve = _onboard(exp, run_over, plan.out / "runs" / scenario / f"seed{seed}", runs, ext_data, data_key, log)
+        curve = _onboard(plan, unit, plan.store / "runs" / scenario / f"seed{seed}", runs, ext_data, log)
     simulated = simulated_dxa_bias(Path(cfg.paths.ground_truth), [*sites, ext])
     return SeedRuns(runs, curve, simulated, averaged, sites, ext)
 
 
-def _train_unit(experiment: str, overrides: Sequence[str], scenario: str, seed: int, threads: int) -> None:
-    """A worker process's share of ``run(jobs > 1)``: one scenario and seed, trained into the run cache."""
+def _worker_log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _prepare_unit(experiment: str, overrides: Sequence[str], scenario: str, seed: int) -> None:
+    """A worker's share of ``run(jobs > 1)``'s first stage: one scenario and seed's sites, generated and prepared."""
+    _unit_data(Plan.make(experiment, overrides), scenario, seed, _worker_log)
+
+
+def _train_method(experiment: str, overrides: Sequence[str], scenario: str, seed: int, method: str,
+                  threads: int) -> None:
+    """A worker's share of the second stage: one method on one (prepared) scenario and seed, into the run cache."""
     import torch
 
     torch.set_num_threads(threads)
     plan = Plan.make(experiment, overrides)
-    _seed_runs(plan, scenario, seed, {"seconds": {}, "round_seconds": {}}, log=lambda m: print(m, flush=True))
+    unit = _unit_data(plan, scenario, seed, _worker_log, prepare=False)
+    _method_run(plan, scenario, seed, method, unit, {"seconds": {}, "round_seconds": {}}, _worker_log)
 
 
 def _train_in_parallel(plan: Plan, experiment: str, overrides: Sequence[str], jobs: int,
                        log: Callable[[str], None]) -> None:
-    """Every scenario and seed in ``jobs`` worker processes (each with its share of the CPUs), into the run
-    cache that the sequential pass then reads: the same code and the same files as ``jobs=1``."""
-    from osteofl.simulation.evidence import _train_unit  # by its import name: spawned workers cannot load __main__'s
+    """Every scenario and seed's data, then every method on each, in ``jobs`` worker processes (each with
+    its share of the CPUs), into the run cache that the sequential pass then reads: the same code and the
+    same files as ``jobs=1``. Methods, not whole scenarios, are the work items, so no process idles while
+    the other trains a scenario's last methods (a strong_shift seed is ~20 min of one core)."""
+    from osteofl.simulation import evidence as by_name  # spawned workers cannot load __main__'s functions
 
     units = plan.units()
-    jobs = min(jobs, len(units))
+    tasks = [(sc, seed, m) for sc, seed in units for m in plan.methods]
+    jobs = min(jobs, len(tasks))
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
-    log(f"evidence: {len(units)} scenario x seed runs in {jobs} processes, {threads} thread(s) each")
+    log(f"evidence: {len(units)} scenario x seed data sets, then {len(tasks)} method runs, in {jobs} processes, "
+        f"{threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        for future in [pool.submit(_train_unit, experiment, list(overrides), sc, seed, threads) for sc, seed in units]:
+        for future in [pool.submit(by_name._prepare_unit, experiment, list(overrides), sc, seed) for sc, seed in units]:
+            future.result()
+        for future in [pool.submit(by_name._train_method, experiment, list(overrides), sc, seed, m, threads)
+                       for sc, seed, m in tasks]:
             future.result()
 
 
@@ -330,13 +395,14 @@ def _summary(exp: DictConfig, runs: dict[int, dict[str, MethodRun]], curves: dic
     return summary
 
 
-def _onboard(exp: DictConfig, run_over: list[str], folder: Path, runs: dict[str, MethodRun], ext_data: SiteData,
-             data_key: str, log: Callable[[str], None]) -> MethodRun:
+def _onboard(plan: Plan, unit: UnitData, folder: Path, runs: dict[str, MethodRun], ext_data: SiteData,
+             log: Callable[[str], None]) -> MethodRun:
     """The external site's onboarding curve on ``exp.onboarding.method``'s last global payload (kept with
     the method's run; a curve made earlier from the same run, external site and k is reused)."""
+    exp = plan.exp
     method, ks = str(exp.onboarding.method), [int(k) for k in exp.onboarding.labeled_patients]
-    cfg = compose([*run_over, *map(str, exp.methods[method].get("overrides") or [])])
-    key = _config_key(cfg, data_key, ONBOARDING_FORMAT, ks, _data_key({ext_data.site: ext_data}))
+    cfg = _method_cfg(plan, unit, method)
+    key = _config_key(cfg, unit.key, ONBOARDING_FORMAT, ks, _data_key({ext_data.site: ext_data}))
     curve, seconds, earlier = _cached(folder / "onboarding.npz", key, lambda: onboarding.curve(
         cfg, ext_data, runs[method].payload, ks, resolve_device(cfg)))
     log(f"  onboarding {ext_data.site} onto {LABELS.get(method, method)} (k = {', '.join(curve.predictions)}): "
@@ -348,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="osteo-evidence", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="evidence", help="configs/experiment/<name>.yaml or a .yaml path")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train the scenarios and seeds in N processes (0 = one per CPU this process may use)")
+                   help="prepare the scenarios and seeds, then train the methods on each, in N processes "
+                        "(0 = one per CPU this process may use)")
     args, overrides = p.parse_known_args(argv)
     from osteo_model.cli._common import run_cli
 

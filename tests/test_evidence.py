@@ -186,6 +186,8 @@ def test_onboarding_counts_are_capped_once_each():
     ("onboarding: {method: osteofl, labeled_patients: [0, 2]}", "positive integers"),
     ("methods: {x: {engine: magic}}", "unknown engine"),
     ("reference: nobody", "reference 'nobody'"),
+    ("select: [osteofl, nobody]", "select: .* must name methods defined"),
+    ("select: [fedavg]", "reference 'osteofl' is not one of the methods"),
 ])
 def test_a_broken_experiment_is_a_config_error(tmp_path, body, match):
     bad = tmp_path / "bad.yaml"
@@ -199,10 +201,20 @@ def test_an_unknown_experiment_is_a_config_error():
         evidence.load_experiment("does_not_exist")
 
 
-def test_base_experiment_keys_are_replaced_not_merged():
+def test_base_experiment_keys_are_replaced_not_merged(tmp_path):
     quick, full = evidence.load_experiment("evidence_quick"), evidence.load_experiment("evidence")
     assert list(quick.scenarios) == ["default"] and len(full.scenarios) > 1
-    assert set(quick.methods) == set(full.methods) and quick.reference == full.reference
+    assert quick.reference == full.reference
+    # `make evidence` runs the issue's method list; the quick pipeline check runs the whole catalogue
+    assert "fedavg_nometa" in quick.methods and "fedavg_nometa" not in full.methods
+    assert set(full.methods) < set(quick.methods) and "fedper" in full.methods
+    gate = evidence.load_experiment("evidence_gate")
+    assert list(gate.methods) == ["osteofl", "fedavg", "osteofl_nometa", "fedavg_nometa"]
+    assert gate.scenarios.strong_shift == full.scenarios.strong_shift  # so it reuses evidence's sites and runs
+    # a file with its own catalogue runs all of it: the base's selection named the base's methods
+    own = tmp_path / "own.yaml"
+    own.write_text("base: evidence\nname: own\nmethods:\n  osteofl: {engine: federated}\n  hu_rule: {engine: hu_rule}\n")
+    assert list(evidence.load_experiment(str(own)).methods) == ["osteofl", "hu_rule"]
 
 
 def test_cli_prints_one_line_for_a_missing_experiment(capsys):
@@ -224,17 +236,28 @@ def test_fedavg_weights_by_pool_size_and_keeps_dtypes():
 
 @pytest.mark.slow
 def test_jobs_train_every_scenario_and_seed_in_worker_processes(tmp_path):
-    """``--jobs 2``: the two seeds train in two spawned processes into the run cache, so the report pass
-    trains nothing itself, and the report has both seeds."""
+    """``--jobs 2``: each method of the two seeds trains in one of two spawned processes into the run
+    cache, so the report pass trains nothing itself, and the report has both seeds. An experiment that
+    names the same store reuses those runs and makes only its own new ones."""
     root = make_caches(tmp_path, n_patients=24)
     exp = tmp_path / "jobs.yaml"
     exp.write_text("base: evidence_quick\nname: jobs\ndata: as_configured\nbootstrap: 20\nonboarding: null\n"
                    "methods:\n  osteofl: {engine: federated}\n  local_only: {engine: local}\n")
     lines: list[str] = []
     result = evidence.run(str(exp), small_overrides(root), log=lines.append, jobs=2)
-    assert any("2 scenario x seed runs in 2 processes" in line for line in lines)
+    assert any("2 scenario x seed data sets, then 4 method runs, in 2 processes" in line for line in lines)
     trained_here = [line for line in lines if line.startswith("[default seed") and "done earlier" not in line]
     assert trained_here == [] and sum("done earlier" in line for line in lines) == 4
     sc = result["scenarios"]["default"]
     assert sc["seeds"] == [0, 1] and set(sc["metrics"]) == {"osteofl", "local_only"}
     assert all(result["seconds"]["default"][seed][m] > 0 for seed in ("0", "1") for m in ("osteofl", "local_only"))
+    more = tmp_path / "more.yaml"
+    more.write_text("base: evidence_quick\nname: more\nstore: jobs\ndata: as_configured\nbootstrap: 20\n"
+                    "onboarding: null\nseeds: [0]\nmethods:\n  osteofl: {engine: federated}\n  hu_rule: {engine: hu_rule}\n")
+    lines.clear()
+    again = evidence.run(str(more), small_overrides(root), log=lines.append)
+    assert [line.split("] ")[1] for line in lines if line.startswith("[default seed")] == [
+        "OsteoFL (ours): done earlier (osteofl.npz)", f"L1-HU rule: {again['seconds']['default']['0']['hu_rule']:.1f} s"]
+    out = root / "outputs"
+    assert (out / "more" / "evidence.md").is_file() and (out / "jobs" / "runs" / "default" / "seed0" / "hu_rule.npz").is_file()
+    assert not (out / "more" / "runs").exists()
