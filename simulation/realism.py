@@ -1,7 +1,9 @@
 """How realistic a synthetic site is, in the terms clinical studies report: L1 trabecular HU against L1
 DXA BMD (Pearson r; studies: ~0.4-0.7) and the L1-HU rule's AUC for DXA osteoporosis (~0.74-0.83), next
 to the site's prevalence and label counts. The HU is measured on the rendered CT (l1_roi_hu), as a
-radiologist's oval ROI would be; too-easy sites (r ~0.9) leave nothing for a learned model to add."""
+radiologist's oval ROI would be; too-easy sites (r ~0.9) leave nothing for a learned model to add. Beside
+them, how well a vertebra's level (L1-L4) can be told from its body size alone: lumbar bodies grow from L1
+to L4 with overlap between neighbours, so the level head has something to learn, but not everything."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from sklearn.model_selection import GroupKFold, cross_val_score
+
+from osteo_model.constants import LEVELS
 from osteo_model.metrics import auc, pearson_r
 
 ROI_RADIUS = 0.6           # oval ROI: this fraction of the body's lateral and AP semi-axes (clear of the cortex)
@@ -31,9 +37,32 @@ def l1_roi_hu(ct: np.ndarray, anatomy, spacing: tuple[float, float, float], per_
     return float(roi.mean()) if roi.size else float("nan")
 
 
-def site_realism(studies: pd.DataFrame, dxa: pd.DataFrame, l1_hu: np.ndarray) -> dict[str, Any]:
-    """Realism of one site: ``studies`` (population rows, one per CT), its dxa.csv rows and each study's
-    measured L1 ROI HU. Only DXA-paired studies count for r, AUC and prevalence."""
+def body_volumes_ml(anatomy) -> list[float]:
+    """The phantom's L1-L4 vertebral body volumes (elliptic cylinders), ml, in LEVELS order."""
+    by_name = {v.name: v for v in anatomy.vertebrae}
+    return [float(np.pi * by_name[lv].a * by_name[lv].b * (by_name[lv].z1 - by_name[lv].z0) / 1000.0) for lv in LEVELS]
+
+
+LEVEL_FOLDS = 5
+
+
+def level_size_rule_acc(body_ml: np.ndarray, patients: np.ndarray) -> float:
+    """Accuracy of naming a vertebra's level from its body volume alone (one-feature LDA, cross-validated
+    in LEVEL_FOLDS folds by patient); ``body_ml``: one row of L1-L4 volumes per study. NaN when too few
+    patients to fold (chance: 0.25)."""
+    patients = np.asarray(patients)
+    if len(np.unique(patients)) < 2 * LEVEL_FOLDS:
+        return float("nan")
+    x = np.asarray(body_ml, float).reshape(-1, 1)
+    y = np.tile(np.arange(len(LEVELS)), len(patients))
+    groups = np.repeat(patients, len(LEVELS))
+    return float(cross_val_score(LinearDiscriminantAnalysis(), x, y, groups=groups, cv=GroupKFold(LEVEL_FOLDS)).mean())
+
+
+def site_realism(studies: pd.DataFrame, dxa: pd.DataFrame, l1_hu: np.ndarray, body_ml: np.ndarray) -> dict[str, Any]:
+    """Realism of one site: ``studies`` (population rows, one per CT), its dxa.csv rows, each study's
+    measured L1 ROI HU and its L1-L4 body volumes (body_volumes_ml). Only DXA-paired studies count for r,
+    AUC and prevalence; every study for the level."""
     s = studies.assign(l1_hu=np.asarray(l1_hu, float)).merge(
         dxa[["patient_id", "bmd_l1"]], on="patient_id", how="left")
     paired = s[s["paired"] & (s["dxa_category"] != "unknown")]
@@ -47,6 +76,7 @@ def site_realism(studies: pd.DataFrame, dxa: pd.DataFrame, l1_hu: np.ndarray) ->
         "l1_hu_dxa_r": pearson_r(hu[ok], l1[ok]),
         "l1_hu_rule_auc": auc(osteo[np.isfinite(hu)], -hu[np.isfinite(hu)]),
         "l1_hu_mean": float(np.nanmean(s["l1_hu"])) if np.isfinite(s["l1_hu"]).any() else float("nan"),
+        "level_size_rule_acc": level_size_rule_acc(body_ml, studies["patient_id"].to_numpy()),
     }
 
 

@@ -28,7 +28,7 @@ from osteo_model.errors import ConfigError
 from osteo_model.radiomics_features import n_workers
 from osteofl.simulation.phantom import draw_anatomy, render
 from osteofl.simulation.population import SitePopulation, sample_site
-from osteofl.simulation.realism import l1_roi_hu, site_realism
+from osteofl.simulation.realism import body_volumes_ml, l1_roi_hu, site_realism
 from osteofl.simulation.scanners import DIRECTIONS, acquire, render_spacing, site_profile, site_seed
 
 MARKER = ".osteo-synth"
@@ -123,12 +123,18 @@ def _image(array: np.ndarray, spacing: tuple[float, float, float], origin: np.nd
     return image
 
 
+def study_anatomy(synth, study: dict[str, Any], index: int) -> tuple[np.random.Generator, Any]:
+    """The study's random stream and the anatomy drawn first from it: what render_study renders, and what
+    osteo-synth --realism-only measures without rendering."""
+    rng = np.random.default_rng(site_seed(synth.seed, study["site"]) + [3, index])
+    return rng, draw_anatomy(rng, study["bone"], study["marrow_hu"], study["calcifications"], study["truncated_level"], synth)
+
+
 def render_study(task: dict[str, Any]) -> dict[str, Any]:
     """Render one study's CT and label map and write both (worker process)."""
     synth = OmegaConf.create(task["synth"])
     study, profile = task["study"], task["profile"]
-    rng = np.random.default_rng(site_seed(synth.seed, study["site"]) + [3, task["index"]])
-    anatomy = draw_anatomy(rng, study["bone"], study["marrow_hu"], study["calcifications"], study["truncated_level"], synth)
+    rng, anatomy = study_anatomy(synth, study, task["index"])
     spacing, per_slice = render_spacing(profile)
     b = synth.bone
     hu, labels = render(anatomy, spacing, rng, float(b.tissue_hu),
@@ -143,7 +149,8 @@ def render_study(task: dict[str, Any]) -> dict[str, Any]:
     paths = {"ct": f"ct/{study['study_id']}.nii.gz", "labels": f"labels/{study['study_id']}.nii.gz"}
     for key, array in (("ct", ct), ("labels", labels)):
         sitk.WriteImage(_image(array, out_spacing, origin, profile["direction"]), str(site_dir / paths[key]), True)
-    return {**paths, "bytes": sum((site_dir / p).stat().st_size for p in paths.values()), "l1_hu": l1_hu}
+    return {**paths, "bytes": sum((site_dir / p).stat().st_size for p in paths.values()), "l1_hu": l1_hu,
+            "body_ml": body_volumes_ml(anatomy)}
 
 
 def _prevalence(studies: pd.DataFrame) -> dict[str, float]:
@@ -197,7 +204,8 @@ def generate(cfg: DictConfig, progress: bool = False) -> list[SiteSummary]:
         pop.vertebrae.to_csv(truth_dir / f"{pop.site}.csv", index=False, float_format="%.5f")
         summary = SiteSummary(pop.site, role, len(studies), int(studies["has_dxa"].sum()), int(studies["paired"].sum()),
                               _prevalence(studies), sum(r["bytes"] for r in done),
-                              site_realism(pop.studies, pop.dxa, np.array([r["l1_hu"] for r in done])))
+                              site_realism(pop.studies, pop.dxa, np.array([r["l1_hu"] for r in done]),
+                                           np.array([r["body_ml"] for r in done])))
         summaries.append(summary)
         sites_json[pop.site] = {"role": role, "profile": pop.profile, "studies": summary.studies,
                                 "with_dxa": summary.with_dxa, "paired": summary.paired, "prevalence": summary.prevalence,

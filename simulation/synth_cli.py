@@ -9,9 +9,9 @@ from typing import Sequence
 from osteo_model.cli._common import run_cli
 from osteo_model.config import compose
 from osteofl.simulation.population import sample_site
-from osteofl.simulation.realism import expected_l1_hu, site_realism
+from osteofl.simulation.realism import body_volumes_ml, expected_l1_hu, site_realism
 from osteofl.simulation.scanners import site_profile
-from osteofl.simulation.synth import generate
+from osteofl.simulation.synth import generate, study_anatomy
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = s.realism
             print(f"  {'':<10} realism: L1 trabecular HU vs L1 DXA r {r['l1_hu_dxa_r']:.2f}, L1-HU rule AUC "
                   f"{r['l1_hu_rule_auc']:.2f} for osteoporosis ({r['prevalence_osteoporosis']:.0%} of "
-                  f"{r['n_paired']} paired; {r['n_unlabeled']} without paired DXA); mean L1 {r['l1_hu_mean']:.0f} HU")
+                  f"{r['n_paired']} paired; {r['n_unlabeled']} without paired DXA); mean L1 {r['l1_hu_mean']:.0f} HU; "
+                  f"level L1-L4 from body size alone {r['level_size_rule_acc']:.2f} (chance 0.25)")
         print(f"  realism per site saved in {cfg.paths.ground_truth}/sites.json (clinical studies: r ~0.4-0.7, AUC ~0.74-0.83)")
         total = sum(s.studies for s in summaries)
         print(f"  {total} studies, {sum(s.bytes for s in summaries) / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")
@@ -56,9 +57,11 @@ def _print_expected_realism(cfg, n: int) -> None:
     for site in [*cfg.synth.sites, *([cfg.synth.external_site] if cfg.synth.external_site else [])]:
         profile = site_profile(cfg.synth, str(site))
         pop = sample_site(cfg.synth, str(site), profile, n, 0, int(cfg.site.max_dxa_interval_days))
-        r = site_realism(pop.studies, pop.dxa, expected_l1_hu(pop.studies, profile, float(cfg.synth.bone.tissue_hu)))
+        body_ml = [body_volumes_ml(study_anatomy(cfg.synth, s, i)[1]) for i, s in enumerate(pop.studies.to_dict("records"))]
+        r = site_realism(pop.studies, pop.dxa, expected_l1_hu(pop.studies, profile, float(cfg.synth.bone.tissue_hu)), body_ml)
         print(f"  {site:<10} L1 HU vs L1 DXA r {r['l1_hu_dxa_r']:.2f}, L1-HU rule AUC {r['l1_hu_rule_auc']:.2f}, "
-              f"osteoporosis {r['prevalence_osteoporosis']:.0%}, mean L1 {r['l1_hu_mean']:.0f} HU")
+              f"osteoporosis {r['prevalence_osteoporosis']:.0%}, mean L1 {r['l1_hu_mean']:.0f} HU, "
+              f"level from body size {r['level_size_rule_acc']:.2f}")
 
 
 if __name__ == "__main__":

@@ -324,15 +324,21 @@ def test_l1_roi_measures_the_trabecular_bone_the_phantom_was_built_with(tmp_path
 
 def test_default_scenario_is_as_hard_as_clinical_data():
     """L1 HU vs DXA r within 0.5-0.75 and the L1-HU rule's AUC within 0.74-0.85 at every site (clinical
-    studies), on 800 patients per site from the phantom's expected HU."""
-    from osteofl.simulation.realism import expected_l1_hu, site_realism
+    studies), on 800 patients per site from the phantom's expected HU; the level is learnable from body
+    size where anatomy allows it (bodies grow from L1 to L4, neighbours overlap): well above chance (0.25),
+    well below certain."""
+    from osteofl.simulation.realism import body_volumes_ml, expected_l1_hu, site_realism
+    from osteofl.simulation.synth import study_anatomy
 
     cfg = compose(["scenario=default"])
     for site in [*cfg.synth.sites, cfg.synth.external_site]:
         profile = site_profile(cfg.synth, site)
         pop = sample_site(cfg.synth, site, profile, 800, 0, 180)
-        r = site_realism(pop.studies, pop.dxa, expected_l1_hu(pop.studies, profile, float(cfg.synth.bone.tissue_hu)))
+        body = [body_volumes_ml(study_anatomy(cfg.synth, s, i)[1]) for i, s in enumerate(pop.studies.to_dict("records"))]
+        assert np.all(np.diff(np.mean(body, axis=0)) > 1.0)  # ml per level, L1 -> L4
+        r = site_realism(pop.studies, pop.dxa, expected_l1_hu(pop.studies, profile, float(cfg.synth.bone.tissue_hu)), body)
         assert 0.5 <= r["l1_hu_dxa_r"] <= 0.75 and 0.74 <= r["l1_hu_rule_auc"] <= 0.85, (site, r)
+        assert 0.45 <= r["level_size_rule_acc"] <= 0.85, (site, r)
         # what DXA sees and the trabecular ROI does not: degeneration and calcification read high, more with age
         v = pop.vertebrae.dropna(subset=["dxa_gain"]).groupby("study_id").agg(age=("age", "first"), gain=("dxa_gain", "mean"))
         assert v[v.age >= 70].gain.mean() > v[v.age < 55].gain.mean() + 0.02
