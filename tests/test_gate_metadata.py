@@ -21,7 +21,7 @@ def _gates(cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _method_cfg(tmp_path, method: str):
-    return tiny_cfg(tmp_path, *map(str, evidence.load_experiment("evidence").methods[method].get("overrides") or []))
+    return tiny_cfg(tmp_path, *map(str, evidence.load_experiment("evidence_gate").methods[method].get("overrides") or []))
 
 
 @pytest.mark.parametrize("method", ["osteofl", "fedavg"])
