@@ -251,19 +251,28 @@ class UnitData:
     key: str
 
 
-def _unit_data(plan: Plan, scenario: str, seed: int, log: Callable[[str], None], prepare: bool = True) -> UnitData:
-    """The scenario and seed's sites, generated and prepared first when ``prepare`` (skipping what is cached)."""
+def _unit_config(plan: Plan, scenario: str, seed: int) -> tuple[list[str], DictConfig]:
+    """The overrides and composed config of one scenario and seed (its data under the store)."""
+    run_over = [*plan.base, *plan.scenarios[scenario], f"seed={seed}", *_data_overrides(plan.exp, plan.store, scenario, seed)]
+    return run_over, compose(run_over)
+
+
+def _prepare_data(plan: Plan, run_over: list[str], cfg: DictConfig, log: Callable[[str], None]) -> None:
+    """Generate and prepare the scenario and seed's sites (skipping what is cached; nothing for as_configured)."""
     from osteofl.simulation.sim import ensure_sites, prepare_sites
 
-    exp = plan.exp
-    run_over = [*plan.base, *plan.scenarios[scenario], f"seed={seed}", *_data_overrides(exp, plan.store, scenario, seed)]
-    cfg = compose(run_over)
-    sites = [str(s) for s in cfg.federation.sites]
-    if prepare and exp.get("data", "per_seed") == "per_seed":
+    if plan.exp.get("data", "per_seed") == "per_seed":
         ensure_sites(cfg, log)
-        external = [str(cfg.synth.external_site)] if exp.get("onboarding") is not None else []
-        prepare_sites(run_over, [*sites, *external], log)
-    datas = {s: load_site_data(Path(cfg.paths.cache_root) / s, cfg) for s in sites}
+        external = [str(cfg.synth.external_site)] if plan.exp.get("onboarding") is not None else []
+        prepare_sites(run_over, [*map(str, cfg.federation.sites), *external], log)
+
+
+def _unit_data(plan: Plan, scenario: str, seed: int, log: Callable[[str], None], prepare: bool = True) -> UnitData:
+    """The scenario and seed's training sites, loaded (generated and prepared first when ``prepare``)."""
+    run_over, cfg = _unit_config(plan, scenario, seed)
+    if prepare:
+        _prepare_data(plan, run_over, cfg, log)
+    datas = {str(s): load_site_data(Path(cfg.paths.cache_root) / str(s), cfg) for s in cfg.federation.sites}
     return UnitData(run_over, cfg, datas, _data_key(datas))
 
 
@@ -271,11 +280,11 @@ def _method_cfg(plan: Plan, unit: UnitData, method: str) -> DictConfig:
     return compose([*unit.run_over, *map(str, plan.exp.methods[method].get("overrides") or [])])
 
 
-def _method_run(plan: Plan, scenario: str, seed: int, method: str, unit: UnitData, result: dict,
-                log: Callable[[str], None]) -> MethodRun:
-    """One method's run on one scenario and seed: from the run cache, or trained and saved there."""
+def _method_run(plan: Plan, scenario: str, seed: int, method: str, unit: UnitData, mcfg: DictConfig,
+                result: dict, log: Callable[[str], None]) -> MethodRun:
+    """One method's run (``mcfg``: its _method_cfg) on one scenario and seed: from the run cache, or trained
+    and saved there."""
     spec = plan.exp.methods[method]
-    mcfg = _method_cfg(plan, unit, method)
     saved = plan.store / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
     run, seconds, earlier = _cached(saved, _config_key(mcfg, unit.key), lambda: ENGINES[
         str(spec.engine)](mcfg, unit.datas, resolve_device(mcfg)))
@@ -293,9 +302,13 @@ def _seed_runs(plan: Plan, scenario: str, seed: int, result: dict, log: Callable
     unit = _unit_data(plan, scenario, seed, log)
     cfg = unit.cfg
     sites, ext = list(unit.datas), str(cfg.synth.external_site)
-    runs = {m: _method_run(plan, scenario, seed, m, unit, result, log) for m in plan.methods}
-    averaged = {m for m in plan.methods
-                if exp.methods[m].engine == "federated" and bool(_method_cfg(plan, unit, m).federation.share_all)}
+    runs: dict[str, MethodRun] = {}
+    averaged: set[str] = set()
+    for method in plan.methods:
+        mcfg = _method_cfg(plan, unit, method)
+        runs[method] = _method_run(plan, scenario, seed, method, unit, mcfg, result, log)
+        if exp.methods[method].engine == "federated" and bool(mcfg.federation.share_all):
+            averaged.add(method)
     curve = None
     if onb is not None:
         ext_data = load_site_data(Path(cfg.paths.cache_root) / ext, cfg)
@@ -310,7 +323,8 @@ def _worker_log(message: str) -> None:
 
 def _prepare_unit(experiment: str, overrides: Sequence[str], scenario: str, seed: int) -> None:
     """A worker's share of ``run(jobs > 1)``'s first stage: one scenario and seed's sites, generated and prepared."""
-    _unit_data(Plan.make(experiment, overrides), scenario, seed, _worker_log)
+    plan = Plan.make(experiment, overrides)
+    _prepare_data(plan, *_unit_config(plan, scenario, seed), _worker_log)
 
 
 def _train_method(experiment: str, overrides: Sequence[str], scenario: str, seed: int, method: str,
@@ -321,7 +335,8 @@ def _train_method(experiment: str, overrides: Sequence[str], scenario: str, seed
     torch.set_num_threads(threads)
     plan = Plan.make(experiment, overrides)
     unit = _unit_data(plan, scenario, seed, _worker_log, prepare=False)
-    _method_run(plan, scenario, seed, method, unit, {"seconds": {}, "round_seconds": {}}, _worker_log)
+    _method_run(plan, scenario, seed, method, unit, _method_cfg(plan, unit, method), {"seconds": {}, "round_seconds": {}},
+                _worker_log)
 
 
 def _train_in_parallel(plan: Plan, experiment: str, overrides: Sequence[str], jobs: int,

@@ -300,6 +300,9 @@ def test_realism_summary_is_saved_and_printed(tiny):
         assert s.realism["n_labeled"] == s.with_dxa and s.realism["n_paired"] == s.paired
         assert saved[s.site]["realism"]["n_unlabeled"] == s.studies - s.paired
         assert 0 < s.realism["l1_hu_mean"] < 400 or np.isnan(s.realism["l1_hu_mean"])
+        # the level-from-size rule is saved with the rest (NaN where a tiny site has too few patients to fold)
+        level = saved[s.site]["realism"]["level_size_rule_acc"]
+        assert level is None or np.isnan(level) or 0.25 < level <= 1.0
 
 
 def test_l1_roi_measures_the_trabecular_bone_the_phantom_was_built_with(tmp_path):
