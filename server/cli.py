@@ -97,7 +97,7 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.insecure:
         provision.provision(cfg.paths.pki, sites, cfg.federation.superlink.san)
     run_dir = Path(cfg.paths.outputs) / str(cfg.federation.run_name)
-    lock = run_lock.acquire(run_dir, str(cfg.federation.run_name))  # released by the kernel when all of us are gone
+    lock = run_lock.acquire(run_dir, f"run {cfg.federation.run_name}")  # released by the kernel when all of us are gone
     owned: list[runtime.Owned] = []
     try:
         home = Path(cfg.paths.outputs) / "superlink"

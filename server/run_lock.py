@@ -1,7 +1,8 @@
-"""One live server per run: ``<outputs>/<run>/run.lock``.
+"""One live server per run: ``<outputs>/<run>/run.lock``; one live osteo-evidence per store.
 
 Two ServerApps on one checkpoint folder train every site twice per round and interleave their records, so
-a second ``flower-server`` (``--resume`` or not) of the same run must refuse to start. The lock is an
+a second ``flower-server`` (``--resume`` or not) of the same run must refuse to start; likewise two
+osteo-evidence runs regenerating the same store's sites under each other. The lock is an
 ``flock`` on the file, which the kernel drops when the last holder dies: no stale lock survives a crash
 and no pid can be mistaken for a recycled one. ``flower-server`` passes the descriptor to its process
 keepers, so the lock is held until the last Flower process of the run is gone, not just until
@@ -18,20 +19,21 @@ from pathlib import Path
 from osteo_model.errors import ConfigError
 
 
-def acquire(run_dir: Path, run_name: str) -> int:
-    """Lock ``run_dir`` for this process; the open descriptor (keep it open for the run's lifetime)."""
+def acquire(run_dir: Path, what: str, holder: str = "flower-server") -> int:
+    """Lock ``run_dir`` for this process (``what`` it holds and ``holder``, the command, are named to
+    whoever finds it locked); the open descriptor (keep it open for the run's lifetime)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read(fd)
+        owner = _read(fd)
         os.close(fd)
-        raise ConfigError(path, f"run {run_name} is still served by flower-server pid {holder.get('pid', '?')} "
-                                f"(since {holder.get('started', '?')}) or its Flower processes; stop it first") from None
+        raise ConfigError(path, f"{what} is still in use by {holder} pid {owner.get('pid', '?')} "
+                                f"(since {owner.get('started', '?')}) or its worker processes; stop it first") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "run": run_name,
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "what": what,
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
     return fd
 

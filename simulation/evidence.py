@@ -38,6 +38,7 @@ from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
 from osteo_model.training import SELECTION_METRIC
+from osteofl.server import run_lock
 from osteofl.server.history import write_json
 from osteofl.simulation import evidence_onboarding as onboarding, evidence_report as report
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
@@ -46,6 +47,7 @@ from osteofl.simulation.evidence_methods import ENGINES, MethodRun
 LABELS = {"osteofl": "OsteoFL (ours)", "fedavg": "FedAvg whole model", "fedprox": "FedProx whole model",
           "fedper": "FedPer (local heads)", "local_only": "local only", "central": "centralised",
           "hu_rule": "L1-HU rule", "radiomics_linear": "radiomics + linear",
+          "bone_oracle": "bone oracle (truth: the floor)",
           "osteofl_nometa": "OsteoFL, no manufacturer in gate", "fedavg_nometa": "FedAvg whole, no manufacturer in gate"}
 DATA_MODES = ("per_seed", "as_configured")
 
@@ -90,6 +92,9 @@ def load_experiment(name: str) -> DictConfig:
         raise ConfigError(path, f"unknown engine(s) {unknown}; known: {sorted(ENGINES)}")
     if exp.reference not in exp.methods:
         raise ConfigError(path, f"reference '{exp.reference}' is not one of the methods")
+    store = Path(str(exp.get("store") or exp.name))
+    if store.is_absolute() or ".." in store.parts or str(store) in ("", "."):
+        raise ConfigError(path, f"store: '{store}' must name a folder under paths.outputs (no absolute path, no '..')")
     if exp.get("data", "per_seed") not in DATA_MODES:
         raise ConfigError(path, f"data: '{exp.data}' is not one of {DATA_MODES}")
     if exp.get("onboarding") is not None:
@@ -321,8 +326,12 @@ def _worker_log(message: str) -> None:
     print(message, flush=True)
 
 
-def _prepare_unit(experiment: str, overrides: Sequence[str], scenario: str, seed: int) -> None:
-    """A worker's share of ``run(jobs > 1)``'s first stage: one scenario and seed's sites, generated and prepared."""
+def _prepare_unit(experiment: str, overrides: Sequence[str], scenario: str, seed: int, threads: int) -> None:
+    """A worker's share of ``run(jobs > 1)``'s first stage: one scenario and seed's sites, generated and
+    prepared, SimpleITK's filters held to the worker's share of the CPUs (their default is all of them)."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     plan = Plan.make(experiment, overrides)
     _prepare_data(plan, *_unit_config(plan, scenario, seed), _worker_log)
 
@@ -355,7 +364,8 @@ def _train_in_parallel(plan: Plan, experiment: str, overrides: Sequence[str], jo
         f"{threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        for future in [pool.submit(by_name._prepare_unit, experiment, list(overrides), sc, seed) for sc, seed in units]:
+        for future in [pool.submit(by_name._prepare_unit, experiment, list(overrides), sc, seed, threads)
+                       for sc, seed in units]:
             future.result()
         for future in [pool.submit(by_name._train_method, experiment, list(overrides), sc, seed, m, threads)
                        for sc, seed, m in tasks]:
@@ -364,8 +374,17 @@ def _train_in_parallel(plan: Plan, experiment: str, overrides: Sequence[str], jo
 
 def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], None] = print, jobs: int = 1) -> dict:
     """The whole benchmark; returns the report written to ``<outputs>/<name>/evidence.json``. With ``jobs``
-    > 1 the scenarios and seeds train in that many processes first; the report is made the same way."""
+    > 1 the scenarios and seeds train in that many processes first; the report is made the same way. The
+    store is locked for the run (a second osteo-evidence on it is refused, naming the first's pid)."""
     plan = Plan.make(experiment, overrides)
+    lock = run_lock.acquire(plan.store, f"store {plan.store.name}", "osteo-evidence")  # its sites and runs: ours alone
+    try:
+        return _run(plan, experiment, overrides, log, jobs)
+    finally:
+        os.close(lock)
+
+
+def _run(plan: Plan, experiment: str, overrides: Sequence[str], log: Callable[[str], None], jobs: int) -> dict:
     exp = plan.exp
     result: dict = {"experiment": str(exp.name), "config": OmegaConf.to_container(exp, resolve=True),
                     "scenarios": {}, "seconds": {}, "round_seconds": {}}

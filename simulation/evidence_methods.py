@@ -12,7 +12,8 @@ Model selection, the same for every trained method: after each task-phase round 
 model it would use (global shared parts + its own local parts) on its own validation patients
 (``training.SELECTION_METRIC``) and keeps the best round; the test split is predicted once, with it.
 Each round's score and the round kept go with the run, so a best round at the very end shows.
-The L1-HU rule and radiomics+linear have nothing to select (a fixed rule; a closed-form fit).
+The L1-HU rule and radiomics+linear have nothing to select (a fixed rule; a closed-form fit), nor has
+the bone oracle, a reference that reads the synthetic truth (the floor no CT model can pass).
 With its predictions each trained method reports what its site-local parts do at each site
 (simulation/evidence_diagnostics.py), and a federation the last round's global payload (what a new site
 is onboarded onto, simulation/evidence_onboarding.py).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -32,6 +34,7 @@ from omegaconf import DictConfig
 from osteo_model import baselines, metrics, model as osteo, proximal, training
 from osteo_model.constants import LEVELS
 from osteo_model.dataset import SiteData
+from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
 from osteofl import protocol
 from osteofl.simulation.evidence_diagnostics import diagnose
@@ -228,5 +231,38 @@ def radiomics_linear(cfg, datas: Mapping[str, SiteData], device: str) -> MethodR
     return MethodRun({s: patients_from_bmd(fit.predict(d, "test")["bmd"], _test(d)[1]) for s, d in datas.items()})
 
 
+def _true_bone(truth_dir: Path, site: str, table: pd.DataFrame) -> np.ndarray:
+    """The synthetic truth's device BMD of each of ``table``'s vertebrae (osteo-synth's ``<site>.csv``)."""
+    path = truth_dir / f"{site}.csv"
+    if not path.is_file():
+        raise ConfigError(path, "no synthetic truth for this site: the bone oracle needs osteo-synth's sites")
+    truth = pd.read_csv(path, usecols=["study_id", "level", "true_bmd_device"]).set_index(["study_id", "level"])
+    keys = pd.MultiIndex.from_arrays([table["study_id"].astype(str), table["level"].astype(str)])
+    true = truth["true_bmd_device"].reindex(keys).to_numpy(float)
+    if not np.isfinite(true).all():
+        raise ConfigError(path, f"{int((~np.isfinite(true)).sum())} of the site's {len(true)} vertebrae have no "
+                                f"true_bmd_device: the truth was not written with these caches")
+    return true
+
+
+def bone_oracle(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
+    """A reference, not a method: what a CT reader that knew every vertebra's true bone exactly would
+    predict, the truth's device BMD times one factor per site (the median DXA-over-truth ratio of the
+    site's training and validation vertebrae: its device bias, drift and average degenerative and aortic
+    gain). What it misses, no CT model can learn from these sites' CTs: each patient's own DXA error,
+    degeneration and calcification beyond the site's average, and DXA precision. Its MAE estimates the
+    floor of every method's (one that also used age could go a little lower: degeneration grows with it),
+    so a goal below it cannot be met on these patients. Synthetic sites only (``paths.ground_truth``)."""
+    out = {}
+    for site, data in datas.items():
+        table = data.cache.table
+        true = _true_bone(Path(cfg.paths.ground_truth), site, table)
+        fit = np.concatenate([data.splits["train"], data.splits["val"]])
+        ratio = table["bmd"].to_numpy(float)[fit] / true[fit]
+        rows = data.splits["test"]
+        out[site] = patients_from_bmd(float(np.nanmedian(ratio)) * true[rows], table.iloc[rows])
+    return MethodRun(out)
+
+
 ENGINES: dict[str, Engine] = {"federated": federated, "local": local_only, "central": central,
-                              "hu_rule": hu_rule, "radiomics_linear": radiomics_linear}
+                              "hu_rule": hu_rule, "radiomics_linear": radiomics_linear, "bone_oracle": bone_oracle}

@@ -51,13 +51,15 @@ def make_site_cache(
     seed: int = 0,
     fov_mm: float | None = None,
     feature_names: list[str] | None = None,
+    truth_dir: Path | None = None,
 ) -> Path:
     """Write a fake cache of ``n_patients`` x 4 vertebrae; return its folder. Its manifest records crops of
     ``size`` voxels over ``fov_mm`` (default: 1 mm voxels); ``feature_names`` (e.g. a real cache's) get the
-    fake features repeated over their columns."""
+    fake features repeated over their columns; with ``truth_dir``, each vertebra's true device BMD (without
+    the device bias) goes to ``<truth_dir>/<site>.csv`` as osteo-synth writes it."""
     names = FEATURE_NAMES if feature_names is None else list(feature_names)
     rng = np.random.default_rng(seed)
-    rows, crops, masks, feats = [], [], [], []
+    rows, crops, masks, feats, truth = [], [], [], [], []
     for p in range(n_patients):
         base = rng.normal(0.9, 0.2)
         labeled = p < int(round(labeled_frac * n_patients))
@@ -68,6 +70,8 @@ def make_site_cache(
             masks.append(mask)
             feats.append(_features(crop, mask))
             core = crop[mask == 2]
+            truth.append({"study_id": f"{site}-s{p:03d}", "level": level,
+                          "true_bmd_device": float(bmdlib.from_sbmd(sbmd_true, manufacturer))})
             row = {
                 "study_id": f"{site}-s{p:03d}", "patient_id": f"{site}-p{p:03d}", "level": level,
                 "level_idx": li, "labeled": labeled, "ct_date": "2024-01-01", "scanner": "fake",
@@ -85,6 +89,9 @@ def make_site_cache(
                     category=int(bmdlib.category_from_t(t)),
                 )
             rows.append(row)
+    if truth_dir is not None:
+        Path(truth_dir).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(truth).to_csv(Path(truth_dir) / f"{site}.csv", index=False)
     return write_site_cache(
         path, pd.DataFrame(rows), np.stack(crops), np.stack(masks), np.resize(np.stack(feats).T, (len(names), len(rows))).T,
         names,

@@ -16,11 +16,12 @@ SITES = {"site_a": "hologic", "site_b": "ge_lunar", "site_c": "norland"}
 
 
 def make_caches(root: Path, sites: dict[str, str] = SITES, n_patients: int = 34) -> Path:
-    """Fake prepared caches under ``root/data/cache/<site>`` (the default paths.cache_root). 34 patients
-    give every split at least 5 (the hard minimum cohort, client/policy.py), so metrics are not withheld."""
+    """Fake prepared caches under ``root/data/cache/<site>`` (the default paths.cache_root) with their truth
+    under ``root/data/ground_truth``. 34 patients give every split at least 5 (the hard minimum cohort,
+    client/policy.py), so metrics are not withheld."""
     for i, (site, manufacturer) in enumerate(sites.items()):
         make_site_cache(root / "data" / "cache" / site, site=site, n_patients=n_patients, size=12,
-                        manufacturer=manufacturer, device_bias=0.02 * i, seed=i)
+                        manufacturer=manufacturer, device_bias=0.02 * i, seed=i, truth_dir=root / "data" / "ground_truth")
     return root
 
 

@@ -4,6 +4,7 @@ external site's onboarding curve. It checks the pipeline, not what the methods a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from osteo_model import model as osteo
 from osteo_model.config import compose
 from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError
+from osteofl.server import run_lock
 from osteofl.simulation import evidence
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
 from osteofl.simulation.evidence_methods import site_outcome
@@ -188,12 +190,27 @@ def test_onboarding_counts_are_capped_once_each():
     ("reference: nobody", "reference 'nobody'"),
     ("select: [osteofl, nobody]", "select: .* must name methods defined"),
     ("select: [fedavg]", "reference 'osteofl' is not one of the methods"),
+    ("store: ../elsewhere", "store: '../elsewhere' must name a folder under paths.outputs"),
+    ("store: /srv/runs", "store: '/srv/runs' must name a folder under paths.outputs"),
 ])
 def test_a_broken_experiment_is_a_config_error(tmp_path, body, match):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base: evidence_quick\nname: bad\n{body}\n")
     with pytest.raises(ConfigError, match=match):
         evidence.load_experiment(str(bad))
+
+
+def test_a_second_run_on_a_busy_store_is_refused_naming_the_first(tmp_path):
+    """Two runs on one store would regenerate its sites under each other: the second stops before any work."""
+    root = make_caches(tmp_path, n_patients=24)
+    store = root / "outputs" / "tiny"
+    held = run_lock.acquire(store, "store tiny", "osteo-evidence")  # as a live first run holds it
+    try:
+        with pytest.raises(ConfigError, match=f"store tiny is still in use by osteo-evidence pid {os.getpid()}"):
+            evidence.run(str(_experiment(tmp_path)), small_overrides(root), log=lambda _: None)
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in store.iterdir()) == ["run.lock"]  # nothing trained, nothing written
 
 
 def test_an_unknown_experiment_is_a_config_error():

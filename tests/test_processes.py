@@ -84,16 +84,16 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path
     run = tmp_path / "outputs" / "federated"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\nfrom pathlib import Path\nfrom osteofl.server import run_lock\n"
-        f"run_lock.acquire(Path({str(run)!r}), 'federated'); print('locked', flush=True); time.sleep(600)\n")],
+        f"run_lock.acquire(Path({str(run)!r}), 'run federated'); print('locked', flush=True); time.sleep(600)\n")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ConfigError, match=f"run federated is still served by flower-server pid {holder.pid}"):
-            run_lock.acquire(run, "federated")
+        with pytest.raises(ConfigError, match=f"run federated is still in use by flower-server pid {holder.pid}"):
+            run_lock.acquire(run, "run federated")
     finally:
         holder.kill()
         holder.wait()
-    fd = run_lock.acquire(run, "federated")  # the holder died: its lock is stale and taken over
+    fd = run_lock.acquire(run, "run federated")  # the holder died: its lock is stale and taken over
     try:
         assert f'"pid": {os.getpid()}' in (run / "run.lock").read_text()
     finally:
