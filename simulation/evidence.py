@@ -48,7 +48,10 @@ LABELS = {"osteofl": "OsteoFL (ours)", "fedavg": "FedAvg whole model", "fedprox"
           "fedper": "FedPer (local heads)", "local_only": "local only", "central": "centralised",
           "hu_rule": "L1-HU rule", "radiomics_linear": "radiomics + linear",
           "bone_oracle": "bone oracle (truth: the floor)",
-          "osteofl_nometa": "OsteoFL, no manufacturer in gate", "fedavg_nometa": "FedAvg whole, no manufacturer in gate"}
+          "osteofl_nometa": "OsteoFL, no manufacturer in gate", "fedavg_nometa": "FedAvg whole, no manufacturer in gate",
+          "osteofl_ssl20": "OsteoFL, 20 SSL rounds", "osteofl_fedprox": "OsteoFL + FedProx term",
+          "osteofl_llr3": "OsteoFL, local lr 3x", "fedavg_ssl20": "FedAvg whole, 20 SSL rounds",
+          "fedprox_ssl20": "FedProx whole, 20 SSL rounds", "local_ssl20": "local only, 20 SSL rounds"}
 DATA_MODES = ("per_seed", "as_configured")
 
 

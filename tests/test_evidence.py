@@ -227,11 +227,24 @@ def test_base_experiment_keys_are_replaced_not_merged(tmp_path):
     assert set(full.methods) < set(quick.methods) and "fedper" in full.methods
     gate = evidence.load_experiment("evidence_gate")
     assert list(gate.methods) == ["osteofl", "fedavg", "osteofl_nometa", "fedavg_nometa"]
-    assert gate.scenarios.strong_shift == full.scenarios.strong_shift  # so it reuses evidence's sites and runs
     # a file with its own catalogue runs all of it: the base's selection named the base's methods
     own = tmp_path / "own.yaml"
     own.write_text("base: evidence\nname: own\nmethods:\n  osteofl: {engine: federated}\n  hu_rule: {engine: hu_rule}\n")
     assert list(evidence.load_experiment(str(own)).methods) == ["osteofl", "hu_rule"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "experiment").glob("*.yaml")))
+def test_every_shipped_experiment_loads(name):
+    exp = evidence.load_experiment(name)
+    assert exp.reference in exp.methods and exp.methods
+
+
+@pytest.mark.parametrize("name", ["evidence_gate", "evidence_variants", "evidence_ssl"])
+def test_follow_up_experiments_reuse_the_benchmarks_sites_and_runs(name):
+    """Same store and the same scenario overrides as `make evidence`, so they train only their own methods."""
+    full, exp = evidence.load_experiment("evidence"), evidence.load_experiment(name)
+    assert exp.store == "evidence" and exp.overrides == full.overrides and exp.seeds == full.seeds
+    assert all(exp.scenarios[sc] == full.scenarios[sc] for sc in exp.scenarios)
 
 
 def test_cli_prints_one_line_for_a_missing_experiment(capsys):
