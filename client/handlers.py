@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.supercore import log
 
 from osteo_model import checkpoints, proximal, training
+from osteo_model import model as osteo
 from osteo_model.cache import SiteCache
 from osteofl import protocol
 from osteofl.protocol import (
@@ -37,12 +38,15 @@ from osteofl.client.site_session import SiteSession, site_config
 
 
 def _metric_record(values: dict[str, float], num_examples: int) -> MetricRecord:
-    """Scalar metrics only; non-finite values become NaN so every site sends the same key set."""
-    record = MetricRecord({NUM_EXAMPLES: int(num_examples)})
+    """Scalar metrics only; non-finite values become NaN so every site sends the same key set. The weight
+    and every count are rounded up (policy.COUNT_QUANTUM), as in the handshake."""
+    record = MetricRecord({NUM_EXAMPLES: policy.rounded_count(num_examples)})
     for key, value in sorted(values.items()):
         if key in ("num_examples", NUM_EXAMPLES):
             continue
         v = float(value)
+        if key in policy.COUNT_METRICS and math.isfinite(v):
+            v = float(policy.rounded_count(int(v)))
         record[key] = v if math.isfinite(v) else float("nan")
     return record
 
@@ -142,27 +146,57 @@ def _pool_size(session: SiteSession, phase: str) -> int:
 
 
 def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
+    """Judge the round's global model (its shared weights over this site's local parts) on the requested
+    split and keep it as the site model if it is the best so far (_keep_site_model). An evaluation on
+    another split (the run's final one, on test) judges the model the site keeps, so the run reports
+    what each hospital goes home with; the round of that model goes with the metrics."""
     session = SiteSession.open(context, extra)
-    split = str(message.content[CONFIG].get(SPLIT, session.cfg.federation.eval_split))
+    config = message.content[CONFIG]
+    split = str(config.get(SPLIT, session.cfg.federation.eval_split))
     _load_global(message, session)
     metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
-    _keep_site_model(message, session, split, metrics)
+    kept, replaced = _keep_site_model(message, session, split, metrics)
+    if split != "val":
+        if not replaced:
+            _load_site_model(session)
+            metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
+        metrics = {**metrics, protocol.SITE_MODEL_ROUND: float(kept["round"])}
     if reason := policy.withheld(session.data, split, session.cfg):
         return _withheld(message, session.site, reason)
     n = int(metrics.get("num_examples", len(session.data.splits.get(split, ()))))
     return _reply(message, session.site, _metric_record(metrics, n))
 
 
-def _keep_site_model(message: Message, session: SiteSession, split: str, metrics: dict[str, float]) -> None:
-    """The newest global shared weights over this site's local parts: the complete model, kept at the site
-    with its card (osteo_model.checkpoints) so the hospital can use it after the run."""
+def _keep_site_model(message: Message, session: SiteSession, split: str,
+                     metrics: dict[str, float]) -> tuple[dict, bool]:
+    """Keep the evaluated model (the global shared weights over this site's local parts: a complete model)
+    with its card (osteo_model.checkpoints) so the hospital can use it after the run, if it predicts the
+    site's own validation patients better than the model kept so far in this run (a task-phase round
+    judged on "val"; the newest model while none is judged). Returns the kept model's card and whether it
+    is the one just evaluated."""
     config, cfg, cache = message.content[CONFIG], session.cfg, session.data.cache
+    run_id, rnd = str(config.get(protocol.RUN_ID, message.metadata.run_id)), int(config.get(protocol.ROUND, 0))
+    judged = split == "val" and protocol.phase_of(rnd, cfg) == "task"
+    score = float(metrics.get(training.SELECTION_METRIC, math.nan)) if judged else math.nan
+    score = score if math.isfinite(score) else None
+    kept = checkpoints.kept_card(cfg.site.state_dir, run_id)
+    if not checkpoints.replaces_kept(kept, score):
+        return kept, False
     card = checkpoints.site_card(
-        cfg.site.state_dir, run_id=str(config.get(protocol.RUN_ID, message.metadata.run_id)),
-        rnd=int(config.get(protocol.ROUND, 0)), n_sites=config.get(protocol.N_SITES),
-        phases=training.phase_lengths(cfg, federated=True), epsilon=session.state.epsilon, metrics=metrics, split=split)
+        cfg.site.state_dir, run_id=run_id, rnd=rnd, n_sites=config.get(protocol.N_SITES),
+        phases=training.phase_lengths(cfg, federated=True), epsilon=session.state.epsilon, metrics=metrics, split=split,
+        selection={"metric": training.SELECTION_METRIC, "split": "val", "score": score})
     checkpoints.save_site_model(cfg.site.state_dir, session.model, site=session.site, feature_names=cache.feature_names,
                                 model_cfg=cfg.model, crop=cache.manifest.get("crop"), card=card)
+    return card, True
+
+
+def _load_site_model(session: SiteSession) -> None:
+    """Put the site model kept in the state folder (shared weights and this site's local parts) into the
+    session's network."""
+    state = checkpoints.load_model_state(session.cfg.site.state_dir)
+    osteo.load_shared(session.model, state["shared"])
+    osteo.load_local(session.model, state["local"][session.site])
 
 
 Handler = Callable[[Message, Context, Sequence[str]], Message]

@@ -29,8 +29,11 @@ HARD_MIN_COHORT = 5
 """No site can set ``site.policy.min_cohort`` lower: aggregates over fewer patients come close to
 per-patient values (small-cell suppression in health statistics uses thresholds of 5 to 11)."""
 COUNT_QUANTUM = 10
-"""Split sizes in the handshake are rounded up to a multiple of this (up, so that the server's cap on a
-site's aggregation weight never cuts an honest site), so one new study rarely changes them."""
+"""Every count that leaves a site - split sizes in the handshake, a reply's aggregation weight, the patient
+count of its metrics (COUNT_METRICS) - is rounded up to a multiple of this (up, so that the server's cap
+on a site's aggregation weight never cuts an honest site), so one new study rarely changes any of them."""
+COUNT_METRICS = ("patient_n",)
+"""Metrics (osteo_model.metrics) that are counts of patients, rounded like the split sizes."""
 REASON_MAX_CHARS = 300
 
 

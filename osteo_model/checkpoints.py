@@ -7,7 +7,8 @@ Three formats, told apart by content (never by file name):
 - federated ``round-NNNN.npz`` (the ServerApp): a numpy zip with ``__meta__.npy`` (JSON) and
   ``arrays/<key>`` (shared weights only) + ``strategy/<key>``; read without pickle;
 - site model ``<state_dir>/site_model.pt`` (the ClientApp): a torch file like the central one, with the
-  newest global shared weights and that one site's local parts, plus its ``model_card.json`` beside it.
+  global shared weights of the round the site kept (:func:`replaces_kept`) and that one site's local
+  parts, plus its ``model_card.json`` beside it.
 
 :func:`load_model_state` returns the same dict for all three (see ``STATE_KEYS``); torch files are read
 with ``weights_only=True``, so a model file handed to a hospital cannot run code when loaded.
@@ -179,10 +180,12 @@ def load_model_state(path: str | Path) -> dict[str, Any]:
 
 # --- the site model -----------------------------------------------------------------------------------
 def site_card(state_dir: str | Path, *, run_id: str, rnd: int, n_sites: int | None, phases: Mapping[str, int],
-              epsilon: float, metrics: Mapping[str, float], split: str) -> dict[str, Any]:
+              epsilon: float, metrics: Mapping[str, float], split: str,
+              selection: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The run's facts for the card of the site model being saved. Validation metrics are this
     evaluation's when it ran on the "val" split, else the previous card's of the same run (the final
-    evaluation is on the test split and must not be reported as validation)."""
+    evaluation is on the test split and must not be reported as validation). ``selection`` (metric and
+    score, None where the model was not judged) is what :func:`replaces_kept` compares."""
     previous: dict[str, Any] = {}
     try:
         previous = json.loads((Path(state_dir) / MODEL_CARD_FILE).read_text())
@@ -194,7 +197,30 @@ def site_card(state_dir: str | Path, *, run_id: str, rnd: int, n_sites: int | No
         validation = previous.get("validation_metrics") if previous.get("run_id") == str(run_id) else None
     return {"run_id": str(run_id), "round": int(rnd), "n_sites": None if n_sites is None else int(n_sites),
             "phases": {k: int(v) for k, v in phases.items()}, "epsilon_spent": float(epsilon),
-            "validation_metrics": validation}
+            "validation_metrics": validation, "selection": dict(selection or {"score": None})}
+
+
+def kept_card(state_dir: str | Path, run_id: str) -> dict[str, Any] | None:
+    """The card of the site model kept in ``state_dir`` for run ``run_id``; None where that run keeps none
+    (no model yet, another run's, or a card that cannot be read)."""
+    try:
+        card = json.loads((Path(state_dir) / MODEL_CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(card, dict) and card.get("run_id") == str(run_id) and (Path(state_dir) / SITE_MODEL_FILE).is_file()
+    return card if ok else None
+
+
+def replaces_kept(kept: Mapping[str, Any] | None, score: float | None) -> bool:
+    """Whether a candidate site model whose validation ``score`` is given (lower is better; None: not
+    judged, e.g. a self-supervised round or no labeled validation patient) replaces the kept one (its
+    card; None where the run keeps none yet). Always where nothing judged is kept, else only a strictly
+    better score: each site ends with the round its own validation patients predict best - the
+    benchmark's model selection (simulation/evidence_methods.Selector) - whatever the server sends last."""
+    best = ((kept or {}).get("selection") or {}).get("score")
+    if best is None:
+        return True
+    return score is not None and math.isfinite(score) and score < float(best)
 
 
 def _container(cfg: Any) -> Any:

@@ -23,33 +23,35 @@ class Screened:
     rejected: list[dict[str, str]] = field(default_factory=list)  # {"node", "site", "reason"}
     failed: list[dict[str, str]] = field(default_factory=list)    # error replies (dropped, budget spent)
     withheld: list[dict[str, str]] = field(default_factory=list)  # valid replies without aggregates (small cohort)
+    updates: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # node -> its accepted update, unpacked
 
 
-def _problem(msg: Message, expected: Spec | None) -> str | None:
-    """Why a reply cannot be aggregated, or None when it is fine."""
+def _problem(msg: Message, expected: Spec | None) -> tuple[str | None, dict[str, np.ndarray]]:
+    """Why a reply cannot be aggregated (None when it is fine), and its arrays as checked."""
     content = msg.content
     metrics = list(content.metric_records.values())
     if len(metrics) != 1:
-        return f"expected one MetricRecord, got {len(metrics)}"
+        return f"expected one MetricRecord, got {len(metrics)}", {}
     n = metrics[0].get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
-        return f"'{NUM_EXAMPLES}' missing or not a positive number ({n!r})"
+        return f"'{NUM_EXAMPLES}' missing or not a positive number ({n!r})", {}
     if expected is None:
-        return None
+        return None, {}
     try:
         arrays = payload_of(content, expected)
     except PayloadError as exc:
-        return str(exc)
+        return str(exc), {}
     for key, value in arrays.items():
         if not np.all(np.isfinite(value)):
-            return f"array {key!r} holds non-finite values"
-    return None
+            return f"array {key!r} holds non-finite values", {}
+    return None, arrays
 
 
 def screen(replies: Iterable[Message], expected: Spec | None, identities: Identities) -> Screened:
     """Split replies into accepted / rejected / failed. ``expected`` = the payload's spec (key -> shape,
     dtype) for train replies (their packed arrays are unpacked and checked), None for evaluate replies
-    (metrics only). Sites are named by ``identities`` (their registered key), never by what a reply says."""
+    (metrics only); an accepted train reply's arrays are kept in ``updates``, unpacked once. Sites are named
+    by ``identities`` (their registered key), never by what a reply says."""
     out = Screened()
     replies = list(replies)
     refused = identities.check(replies)
@@ -62,10 +64,12 @@ def screen(replies: Iterable[Message], expected: Spec | None, identities: Identi
             out.failed.append({**who, "reason": msg.error.reason})
         elif (reason := withheld_reason(msg)) is not None:  # the site's minimum cohort: not a failure
             out.withheld.append({**who, "reason": reason})
-        elif (reason := _problem(msg, expected)) is not None:
-            out.rejected.append({**who, "reason": reason})
+        elif (problem := _problem(msg, expected))[0] is not None:
+            out.rejected.append({**who, "reason": problem[0]})
         else:
             out.accepted.append(msg)
+            if expected is not None:
+                out.updates[int(node)] = problem[1]
     out.accepted = _common_metric_keys(out.accepted)
     return out
 

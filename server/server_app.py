@@ -205,7 +205,7 @@ class Federation:
         """Apply server/robust.py to the accepted updates in place, before the strategy sees them: reject or
         clip each update's change, and cap each aggregation weight by the pool size reported at the handshake."""
         by_node = {int(m.metadata.src_node_id): m for m in got.accepted}
-        updates = {n: protocol.payload_of(m.content, spec) for n, m in by_node.items()}
+        updates = {n: got.updates[n] for n in by_node}
         bounded = robust.bound_updates(updates, arrays, self.robust)
         for r in bounded.rejected:
             got.rejected.append({"node": str(r["site"]), "site": self.name_of(r["site"]), "reason": r["reason"]})

@@ -42,7 +42,7 @@ from osteofl.server import run_lock
 from osteofl.server.history import write_json
 from osteofl.simulation import evidence_onboarding as onboarding, evidence_report as report
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
-from osteofl.simulation.evidence_methods import ENGINES, MethodRun
+from osteofl.simulation.evidence_methods import ENGINES, READS_TRUTH, MethodRun
 
 LABELS = {"osteofl": "OsteoFL (ours)", "fedavg": "FedAvg whole model", "fedprox": "FedProx whole model",
           "fedper": "FedPer (local heads)", "local_only": "local only", "central": "centralised",
@@ -158,6 +158,17 @@ def _data_key(datas: Mapping[str, SiteData]) -> str:
         digest.update(cache.table.to_csv(index=False).encode())
         for array in (cache.crops, cache.masks, cache.features):
             digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def _truth_key(cfg: DictConfig, datas: Mapping[str, SiteData]) -> str:
+    """The content of the synthetic truth of the sites a run is judged on (missing files hash as absent:
+    the engine that reads them says so)."""
+    digest = hashlib.sha256()
+    for site in sorted(datas):
+        path = Path(cfg.paths.ground_truth) / f"{site}.csv"
+        digest.update(json.dumps([site, path.is_file()]).encode())
+        digest.update(path.read_bytes() if path.is_file() else b"")
     return digest.hexdigest()
 
 
@@ -294,7 +305,8 @@ def _method_run(plan: Plan, scenario: str, seed: int, method: str, unit: UnitDat
     and saved there."""
     spec = plan.exp.methods[method]
     saved = plan.store / "runs" / scenario / f"seed{seed}" / f"{method}.npz"
-    run, seconds, earlier = _cached(saved, _config_key(mcfg, unit.key), lambda: ENGINES[
+    truth = [_truth_key(mcfg, unit.datas)] if str(spec.engine) in READS_TRUTH else []
+    run, seconds, earlier = _cached(saved, _config_key(mcfg, unit.key, *truth), lambda: ENGINES[
         str(spec.engine)](mcfg, unit.datas, resolve_device(mcfg)))
     result["seconds"].setdefault(scenario, {}).setdefault(str(seed), {})[method] = seconds
     if run.round_seconds:

@@ -104,11 +104,15 @@ class Selector:
         loaded just before."""
         run = MethodRun({}, round_seconds, val_history=self.history, selected_round=self.selected)
         for site, model in models.items():
-            state = self.best[site][1]
-            if state is not None:
-                model.load_state_dict(state)
+            self.restore(site, model)
             run.predictions[site], run.diagnostics[site] = site_outcome(model, datas[site], device)
         return run
+
+    def restore(self, site: str, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` with ``site``'s selected state loaded (as it is where nothing was judged)."""
+        if (state := self.best[site][1]) is not None:
+            model.load_state_dict(state)
+        return model
 
 
 def _site_models(cfg, datas: Mapping[str, SiteData], device: str) -> dict[str, torch.nn.Module]:
@@ -259,6 +263,9 @@ def bone_oracle(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
         true = _true_bone(Path(cfg.paths.ground_truth), site, table)
         fit = np.concatenate([data.splits["train"], data.splits["val"]])
         ratio = table["bmd"].to_numpy(float)[fit] / true[fit]
+        if not np.isfinite(ratio).any():
+            raise ConfigError(Path(cfg.paths.cache_root) / site, "no training or validation vertebra has a DXA "
+                              "BMD: the bone oracle cannot fit this site's DXA factor")
         rows = data.splits["test"]
         out[site] = patients_from_bmd(float(np.nanmedian(ratio)) * true[rows], table.iloc[rows])
     return MethodRun(out)
@@ -266,3 +273,6 @@ def bone_oracle(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
 
 ENGINES: dict[str, Engine] = {"federated": federated, "local": local_only, "central": central,
                               "hu_rule": hu_rule, "radiomics_linear": radiomics_linear, "bone_oracle": bone_oracle}
+READS_TRUTH = frozenset({"bone_oracle"})
+"""Engines that read the synthetic truth (``paths.ground_truth``) besides the site caches: their runs are
+keyed by its content too, since ``paths`` is not part of a run's key (simulation/evidence.py)."""

@@ -28,6 +28,7 @@ from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError, OsteoError
 from osteofl.server.checkpoint import load_latest
 from osteofl.server.history import write_json
+from osteofl.simulation.evidence_methods import Selector
 
 METHODS = ("osteofl", "fedavg_whole", "local_only", "central")
 LABELS = {"osteofl": "OsteoFL (ours)", "fedavg_whole": "FedAvg whole model", "local_only": "local only",
@@ -170,17 +171,19 @@ def local_only(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]
         model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer).to(device)
         osteo.standardise_on_site(model, data)
         state[site] = (data, model, training.Recipe({site: model}, cfg, training.phase_lengths(cfg, True), {site: data}))
-    round_seconds = []
+    round_seconds, selector = [], Selector(list(sites))
     for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
         phase = "ssl" if rnd <= int(fed.ssl_rounds) else "task"
         t0 = time.perf_counter()
         for data, model, recipe in state.values():
             recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
             training.train_steps(model, data, cfg, phase, recipe.optimizer, device, max_steps=steps)
-            training.evaluate(model, data, cfg, str(fed.eval_split), device)
+        if phase == "task":
+            selector.update({s: m for s, (_, m, _) in state.items()}, {s: d for s, (d, _, _) in state.items()}, cfg, device)
         round_seconds.append(time.perf_counter() - t0)
     log(f"local-only: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round (no Flower)")
-    return {s: training.evaluate(m, d, cfg, str(fed.final_eval_split), device) for s, (d, m, _) in state.items()}, round_seconds
+    return {s: training.evaluate(selector.restore(s, m), d, cfg, str(fed.final_eval_split), device)
+            for s, (d, m, _) in state.items()}, round_seconds
 
 
 def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]) -> tuple[dict, list[float]]:
@@ -195,16 +198,20 @@ def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None
     for site, model in models.items():
         osteo.standardise_on_site(model, datas[site])
     recipe = training.Recipe(models, cfg, training.phase_lengths(cfg, True), datas)
-    round_seconds = []
+    round_seconds, selector = [], Selector(list(sites))
     for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
         phase = "ssl" if rnd <= int(fed.ssl_rounds) else "task"
         t0 = time.perf_counter()
         recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
         for site in sites:
             training.train_steps(models[site].to(device), datas[site], cfg, phase, recipe.optimizer, device, max_steps=steps)
+        if phase == "task":
+            selector.update(models, datas, cfg, device)
         round_seconds.append(time.perf_counter() - t0)
     log(f"centralised: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round")
-    return {s: training.evaluate(models[s], datas[s], cfg, str(fed.final_eval_split), device) for s in sites}, round_seconds
+    # one site after another: the sites' models share modules, so each site's selected state goes in just before
+    return {s: training.evaluate(selector.restore(s, models[s]), datas[s], cfg, str(fed.final_eval_split), device)
+            for s in sites}, round_seconds
 
 
 def onboard(cfg: DictConfig, site: str, shared: dict[str, Any]) -> tuple[dict, dict, int]:

@@ -3,15 +3,19 @@ site's training and validation vertebrae only, judged on its test patients; a cl
 no truth to read."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from cache_factory import make_site_cache
 from federation_helpers import small_overrides
 from osteo_model.config import compose
 from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError
+from osteofl.simulation import evidence
 from osteofl.simulation.evidence_methods import bone_oracle
 
 FACTOR = 1.08
@@ -56,3 +60,37 @@ def test_truth_missing_some_vertebrae_is_a_config_error_saying_how_many(tmp_path
     cfg, data = _site(tmp_path, drop=3)
     with pytest.raises(ConfigError, match=r"site_a\.csv.*3 of the site's 120 vertebrae have no true_bmd_device"):
         bone_oracle(cfg, {"site_a": data}, "cpu")
+
+
+def test_a_site_without_dxa_outside_its_test_split_is_a_config_error_naming_it(tmp_path):
+    cfg, data = _site(tmp_path)
+    table = data.cache.table
+    fit = np.concatenate([data.splits["train"], data.splits["val"]])
+    table.loc[table.index[fit], "bmd"] = np.nan  # the factor would be the median of nothing
+    with pytest.raises(ConfigError, match=r"cache/site_a.*no training or validation vertebra has a DXA BMD"):
+        bone_oracle(cfg, {"site_a": data}, "cpu")
+
+
+def test_the_oracles_cached_run_follows_the_truth_it_read(tmp_path):
+    """``paths`` is not part of a run's key, so the truth's content is: another truth for the same caches
+    is read again, never answered from the run cache."""
+    cfg, data = _site(tmp_path)
+    plan = SimpleNamespace(exp=OmegaConf.create({"methods": {"bone_oracle": {"engine": "bone_oracle"}}}),
+                           store=tmp_path / "store")
+    unit = evidence.UnitData([], cfg, {"site_a": data}, evidence._data_key({"site_a": data}))
+    said: list[str] = []
+
+    def run() -> np.ndarray:
+        result = {"seconds": {}, "round_seconds": {}}
+        return evidence._method_run(plan, "s", 0, "bone_oracle", unit, cfg, result, said.append).predictions["site_a"].pred_bmd
+
+    first = run()
+    assert np.array_equal(run(), first, equal_nan=True) and "done earlier" in said[-1]
+    truth = tmp_path / "data" / "ground_truth" / "site_a.csv"
+    frame = pd.read_csv(truth)
+    frame.loc[frame.index[data.splits["test"]], "true_bmd_device"] += 0.05
+    frame.to_csv(truth, index=False)
+    moved = run()
+    assert "done earlier" not in said[-1]
+    ok = np.isfinite(first)
+    assert ok.sum() >= 5 and np.allclose(moved[ok] - first[ok], FACTOR * 0.05)

@@ -120,6 +120,7 @@ def test_screen_rejects_bad_updates_and_aligns_metric_keys() -> None:
     ]
     out = screen(replies, expected, Identities(None, "declared", "unused"))
     assert [m.metadata.src_node_id for m in out.accepted] == [1, 2]
+    assert set(out.updates) == {1, 2} and all(np.array_equal(u["w"], good["w"]) for u in out.updates.values())
     reasons = {r["site"]: r["reason"] for r in out.rejected}
     assert set(reasons) == {"c", "d", "e", "f", "g", "h"}
     assert "non-finite" in reasons["c"] and "shape" in reasons["d"] and "unexpected" in reasons["e"]

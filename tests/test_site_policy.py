@@ -218,6 +218,25 @@ def test_small_sites_withhold_metrics_and_sizes_and_audit_lists_what_was_sent(ro
     assert set(summary["array_keys"]) == shared and not summary["local_keys"]
 
 
+def test_every_count_a_reply_carries_is_rounded_like_the_handshakes(root: Path) -> None:
+    """Exact counts in train or evaluate replies would undo the handshake's rounding: a coordinator that
+    compares two runs would see one new study. Weights and patient counts leave rounded up."""
+    fed, grid = _federation(root)
+    fed.run()
+    cfg = fed.cfg
+    exact = {len(dataset.load_site_data(root / "data" / "cache" / s, cfg).splits[k]) for s in SITES for k in ("train", "val", "test")}
+    assert any(n % policy.COUNT_QUANTUM for n in exact)  # the sites' true counts are not all round already
+    counts: dict[str, list[float]] = {}
+    for reply in grid.sent:
+        (metrics,) = reply.content.metric_records.values()
+        for key in (protocol.NUM_EXAMPLES, *policy.COUNT_METRICS):
+            if key in metrics:
+                counts.setdefault(key, []).append(metrics[key])
+    assert set(counts) == {protocol.NUM_EXAMPLES, *policy.COUNT_METRICS}
+    for key, values in counts.items():  # 1: a handshake weighs nothing
+        assert all(c == 1 or c % policy.COUNT_QUANTUM == 0 for c in values), (key, values)
+
+
 def test_handshake_has_no_feature_statistics_and_one_new_study_changes_nothing(root: Path) -> None:
     """The differencing attack: two handshakes, before and after one new study, must not differ in
     anything from which that patient's radiomic vector could be recovered."""

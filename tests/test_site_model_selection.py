@@ -1,0 +1,92 @@
+"""The model a hospital goes home with (client/handlers.py, osteo_model.checkpoints.replaces_kept): each
+site keeps the task round whose model predicts its own validation patients best, the benchmark's model
+selection, so a coordinator that sends a bad model at the end cannot replace it, and the run's final
+test evaluation judges the model each site keeps."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Message, MessageType
+
+from federation_helpers import LocalGrid, make_caches, small_overrides
+from osteo_model.checkpoints import MODEL_CARD_FILE, load_model_state, replaces_kept
+from osteo_model.config import compose
+from osteo_model.dataset import load_site_data
+from osteo_model.evaluate import evaluate_checkpoint
+from osteo_model.training import SELECTION_METRIC
+from osteofl import protocol
+from osteofl.client.client_app import make_client_app
+from osteofl.server.server_app import Federation
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+TWO = {"site_a": "hologic", "site_b": "ge_lunar"}
+ROUNDS = {"federation.ssl_rounds": 1, "federation.task_rounds": 3}
+LAST = 4
+
+
+def test_a_candidate_replaces_the_kept_model_only_when_its_own_validation_improves() -> None:
+    judged = {"round": 3, "selection": {"score": 0.05}}
+    assert replaces_kept(None, None) and replaces_kept(None, 0.2)  # nothing kept in this run yet
+    assert replaces_kept({"round": 1, "selection": {"score": None}}, None)  # newest while nothing is judged
+    assert replaces_kept(judged, 0.04)
+    assert not replaces_kept(judged, 0.05) and not replaces_kept(judged, 0.06)
+    assert not replaces_kept(judged, None) and not replaces_kept(judged, math.nan)  # unjudged never wins
+
+
+class PoisonLastEvaluation(LocalGrid):
+    """A coordinator that, in the last round's validation, sends every site a ruined model (shared weights
+    scaled by 3): what a bug or an attacker upstream could deliver at the end of a run."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            config = msg.content.config_records.get(protocol.CONFIG)
+            if (msg.metadata.message_type == MessageType.EVALUATE and int(config[protocol.ROUND]) == LAST
+                    and config[protocol.SPLIT] == "val"):
+                (name,) = msg.content.array_records
+                arrays = protocol.payload_of(msg.content)
+                del msg.content[name]
+                protocol.put_payload(msg.content, {k: v * np.float32(3) for k, v in arrays.items()}, name)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.fixture
+def ruined_run(tmp_path: Path):
+    root = make_caches(tmp_path, TWO)
+    overrides = small_overrides(root, **ROUNDS, **{"federation.sites": "[site_a,site_b]"})
+    grid = PoisonLastEvaluation(make_client_app(overrides), TWO)
+    Federation(grid, compose(overrides)).run()
+    out = root / "outputs" / "federated"
+    return root, overrides, json.loads((out / "history.json").read_text()), json.loads((out / "final_metrics.json").read_text())
+
+
+def test_each_site_keeps_its_best_validation_round_and_the_final_evaluation_judges_it(ruined_run) -> None:
+    root, overrides, history, final = ruined_run
+    cfg = compose(overrides)
+    for site in TWO:
+        scores = {r["round"]: r["site_eval"][site][SELECTION_METRIC] for r in history if r["phase"] == "task"}
+        assert scores[LAST] > 1.5 * min(scores[r] for r in scores if r < LAST)  # the ruined model is visibly worse
+        card = json.loads((root / "data" / "state" / site / MODEL_CARD_FILE).read_text())
+        best = min(scores, key=scores.get)
+        assert card["round"] == best < LAST and card["selection"]["metric"] == SELECTION_METRIC
+        assert math.isclose(card["selection"]["score"], scores[best], rel_tol=1e-6)
+        assert card["validation_metrics"][SELECTION_METRIC] == card["selection"]["score"]
+        # the final test evaluation (on the server's true last aggregate) judged the kept model, and says so
+        assert final["sites"][site][protocol.SITE_MODEL_ROUND] == best
+        state = load_model_state(root / "data" / "state" / site)
+        got = evaluate_checkpoint(state, cfg, {site: load_site_data(root / "data" / "cache" / site, cfg)}, "test")[site]
+        for key in ("mae_bmd", SELECTION_METRIC, "auc"):
+            assert math.isclose(got[key], final["sites"][site][key], rel_tol=1e-5, abs_tol=1e-7), key
+
+
+def test_a_new_run_starts_its_own_selection(ruined_run) -> None:
+    """A kept model belongs to its run: the next run's first evaluation replaces it, however good it was."""
+    root, overrides, _, _ = ruined_run
+    grid = LocalGrid(make_client_app(overrides), TWO)
+    Federation(grid, compose([*overrides, "federation.run_name=second", "federation.task_rounds=1"]), run_id=2).run()
+    card = json.loads((root / "data" / "state" / "site_a" / MODEL_CARD_FILE).read_text())
+    assert card["run_id"] == "2" and card["round"] == 2
