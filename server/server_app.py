@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from omegaconf import DictConfig
@@ -41,6 +42,10 @@ from osteofl.server.strategies import build_strategy, min_robust_replies, restor
 ANY_MANUFACTURER = sorted(HUI_1997)[0]
 """Shared arrays do not depend on the DXA manufacturer (it only sets local parts), so the server builds
 its reference model with any known one."""
+
+
+HANDSHAKE_RETRY_S = 5.0
+"""Pause before the handshake asks again, while fewer sites than needed have answered."""
 
 
 def run_config_overrides(context: Context, extra: Sequence[str] = ()) -> list[str]:
@@ -90,17 +95,41 @@ class Federation:
 
     def handshake(self) -> tuple[int, dict[str, Any]]:
         """Ask every connected site for its feature count, fingerprints and (rounded) split sizes. No feature
-        statistic is asked for: each site standardises its SSL targets on its own rows."""
-        nodes = self.wait_for_sites()
-        msgs = [Message(RecordDict({CONFIG: ConfigRecord({PHASE: "handshake"})}), dst_node_id=n,
-                        message_type=MessageType.QUERY) for n in nodes]
-        replies = screen(self.grid.send_and_receive(msgs, timeout=self.timeout), None, self.identities)
-        for f in replies.failed + replies.rejected:
-            log(WARNING, "handshake: site %s did not answer usably: %s", f["site"], f["reason"])
-        if len(replies.accepted) < int(self.fed.min_available_nodes):
-            raise ConfigError(None, f"handshake: only {len(replies.accepted)} sites answered; "
-                                    f"federation.min_available_nodes={self.fed.min_available_nodes}")
-        infos = {self.name_of(m.metadata.src_node_id): (site_info(m), m.content[METRICS]) for m in replies.accepted}
+        statistic is asked for: each site standardises its SSL targets on its own rows.
+
+        A site whose node was listed but never answered itself is asked again, with any site that
+        connected since, until federation.min_available_nodes have answered or federation.round_timeout
+        has passed: a SuperLink that restarted lists the sessions of the sites' previous SuperNodes as
+        connected for about a minute (Flower's heartbeat), answers for them that the node is unavailable,
+        and only then lets the sites' new sessions in. Sites that answered - a refusal too - are not asked
+        again; when every site asked answered and too few usably, the run stops at once."""
+        need, deadline = int(self.fed.min_available_nodes), time.monotonic() + self.timeout
+        accepted: dict[int, Message] = {}
+        answered: set[int] = set()
+        while True:
+            ask = [n for n in self.wait_for_sites() if n not in answered]
+            msgs = [Message(RecordDict({CONFIG: ConfigRecord({PHASE: "handshake"})}), dst_node_id=n,
+                            message_type=MessageType.QUERY) for n in ask]
+            got = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+            replies = screen(got, None, self.identities)
+            accepted |= {int(m.metadata.src_node_id): m for m in replies.accepted}
+            answered |= set(ask) & {int(m.metadata.src_node_id) for m in got
+                                    if not (m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE)}
+            for f in replies.failed + replies.rejected:
+                log(WARNING, "handshake: site %s did not answer usably: %s", f["site"], f["reason"])
+            silent = set(ask) - answered
+            if len(accepted) >= need:
+                break
+            if not silent or time.monotonic() >= deadline:
+                raise ConfigError(None, f"handshake: only {len(accepted)} sites answered usably"
+                                        + (f", {len(silent)} never answered within federation.round_timeout="
+                                           f"{self.timeout:g} s" if silent else "")
+                                        + f"; federation.min_available_nodes={need}")
+            log(INFO, "handshake: %d of %d sites answered, %d node(s) did not (a restarted SuperLink's stale "
+                "sessions?); asking the sites connected by then in %g s", len(accepted), need, len(silent),
+                HANDSHAKE_RETRY_S)
+            time.sleep(HANDSHAKE_RETRY_S)
+        infos = {self.name_of(n): (site_info(m), m.content[METRICS]) for n, m in accepted.items()}
         fingerprints = {site: (int(i["n_features"]), str(i["features_sha256"])) for site, (i, _) in infos.items()}
         if len(set(fingerprints.values())) != 1:
             raise ConfigError(None, f"sites disagree on the radiomic feature set {fingerprints}: "
@@ -136,6 +165,8 @@ class Federation:
                                         f"config says {self.fed.strategy!r}")
             restore_strategy_state(self.strategy, last.strategy_state, protocol.packed_shapes(last.arrays), self.ckpt_dir)
             log(INFO, "resuming after round %d (%s phase) from %s", last.round, last.phase, self.ckpt_dir)
+            # the run the sites know: a resumed run is the same run to them (their model selection goes on)
+            self.run_id = int(last.meta.get("run_id", self.run_id))
             return last.round + 1, last.arrays, History(last.meta.get("history")), last.meta
         if ckpt.list_checkpoints(self.ckpt_dir):  # keep an earlier run's checkpoints, out of resume's way
             aside = self.ckpt_dir.with_name(f"checkpoints.previous-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -144,7 +175,7 @@ class Federation:
         n_features, sizes = self.handshake()
         arrays, whole = self.initial_arrays(n_features)
         shared = int(sum(a.nbytes for a in arrays.values()))
-        meta = {"strategy": str(self.fed.strategy), "n_features": n_features, "site_sizes": sizes,
+        meta = {"run_id": self.run_id, "strategy": str(self.fed.strategy), "n_features": n_features, "site_sizes": sizes,
                 "payload_bytes": shared, "whole_model_bytes": whole, "share_all": bool(self.fed.share_all),
                 **model_meta(self.cfg, n_features, self.features_sha256)}
         log(INFO, "payload: %d arrays, %.1f kB per upload (whole model %.1f kB)", len(arrays),

@@ -28,6 +28,7 @@ from osteo_model.config import compose
 from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError, StateError
 from osteo_model.training import predict
+from osteofl.client.policy import COUNT_METRICS
 
 CROP = {"size": 16, "fov_mm": 16.0}  # what make_site_cache records
 
@@ -216,8 +217,9 @@ def test_site_model_of_a_federated_run_reproduces_its_final_evaluation(tmp_path:
     cfg = compose(small_overrides(root))
     datas = {site: load_site_data(root / "data" / "cache" / site, cfg) for site in two}
 
-    def same(got: dict, want: dict, at_least: int) -> None:
-        keys = [k for k in want if isinstance(want[k], (int, float)) and k.replace("-", "_") in got]
+    def same(got: dict, want: dict, at_least: int) -> None:  # counts leave a site rounded (client/policy.py)
+        keys = [k for k in want if isinstance(want[k], (int, float)) and k.replace("-", "_") in got
+                and k not in COUNT_METRICS]
         assert len(keys) >= at_least, keys
         for k in keys:
             a, b = float(got[k.replace("-", "_")]), float(want[k])

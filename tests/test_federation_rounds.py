@@ -8,15 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
 from osteo_model import model as osteo
+from osteo_model.checkpoints import MODEL_CARD_FILE
 from osteo_model.config import compose
 from osteo_model.errors import ConfigError, StateError
+from osteo_model.training import SELECTION_METRIC
 from osteofl import protocol
 from osteofl.client.client_app import make_client_app
 from osteofl.client.state_store import StateStore
 from osteofl.server import checkpoint as ckpt
+from osteofl.server import server_app
 from osteofl.server.server_app import Federation
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -129,6 +134,7 @@ def test_dropped_site_does_not_stop_the_round_and_rejoins(root: Path) -> None:
 
 def test_resume_after_a_stopped_server_continues_at_the_right_round(root: Path) -> None:
     fed, grid = _federation(root, **{"federation.task_rounds": 2})
+    fed.run_id = 7  # Flower gives the resumed run another id (8 below); the sites must not see a new run
     original = grid.send_and_receive
     seen: list[int] = []
 
@@ -145,11 +151,14 @@ def test_resume_after_a_stopped_server_continues_at_the_right_round(root: Path) 
     assert ckpt.load_latest(root / "outputs" / "federated" / "checkpoints").round == 2
 
     fed2, grid2 = _federation(root, **{"federation.task_rounds": 2, "federation.resume": "true"})
+    fed2.run_id = 8
     original2 = grid2.send_and_receive
+    run_ids: set[str] = set()
 
     def record_rounds(messages, timeout=None):
         messages = list(messages)
         seen.extend(int(m.content["config"]["server-round"]) for m in messages if "server-round" in m.content["config"])
+        run_ids.update(str(m.content["config"][protocol.RUN_ID]) for m in messages)
         return original2(messages, timeout=timeout)
 
     grid2.send_and_receive = record_rounds
@@ -159,6 +168,43 @@ def test_resume_after_a_stopped_server_continues_at_the_right_round(root: Path) 
     assert [r["phase"] for r in history.records] == ["ssl", "task", "task"]
     for site in SITES:
         assert StateStore(root / "data" / "state" / site, site).load().rounds_trained == 3
+    # the sites' model selection went on across the restart: the best of rounds 2 (before) and 3 (after)
+    assert run_ids == {"7"}
+    for site in SITES:
+        card = json.loads((root / "data" / "state" / site / MODEL_CARD_FILE).read_text())
+        scores = {r["round"]: r["site_eval"][site][SELECTION_METRIC] for r in history.records if r["phase"] == "task"}
+        assert card["run_id"] == "7" and card["round"] == min(scores, key=scores.get)
+        assert card["selection"]["score"] == pytest.approx(min(scores.values()))
+
+
+class RestartedSuperLink(LocalGrid):
+    """A SuperLink that restarted a moment ago: site_c's previous SuperNode (node 9) is still listed as
+    connected; asked, the SuperLink answers for it that the node is unavailable (Flower's NODE_UNAVAILABLE,
+    once its heartbeat expired), and only then site_c's new session (node 3) is let in."""
+
+    def __init__(self, app, sites) -> None:
+        super().__init__(app, sites)
+        self.nodes = {1: "site_a", 2: "site_b", 9: "site_c"}
+        self.asked: list[list[int]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.asked.append(sorted(m.metadata.dst_node_id for m in messages))
+        stale = [m for m in messages if m.metadata.dst_node_id == 9]
+        replies = super().send_and_receive([m for m in messages if m.metadata.dst_node_id != 9], timeout=timeout)
+        if stale:
+            self.nodes = {1: "site_a", 2: "site_b", 3: "site_c"}  # expired: the new session activates
+        return replies + [Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=m)
+                          for m in stale]
+
+
+def test_handshake_waits_out_a_restarted_superlinks_stale_session(root: Path, monkeypatch) -> None:
+    monkeypatch.setattr(server_app, "HANDSHAKE_RETRY_S", 0.0)
+    overrides = small_overrides(root, **{"federation.min_available_nodes": 3, "federation.task_rounds": 0})
+    grid = RestartedSuperLink(make_client_app(overrides), SITES)
+    history = Federation(grid, compose(overrides)).run()
+    assert grid.asked[:2] == [[1, 2, 9], [3]]  # the stale node once, then only the new session
+    assert set(history.records[0]["site_train"]) == set(SITES)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(root: Path) -> None:
