@@ -235,39 +235,44 @@ def radiomics_linear(cfg, datas: Mapping[str, SiteData], device: str) -> MethodR
     return MethodRun({s: patients_from_bmd(fit.predict(d, "test")["bmd"], _test(d)[1]) for s, d in datas.items()})
 
 
-def _true_bone(truth_dir: Path, site: str, table: pd.DataFrame) -> np.ndarray:
-    """The synthetic truth's device BMD of each of ``table``'s vertebrae (osteo-synth's ``<site>.csv``)."""
+def _truth(truth_dir: Path, site: str, table: pd.DataFrame) -> pd.DataFrame:
+    """The synthetic truth's device BMD and age of each of ``table``'s vertebrae (osteo-synth's ``<site>.csv``)."""
     path = truth_dir / f"{site}.csv"
     if not path.is_file():
         raise ConfigError(path, "no synthetic truth for this site: the bone oracle needs osteo-synth's sites")
-    truth = pd.read_csv(path, usecols=["study_id", "level", "true_bmd_device"]).set_index(["study_id", "level"])
+    truth = pd.read_csv(path, usecols=["study_id", "level", "true_bmd_device", "age"]).set_index(["study_id", "level"])
     keys = pd.MultiIndex.from_arrays([table["study_id"].astype(str), table["level"].astype(str)])
-    true = truth["true_bmd_device"].reindex(keys).to_numpy(float)
-    if not np.isfinite(true).all():
-        raise ConfigError(path, f"{int((~np.isfinite(true)).sum())} of the site's {len(true)} vertebrae have no "
-                                f"true_bmd_device: the truth was not written with these caches")
-    return true
+    out = truth.reindex(keys)
+    missing = int((~np.isfinite(out.to_numpy(float)).all(axis=1)).sum())
+    if missing:
+        raise ConfigError(path, f"{missing} of the site's {len(out)} vertebrae have no true_bmd_device or age: "
+                                "the truth was not written with these caches")
+    return out
 
 
 def bone_oracle(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
-    """A reference, not a method: what a CT reader that knew every vertebra's true bone exactly would
-    predict, the truth's device BMD times one factor per site (the median DXA-over-truth ratio of the
-    site's training and validation vertebrae: its device bias, drift and average degenerative and aortic
-    gain). What it misses, no CT model can learn from these sites' CTs: each patient's own DXA error,
-    degeneration and calcification beyond the site's average, and DXA precision. Its MAE estimates the
-    floor of every method's (one that also used age could go a little lower: degeneration grows with it),
-    so a goal below it cannot be met on these patients. Synthetic sites only (``paths.ground_truth``)."""
+    """A reference, not a method: what a CT reader that knew every vertebra's true bone exactly, and the
+    patient's age, would predict: the truth's device BMD times the site's DXA-over-truth ratio as a
+    straight line in age (least squares over the site's training and validation vertebrae: its device
+    bias, drift and average degenerative and aortic gain, which grow with age). What it misses, no CT model
+    can learn from these sites' CTs but for a little: each patient's own DXA error, degeneration beyond
+    what age predicts, and DXA precision (the aortic plaques, ~0.6 % of a DXA reading each, are drawn in
+    the CT and a model could see some of them). Its MAE estimates the floor of every method's, so a goal
+    at or below it cannot be met on these patients. Synthetic sites only (``paths.ground_truth``)."""
     out = {}
     for site, data in datas.items():
         table = data.cache.table
-        true = _true_bone(Path(cfg.paths.ground_truth), site, table)
+        truth = _truth(Path(cfg.paths.ground_truth), site, table)
+        true, age = truth["true_bmd_device"].to_numpy(float), truth["age"].to_numpy(float)
         fit = np.concatenate([data.splits["train"], data.splits["val"]])
-        ratio = table["bmd"].to_numpy(float)[fit] / true[fit]
-        if not np.isfinite(ratio).any():
+        ratio = table["bmd"].to_numpy(float) / true
+        fit = fit[np.isfinite(ratio[fit])]
+        if not len(fit):
             raise ConfigError(Path(cfg.paths.cache_root) / site, "no training or validation vertebra has a DXA "
                               "BMD: the bone oracle cannot fit this site's DXA factor")
+        line = np.linalg.lstsq(np.stack([np.ones(len(fit)), age[fit]], 1), ratio[fit], rcond=None)[0]
         rows = data.splits["test"]
-        out[site] = patients_from_bmd(float(np.nanmedian(ratio)) * true[rows], table.iloc[rows])
+        out[site] = patients_from_bmd((line[0] + line[1] * age[rows]) * true[rows], table.iloc[rows])
     return MethodRun(out)
 
 

@@ -21,20 +21,27 @@ from osteofl.simulation.evidence_methods import bone_oracle
 FACTOR = 1.08
 
 
-def _site(tmp_path, test_shift: float | None = 0.0, drop: int = 0):
-    """A fake site whose truth is its DXA reading / FACTOR outside the test split; the test vertebrae's
-    truth is off by ``test_shift``, so what the oracle predicts there shows where it came from. No truth
-    file with ``test_shift=None``; ``drop`` leaves the first vertebrae out of it."""
+def _age(table: pd.DataFrame) -> np.ndarray:
+    """Each patient's age: 50-85, drawn from the patient id."""
+    codes = pd.factorize(table["patient_id"].astype(str))[0]
+    return 50.0 + (codes * 7) % 36
+
+
+def _site(tmp_path, test_shift: float | None = 0.0, drop: int = 0, per_year: float = 0.0):
+    """A fake site whose truth is its DXA reading / (FACTOR + per_year x (age - 60)) outside the test
+    split; the test vertebrae's truth is off by ``test_shift``, so what the oracle predicts there shows
+    where it came from. No truth file with ``test_shift=None``; ``drop`` leaves the first vertebrae out."""
     cfg = compose(small_overrides(tmp_path))
     data = load_site_data(make_site_cache(tmp_path / "data" / "cache" / "site_a", n_patients=30, size=8), cfg)
     if test_shift is not None:
         table = data.cache.table
-        true = np.nan_to_num(table["bmd"].to_numpy(float), nan=0.9) / FACTOR
+        age = _age(table)
+        true = np.nan_to_num(table["bmd"].to_numpy(float), nan=0.9) / (FACTOR + per_year * (age - 60))
         true[data.splits["test"]] += test_shift
         truth_dir = tmp_path / "data" / "ground_truth"
         truth_dir.mkdir(parents=True)
-        pd.DataFrame({"study_id": table["study_id"], "level": table["level"], "true_bmd_device": true}).iloc[drop:].to_csv(
-            truth_dir / "site_a.csv", index=False)
+        pd.DataFrame({"study_id": table["study_id"], "level": table["level"], "true_bmd_device": true,
+                      "age": age}).iloc[drop:].to_csv(truth_dir / "site_a.csv", index=False)
     return cfg, data
 
 
@@ -50,6 +57,15 @@ def test_the_oracle_learns_the_sites_factor_outside_the_test_split_and_reads_the
     assert np.allclose(moved.pred_bmd[ok] - exact.pred_bmd[ok], FACTOR * shift)
 
 
+def test_the_oracles_factor_follows_age(tmp_path):
+    """DXA reads more over the truth in older patients (degeneration, aortic calcification): the oracle's
+    factor is a line in age, so it stays exact where one constant factor could not."""
+    cfg, data = _site(tmp_path, per_year=0.004)
+    got = bone_oracle(cfg, {"site_a": data}, "cpu").predictions["site_a"]
+    ok = np.isfinite(got.true_bmd)
+    assert ok.sum() >= 5 and np.allclose(got.pred_bmd[ok], got.true_bmd[ok])
+
+
 def test_a_site_without_truth_is_a_config_error_naming_the_file(tmp_path):
     cfg, data = _site(tmp_path, test_shift=None)
     with pytest.raises(ConfigError, match=r"site_a\.csv.*no synthetic truth"):
@@ -58,7 +74,7 @@ def test_a_site_without_truth_is_a_config_error_naming_the_file(tmp_path):
 
 def test_truth_missing_some_vertebrae_is_a_config_error_saying_how_many(tmp_path):
     cfg, data = _site(tmp_path, drop=3)
-    with pytest.raises(ConfigError, match=r"site_a\.csv.*3 of the site's 120 vertebrae have no true_bmd_device"):
+    with pytest.raises(ConfigError, match=r"site_a\.csv.*3 of the site's 120 vertebrae have no true_bmd_device or age"):
         bone_oracle(cfg, {"site_a": data}, "cpu")
 
 
