@@ -24,6 +24,7 @@ class Screened:
     failed: list[dict[str, str]] = field(default_factory=list)    # error replies (dropped, budget spent)
     withheld: list[dict[str, str]] = field(default_factory=list)  # valid replies without aggregates (small cohort)
     updates: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # node -> its accepted update, unpacked
+    silent: set[int] = field(default_factory=set)  # nodes asked that never answered themselves (Federation.screened)
 
 
 def _problem(msg: Message, expected: Spec | None) -> tuple[str | None, dict[str, np.ndarray]]:

@@ -110,14 +110,12 @@ class Federation:
             ask = [n for n in self.wait_for_sites() if n not in answered]
             msgs = [Message(RecordDict({CONFIG: ConfigRecord({PHASE: "handshake"})}), dst_node_id=n,
                             message_type=MessageType.QUERY) for n in ask]
-            got = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
-            replies = screen(got, None, self.identities)
+            replies = self.screened(msgs, list(self.grid.send_and_receive(msgs, timeout=self.timeout)), None)
             accepted |= {int(m.metadata.src_node_id): m for m in replies.accepted}
-            answered |= set(ask) & {int(m.metadata.src_node_id) for m in got
-                                    if not (m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE)}
+            silent = set(ask) & replies.silent
+            answered |= set(ask) - silent
             for f in replies.failed + replies.rejected:
                 log(WARNING, "handshake: site %s did not answer usably: %s", f["site"], f["reason"])
-            silent = set(ask) - answered
             if len(accepted) >= need:
                 break
             if not silent or time.monotonic() >= deadline:
@@ -223,12 +221,18 @@ class Federation:
         return new
 
     def screened(self, msgs: list[Message], replies: list[Message], spec: protocol.Spec | None) -> Screened:
-        """Screen replies; failures and rejections carry the site's handshake name, and every site that
-        was asked but never answered (dropped, timed out) is a failure too."""
-        got = screen(replies, spec, self.identities)
-        answered = {int(m.metadata.src_node_id) for m in replies}
-        got.failed += [{"node": str(n), "site": self.name_of(n), "reason": f"no reply within {self.timeout:g} s"}
-                       for n in sorted({int(m.metadata.dst_node_id) for m in msgs} - answered)]
+        """Screen replies; failures and rejections carry the site's handshake name. Every site that was
+        asked but never answered itself is a failure too (``silent``): dropped or timed out, or a node the
+        SuperLink answered for (Flower's NODE_UNAVAILABLE, sent from the SuperLink's own node id: it is
+        named here by the node it was meant for)."""
+        asked = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in msgs}
+        gone = [m for m in replies if m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE]
+        got = screen([m for m in replies if all(m is not g for g in gone)], spec, self.identities)
+        answered = {int(m.metadata.src_node_id) for m in replies if all(m is not g for g in gone)}
+        unavailable = {_meant_for(m, asked): m.error.reason for m in gone}
+        got.silent = set(asked.values()) - answered
+        got.failed += [{"node": str(n), "site": self.name_of(n),
+                        "reason": unavailable.get(n, f"no reply within {self.timeout:g} s")} for n in sorted(got.silent)]
         return got
 
     def bounded(self, rnd: int, phase: str, arrays: dict[str, np.ndarray], spec: protocol.Spec, got: Screened,
@@ -325,6 +329,13 @@ class Federation:
         write_json(self.dir / "final_metrics.json", final)
         log(INFO, "final %s metrics per site: %s", self.fed.final_eval_split, {s: _short(m) for s, m in final_sites.items()})
         return history
+
+
+def _meant_for(reply: Message, asked: dict[str, int]) -> int:
+    """The node a reply answers for: its sender, or, where the SuperLink wrote it (from its own node id),
+    the node of the message it replies to (``asked``: message id -> node)."""
+    src = int(reply.metadata.src_node_id)
+    return src if src in asked.values() else asked.get(reply.metadata.reply_to_message_id, src)
 
 
 def _arrays_of(msg: Message) -> ArrayRecord:

@@ -3,12 +3,14 @@ Flower's real processes on loopback (``--insecure``: keys are tested in test_fed
 
 flower-server + three osteo-clients run round 1; a second flower-server of the same run is refused while
 the first lives; every command is SIGKILLed and no process of theirs (SuperLink, SuperExec, ServerApp,
-flwr run, SuperNodes, ClientApps) survives; ``flower-server --resume`` then runs round 2 only, and
+flwr run, SuperNodes, ClientApps) survives; a fresh run started at once waits out the killed SuperNodes'
+stale sessions at its handshake and finishes; ``flower-server --resume`` then runs round 2 only, and
 SIGTERMed clients stop with their trees."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -75,9 +77,16 @@ def test_sigkill_leaves_no_process_and_resume_continues_at_round_2(tmp_path: Pat
         procs.append(p)
         return p
 
-    def clients(tag: str) -> list[subprocess.Popen]:
-        return [start(["osteo-client", "--insecure", "--site", s, "--local-port", str(_free_port())],
+    def clients(tag: str, *extra: str) -> list[subprocess.Popen]:
+        return [start(["osteo-client", "--insecure", "--site", s, "--local-port", str(_free_port()), *extra],
                       tmp_path / f"{s}-{tag}.log") for s in SITES]
+
+    def stop(group: list[subprocess.Popen]) -> None:
+        trees = [pid for c in group for pid in descendants(c.pid)]
+        for c in group:
+            c.send_signal(signal.SIGTERM)
+        assert all(c.wait(timeout=30) is not None for c in group)
+        assert wait_gone(trees, 10) == []
 
     try:
         log1 = tmp_path / "server1.log"
@@ -101,20 +110,33 @@ def test_sigkill_leaves_no_process_and_resume_continues_at_round_2(tmp_path: Pat
         assert survivors == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in alive(survivors)]
         assert _marked(f"127.0.0.1:{port}") == [] and _marked(str(tmp_path)) == []
 
-        # Flower counts a node online for two heartbeats (60 s) after its last sign of life, and an insecure
-        # SuperNode gets a new node id on every start (with keys it keeps its registered one): let the
-        # killed ones expire, or the resumed round samples a dead node and waits for it
+        # A fresh run started at once: the SuperLink's database still lists the killed SuperNodes as
+        # connected (Flower: until two heartbeats, 60 s, after their last sign of life), so the ServerApp's
+        # handshake goes to those stale sessions alone; the sites' new ones (an insecure SuperNode gets a
+        # new node id on every start) connect only after it was sent, and are asked once the SuperLink
+        # has answered for the stale ones (own state folders: the resumed run below counts its rounds)
+        log_fresh = tmp_path / "server-fresh.log"
+        fresh = start(["flower-server", "--insecure", "federation.run_name=fresh"], log_fresh)
+        _wait_for(lambda: "flwr-serverapp" in log_fresh.read_text(), "fresh ServerApp start", 300, [log_fresh])
+        time.sleep(5)
+        fresh_clients = clients("fresh", f"paths.state_root={tmp_path / 'fresh_state'}")
+        assert fresh.wait(timeout=600) == 0, log_fresh.read_text()[-3000:]
+        said = log_fresh.read_text()
+        # the handshake met stale sessions (how many of the three are still listed, and how many new ones
+        # were in by then, depends on timing), was told they are gone, and asked again
+        assert re.search(r"handshake: \d of 3 sites answered, [1-3] node\(s\) did not", said), said[-3000:]
+        assert "Node Unavailable" in said and "site node-1 " not in said  # named by their own node ids
+        assert [r["round"] for r in json.loads((tmp_path / "outputs" / "fresh" / "history.json").read_text())] == [1, 2]
+        stop(fresh_clients)
+
+        # the resumed run has no handshake: let every killed node expire, or its round samples a dead one
         time.sleep(65)
         log2 = tmp_path / "server2.log"
         resumed = start(["flower-server", "--insecure", "--resume"], log2)
         _wait_for(lambda: "waiting for 3 of 3 sites" in log2.read_text(), "resumed server start", 300, [log2])
         second_clients = clients("2")
         assert resumed.wait(timeout=900) == 0, log2.read_text()[-3000:]
-        client_trees = [pid for c in second_clients for pid in descendants(c.pid)]
-        for c in second_clients:
-            c.send_signal(signal.SIGTERM)
-        assert all(c.wait(timeout=30) is not None for c in second_clients)
-        assert wait_gone(client_trees, 10) == []
+        stop(second_clients)
     finally:
         for p in procs:
             if p.poll() is None:
