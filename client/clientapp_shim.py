@@ -1,8 +1,8 @@
 """The stand-in ``flwr-clientapp`` that osteo-client puts first on its SuperNode's PATH (stdlib only: it
 runs as ``python -S -E`` and starts in milliseconds).
 
-``clientapp_shim.py SERVER REAL [flwr-clientapp arguments]``: hand the arguments, the working folder and
-this process's standard streams to the fork server at SERVER (client/fork_server.py), wait for the
+``clientapp_shim.py SERVER REAL [flwr-clientapp arguments]``: hand the arguments, the working folder, the
+environment and this process's standard streams to the fork server at SERVER (client/fork_server.py), wait for the
 forked ClientApp and exit with its code. If no fork server answers, become Flower's own program REAL,
 so a message is never lost to a missing server, only slower.
 """
@@ -21,7 +21,7 @@ def main(argv: list) -> int:
         sock.close()
         os.execv(real, [real, *args])
     with sock:
-        request = json.dumps({"argv": args, "cwd": os.getcwd()}).encode() + b"\n"
+        request = json.dumps({"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}).encode() + b"\n"
         socket.send_fds(sock, [request], [0, 1, 2])
         answer = b""
         while chunk := sock.recv(64):

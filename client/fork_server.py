@@ -3,8 +3,8 @@
 Flower 1.42's SuperExec starts a fresh ``flwr-clientapp`` for every message. Its imports alone take ~1.3 s
 on an idle core and 3-4 s when a host's sites start theirs together, most of what a deployed message
 cost beyond the work (issue 11 §3). ``osteo-client`` therefore puts a stand-in ``flwr-clientapp`` first
-on its SuperNode's PATH (client/clientapp_shim.py). The stand-in hands its arguments, working folder and
-standard streams to this server, which has Flower and our ClientApp module imported already and forks a
+on its SuperNode's PATH (client/clientapp_shim.py). The stand-in hands its arguments, working folder,
+environment and standard streams to this server, which has Flower and our ClientApp module imported already and forks a
 child that runs Flower's own ``flwr-clientapp`` entry point with them. The child is the process Flower
 would have started, minus the imports: same code, environment and arguments, its own pid. The stand-in
 waits for it and exits with its code.
@@ -36,13 +36,14 @@ from osteofl.flower_waits import cap_pull_backoff
 
 READY = "osteo-fork-server ready"
 STREAMS = 3  # stdin, stdout, stderr of the stand-in
-MAX_REQUEST = 1 << 16
+MAX_REQUEST = 1 << 20  # a JSON line of arguments, folder and environment
 
 Entry = Callable[[], None]
 
 
-def read_request(conn: socket.socket) -> tuple[list[str], str, list[int]]:
-    """(argv, working folder, the stand-in's stream fds) from one connection: a JSON line sent with the fds."""
+def read_request(conn: socket.socket) -> tuple[list[str], str, dict[str, str], list[int]]:
+    """(argv, working folder, environment, the stand-in's stream fds) from one connection: a JSON line sent
+    with the fds."""
     data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, STREAMS)
     while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
         more = conn.recv(MAX_REQUEST)
@@ -52,7 +53,8 @@ def read_request(conn: socket.socket) -> tuple[list[str], str, list[int]]:
     try:
         request = json.loads(data)
         argv, cwd = [str(a) for a in request["argv"]], str(request["cwd"])
-    except (ValueError, KeyError, TypeError) as exc:
+        env = {str(k): str(v) for k, v in request["env"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         for fd in fds:
             os.close(fd)
         raise ValueError(f"malformed request ({type(exc).__name__})") from None
@@ -60,17 +62,20 @@ def read_request(conn: socket.socket) -> tuple[list[str], str, list[int]]:
         for fd in fds:
             os.close(fd)
         raise ValueError(f"expected {STREAMS} stream fds, got {len(fds)}")
-    return argv, cwd, fds
+    return argv, cwd, env, fds
 
 
-def _run_child(entry: Entry, argv: Sequence[str], cwd: str, fds: Sequence[int]) -> int:
-    """In the forked child: become the stand-in's process (its streams, folder and arguments), run ``entry``."""
+def _run_child(entry: Entry, argv: Sequence[str], cwd: str, env: dict[str, str], fds: Sequence[int]) -> int:
+    """In the forked child: become the stand-in's process (its streams, folder, environment and arguments),
+    run ``entry``."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(cwd)
+    os.environ.clear()  # what the SuperNode gave the stand-in, not what the fork server started with
+    os.environ.update(env)
     sys.argv = ["flwr-clientapp", *argv]
     code = 0
     try:
@@ -101,7 +106,7 @@ def serve(path: Path, entry: Entry = flwr_clientapp) -> None:
             if ready:
                 conn, _ = sock.accept()
                 try:
-                    argv, cwd, fds = read_request(conn)
+                    argv, cwd, env, fds = read_request(conn)
                 except (OSError, ValueError) as exc:
                     log(WARNING, "fork server: dropped a request: %s", exc)
                     conn.close()
@@ -112,7 +117,7 @@ def serve(path: Path, entry: Entry = flwr_clientapp) -> None:
                 if pid == 0:
                     sock.close()
                     conn.close()
-                    os._exit(_run_child(entry, argv, cwd, fds))
+                    os._exit(_run_child(entry, argv, cwd, env, fds))
                 for fd in fds:
                     os.close(fd)
                 waiting[pid] = conn

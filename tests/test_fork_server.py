@@ -25,7 +25,8 @@ from pathlib import Path
 from osteofl.client import fork_server
 
 def fake():
-    print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid(), "ppid": os.getppid()}), flush=True)
+    print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid(), "ppid": os.getppid(),
+                      "mark": os.environ.get("OSTEO_MARK"), "server_only": os.environ.get("OSTEO_SERVER_ONLY")}), flush=True)
     print("a line on stderr", file=sys.stderr, flush=True)
     if sys.argv[-1] == "boom":
         raise RuntimeError("the ClientApp failed")
@@ -43,7 +44,8 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
     sock = private / "fork.sock"
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", FAKE_ENTRY, str(sock)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", FAKE_ENTRY, str(sock)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OSTEO_SERVER_ONLY": "1", "OSTEO_MARK": "the server's"})
     deadline = time.monotonic() + 120
     while READY not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -68,10 +70,12 @@ def test_stand_in_runs_the_forked_entry_with_its_arguments_streams_and_folder(tm
     assert shim.name == "flwr-clientapp" and (shim.stat().st_mode & 0o077) == 0
     where = tmp_path / "cwd"
     where.mkdir()
-    done = subprocess.run([str(shim), "--token", "abc def", "7"], cwd=where, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([str(shim), "--token", "abc def", "7"], cwd=where, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OSTEO_MARK": "the stand-in's"})
     assert done.returncode == 7, done.stderr
     seen = json.loads(done.stdout.splitlines()[0])
     assert seen["argv"] == ["--token", "abc def", "7"] and seen["cwd"] == str(where)
+    assert seen["mark"] == "the stand-in's" and seen["server_only"] is None  # the environment Flower gave it
     assert seen["ppid"] == proc.pid and seen["pid"] != proc.pid  # a child of the warm server, not a fresh program
     assert "a line on stderr" in done.stderr and "flower itself" not in done.stdout
     ok = subprocess.run([str(shim), "0"], capture_output=True, text=True, timeout=60)
