@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import math
 import re
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from osteo_model.crops import crop_spacing_mm
 from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import InputError
 from osteo_model.labels import label_map_from_cfg
+from osteo_model.pools import worker_pool
 from osteo_model.prepare import featurise_study, load_studies
 from osteo_model.radiomics_features import extractor_for, n_workers, params_path
 from osteo_model.screening import (
@@ -154,7 +154,7 @@ class _Writer:
 
     def _draw_queued(self, progress: bool) -> None:
         n = min(self.n_jobs, len(self.jobs))
-        with ProcessPoolExecutor(n) if n > 1 else nullcontext() as pool:
+        with worker_pool(n) if n > 1 else nullcontext() as pool:
             results = pool.map(_render_job, self.jobs) if pool is not None else map(_render_job, self.jobs)
             for job, note in tqdm(zip(self.jobs, results), total=len(self.jobs), desc="report images", unit="study",
                                   disable=not progress):

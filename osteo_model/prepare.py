@@ -11,14 +11,11 @@
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
-import signal
-import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +32,7 @@ from osteo_model.constants import LEVELS
 from osteo_model.crops import LevelExclusion, VertebraCrop, check_crop_cfg, crop_levels, crop_spacing_mm
 from osteo_model.errors import ConfigError, InputError
 from osteo_model.labels import label_map_from_cfg
+from osteo_model.pools import worker_pool
 from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED, Problem, write_quarantine_csv
 from osteo_model.radiomics_features import extractor_for, n_workers, params_digest, params_path
 from osteo_model.site_tables import read_site_table
@@ -189,29 +187,12 @@ def featurise_study(ct, label_arr: np.ndarray, label_map: dict[str, int], crop_c
     return [crops[i] for i in kept], features[kept], excluded
 
 
-PR_SET_PDEATHSIG = 1
-"""prctl(2) option: the signal the kernel sends this process when its parent dies (Linux)."""
-
-
-def _die_with_parent(parent: int) -> None:
-    """Pool initializer: a worker never outlives osteo-prepare.
-
-    A killed parent (SIGKILL, SIGTERM, OOM) cannot stop its pool, and orphaned workers would compute on
-    and then block forever writing results to a pipe nobody reads. On Linux the kernel kills the worker
-    with its parent; the parent-pid check covers a parent that died before that was armed.
-    """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def _run(tasks: list[StudyTask], n_jobs: int) -> Iterator[tuple[StudyTask, tuple[Path | None, str] | None]]:
     """(task, failure) in completion order: in this process for one job, else in a process pool."""
     if n_jobs == 1 or len(tasks) < 2:
         yield from ((t, prepare_study(t)) for t in tasks)
         return
-    with ProcessPoolExecutor(min(n_jobs, len(tasks)), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    with worker_pool(min(n_jobs, len(tasks))) as pool:
         futures = {pool.submit(prepare_study, t): t for t in tasks}
         for future in as_completed(futures):
             yield futures[future], future.result()

@@ -7,6 +7,7 @@ on the labeled training split.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from typing import Iterable, Mapping
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 from osteo_model import losses, metrics
 from osteo_model.calibration import t_and_category
 from osteo_model.dataset import CropDataset, SiteData
-from osteo_model.model import load_local, local_parameters, local_state, set_sbmd_prior, shared_parameters, unwrap
+from osteo_model.model import local_parameters, set_sbmd_prior, shared_parameters, unwrap
 
 PHASES = ("ssl", "task")
 
@@ -74,8 +75,10 @@ class Recipe:
     """
 
     def __init__(self, models: Mapping[str, nn.Module], cfg, lengths: Mapping[str, int],
-                 datas: Mapping[str, SiteData] | None = None, priors: bool = True, personalise: bool = True) -> None:
+                 datas: Mapping[str, SiteData] | None = None, priors: bool = True, personalise: bool = True,
+                 shared_lr_factor: float = 1.0) -> None:
         self.cfg, self.lengths, self.models, self.datas, self.priors = cfg, dict(lengths), dict(models), datas, priors
+        self.shared_lr_factor = float(shared_lr_factor)
         self.tail = int(cfg.train.get("personalise_steps", 0) or 0) if personalise else 0
         if self.tail and self.tail >= self.lengths.get("task", 0):
             raise ValueError(f"train.personalise_steps={self.tail} must be fewer than the task phase's "
@@ -87,7 +90,7 @@ class Recipe:
         self._set_lr(1.0)
 
     def base_lr(self, role: str) -> float:
-        return float(self.cfg.train.lr) * (float(self.cfg.train.local_lr_factor) if role == "local" else 1.0)
+        return float(self.cfg.train.lr) * (float(self.cfg.train.local_lr_factor) if role == "local" else self.shared_lr_factor)
 
     def _set_lr(self, factor: float, shared_factor: float | None = None) -> None:
         for group in self.optimizer.param_groups:
@@ -295,34 +298,37 @@ def _finite(score: float) -> float:
 
 
 def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int) -> dict[str, float]:
-    """Onboard a site: train ONLY its local expert and calibration head on its labeled training split,
-    then keep the epoch whose parts predict the site's own validation patients best, and the shared-only
-    prediction (local parts as they came) unless a fitted epoch beats it: with a handful of labeled
-    patients fitting can make a site worse, and a site with no validation patient cannot show that it
-    does not. Returns the last epoch's training losses, ``selected_epoch`` (0 = shared-only kept) and
-    the validation score (SELECTION_METRIC) of the shared-only and of the selected parts."""
-    params = local_parameters(model)
+    """Onboard a site: train its local expert and calibration head on its labeled training split (and the
+    shared parts too, at ``train.fit_local_shared_lr_factor`` times the learning rate, where that is above
+    0), then keep the epoch whose model predicts the site's own validation patients best, and the
+    shared-only prediction (the model as it came) unless a fitted epoch beats it: with a handful of
+    labeled patients fitting can make a site worse, and a site with no validation patient cannot show that
+    it does not. Returns the last epoch's training losses, ``selected_epoch`` (0 = shared-only kept) and
+    the validation score (SELECTION_METRIC) of the shared-only and of the selected model."""
+    net, params = unwrap(model), local_parameters(model)
+    shared_factor = float(cfg.train.fit_local_shared_lr_factor)
     shared_only = _val_score(model, data, cfg, device)
     result: dict[str, float] = {"num_examples": 0.0}
-    best, best_epoch, best_state = shared_only, 0, local_state(model)
+    best, best_epoch, best_state = shared_only, 0, copy.deepcopy(net.state_dict())
     if params and len(data.splits["train"]):
         local_ids = {id(p) for p in params}
-        frozen = [p for p in unwrap(model).parameters() if id(p) not in local_ids and p.requires_grad]
+        frozen = [] if shared_factor > 0 else [p for p in net.parameters() if id(p) not in local_ids and p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
         try:
-            # frozen groups get no step; the whole fit is local, so no personalisation tail either
-            recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, priors=False, personalise=False)
+            # frozen groups get no step; the fit is the site's own, so no personalisation tail either
+            recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, priors=False, personalise=False,
+                            shared_lr_factor=shared_factor)
             for epoch in range(int(epochs)):
                 recipe.begin("task", epoch)
                 result = train_steps(model, data, cfg, "task", recipe.optimizer, device)
                 score = _val_score(model, data, cfg, device)
                 if score < best:
                     best, best_epoch = score, epoch + 1
-                    best_state = local_state(model)
+                    best_state = copy.deepcopy(net.state_dict())
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-    load_local(model, best_state)
+    net.load_state_dict(best_state)
     return {**result, "selected_epoch": float(best_epoch), f"val_{SELECTION_METRIC}_shared_only": _finite(shared_only),
             f"val_{SELECTION_METRIC}_selected": _finite(best)}

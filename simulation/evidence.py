@@ -4,8 +4,8 @@ An experiment is a YAML file in configs/experiment/ (or a path): the scenarios (
 that select it), the seeds (population, split and initialisation), the overrides every run gets (rounds,
 steps), the methods (an engine of simulation/evidence_methods.py plus its overrides) and the reference
 method the others are compared with, and optionally ``onboarding`` (the external site onboarded onto one
-federated method with k labeled patients: simulation/evidence_onboarding.py); ``base: <experiment>``
-starts from another experiment's file. For each scenario and seed the synthetic sites are generated and
+federated method with k labeled patients, and overrides of its own: simulation/evidence_onboarding.py);
+``base: <experiment>`` starts from another experiment's file. For each scenario and seed the synthetic sites are generated and
 prepared under ``<outputs>/<store>/data`` (the same code as osteo-sim; ``data: as_configured`` uses the
 caches of ``paths.cache_root`` instead), every method trains and predicts each site's test patients into
 ``<outputs>/<store>/runs`` (``store`` defaults to the name; experiments that name the same store reuse each
@@ -20,11 +20,9 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -37,6 +35,7 @@ from osteo_model.config import compose, resolve_device
 from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
+from osteo_model.pools import worker_pool
 from osteo_model.training import SELECTION_METRIC
 from osteofl.server import run_lock
 from osteofl.server.history import write_json
@@ -123,13 +122,15 @@ RUN_FORMAT = "3: predictions, diagnostics, payload, validation history"
 """What a run file holds; part of its key, so files of an older format are trained again, not misread."""
 ONBOARDING_FORMAT = "onboarding 2: the point of all training patients is 'all'"
 """Part of an onboarding curve's key, so curves saved with per-seed capped names are made again."""
+ONBOARDING_ONLY = ("train.fit_local_shared_lr_factor",)
+"""Settings only onboarding reads: out of the method runs' keys, in the onboarding curve's (_onboard)."""
 NOT_TRAINING = (
     "paths", "train.out_dir", "site.dir", "site.cache_dir", "site.state_dir", "eval", "predict",
     "synth.n_jobs", "radiomics.n_jobs", "site.policy", "federation.superlink", "federation.simulation",
     "federation.identity", "federation.robust", "federation.min_available_nodes", "federation.min_train_replies",
     "federation.round_timeout", "federation.reply_poll_s", "federation.run_name", "federation.resume",
     "federation.keep_checkpoints", "federation.eval_split", "federation.final_eval_split",
-    "federation.onboard_labeled_patients", "federation.onboard_epochs")
+    "federation.onboard_labeled_patients", "federation.onboard_epochs", *ONBOARDING_ONLY)
 """Config the in-process engines never read, left out of a run's key so that changing it keeps the cached
 runs: where files live (the data enter the key by content, ``_data_key``), how a deployment's processes
 meet, wait and defend the global model, osteo-sim's Ray and onboarding settings, worker counts, and
@@ -295,8 +296,8 @@ def _unit_data(plan: Plan, scenario: str, seed: int, log: Callable[[str], None],
     return UnitData(run_over, cfg, datas, _data_key(datas))
 
 
-def _method_cfg(plan: Plan, unit: UnitData, method: str) -> DictConfig:
-    return compose([*unit.run_over, *map(str, plan.exp.methods[method].get("overrides") or [])])
+def _method_cfg(plan: Plan, unit: UnitData, method: str, *extra: str) -> DictConfig:
+    return compose([*unit.run_over, *map(str, plan.exp.methods[method].get("overrides") or []), *extra])
 
 
 def _method_run(plan: Plan, scenario: str, seed: int, method: str, unit: UnitData, mcfg: DictConfig,
@@ -377,8 +378,9 @@ def _train_in_parallel(plan: Plan, experiment: str, overrides: Sequence[str], jo
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     log(f"evidence: {len(units)} scenario x seed data sets, then {len(tasks)} method runs, in {jobs} processes, "
         f"{threads} thread(s) each")
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    # spawn: no fork of a process that holds torch's threads. The workers die with this process: a killed
+    # osteo-evidence drops the store's lock, and a next run must not meet its workers still writing there
+    with worker_pool(jobs, "spawn") as pool:
         for future in [pool.submit(by_name._prepare_unit, experiment, list(overrides), sc, seed, threads)
                        for sc, seed in units]:
             future.result()
@@ -447,12 +449,17 @@ def _summary(exp: DictConfig, runs: dict[int, dict[str, MethodRun]], curves: dic
 def _onboard(plan: Plan, unit: UnitData, folder: Path, runs: dict[str, MethodRun], ext_data: SiteData,
              log: Callable[[str], None]) -> MethodRun:
     """The external site's onboarding curve on ``exp.onboarding.method``'s last global payload (kept with
-    the method's run; a curve made earlier from the same run, external site and k is reused)."""
+    the method's run; a curve made earlier from the same run, external site, k and config is reused).
+    ``onboarding.overrides`` change only the onboarding (e.g. ``train.fit_local_shared_lr_factor``), not the
+    method's run they start from."""
     exp = plan.exp
     method, ks = str(exp.onboarding.method), [int(k) for k in exp.onboarding.labeled_patients]
-    cfg = _method_cfg(plan, unit, method)
-    key = _config_key(cfg, unit.key, ONBOARDING_FORMAT, ks, _data_key({ext_data.site: ext_data}))
-    curve, seconds, earlier = _cached(folder / "onboarding.npz", key, lambda: onboarding.curve(
+    own = [str(o) for o in exp.onboarding.get("overrides") or []]
+    cfg = _method_cfg(plan, unit, method, *own)
+    key = _config_key(cfg, unit.key, ONBOARDING_FORMAT, ks, _data_key({ext_data.site: ext_data}),
+                      *(OmegaConf.select(cfg, name) for name in ONBOARDING_ONLY))
+    saved = folder / (f"onboarding-{exp.name}.npz" if own else "onboarding.npz")  # another recipe: its own file
+    curve, seconds, earlier = _cached(saved, key, lambda: onboarding.curve(
         cfg, ext_data, runs[method].payload, ks, resolve_device(cfg)))
     log(f"  onboarding {ext_data.site} onto {LABELS.get(method, method)} (k = {', '.join(curve.predictions)}): "
         + ("done earlier" if earlier else f"{seconds:.1f} s"))

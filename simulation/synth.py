@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from osteo_model.bmd import normalise_manufacturer
 from osteo_model.errors import ConfigError
+from osteo_model.pools import worker_pool
 from osteo_model.radiomics_features import n_workers
 from osteofl.simulation.phantom import draw_anatomy, render
 from osteofl.simulation.population import SitePopulation, sample_site
@@ -164,7 +164,7 @@ def _render_all(tasks: list[dict[str, Any]], synth: DictConfig, progress: bool) 
     ``synth.n_jobs`` 0 counts the CPUs this process may use, as osteo-prepare does (``taskset``, cgroups)."""
     workers = min(n_workers(synth), max(len(tasks), 1))
     bar = tqdm(total=len(tasks), desc="osteo-synth", unit="study", disable=not progress)
-    with bar, (ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext()) as pool:
+    with bar, (worker_pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
         done = []
         for result in pool.map(render_study, tasks, chunksize=2) if pool else map(render_study, tasks):
             done.append(result)

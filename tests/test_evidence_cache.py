@@ -3,6 +3,8 @@ content) and what it leaves out (deployment-only settings); the model selection 
 task round's validation score, the round kept) and how the report shows it."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -128,3 +130,33 @@ def test_selection_report_flags_a_kept_last_round():
         "reference": "osteofl", "seeds": [0, 1], "sites": [], "metrics": {}, "differences": {}, "selection": out}}}, {})
     assert "| osteofl | a | 3/3*, 2/3 | 1 of 2 | 0.175 |" in md  # mean of 0.1 and 0.25
     assert "| osteofl | b | 2/3, n/a | 0 of 2 | 0.100 |" in md
+
+
+def test_an_onboarding_only_setting_keeps_the_method_runs_and_remakes_the_curve(tmp_path, monkeypatch):
+    """``onboarding.overrides`` (train.fit_local_shared_lr_factor) reach the onboarding alone: the methods'
+    run keys stay, the curve is made again for another value and saved beside the default recipe's."""
+    assert _key(tmp_path, "train.fit_local_shared_lr_factor=0.1") == _key(tmp_path)
+    cfg, datas = _tiny(tmp_path)
+    got: list[float] = []
+
+    def curve(ccfg, ext, payload, ks, device):
+        got.append(float(ccfg.train.fit_local_shared_lr_factor))
+        return hu_rule(ccfg, {"site_a": ext}, device)
+
+    monkeypatch.setattr(evidence.onboarding, "curve", curve)
+    said: list[str] = []
+    unit = evidence.UnitData([*small_overrides(tmp_path)], cfg, datas, evidence._data_key(datas))
+    runs = {"osteofl": MethodRun({})}
+
+    def onboard(name: str, own: list[str]) -> None:
+        exp = OmegaConf.create({"name": name, "methods": {"osteofl": {"engine": "federated"}},
+                                "onboarding": {"method": "osteofl", "labeled_patients": [2], "overrides": own}})
+        plan = SimpleNamespace(exp=exp, store=tmp_path / "store")
+        evidence._onboard(plan, unit, tmp_path / "runs", runs, datas["site_a"], said.append)
+
+    onboard("evidence", [])
+    onboard("ft", ["train.fit_local_shared_lr_factor=0.1"])
+    onboard("ft", ["train.fit_local_shared_lr_factor=0.1"])
+    onboard("ft", ["train.fit_local_shared_lr_factor=0.2"])
+    assert got == [0.0, 0.1, 0.2] and "done earlier" in said[2]
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.npz")) == ["onboarding-ft.npz", "onboarding.npz"]

@@ -22,10 +22,10 @@ def root(tmp_path_factory):
     return root
 
 
-def _onboarding(root, shift_splits: tuple[str, ...], shift: float = 0.5):
+def _onboarding(root, shift_splits: tuple[str, ...], shift: float = 0.5, *overrides: str):
     """A new site whose DXA reads ``shift`` g/cm^2 high on the rows of ``shift_splits``, and a model with
     trained-nowhere local parts (what a new site gets)."""
-    cfg = tiny_cfg(root, "train.local_lr_factor=30")
+    cfg = tiny_cfg(root, "train.local_lr_factor=30", *overrides)
     torch.manual_seed(0)
     data = load_site_data(root / "data" / "cache" / "site_ext", cfg)
     col = data.cache.table.columns.get_loc("bmd")
@@ -71,3 +71,22 @@ def test_site_without_validation_patients_keeps_shared_only(root):
     res = fit_local(model, data, cfg, "cpu", epochs=1)
     assert res["selected_epoch"] == 0 and np.isnan(res[f"{SCORE}_shared_only"])
     assert all(torch.equal(v, osteo.local_state(model)[k]) for k, v in local0.items())
+
+
+@pytest.mark.parametrize("judged", [True, False])
+def test_onboarding_that_fine_tunes_the_shared_parts_keeps_them_only_with_a_kept_epoch(root, judged):
+    """``train.fit_local_shared_lr_factor`` > 0 trains the shared parts too: a kept epoch takes its shared
+    parts along; where none is kept (here: no validation patient to judge by) the whole model comes back
+    as it came, shared parts included, although they trained."""
+    cfg, data, model = _onboarding(root, ("train", "val", "test"), 0.5, "train.fit_local_shared_lr_factor=0.1")
+    if not judged:
+        data.splits["val"] = data.splits["val"][:0]
+    shared0, local0 = osteo.shared_state(model), osteo.local_state(model)
+    res = fit_local(model, data, cfg, "cpu", epochs=4)
+    shared1, local1 = osteo.shared_state(model), osteo.local_state(model)
+    assert res["num_examples"] == len(data.splits["train"])  # it did train
+    shared_moved = any(not torch.equal(v, shared1[k]) for k, v in shared0.items())
+    assert (res["selected_epoch"] >= 1) == judged == shared_moved
+    assert judged or all(torch.equal(v, local1[k]) for k, v in local0.items())
+    if judged:
+        assert evaluate(model, data, cfg, "val", "cpu")[SELECTION_METRIC] == pytest.approx(res[f"{SCORE}_selected"])

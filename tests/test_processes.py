@@ -208,3 +208,42 @@ def test_osteo_client_retries_a_refused_activation_then_says_why(tmp_path: Path,
     assert client_cli.main([*argv, "--activation-wait", "0"]) == 1 and len(tries.read_text()) == 1
     err = capsys.readouterr().err.strip()
     assert "refused to activate site site_a" in err and "not registered" in err and "\n" not in err
+
+
+POOL_OWNER = """
+import os, sys, time
+from osteo_model.pools import worker_pool
+
+def work(path):
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    pool = worker_pool(2, sys.argv[2])
+    for i in range(2):
+        pool.submit(work, f"{sys.argv[1]}.{i}")
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_pool_workers_die_with_their_sigkilled_command(tmp_path: Path, start: str) -> None:
+    """osteo-evidence, osteo-prepare, osteo-synth and osteo-predict's pools (osteo_model.pools): a command
+    killed outright takes its workers along, so none goes on writing into a store a next run may use."""
+    script = tmp_path / "owner.py"
+    script.write_text(POOL_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pid"), start])
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"pid.{i}").is_file() and (tmp_path / f"pid.{i}").read_text() for i in range(2)):
+            assert owner.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        workers = [int((tmp_path / f"pid.{i}").read_text()) for i in range(2)]
+        assert alive(workers) == workers
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert wait_gone(workers, 10) == [], "pool workers outlived their SIGKILLed command"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()

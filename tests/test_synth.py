@@ -267,8 +267,8 @@ def test_workers_count_the_cpus_this_process_may_use(monkeypatch, n_jobs, allowe
     pools: list[int] = []
 
     class Pool:  # records the pool's size; renders nothing
-        def __init__(self, max_workers: int) -> None:
-            pools.append(max_workers)
+        def __init__(self, workers: int) -> None:
+            pools.append(workers)
 
         def __enter__(self):
             return self
@@ -281,7 +281,7 @@ def test_workers_count_the_cpus_this_process_may_use(monkeypatch, n_jobs, allowe
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
-    monkeypatch.setattr(synth, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(synth, "worker_pool", Pool)
     monkeypatch.setattr(synth, "render_study", lambda task: {})
     done = synth._render_all([{}] * 8, compose([f"synth.n_jobs={n_jobs}"]).synth, progress=False)
     assert len(done) == 8 and pools == ([] if expected is None else [expected])
