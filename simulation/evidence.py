@@ -173,6 +173,16 @@ def _truth_key(cfg: DictConfig, datas: Mapping[str, SiteData]) -> str:
     return digest.hexdigest()
 
 
+def _payload_key(payload: Mapping[str, np.ndarray]) -> str:
+    """The content of the global weights an onboarding curve starts from: a retrained method run (other
+    CPU threads, another machine) is not bit for bit the one a cached curve was made from."""
+    digest = hashlib.sha256()
+    for name, array in sorted(payload.items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
 def _load_run(path: Path, key: str) -> tuple[MethodRun, float] | None:
     """A finished method's run and its seconds, when it was made with exactly this key."""
     if not path.is_file():
@@ -441,7 +451,8 @@ def _summary(exp: DictConfig, runs: dict[int, dict[str, MethodRun]], curves: dic
         {sd: {m: r.val_history for m, r in by_m.items()} for sd, by_m in runs.items()},
         {sd: {m: r.selected_round for m, r in by_m.items()} for sd, by_m in runs.items()}, SELECTION_METRIC)
     if curves:
-        summary["onboarding"] = {"site": ext, "method": str(exp.onboarding.method), **report.summarise_curve(
+        summary["onboarding"] = {"site": ext, "method": str(exp.onboarding.method),
+                                 "overrides": [str(o) for o in exp.onboarding.get("overrides") or []], **report.summarise_curve(
             {sd: c.predictions for sd, c in curves.items()}, {sd: c.diagnostics for sd, c in curves.items()}, n_boot)}
     return summary
 
@@ -449,7 +460,7 @@ def _summary(exp: DictConfig, runs: dict[int, dict[str, MethodRun]], curves: dic
 def _onboard(plan: Plan, unit: UnitData, folder: Path, runs: dict[str, MethodRun], ext_data: SiteData,
              log: Callable[[str], None]) -> MethodRun:
     """The external site's onboarding curve on ``exp.onboarding.method``'s last global payload (kept with
-    the method's run; a curve made earlier from the same run, external site, k and config is reused).
+    the method's run; a curve made earlier from the same weights, external site, k and config is reused).
     ``onboarding.overrides`` change only the onboarding (e.g. ``train.fit_local_shared_lr_factor``), not the
     method's run they start from."""
     exp = plan.exp
@@ -457,7 +468,7 @@ def _onboard(plan: Plan, unit: UnitData, folder: Path, runs: dict[str, MethodRun
     own = [str(o) for o in exp.onboarding.get("overrides") or []]
     cfg = _method_cfg(plan, unit, method, *own)
     key = _config_key(cfg, unit.key, ONBOARDING_FORMAT, ks, _data_key({ext_data.site: ext_data}),
-                      *(OmegaConf.select(cfg, name) for name in ONBOARDING_ONLY))
+                      _payload_key(runs[method].payload), *(OmegaConf.select(cfg, name) for name in ONBOARDING_ONLY))
     saved = folder / (f"onboarding-{exp.name}.npz" if own else "onboarding.npz")  # another recipe: its own file
     curve, seconds, earlier = _cached(saved, key, lambda: onboarding.curve(
         cfg, ext_data, runs[method].payload, ks, resolve_device(cfg)))

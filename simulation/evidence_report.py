@@ -233,7 +233,9 @@ def _md_onboarding(sc: Mapping, labels: Mapping[str, str]) -> list[str]:
     pooled = sc["metrics"].get(onb["method"], {}).get(POOLED, {})
     sim = sc.get("diagnostics", {}).get("simulated", {}).get(onb["site"], {})
     lines = [f"### Onboarding the external site `{onb['site']}` onto {method}", "",
-             "fit_local fits only the local expert and calibration on k labeled training patients and keeps the "
+             ("fit_local fits only the local expert and calibration" if not onb.get("overrides") else
+              f"fit_local ({', '.join(onb['overrides'])}) fits the local expert and calibration, and the shared parts")
+             + " on k labeled training patients and keeps the "
              "shared-only parts unless a fitted epoch predicts the site's own validation patients better (its whole "
              "validation split, whatever k). Test patients of the external site; difference: point minus "
              "shared-only on the same patients; calibration residual and local-expert shift as above"

@@ -134,7 +134,8 @@ def test_selection_report_flags_a_kept_last_round():
 
 def test_an_onboarding_only_setting_keeps_the_method_runs_and_remakes_the_curve(tmp_path, monkeypatch):
     """``onboarding.overrides`` (train.fit_local_shared_lr_factor) reach the onboarding alone: the methods'
-    run keys stay, the curve is made again for another value and saved beside the default recipe's."""
+    run keys stay, the curve is made again for another value, or from other weights, and saved beside the
+    default recipe's."""
     assert _key(tmp_path, "train.fit_local_shared_lr_factor=0.1") == _key(tmp_path)
     cfg, datas = _tiny(tmp_path)
     got: list[float] = []
@@ -158,5 +159,7 @@ def test_an_onboarding_only_setting_keeps_the_method_runs_and_remakes_the_curve(
     onboard("ft", ["train.fit_local_shared_lr_factor=0.1"])
     onboard("ft", ["train.fit_local_shared_lr_factor=0.1"])
     onboard("ft", ["train.fit_local_shared_lr_factor=0.2"])
-    assert got == [0.0, 0.1, 0.2] and "done earlier" in said[2]
+    runs["osteofl"].payload = {"w": np.ones(3, np.float32)}  # the method was trained again: other weights
+    onboard("ft", ["train.fit_local_shared_lr_factor=0.2"])
+    assert got == [0.0, 0.1, 0.2, 0.2] and "done earlier" in said[2]
     assert sorted(p.name for p in (tmp_path / "runs").glob("*.npz")) == ["onboarding-ft.npz", "onboarding.npz"]
