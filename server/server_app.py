@@ -225,12 +225,12 @@ class Federation:
         asked but never answered itself is a failure too (``silent``): dropped or timed out, or a node the
         SuperLink answered for (Flower's NODE_UNAVAILABLE, sent from the SuperLink's own node id: it is
         named here by the node it was meant for)."""
-        asked = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in msgs}
+        asked = {int(m.metadata.dst_node_id) for m in msgs}
         gone = [m for m in replies if m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE]
         got = screen([m for m in replies if all(m is not g for g in gone)], spec, self.identities)
         answered = {int(m.metadata.src_node_id) for m in replies if all(m is not g for g in gone)}
-        unavailable = {_meant_for(m, asked): m.error.reason for m in gone}
-        got.silent = set(asked.values()) - answered
+        unavailable = {_meant_for(m, msgs): m.error.reason for m in gone}
+        got.silent = asked - answered
         got.failed += [{"node": str(n), "site": self.name_of(n),
                         "reason": unavailable.get(n, f"no reply within {self.timeout:g} s")} for n in sorted(got.silent)]
         return got
@@ -331,11 +331,14 @@ class Federation:
         return history
 
 
-def _meant_for(reply: Message, asked: dict[str, int]) -> int:
-    """The node a reply answers for: its sender, or, where the SuperLink wrote it (from its own node id),
-    the node of the message it replies to (``asked``: message id -> node)."""
+def _meant_for(reply: Message, msgs: list[Message]) -> int:
+    """The node a reply answers for: its sender where that is a node asked, else (the SuperLink wrote it,
+    from its own node id) the node of the message it replies to, found by id (set when it was sent)."""
     src = int(reply.metadata.src_node_id)
-    return src if src in asked.values() else asked.get(reply.metadata.reply_to_message_id, src)
+    if src in {int(m.metadata.dst_node_id) for m in msgs}:
+        return src
+    return next((int(m.metadata.dst_node_id) for m in msgs
+                 if m.metadata.message_id and m.metadata.message_id == reply.metadata.reply_to_message_id), src)
 
 
 def _arrays_of(msg: Message) -> ArrayRecord:

@@ -240,7 +240,11 @@ def _truth(truth_dir: Path, site: str, table: pd.DataFrame) -> pd.DataFrame:
     path = truth_dir / f"{site}.csv"
     if not path.is_file():
         raise ConfigError(path, "no synthetic truth for this site: the bone oracle needs osteo-synth's sites")
-    truth = pd.read_csv(path, usecols=["study_id", "level", "true_bmd_device", "age"]).set_index(["study_id", "level"])
+    needed = ["study_id", "level", "true_bmd_device", "age"]
+    truth = pd.read_csv(path)
+    if missing := [c for c in needed if c not in truth.columns]:
+        raise ConfigError(path, f"no column {', '.join(missing)}: not osteo-synth's truth (or an older one)")
+    truth = truth[needed].set_index(["study_id", "level"])
     keys = pd.MultiIndex.from_arrays([table["study_id"].astype(str), table["level"].astype(str)])
     out = truth.reindex(keys)
     missing = int((~np.isfinite(out.to_numpy(float)).all(axis=1)).sum())

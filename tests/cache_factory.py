@@ -61,7 +61,7 @@ def make_site_cache(
     rng = np.random.default_rng(seed)
     rows, crops, masks, feats, truth = [], [], [], [], []
     for p in range(n_patients):
-        base = rng.normal(0.9, 0.2)
+        base, age = rng.normal(0.9, 0.2), 50 + (p * 7) % 36  # age apart from rng: the data stay as they were
         labeled = p < int(round(labeled_frac * n_patients))
         for li, level in enumerate(("L1", "L2", "L3", "L4")):
             sbmd_true = base + 0.03 * li + rng.normal(0, 0.02)
@@ -70,7 +70,7 @@ def make_site_cache(
             masks.append(mask)
             feats.append(_features(crop, mask))
             core = crop[mask == 2]
-            truth.append({"study_id": f"{site}-s{p:03d}", "level": level,
+            truth.append({"study_id": f"{site}-s{p:03d}", "level": level, "age": age,
                           "true_bmd_device": float(bmdlib.from_sbmd(sbmd_true, manufacturer))})
             row = {
                 "study_id": f"{site}-s{p:03d}", "patient_id": f"{site}-p{p:03d}", "level": level,

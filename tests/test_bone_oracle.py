@@ -72,6 +72,14 @@ def test_a_site_without_truth_is_a_config_error_naming_the_file(tmp_path):
         bone_oracle(cfg, {"site_a": data}, "cpu")
 
 
+def test_truth_without_age_is_a_config_error_naming_the_file(tmp_path):
+    cfg, data = _site(tmp_path)
+    truth = tmp_path / "data" / "ground_truth" / "site_a.csv"
+    pd.read_csv(truth).drop(columns="age").to_csv(truth, index=False)
+    with pytest.raises(ConfigError, match=r"site_a\.csv.*no column age"):
+        bone_oracle(cfg, {"site_a": data}, "cpu")
+
+
 def test_truth_missing_some_vertebrae_is_a_config_error_saying_how_many(tmp_path):
     cfg, data = _site(tmp_path, drop=3)
     with pytest.raises(ConfigError, match=r"site_a\.csv.*3 of the site's 120 vertebrae have no true_bmd_device or age"):

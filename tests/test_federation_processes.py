@@ -3,14 +3,13 @@ Flower's real processes on loopback (``--insecure``: keys are tested in test_fed
 
 flower-server + three osteo-clients run round 1; a second flower-server of the same run is refused while
 the first lives; every command is SIGKILLed and no process of theirs (SuperLink, SuperExec, ServerApp,
-flwr run, SuperNodes, ClientApps) survives; a fresh run started at once waits out the killed SuperNodes'
-stale sessions at its handshake and finishes; ``flower-server --resume`` then runs round 2 only, and
+flwr run, SuperNodes, ClientApps) survives; a fresh run started at once, on the killed SuperLink's
+database, finishes with the sites' new sessions; ``flower-server --resume`` then runs round 2 only, and
 SIGTERMed clients stop with their trees."""
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -28,6 +27,11 @@ from test_processes import alive, wait_gone
 BIN = Path(sys.executable).parent
 
 
+def _text(path: Path) -> str:
+    """A log as text whatever the locale: Flower's messages carry non-ASCII (an em dash)."""
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,7 +44,7 @@ def _wait_for(check, what: str, timeout: float, logs: list[Path]) -> None:
         if check():
             return
         time.sleep(0.2)
-    raise AssertionError(f"{what} not seen; logs:\n" + "\n".join(p.read_text()[-2000:] for p in logs if p.exists()))
+    raise AssertionError(f"{what} not seen; logs:\n" + "\n".join(_text(p)[-2000:] for p in logs if p.exists()))
 
 
 def _marked(marker: str) -> list[str]:
@@ -91,7 +95,7 @@ def test_sigkill_leaves_no_process_and_resume_continues_at_round_2(tmp_path: Pat
     try:
         log1 = tmp_path / "server1.log"
         server = start(["flower-server", "--insecure"], log1)
-        _wait_for(lambda: "waiting for 3 of 3 sites" in log1.read_text(), "server start", 300, [log1])
+        _wait_for(lambda: "waiting for 3 of 3 sites" in _text(log1), "server start", 300, [log1])
         second = subprocess.run([str(BIN / "flower-server"), "--insecure", "--resume", *overrides],
                                 capture_output=True, text=True, env=env, timeout=300)
         assert second.returncode == 1 and "run.lock" in second.stderr and f"pid {server.pid}" in second.stderr
@@ -110,32 +114,28 @@ def test_sigkill_leaves_no_process_and_resume_continues_at_round_2(tmp_path: Pat
         assert survivors == [], [Path(f"/proc/{p}/cmdline").read_bytes() for p in alive(survivors)]
         assert _marked(f"127.0.0.1:{port}") == [] and _marked(str(tmp_path)) == []
 
-        # A fresh run started at once: the SuperLink's database still lists the killed SuperNodes as
-        # connected (Flower: until two heartbeats, 60 s, after their last sign of life), so the ServerApp's
-        # handshake goes to those stale sessions alone; the sites' new ones (an insecure SuperNode gets a
-        # new node id on every start) connect only after it was sent, and are asked once the SuperLink
-        # has answered for the stale ones (own state folders: the resumed run below counts its rounds)
+        # A fresh run started at once, on the killed SuperLink's database: it may still list some killed
+        # SuperNodes as connected (Flower: until two heartbeats, 60 s, after their last sign of life; how
+        # many depends on timing, so the handshake's retry is tested in-process, test_federation_rounds).
+        # The sites' new sessions connect after the ServerApp started (own state folders: the resumed run
+        # below counts its rounds), and the run must go on with them
         log_fresh = tmp_path / "server-fresh.log"
         fresh = start(["flower-server", "--insecure", "federation.run_name=fresh"], log_fresh)
-        _wait_for(lambda: "flwr-serverapp" in log_fresh.read_text(), "fresh ServerApp start", 300, [log_fresh])
+        _wait_for(lambda: "flwr-serverapp" in _text(log_fresh), "fresh ServerApp start", 300, [log_fresh])
         time.sleep(5)
         fresh_clients = clients("fresh", f"paths.state_root={tmp_path / 'fresh_state'}")
-        assert fresh.wait(timeout=600) == 0, log_fresh.read_text()[-3000:]
-        said = log_fresh.read_text()
-        # the handshake met stale sessions (how many of the three are still listed, and how many new ones
-        # were in by then, depends on timing), was told they are gone, and asked again
-        assert re.search(r"handshake: \d of 3 sites answered, [1-3] node\(s\) did not", said), said[-3000:]
-        assert "Node Unavailable" in said and "site node-1 " not in said  # named by their own node ids
-        assert [r["round"] for r in json.loads((tmp_path / "outputs" / "fresh" / "history.json").read_text())] == [1, 2]
+        assert fresh.wait(timeout=600) == 0, _text(log_fresh)[-3000:]
+        assert "site node-1 " not in _text(log_fresh)  # a stale session is named by its own node id
+        assert [r["round"] for r in json.loads(_text(tmp_path / "outputs" / "fresh" / "history.json"))] == [1, 2]
         stop(fresh_clients)
 
         # the resumed run has no handshake: let every killed node expire, or its round samples a dead one
         time.sleep(65)
         log2 = tmp_path / "server2.log"
         resumed = start(["flower-server", "--insecure", "--resume"], log2)
-        _wait_for(lambda: "waiting for 3 of 3 sites" in log2.read_text(), "resumed server start", 300, [log2])
+        _wait_for(lambda: "waiting for 3 of 3 sites" in _text(log2), "resumed server start", 300, [log2])
         second_clients = clients("2")
-        assert resumed.wait(timeout=900) == 0, log2.read_text()[-3000:]
+        assert resumed.wait(timeout=900) == 0, _text(log2)[-3000:]
         stop(second_clients)
     finally:
         for p in procs:
@@ -143,8 +143,8 @@ def test_sigkill_leaves_no_process_and_resume_continues_at_round_2(tmp_path: Pat
                 p.kill()
                 p.wait()
 
-    assert "resuming after round 1" in log2.read_text()
-    history = json.loads((run / "history.json").read_text())
+    assert "resuming after round 1" in _text(log2)
+    history = json.loads(_text(run / "history.json"))
     assert [r["round"] for r in history] == [1, 2]
     assert [p.name for p in sorted((run / "checkpoints").glob("round-*.npz"))] == ["round-0001.npz", "round-0002.npz"]
     for site in SITES:  # each site trained once per round: no orphan ServerApp ran a round of its own

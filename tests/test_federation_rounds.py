@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Error, Message
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
@@ -205,6 +205,20 @@ def test_handshake_waits_out_a_restarted_superlinks_stale_session(root: Path, mo
     history = Federation(grid, compose(overrides)).run()
     assert grid.asked[:2] == [[1, 2, 9], [3]]  # the stale node once, then only the new session
     assert set(history.records[0]["site_train"]) == set(SITES)
+
+
+def test_every_silent_site_is_named_whichever_node_it_is(root: Path) -> None:
+    """The middle of three sites drops, a fourth node is one the SuperLink answers for: both are failures
+    named by their own node, the others' replies count."""
+    fed, grid = _federation(root)
+    msgs = [Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.PHASE: "handshake"})}), dst_node_id=n,
+                    message_type=MessageType.QUERY) for n in (1, 2, 3, 4)]
+    replies = grid.send_and_receive([msgs[0], msgs[2]])
+    replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msgs[3]))
+    got = fed.screened(msgs, replies, None)
+    assert {int(m.metadata.src_node_id) for m in got.accepted} == {1, 3} and got.silent == {2, 4}
+    reasons = {f["node"]: f["reason"] for f in got.failed}
+    assert reasons == {"2": "no reply within 60 s", "4": "Node Unavailable"}
 
 
 def test_resume_without_checkpoint_is_a_clear_error(root: Path) -> None:
