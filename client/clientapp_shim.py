@@ -2,8 +2,8 @@
 runs as ``python -S -E`` and starts in milliseconds).
 
 ``clientapp_shim.py SERVER REAL [flwr-clientapp arguments]``: hand the arguments, the working folder, the
-environment and this process's standard streams to the fork server at SERVER (client/fork_server.py), wait for the
-forked ClientApp and exit with its code. If no fork server answers, become Flower's own program REAL,
+environment and this process's standard streams to the fork server at SERVER (client/fork_server.py),
+wait for the forked ClientApp and exit with its code. If no fork server answers, become Flower's own program REAL,
 so a message is never lost to a missing server, only slower.
 """
 import json

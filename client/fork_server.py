@@ -4,10 +4,10 @@ Flower 1.42's SuperExec starts a fresh ``flwr-clientapp`` for every message. Its
 on an idle core and 3-4 s when a host's sites start theirs together, most of what a deployed message
 cost beyond the work (issue 11 §3). ``osteo-client`` therefore puts a stand-in ``flwr-clientapp`` first
 on its SuperNode's PATH (client/clientapp_shim.py). The stand-in hands its arguments, working folder,
-environment and standard streams to this server, which has Flower and our ClientApp module imported already and forks a
-child that runs Flower's own ``flwr-clientapp`` entry point with them. The child is the process Flower
-would have started, minus the imports: same code, environment and arguments, its own pid. The stand-in
-waits for it and exits with its code.
+environment and standard streams to this server, which has Flower and our ClientApp module imported
+already and forks a child that runs Flower's own ``flwr-clientapp`` entry point with them. The child is
+the process Flower would have started, minus the imports: same code, environment and arguments, its own
+pid. The stand-in waits for it and exits with its code.
 
 Only the hospital's own user can reach the socket (a 0700 folder, a 0600 socket), and all it can ask
 for is Flower's ``flwr-clientapp`` with other arguments, which that user can run anyway. The server

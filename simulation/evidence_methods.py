@@ -262,7 +262,7 @@ def bone_oracle(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     can learn from these sites' CTs but for a little: each patient's own DXA error, degeneration beyond
     what age predicts, and DXA precision (the aortic plaques, ~0.6 % of a DXA reading each, are drawn in
     the CT and a model could see some of them). Its MAE estimates the floor of every method's, so a goal
-    at or below it cannot be met on these patients. Synthetic sites only (``paths.ground_truth``)."""
+    at or below it is out of reach on these patients. Synthetic sites only (``paths.ground_truth``)."""
     out = {}
     for site, data in datas.items():
         table = data.cache.table

@@ -165,25 +165,28 @@ def local_only(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]
     Flower and without aggregation. Returns test metrics per site and the wall time of each round."""
     device, fed = resolve_device(cfg), cfg.federation
     steps = None if fed.local_steps is None else int(fed.local_steps)
-    state = {}
-    for site in sites:
-        data = _load(cfg, site)
-        model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer).to(device)
-        osteo.standardise_on_site(model, data)
-        state[site] = (data, model, training.Recipe({site: model}, cfg, training.phase_lengths(cfg, True), {site: data}))
+    datas = {site: _load(cfg, site) for site in sites}
+    models = {s: osteo.build_model(cfg, d.cache.features.shape[1], d.manufacturer).to(device) for s, d in datas.items()}
+    recipes = {}
+    for site, model in models.items():
+        osteo.standardise_on_site(model, datas[site])
+        recipes[site] = training.Recipe({site: model}, cfg, training.phase_lengths(cfg, True), {site: datas[site]})
     round_seconds, selector = [], Selector(list(sites))
     for rnd in range(1, int(fed.ssl_rounds) + int(fed.task_rounds) + 1):
         phase = "ssl" if rnd <= int(fed.ssl_rounds) else "task"
         t0 = time.perf_counter()
-        for data, model, recipe in state.values():
-            recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
-            training.train_steps(model, data, cfg, phase, recipe.optimizer, device, max_steps=steps)
-        if phase == "task":
-            selector.update({s: m for s, (_, m, _) in state.items()}, {s: d for s, (d, _, _) in state.items()}, cfg, device)
+        for site in sites:
+            recipes[site].begin(phase, training.index_in_phase(cfg, phase, rnd))
+            training.train_steps(models[site], datas[site], cfg, phase, recipes[site].optimizer, device, max_steps=steps)
+        if phase == "task":  # each site keeps its best validation round, as a deployed site does
+            selector.update(models, datas, cfg, device)
+        else:  # a federated round evaluates in every phase: the same work, for the timing comparison
+            for site in sites:
+                training.evaluate(models[site], datas[site], cfg, str(fed.eval_split), device)
         round_seconds.append(time.perf_counter() - t0)
     log(f"local-only: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round (no Flower)")
-    return {s: training.evaluate(selector.restore(s, m), d, cfg, str(fed.final_eval_split), device)
-            for s, (d, m, _) in state.items()}, round_seconds
+    return {s: training.evaluate(selector.restore(s, models[s]), datas[s], cfg, str(fed.final_eval_split), device)
+            for s in sites}, round_seconds
 
 
 def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]) -> tuple[dict, list[float]]:
