@@ -143,6 +143,25 @@ class Federation:
         log(INFO, "handshake: %d sites %s%s", len(infos), sizes, f"; withheld {withheld}" if withheld else "")
         return n_features, sizes
 
+    def check_resumable(self, last: ckpt.Checkpoint, n_features: int) -> None:
+        """A resumed run starts with the handshake too (so a restarted SuperLink's stale sessions are waited
+        out, as in a fresh run), and goes on only where the sites' radiomic features and this config's
+        network are those the checkpoint was trained with: re-prepared sites or a changed model config would
+        otherwise fail deep inside the first round, or train on features the model never saw."""
+        was = (int(last.meta.get("n_features", -1)), str(last.meta.get("features_sha256")))
+        if was != (n_features, self.features_sha256):
+            raise ConfigError(self.ckpt_dir, f"the sites' radiomic feature set ({n_features} features, "
+                                             f"{self.features_sha256[:12]}) is not the one this run was trained on "
+                                             f"({was[0]}, {was[1][:12]}): prepare them with the run's radiomics config, "
+                                             "or start a fresh run")
+        want = {k: v.shape for k, v in protocol.payload_arrays(self.reference_model(n_features), self.cfg).items()}
+        have = {k: np.shape(v) for k, v in last.arrays.items()}
+        if want != have:
+            differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+            raise ConfigError(self.ckpt_dir, f"the checkpoint's shared arrays do not fit this config's network "
+                                             f"({len(differ)} differ, e.g. {differ[0]}): resume with the model "
+                                             "config the run was started with, or start a fresh run")
+
     def reference_model(self, n_features: int) -> torch.nn.Module:
         return osteo.build_model(self.cfg, n_features, ANY_MANUFACTURER)
 
@@ -153,7 +172,8 @@ class Federation:
         return protocol.payload_arrays(model, self.cfg), int(whole)
 
     def start_state(self) -> tuple[int, dict[str, np.ndarray], History, dict[str, Any]]:
-        """(first round to run, arrays, history, meta) from a checkpoint or from the handshake."""
+        """(first round to run, arrays, history, meta) from the handshake, and from a checkpoint that still fits
+        the sites and the config where the run resumes."""
         if self.fed.resume:
             last = ckpt.load_latest(self.ckpt_dir)
             if last is None:
@@ -161,11 +181,14 @@ class Federation:
             if last.meta.get("strategy") != str(self.fed.strategy):
                 raise ConfigError(None, f"checkpoint was made with strategy {last.meta.get('strategy')!r}, "
                                         f"config says {self.fed.strategy!r}")
+            n_features, sizes = self.handshake()
+            self.check_resumable(last, n_features)
             restore_strategy_state(self.strategy, last.strategy_state, protocol.packed_shapes(last.arrays), self.ckpt_dir)
             log(INFO, "resuming after round %d (%s phase) from %s", last.round, last.phase, self.ckpt_dir)
             # the run the sites know: a resumed run is the same run to them (their model selection goes on)
             self.run_id = int(last.meta.get("run_id", self.run_id))
-            return last.round + 1, last.arrays, History(last.meta.get("history")), last.meta
+            meta = {**last.meta, "site_sizes": {**(last.meta.get("site_sizes") or {}), **sizes}}
+            return last.round + 1, last.arrays, History(last.meta.get("history")), meta
         if ckpt.list_checkpoints(self.ckpt_dir):  # keep an earlier run's checkpoints, out of resume's way
             aside = self.ckpt_dir.with_name(f"checkpoints.previous-{time.strftime('%Y%m%d-%H%M%S')}")
             self.ckpt_dir.rename(aside)

@@ -157,13 +157,17 @@ def test_resume_after_a_stopped_server_continues_at_the_right_round(root: Path) 
 
     def record_rounds(messages, timeout=None):
         messages = list(messages)
-        seen.extend(int(m.content["config"]["server-round"]) for m in messages if "server-round" in m.content["config"])
-        run_ids.update(str(m.content["config"][protocol.RUN_ID]) for m in messages)
+        configs = [m.content["config"] for m in messages]
+        handshakes.extend(c for c in configs if c.get(protocol.PHASE) == "handshake")
+        seen.extend(int(c["server-round"]) for c in configs if "server-round" in c)
+        run_ids.update(str(c[protocol.RUN_ID]) for c in configs if c.get(protocol.PHASE) != "handshake")
         return original2(messages, timeout=timeout)
 
+    handshakes: list = []
     grid2.send_and_receive = record_rounds
     history = fed2.run()
-    assert sorted(set(seen)) == [3]  # no handshake, no repeated rounds
+    assert len(handshakes) == len(SITES)  # the sites are checked again (stale sessions waited out)
+    assert sorted(set(seen)) == [3]  # no repeated rounds
     assert [r["round"] for r in history.records] == [1, 2, 3]
     assert [r["phase"] for r in history.records] == ["ssl", "task", "task"]
     for site in SITES:
@@ -205,6 +209,50 @@ def test_handshake_waits_out_a_restarted_superlinks_stale_session(root: Path, mo
     history = Federation(grid, compose(overrides)).run()
     assert grid.asked[:2] == [[1, 2, 9], [3]]  # the stale node once, then only the new session
     assert set(history.records[0]["site_train"]) == set(SITES)
+
+
+def test_a_resumed_run_waits_out_a_stale_session_too(root: Path, monkeypatch) -> None:
+    """``--resume`` right after a restart: the resumed run's handshake asks the stale node once, then the
+    site's new session, and the next round trains every site (no dropped site)."""
+    monkeypatch.setattr(server_app, "HANDSHAKE_RETRY_S", 0.0)
+    Federation(LocalGrid(make_client_app(small_overrides(root)), SITES), compose(small_overrides(root))).run()
+    overrides = small_overrides(root, **{"federation.min_available_nodes": 3, "federation.task_rounds": 2,
+                                         "federation.resume": "true"})
+    grid = RestartedSuperLink(make_client_app(overrides), SITES)
+    history = Federation(grid, compose(overrides)).run()
+    assert grid.asked[:2] == [[1, 2, 9], [3]]
+    (resumed,) = [r for r in history.records if r["round"] == 3]
+    assert set(resumed["site_train"]) == set(SITES) and not resumed["failed"]
+
+
+def test_resume_refuses_sites_re_prepared_with_other_features(root: Path) -> None:
+    from osteo_model.cache import SiteCache, write_site_cache
+
+    _federation(root)[0].run()
+    # every site re-prepared between the stop and the resume with another radiomics config that gives as many
+    # features (here: the same ones in reverse order): each site's saved state still loads, the features
+    # no longer mean what the model learned
+    for site in SITES:
+        path = root / "data" / "cache" / site
+        cache = SiteCache.open(path)
+        write_site_cache(path, cache.table, np.asarray(cache.crops), np.asarray(cache.masks),
+                         np.asarray(cache.features)[:, ::-1], cache.feature_names[::-1], cache.manifest)
+    fed, grid = _federation(root, **{"federation.task_rounds": 2, "federation.resume": "true"})
+    with pytest.raises(ConfigError, match="not the one this run was trained on") as err:
+        fed.run()
+    assert "checkpoints" in str(err.value)  # names the checkpoint folder
+    assert not [m for m in grid.sent if m.content.array_records]  # refused before any round was sent
+
+
+def test_resume_refuses_a_changed_model_config(root: Path) -> None:
+    """The coordinator resumes with another model config; the sites' own saved states would refuse it, so
+    here they start afresh (a reinstalled site, or one new to the run): the checkpoint is what refuses."""
+    _federation(root)[0].run()
+    fed, grid = _federation(root, **{"federation.task_rounds": 2, "federation.resume": "true", "model.embed_dim": 8,
+                                     "paths.state_root": str(root / "fresh_state")})
+    with pytest.raises(ConfigError, match="do not fit this config's network"):
+        fed.run()
+    assert not [m for m in grid.sent if m.content.array_records]
 
 
 def test_every_silent_site_is_named_whichever_node_it_is(root: Path) -> None:
