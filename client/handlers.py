@@ -148,8 +148,9 @@ def _pool_size(session: SiteSession, phase: str) -> int:
 def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
     """Judge the round's global model (its shared weights over this site's local parts) on the requested
     split and keep it as the site model if it is the best so far (_keep_site_model). An evaluation on
-    another split (the run's final one, on test) judges the model the site keeps, so the run reports
-    what each hospital goes home with; the round of that model goes with the metrics."""
+    another split (the run's final one, on test) judges the model the site keeps, after its final local
+    refit where ``train.final_refit_epochs`` asks for one, so the run reports what each hospital goes home
+    with; the round of that model goes with the metrics."""
     session = SiteSession.open(context, extra)
     config = message.content[CONFIG]
     split = str(config.get(SPLIT, session.cfg.federation.eval_split))
@@ -159,6 +160,7 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     if split != "val":
         if not replaced:
             _load_site_model(session)
+        if _refit_site_model(session, kept) or not replaced:
             metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
         metrics = {**metrics, protocol.SITE_MODEL_ROUND: float(kept["round"])}
     if reason := policy.withheld(session.data, split, session.cfg):
@@ -174,7 +176,7 @@ def _keep_site_model(message: Message, session: SiteSession, split: str,
     site's own validation patients better than the model kept so far in this run (a task-phase round
     judged on "val"; the newest model while none is judged). Returns the kept model's card and whether it
     is the one just evaluated."""
-    config, cfg, cache = message.content[CONFIG], session.cfg, session.data.cache
+    config, cfg = message.content[CONFIG], session.cfg
     run_id, rnd = str(config.get(protocol.RUN_ID, message.metadata.run_id)), int(config.get(protocol.ROUND, 0))
     judged = split == "val" and protocol.phase_of(rnd, cfg) == "task"
     score = float(metrics.get(training.SELECTION_METRIC, math.nan)) if judged else math.nan
@@ -186,9 +188,27 @@ def _keep_site_model(message: Message, session: SiteSession, split: str,
         cfg.site.state_dir, run_id=run_id, rnd=rnd, n_sites=config.get(protocol.N_SITES),
         phases=training.phase_lengths(cfg, federated=True), epsilon=session.state.epsilon, metrics=metrics, split=split,
         selection={"metric": training.SELECTION_METRIC, "split": "val", "score": score})
-    checkpoints.save_site_model(cfg.site.state_dir, session.model, site=session.site, feature_names=cache.feature_names,
-                                model_cfg=cfg.model, crop=cache.manifest.get("crop"), card=card)
+    _save_site_model(session, card)
     return card, True
+
+
+def _save_site_model(session: SiteSession, card: dict) -> None:
+    cache = session.data.cache
+    checkpoints.save_site_model(session.cfg.site.state_dir, session.model, site=session.site,
+                                feature_names=cache.feature_names, model_cfg=session.cfg.model,
+                                crop=cache.manifest.get("crop"), card=card)
+
+
+def _refit_site_model(session: SiteSession, card: dict) -> bool:
+    """The final local refit of the kept site model in the session (``train.final_refit_epochs``;
+    training.final_refit: local parts only, an epoch kept only where the site's validation patients
+    improve), once per kept model: its card records the epoch kept (0: none), so a repeated final
+    evaluation does not refit the refitted model. Returns whether it ran; ``card`` is updated in place."""
+    if "refit" in card or (epoch := training.final_refit(session.model, session.data, session.cfg, session.device)) is None:
+        return False
+    card["refit"] = {"epochs": int(session.cfg.train.final_refit_epochs), "kept_epoch": int(epoch)}
+    _save_site_model(session, card)
+    return True
 
 
 def _load_site_model(session: SiteSession) -> None:

@@ -297,16 +297,17 @@ def _finite(score: float) -> float:
     return score if np.isfinite(score) else float("nan")
 
 
-def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int) -> dict[str, float]:
+def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
+              shared_lr_factor: float | None = None) -> dict[str, float]:
     """Onboard a site: train its local expert and calibration head on its labeled training split (and the
-    shared parts too, at ``train.fit_local_shared_lr_factor`` times the learning rate, where that is above
-    0), then keep the epoch whose model predicts the site's own validation patients best, and the
+    shared parts too, at ``shared_lr_factor`` (default ``train.fit_local_shared_lr_factor``) times the
+    learning rate, where that is above 0), then keep the epoch whose model predicts the site's own validation patients best, and the
     shared-only prediction (the model as it came) unless a fitted epoch beats it: with a handful of
     labeled patients fitting can make a site worse, and a site with no validation patient cannot show that
     it does not. Returns the last epoch's training losses, ``selected_epoch`` (0 = shared-only kept) and
     the validation score (SELECTION_METRIC) of the shared-only and of the selected model."""
     net, params = unwrap(model), local_parameters(model)
-    shared_factor = float(cfg.train.fit_local_shared_lr_factor)
+    shared_factor = float(cfg.train.fit_local_shared_lr_factor if shared_lr_factor is None else shared_lr_factor)
     shared_only = _val_score(model, data, cfg, device)
     result: dict[str, float] = {"num_examples": 0.0}
     best, best_epoch, best_state = shared_only, 0, copy.deepcopy(net.state_dict())
@@ -332,3 +333,15 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int) -
     net.load_state_dict(best_state)
     return {**result, "selected_epoch": float(best_epoch), f"val_{SELECTION_METRIC}_shared_only": _finite(shared_only),
             f"val_{SELECTION_METRIC}_selected": _finite(best)}
+
+
+def final_refit(model: nn.Module, data: SiteData, cfg, device: str) -> float | None:
+    """After model selection, refit the site's local parts alone on its labeled training split for
+    ``train.final_refit_epochs`` epochs from the selected model, keeping a fitted epoch only where it
+    predicts the site's validation patients better (``fit_local``, shared parts frozen): the shared
+    training ends with the local parts tuned to a moving shared model, not to the one kept. Returns the
+    epoch kept (0: the selected model as it was), or None when no refit is configured."""
+    epochs = int(cfg.train.final_refit_epochs)
+    if epochs <= 0:
+        return None
+    return fit_local(model, data, cfg, device, epochs, shared_lr_factor=0.0)["selected_epoch"]

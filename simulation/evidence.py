@@ -124,6 +124,9 @@ ONBOARDING_FORMAT = "onboarding 2: the point of all training patients is 'all'"
 """Part of an onboarding curve's key, so curves saved with per-seed capped names are made again."""
 ONBOARDING_ONLY = ("train.fit_local_shared_lr_factor",)
 """Settings only onboarding reads: out of the method runs' keys, in the onboarding curve's (_onboard)."""
+NEUTRAL_LATER = {"train.final_refit_epochs": 0}
+"""Settings added after the benchmark's runs were made, left out of a run's key at the value that trains
+exactly as the runs did before them (so those runs stay cached); any other value enters the key."""
 NOT_TRAINING = (
     "paths", "train.out_dir", "site.dir", "site.cache_dir", "site.state_dir", "eval", "predict",
     "synth.n_jobs", "radiomics.n_jobs", "site.policy", "federation.superlink", "federation.simulation",
@@ -137,15 +140,24 @@ meet, wait and defend the global model, osteo-sim's Ray and onboarding settings,
 osteo-eval's and osteo-predict's settings. Everything else is in the key, read by the engines or not."""
 
 
+def _parent(plain: dict, name: str) -> dict:
+    """The mapping that holds dotted ``name``'s leaf in ``plain`` (an empty one where a parent is missing)."""
+    node = plain
+    for parent in name.split(".")[:-1]:
+        node = node.get(parent) or {}
+    return node
+
+
 def _config_key(cfg: DictConfig, *extra: object) -> str:
-    """A run's key: ``cfg`` without ``NOT_TRAINING`` and ``extra`` (the data's ``_data_key``, ...)."""
+    """A run's key: ``cfg`` without ``NOT_TRAINING`` (and ``NEUTRAL_LATER`` at its neutral value) and
+    ``extra`` (the data's ``_data_key``, ...)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     for name in NOT_TRAINING:
-        *parents, leaf = name.split(".")
-        node = plain
-        for parent in parents:
-            node = node.get(parent) or {}
-        node.pop(leaf, None)
+        _parent(plain, name).pop(name.rpartition(".")[2], None)
+    for name, neutral in NEUTRAL_LATER.items():
+        node, leaf = _parent(plain, name), name.rpartition(".")[2]
+        if leaf in node and node[leaf] == neutral:
+            del node[leaf]
     text = "\n".join([RUN_FORMAT, json.dumps(plain, sort_keys=True, default=str), *map(str, extra)])
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -97,22 +97,27 @@ class Selector:
                 self.best[site] = (score, copy.deepcopy(model.state_dict()))
                 self.selected[site] = len(self.history[site])
 
-    def outcome(self, models: Mapping[str, torch.nn.Module], datas: Mapping[str, SiteData], device: str,
+    def outcome(self, models: Mapping[str, torch.nn.Module], datas: Mapping[str, SiteData], cfg, device: str,
                 round_seconds: list[float]) -> MethodRun:
         """Test predictions and diagnostics of each site's selected model (the last one where nothing was
-        judged). One site after another: central models share modules, so each site's selected state is
-        loaded just before."""
+        judged), after its final local refit where ``train.final_refit_epochs`` asks for one (diagnostic
+        ``refit_epoch``: the epoch kept, 0 = none beat the selected model). One site after another: central
+        models share modules, so each site's selected state is loaded just before."""
         run = MethodRun({}, round_seconds, val_history=self.history, selected_round=self.selected)
         for site, model in models.items():
-            self.restore(site, model)
+            refit_epoch = self.kept(site, model, datas[site], cfg, device)
             run.predictions[site], run.diagnostics[site] = site_outcome(model, datas[site], device)
+            if refit_epoch is not None:
+                run.diagnostics[site]["refit_epoch"] = refit_epoch
         return run
 
-    def restore(self, site: str, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` with ``site``'s selected state loaded (as it is where nothing was judged)."""
-        if (state := self.best[site][1]) is not None:
+    def kept(self, site: str, model: torch.nn.Module, data: SiteData, cfg, device: str) -> float | None:
+        """Put into ``model`` what ``site`` goes home with, as a deployed site does: its selected state,
+        after the final local refit where ``train.final_refit_epochs`` asks for one. Returns the refit
+        epoch kept (0: none beat the selected state; None: no refit)."""
+        if (state := self.best[site][1]) is not None:  # where nothing was judged, the model as it is
             model.load_state_dict(state)
-        return model
+        return training.final_refit(model, data, cfg, device)
 
 
 def _site_models(cfg, datas: Mapping[str, SiteData], device: str) -> dict[str, torch.nn.Module]:
@@ -179,7 +184,7 @@ def federated(cfg, datas: Mapping[str, SiteData], device: str, aggregate: bool =
         if phase == "task":
             selector.update(models, datas, cfg, device)
         seconds.append(time.perf_counter() - t0)
-    run = selector.outcome(models, datas, device, seconds)
+    run = selector.outcome(models, datas, cfg, device, seconds)
     run.payload = glob
     return run
 
@@ -208,7 +213,7 @@ def central(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
         if phase == "task":
             selector.update(models, datas, cfg, device)
         seconds.append(time.perf_counter() - t0)
-    return selector.outcome(models, datas, device, seconds)
+    return selector.outcome(models, datas, cfg, device, seconds)
 
 
 def hu_rule(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:

@@ -21,6 +21,8 @@ NAMES = {"acc3": "WHO 3-class accuracy", "auc": "osteoporosis AUC", "mae": "BMD 
 DIAGNOSTIC_NAMES = {"gate_local": "gate weight on local expert", "calibration_shift": "calibration residual g/cm2",
                     "local_expert_shift": "local-expert shift g/cm2"}
 SIMULATED_NAMES = {"device_bias": "simulated device bias g/cm2", "dxa_minus_truth": "DXA minus truth g/cm2"}
+REFIT = "refit_epoch"
+"""The diagnostic of a final local refit (training.final_refit): shown, per seed, only where a method ran one."""
 SHIFTS = ("calibration_shift", "local_expert_shift")
 # seed -> method -> site -> patients
 Runs = Mapping[int, Mapping[str, Mapping[str, ev.Patients]]]
@@ -191,14 +193,19 @@ def _md_diagnostics(diag: Mapping | None, labels: Mapping[str, str]) -> list[str
              "Simulated device bias: the synthetic DXA device's bias x the true device BMD; DXA minus truth adds "
              "drift, degeneration, calcification and patient error. Methods marked * average their local parts "
              "across sites (not site-local).", ""]
-    head = ["method", "site", *DIAGNOSTIC_NAMES.values(), *SIMULATED_NAMES.values()]
+    refit = any(REFIT in values for by_site in diag["methods"].values() for values in by_site.values())
+    head = ["method", "site", *DIAGNOSTIC_NAMES.values(), *SIMULATED_NAMES.values(),
+            *(["final refit: epoch kept per seed (0: none beat the selected round)"] if refit else [])]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, by_site in diag["methods"].items():
         name = labels.get(method, method) + (" *" if method in diag["averaged"] else "")
         for site, values in by_site.items():
             sim = diag["simulated"].get(site, {})
+            kept = (values.get(REFIT) or {}).get("per_seed") or []
             lines.append("| " + " | ".join([name, site, *[_num(values.get(k)) for k in DIAGNOSTIC_NAMES],
-                                             *[_num(sim.get(k)) for k in SIMULATED_NAMES]]) + " |")
+                                             *[_num(sim.get(k)) for k in SIMULATED_NAMES],
+                                             *([", ".join("n/a" if e is None else f"{e:g}" for e in kept) or "n/a"]
+                                               if refit else [])]) + " |")
     return [*lines, ""]
 
 

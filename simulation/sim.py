@@ -185,8 +185,17 @@ def local_only(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]
                 training.evaluate(models[site], datas[site], cfg, str(fed.eval_split), device)
         round_seconds.append(time.perf_counter() - t0)
     log(f"local-only: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round (no Flower)")
-    return {s: training.evaluate(selector.restore(s, models[s]), datas[s], cfg, str(fed.final_eval_split), device)
-            for s in sites}, round_seconds
+    return _kept_metrics(selector, models, datas, cfg, device), round_seconds
+
+
+def _kept_metrics(selector: Selector, models: dict, datas: dict, cfg: DictConfig, device: str) -> dict[str, dict]:
+    """Each site's final metrics with the model it goes home with (``Selector.kept``), one site after
+    another: the centralised sites' models share modules, so each site's state goes in just before."""
+    out = {}
+    for site, model in models.items():
+        selector.kept(site, model, datas[site], cfg, device)
+        out[site] = training.evaluate(model, datas[site], cfg, str(cfg.federation.final_eval_split), device)
+    return out
 
 
 def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]) -> tuple[dict, list[float]]:
@@ -212,9 +221,7 @@ def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None
             selector.update(models, datas, cfg, device)
         round_seconds.append(time.perf_counter() - t0)
     log(f"centralised: {len(round_seconds)} rounds, {np.mean(round_seconds):.1f} s per round")
-    # one site after another: the sites' models share modules, so each site's selected state goes in just before
-    return {s: training.evaluate(selector.restore(s, models[s]), datas[s], cfg, str(fed.final_eval_split), device)
-            for s in sites}, round_seconds
+    return _kept_metrics(selector, models, datas, cfg, device), round_seconds
 
 
 def onboard(cfg: DictConfig, site: str, shared: dict[str, Any]) -> tuple[dict, dict, int]:

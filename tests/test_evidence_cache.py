@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from cache_factory import make_site_cache
 from federation_helpers import small_overrides
@@ -32,6 +32,16 @@ def _key(tmp_path, *overrides: str) -> str:
     "site.policy.min_cohort=20", "predict.png_dpi=200", "federation.min_train_replies=3"])
 def test_deployment_only_settings_keep_the_key(tmp_path, override):
     assert _key(tmp_path, override) == _key(tmp_path)
+
+
+def test_a_later_setting_keeps_the_key_only_at_its_neutral_value(tmp_path):
+    """``train.final_refit_epochs`` came after the benchmark's runs: at 0 (what they did) the runs stay
+    cached, at any other value the method is trained again."""
+    before = compose(small_overrides(tmp_path))
+    with open_dict(before):
+        del before.train["final_refit_epochs"]  # the config as it was when the runs were made
+    key = evidence._config_key(before, NO_DATA)
+    assert _key(tmp_path, "train.final_refit_epochs=0") == key != _key(tmp_path, "train.final_refit_epochs=5")
 
 
 @pytest.mark.parametrize("override", [
@@ -78,10 +88,17 @@ def test_selector_keeps_each_rounds_validation_score_and_the_round_it_uses(tmp_p
         selector.update({"site_a": model}, datas, cfg, "cpu")
     history = selector.history["site_a"]
     assert len(history) == 3 and len(set(history)) == 3 and all(np.isfinite(history))
-    run = selector.outcome({"site_a": model}, datas, "cpu", [1.0, 2.0, 3.0])
+    run = selector.outcome({"site_a": model}, datas, cfg, "cpu", [1.0, 2.0, 3.0])
     assert run.val_history == {"site_a": history} and run.selected_round == {"site_a": int(np.argmin(history)) + 1}
+    assert "refit_epoch" not in run.diagnostics["site_a"]  # no final refit unless asked for
     # the model that predicted the test split is the kept round's: its validation score is that round's
     assert training.evaluate(model, data, cfg, "val", "cpu")[training.SELECTION_METRIC] == pytest.approx(min(history))
+    # asked for, the refit starts from the kept round and keeps an epoch only if the validation patients improve
+    refit = compose(small_overrides(tmp_path, **{"federation.task_rounds": 3, "train.final_refit_epochs": 2}))
+    run = selector.outcome({"site_a": model}, datas, refit, "cpu", [1.0, 2.0, 3.0])
+    assert run.diagnostics["site_a"]["refit_epoch"] in (0, 1, 2)
+    after = training.evaluate(model, data, cfg, "val", "cpu")[training.SELECTION_METRIC]
+    assert after == pytest.approx(min(history)) if run.diagnostics["site_a"]["refit_epoch"] == 0 else after < min(history)
 
 
 def test_a_trained_method_saves_and_reloads_its_selection(tmp_path):
@@ -163,3 +180,14 @@ def test_an_onboarding_only_setting_keeps_the_method_runs_and_remakes_the_curve(
     onboard("ft", ["train.fit_local_shared_lr_factor=0.2"])
     assert got == [0.0, 0.1, 0.2, 0.2] and "done earlier" in said[2]
     assert sorted(p.name for p in (tmp_path / "runs").glob("*.npz")) == ["onboarding-ft.npz", "onboarding.npz"]
+
+
+def test_the_report_shows_the_final_refit_per_seed_only_where_a_method_ran_one():
+    diags = {0: {"osteofl": {"a": {"gate_local": 0.1}}, "osteofl_refit": {"a": {"gate_local": 0.1, "refit_epoch": 4.0}}},
+             1: {"osteofl": {"a": {"gate_local": 0.2}}, "osteofl_refit": {"a": {"gate_local": 0.2, "refit_epoch": 0.0}}}}
+    with_refit = report._md_diagnostics(report.summarise_diagnostics(diags, {}, []), {})
+    assert any("final refit" in line for line in with_refit)
+    assert "| osteofl_refit | a | 0.150 | n/a | n/a | n/a | n/a | 4, 0 |" in with_refit
+    assert "| osteofl | a | 0.150 | n/a | n/a | n/a | n/a | n/a |" in with_refit
+    without = report._md_diagnostics(report.summarise_diagnostics({0: {"osteofl": diags[0]["osteofl"]}}, {}, []), {})
+    assert not any("final refit" in line for line in without)

@@ -8,7 +8,7 @@ import torch
 
 from osteo_model import model as osteo
 from osteo_model.dataset import load_site_data
-from osteo_model.training import SELECTION_METRIC, evaluate, fit_local
+from osteo_model.training import SELECTION_METRIC, evaluate, final_refit, fit_local
 
 from model_helpers import make_caches, tiny_cfg
 
@@ -90,3 +90,23 @@ def test_onboarding_that_fine_tunes_the_shared_parts_keeps_them_only_with_a_kept
     assert judged or all(torch.equal(v, local1[k]) for k, v in local0.items())
     if judged:
         assert evaluate(model, data, cfg, "val", "cpu")[SELECTION_METRIC] == pytest.approx(res[f"{SCORE}_selected"])
+
+
+def test_final_refit_fits_only_the_local_parts_whatever_onboarding_is_set_to(root):
+    """After model selection a site refits its local parts (``train.final_refit_epochs``): the shared
+    parts stay the federation's even where the onboarding recipe fine-tunes them, and a refit epoch is
+    kept only because the site's validation patients improved."""
+    cfg, data, model = _onboarding(root, ("train", "val", "test"), 0.5, "train.fit_local_shared_lr_factor=0.1",
+                                   "train.final_refit_epochs=3")
+    shared0 = osteo.shared_state(model)
+    before = evaluate(model, data, cfg, "val", "cpu")[SELECTION_METRIC]
+    kept = final_refit(model, data, cfg, "cpu")
+    assert kept >= 1 and evaluate(model, data, cfg, "val", "cpu")[SELECTION_METRIC] < before - 0.05
+    assert all(torch.equal(v, osteo.shared_state(model)[k]) for k, v in shared0.items())
+
+
+def test_no_final_refit_by_default(root):
+    cfg, data, model = _onboarding(root, ("train", "val", "test"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert int(cfg.train.final_refit_epochs) == 0 and final_refit(model, data, cfg, "cpu") is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

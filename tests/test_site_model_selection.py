@@ -20,6 +20,7 @@ from osteo_model.evaluate import evaluate_checkpoint
 from osteo_model.training import SELECTION_METRIC
 from osteofl import protocol
 from osteofl.client.client_app import make_client_app
+from osteofl.server import checkpoint as ckpt
 from osteofl.server.server_app import Federation
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -90,3 +91,54 @@ def test_a_new_run_starts_its_own_selection(ruined_run) -> None:
     Federation(grid, compose([*overrides, "federation.run_name=second", "federation.task_rounds=1"]), run_id=2).run()
     card = json.loads((root / "data" / "state" / "site_a" / MODEL_CARD_FILE).read_text())
     assert card["run_id"] == "2" and card["round"] == 2
+
+
+class SnapshotBeforeFinal(LocalGrid):
+    """Copies each site's kept model just before the run's final (test) evaluation reaches the sites."""
+
+    def __init__(self, app, sites, state_root: Path) -> None:
+        super().__init__(app, sites)
+        self.state_root, self.before = state_root, {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        configs = [m.content.config_records.get(protocol.CONFIG) for m in messages]
+        if not self.before and any(c is not None and c.get(protocol.SPLIT) == "test" for c in configs):
+            self.before = {s: load_model_state(self.state_root / s) for s in TWO}
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_final_local_refit_changes_only_the_local_parts_once_and_is_what_the_final_evaluation_judges(tmp_path) -> None:
+    """``train.final_refit_epochs``: at the final evaluation each site refits the local parts of the model it
+    kept (an epoch kept only where its validation patients improve), saves it with the refit on its card, and
+    the final metrics are that model's. Asked again (a repeated final evaluation), it does not refit again.
+    site_a's DXA reads 0.3 g/cm^2 high (a device offset 4 short rounds leave partly unlearned): its refit is
+    kept; site_b's (nothing left to learn from 64 training vertebrae) is not."""
+    from osteo_model.cache import SiteCache, write_site_cache
+
+    root = make_caches(tmp_path, TWO)
+    path = root / "data" / "cache" / "site_a"
+    cache = SiteCache.open(path)
+    write_site_cache(path, cache.table.assign(bmd=cache.table["bmd"] + 0.3), np.asarray(cache.crops),
+                     np.asarray(cache.masks), np.asarray(cache.features), cache.feature_names, cache.manifest)
+    overrides = small_overrides(root, **ROUNDS, **{"federation.sites": "[site_a,site_b]", "train.final_refit_epochs": 3})
+    cfg = compose(overrides)
+    grid = SnapshotBeforeFinal(make_client_app(overrides), TWO, root / "data" / "state")
+    fed = Federation(grid, cfg)
+    fed.run()
+    final = json.loads((root / "outputs" / "federated" / "final_metrics.json").read_text())
+    for site in TWO:
+        folder = root / "data" / "state" / site
+        card, state, before = json.loads((folder / MODEL_CARD_FILE).read_text()), load_model_state(folder), grid.before[site]
+        assert card["refit"]["epochs"] == 3 and (card["refit"]["kept_epoch"] > 0) == (site == "site_a")
+        assert all(np.array_equal(v, before["shared"][k]) for k, v in state["shared"].items())
+        local_moved = any(not np.array_equal(v, before["local"][site][k]) for k, v in state["local"][site].items())
+        assert local_moved == (card["refit"]["kept_epoch"] > 0)
+        data = {site: load_site_data(root / "data" / "cache" / site, cfg)}
+        val = {name: evaluate_checkpoint(s, cfg, data, "val")[site][SELECTION_METRIC] for name, s in (("now", state), ("was", before))}
+        assert val["now"] < val["was"] if local_moved else val["now"] == pytest.approx(val["was"])
+        got = evaluate_checkpoint(state, cfg, data, "test")[site]
+        assert math.isclose(got["mae_bmd"], final["sites"][site]["mae_bmd"], rel_tol=1e-5, abs_tol=1e-7)
+    model_bytes = {s: (root / "data" / "state" / s / "site_model.pt").read_bytes() for s in TWO}
+    fed.evaluate(LAST, ckpt.load_latest(root / "outputs" / "federated" / "checkpoints").arrays, "test")
+    assert all((root / "data" / "state" / s / "site_model.pt").read_bytes() == b for s, b in model_bytes.items())
