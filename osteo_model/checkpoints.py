@@ -211,6 +211,12 @@ def kept_card(state_dir: str | Path, run_id: str) -> dict[str, Any] | None:
     return card if ok else None
 
 
+def improves(score: float | None, best: float) -> bool:
+    """Model selection's one rule (lower is better): a finite score strictly below ``best``. Kept models,
+    Selector's rounds and fit_local's epochs are all chosen by it."""
+    return score is not None and math.isfinite(score) and score < best
+
+
 def replaces_kept(kept: Mapping[str, Any] | None, score: float | None) -> bool:
     """Whether a candidate site model whose validation ``score`` is given (lower is better; None: not
     judged, e.g. a self-supervised round or no labeled validation patient) replaces the kept one (its
@@ -218,9 +224,7 @@ def replaces_kept(kept: Mapping[str, Any] | None, score: float | None) -> bool:
     better score: each site ends with the round its own validation patients predict best - the
     benchmark's model selection (simulation/evidence_methods.Selector) - whatever the server sends last."""
     best = ((kept or {}).get("selection") or {}).get("score")
-    if best is None:
-        return True
-    return score is not None and math.isfinite(score) and score < float(best)
+    return best is None or improves(score, float(best))
 
 
 def _container(cfg: Any) -> Any:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from osteo_model import losses, metrics
 from osteo_model.calibration import t_and_category
+from osteo_model.checkpoints import improves
 from osteo_model.dataset import CropDataset, SiteData
 from osteo_model.model import local_parameters, set_sbmd_prior, shared_parameters, unwrap
 
@@ -324,7 +325,7 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
                 recipe.begin("task", epoch)
                 result = train_steps(model, data, cfg, "task", recipe.optimizer, device)
                 score = _val_score(model, data, cfg, device)
-                if score < best:
+                if improves(score, best):
                     best, best_epoch = score, epoch + 1
                     best_state = copy.deepcopy(net.state_dict())
         finally:

@@ -25,7 +25,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -162,37 +162,33 @@ def _config_key(cfg: DictConfig, *extra: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _content_key(parts: Iterable[bytes | np.ndarray]) -> str:
+    """SHA-256 of ``parts`` in order (arrays by their bytes): what the keys below hash."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else np.ascontiguousarray(part).data)
+    return digest.hexdigest()
+
+
 def _data_key(datas: Mapping[str, SiteData]) -> str:
     """The content of the site caches a run trains and is judged on, wherever they live."""
-    digest = hashlib.sha256()
-    for site, data in sorted(datas.items()):
-        cache = data.cache
-        digest.update(json.dumps([site, cache.feature_names, cache.manifest], sort_keys=True, default=str).encode())
-        digest.update(cache.table.to_csv(index=False).encode())
-        for array in (cache.crops, cache.masks, cache.features):
-            digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
+    return _content_key(part for site, data in sorted(datas.items()) for part in (
+        json.dumps([site, data.cache.feature_names, data.cache.manifest], sort_keys=True, default=str).encode(),
+        data.cache.table.to_csv(index=False).encode(), data.cache.crops, data.cache.masks, data.cache.features))
 
 
 def _truth_key(cfg: DictConfig, datas: Mapping[str, SiteData]) -> str:
     """The content of the synthetic truth of the sites a run is judged on (missing files hash as absent:
     the engine that reads them says so)."""
-    digest = hashlib.sha256()
-    for site in sorted(datas):
-        path = Path(cfg.paths.ground_truth) / f"{site}.csv"
-        digest.update(json.dumps([site, path.is_file()]).encode())
-        digest.update(path.read_bytes() if path.is_file() else b"")
-    return digest.hexdigest()
+    paths = {site: Path(cfg.paths.ground_truth) / f"{site}.csv" for site in sorted(datas)}
+    return _content_key(part for site, path in paths.items() for part in (
+        json.dumps([site, path.is_file()]).encode(), path.read_bytes() if path.is_file() else b""))
 
 
 def _payload_key(payload: Mapping[str, np.ndarray]) -> str:
     """The content of the global weights an onboarding curve starts from: a retrained method run (other
     CPU threads, another machine) is not bit for bit the one a cached curve was made from."""
-    digest = hashlib.sha256()
-    for name, array in sorted(payload.items()):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
+    return _content_key(part for name, array in sorted(payload.items()) for part in (name.encode(), array))
 
 
 def _load_run(path: Path, key: str) -> tuple[MethodRun, float] | None:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from osteo_model import baselines, metrics, model as osteo, proximal, training
+from osteo_model import baselines, checkpoints, metrics, model as osteo, proximal, training
 from osteo_model.constants import LEVELS
 from osteo_model.dataset import SiteData
 from osteo_model.errors import ConfigError
@@ -93,7 +93,7 @@ class Selector:
         for site, model in models.items():
             score = float(training.evaluate(model, datas[site], cfg, "val", device).get(training.SELECTION_METRIC, np.nan))
             self.history[site].append(score)
-            if np.isfinite(score) and score < self.best[site][0]:
+            if checkpoints.improves(score, self.best[site][0]):
                 self.best[site] = (score, copy.deepcopy(model.state_dict()))
                 self.selected[site] = len(self.history[site])
 
