@@ -178,6 +178,11 @@ class Federation:
             last = ckpt.load_latest(self.ckpt_dir)
             if last is None:
                 raise StateError(self.ckpt_dir, "nothing to resume: no checkpoint here")
+            if bad := sorted(k for k, v in last.arrays.items() if not np.all(np.isfinite(v))):
+                # the server never checkpoints a non-finite aggregate (robust.aggregate_problem): damage
+                raise StateError(ckpt.checkpoint_path(self.ckpt_dir, last.round),
+                                 f"non-finite values in {len(bad)} shared array(s), e.g. {bad[0]}: a damaged "
+                                 "checkpoint; move it aside to resume from the round before")
             if last.meta.get("strategy") != str(self.fed.strategy):
                 raise ConfigError(None, f"checkpoint was made with strategy {last.meta.get('strategy')!r}, "
                                         f"config says {self.fed.strategy!r}")

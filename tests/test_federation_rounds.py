@@ -244,6 +244,24 @@ def test_resume_refuses_sites_re_prepared_with_other_features(root: Path) -> Non
     assert not [m for m in grid.sent if m.content.array_records]  # refused before any round was sent
 
 
+def test_resume_refuses_a_damaged_checkpoint_that_still_reads(root: Path) -> None:
+    """A checkpoint that parses but holds NaN (disk damage, an edited file) is refused by name, before any
+    site is asked; moved aside, the run resumes from the round before."""
+    _federation(root, **{"federation.task_rounds": 2})[0].run()
+    folder = root / "outputs" / "federated" / "checkpoints"
+    last = ckpt.load_latest(folder)
+    name = sorted(last.arrays)[0]
+    damaged = {**last.arrays, name: np.full_like(last.arrays[name], np.nan)}
+    ckpt.save_checkpoint(folder, ckpt.Checkpoint(last.round, last.phase, damaged, last.strategy_state, last.meta))
+    fed, grid = _federation(root, **{"federation.task_rounds": 3, "federation.resume": "true"})
+    with pytest.raises(StateError, match=f"round-0003.npz: non-finite values in 1 shared array.*{name}"):
+        fed.run()
+    assert not grid.sent  # no site was asked
+    ckpt.checkpoint_path(folder, 3).rename(folder / "damaged.npz.aside")
+    fed, _ = _federation(root, **{"federation.task_rounds": 3, "federation.resume": "true"})
+    assert [r["round"] for r in fed.run().records] == [1, 2, 3, 4]
+
+
 def test_resume_refuses_a_changed_model_config(root: Path) -> None:
     """The coordinator resumes with another model config; the sites' own saved states would refuse it, so
     here they start afresh (a reinstalled site, or one new to the run): the checkpoint is what refuses."""
