@@ -27,6 +27,7 @@ from flwr.supercore import log
 from osteo_model import checkpoints, proximal, training
 from osteo_model import model as osteo
 from osteo_model.cache import SiteCache
+from osteo_model.errors import OsteoError
 from osteofl import protocol
 from osteofl.protocol import (
     CONFIG, ERROR_BUDGET_SPENT, ERROR_POLICY_REFUSED, ERROR_SITE_FAILED, METRICS, NUM_EXAMPLES, PHASE,
@@ -59,9 +60,14 @@ def _reply(message: Message, site: str, metrics: MetricRecord, arrays: dict | No
 
 
 def _load_global(message: Message, session: SiteSession) -> None:
-    """Load the server's arrays; they must be exactly the payload this site's own config expects."""
+    """Load the server's arrays; they must be exactly the payload this site's own config expects, and
+    finite: a NaN model would train NaN into the site's own parts, which it keeps."""
     spec = protocol.payload_spec(session.model, session.cfg)
-    protocol.load_payload(session.model, session.cfg, protocol.payload_of(message.content, spec))
+    arrays = protocol.payload_of(message.content, spec)
+    if bad := protocol.non_finite(arrays):
+        raise policy.PolicyRefusal(f"the global model holds non-finite values in {len(bad)} array(s), e.g. "
+                                   f"{bad[0]}: refused, nothing trained or evaluated")
+    protocol.load_payload(session.model, session.cfg, arrays)
 
 
 def handle_query(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
@@ -130,6 +136,11 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
         session.model, session.data, session.cfg, phase, optimizer, session.device,
         max_steps=None if steps is None else int(steps), private=private,
     )
+    update = protocol.payload_arrays(session.model, session.cfg)
+    if bad := protocol.non_finite({**osteo.local_state(session.model), **update}):
+        # a finite but poisoned global model (or a diverging step) must not become the site's saved state
+        raise OsteoError(None, f"training this round diverged (non-finite values in {len(bad)} array(s), e.g. "
+                               f"{bad[0]}): nothing saved, nothing sent; the site's state is as before the round")
     session.state.optimizer = optimizer.state_dict()
     session.state.rounds_trained += 1
     privacy.record(private)
@@ -137,7 +148,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     metrics = {f"train_{k}": v for k, v in metrics.items() if k != "num_examples"}
     metrics["epsilon"] = session.state.epsilon
     record = _metric_record(metrics, num_examples=_pool_size(session, phase))
-    return _reply(message, session.site, record, protocol.payload_arrays(session.model, session.cfg))
+    return _reply(message, session.site, record, update)
 
 
 def _pool_size(session: SiteSession, phase: str) -> int:

@@ -114,6 +114,12 @@ def payload_arrays(model: torch.nn.Module, cfg: DictConfig) -> dict[str, np.ndar
     return {k: state[k].detach().cpu().numpy().copy() for k in payload_keys(model, cfg)}
 
 
+def non_finite(arrays: Mapping[str, "np.ndarray | torch.Tensor"]) -> list[str]:
+    """Names of the arrays (numpy, or torch tensors on any device) holding a NaN or an infinity, sorted."""
+    return sorted(k for k, v in arrays.items()
+                  if not np.all(np.isfinite(v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))))
+
+
 # --- payload on the wire: packed, one Array per dtype ----------------------------------------------------
 Spec = dict[str, tuple[tuple[int, ...], str]]
 """What a receiver expects: array key -> (shape, numpy dtype name)."""

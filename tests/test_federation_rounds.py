@@ -273,6 +273,58 @@ def test_resume_refuses_a_changed_model_config(root: Path) -> None:
     assert not [m for m in grid.sent if m.content.array_records]
 
 
+class PoisonedGlobal(LocalGrid):
+    """A coordinator that sends round 2's training a poisoned global model: every shared array times
+    ``factor`` (NaN: plainly broken; 1e18: finite, but training on it diverges)."""
+
+    def __init__(self, app, sites, factor: float) -> None:
+        super().__init__(app, sites)
+        self.factor = np.float32(factor)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages, done = list(messages), set()
+        for msg in messages:
+            config = msg.content.config_records.get(protocol.CONFIG)
+            if msg.metadata.message_type == MessageType.TRAIN and int(config[protocol.ROUND]) == 2 \
+                    and id(msg.content) not in done:  # messages may share one content: scale it once
+                done.add(id(msg.content))
+                (name,) = msg.content.array_records
+                arrays = protocol.payload_of(msg.content)
+                del msg.content[name]
+                protocol.put_payload(msg.content, {k: v * self.factor for k, v in arrays.items()}, name)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("factor, reason", [(float("nan"), "global model holds non-finite values"),
+                                            (1e18, "training this round diverged")])
+def test_a_poisoned_global_model_never_becomes_a_sites_state(root: Path, factor: float, reason: str) -> None:
+    """Each site refuses the poisoned round (a NaN model before training, a diverging one after it), keeps its
+    state as it was after round 1, sends nothing, and trains normally again in round 3."""
+    overrides = small_overrides(root, **{"federation.task_rounds": 2})
+    grid = PoisonedGlobal(make_client_app(overrides), SITES, factor)
+    saved: dict[str, bytes] = {}
+    original = grid.send_and_receive
+
+    def snapshot_before_round_2(messages, timeout=None):
+        messages = list(messages)
+        if any(int(m.content.config_records[protocol.CONFIG].get(protocol.ROUND, 0)) == 2 for m in messages
+               if m.metadata.message_type == MessageType.TRAIN):
+            saved.update({s: (root / "data" / "state" / s / "site_state.pt").read_bytes() for s in SITES})
+            replies = original(messages, timeout=timeout)
+            assert all((root / "data" / "state" / s / "site_state.pt").read_bytes() == b for s, b in saved.items())
+            return replies
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = snapshot_before_round_2
+    history = Federation(grid, compose(overrides)).run()
+    second, third = history.records[1], history.records[2]
+    assert not second["site_train"] and {f["site"] for f in second["failed"]} == set(SITES)
+    assert all(reason in f["reason"] for f in second["failed"]), second["failed"]
+    assert set(third["site_train"]) == set(SITES) and not third["failed"]
+    for site in SITES:  # round 2 never counted: rounds 1 and 3
+        assert StateStore(root / "data" / "state" / site, site).load().rounds_trained == 2
+
+
 def test_every_silent_site_is_named_whichever_node_it_is(root: Path) -> None:
     """The middle of three sites drops, a fourth node is one the SuperLink answers for: both are failures
     named by their own node, the others' replies count."""
