@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from osteo_model.errors import ConfigError
+from osteofl.protocol import non_finite
 
 Arrays = Mapping[str, np.ndarray]
 WEIGHT_MODES = ("capped", "equal")
@@ -119,7 +120,7 @@ def _positive(value: Any) -> bool:
 
 def aggregate_problem(old: Arrays, new: Arrays, max_change: float | None) -> str | None:
     """Why an aggregate must not replace the global weights (non-finite, or an explosion), else None."""
-    if not all(np.all(np.isfinite(v)) for v in new.values()):
+    if non_finite(new):
         return "aggregate is non-finite"
     if max_change is None:
         return None

@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord
 
-from osteofl.protocol import NUM_EXAMPLES, PayloadError, Spec, payload_of, withheld_reason
+from osteofl.protocol import NUM_EXAMPLES, PayloadError, Spec, non_finite, payload_of, withheld_reason
 from osteofl.server.identity import Identities
 
 
@@ -42,9 +42,8 @@ def _problem(msg: Message, expected: Spec | None) -> tuple[str | None, dict[str,
         arrays = payload_of(content, expected)
     except PayloadError as exc:
         return str(exc), {}
-    for key, value in arrays.items():
-        if not np.all(np.isfinite(value)):
-            return f"array {key!r} holds non-finite values", {}
+    if bad := non_finite(arrays):
+        return f"array {bad[0]!r} holds non-finite values", {}
     return None, arrays
 
 

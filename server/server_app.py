@@ -178,7 +178,7 @@ class Federation:
             last = ckpt.load_latest(self.ckpt_dir)
             if last is None:
                 raise StateError(self.ckpt_dir, "nothing to resume: no checkpoint here")
-            if bad := sorted(k for k, v in last.arrays.items() if not np.all(np.isfinite(v))):
+            if bad := protocol.non_finite(last.arrays):
                 # the server never checkpoints a non-finite aggregate (robust.aggregate_problem): damage
                 raise StateError(ckpt.checkpoint_path(self.ckpt_dir, last.round),
                                  f"non-finite values in {len(bad)} shared array(s), e.g. {bad[0]}: a damaged "
