@@ -302,10 +302,10 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
               shared_lr_factor: float | None = None) -> dict[str, float]:
     """Onboard a site: train its local expert and calibration head on its labeled training split (and the
     shared parts too, at ``shared_lr_factor`` (default ``train.fit_local_shared_lr_factor``) times the
-    learning rate, where that is above 0), then keep the epoch whose model predicts the site's own validation patients best, and the
-    shared-only prediction (the model as it came) unless a fitted epoch beats it: with a handful of
-    labeled patients fitting can make a site worse, and a site with no validation patient cannot show that
-    it does not. Returns the last epoch's training losses, ``selected_epoch`` (0 = shared-only kept) and
+    learning rate, where that is above 0), then keep the epoch whose model predicts the site's own
+    validation patients best, and the shared-only prediction (the model as it came) unless a fitted epoch
+    beats it: with a handful of labeled patients fitting can make a site worse, and a site with no
+    validation patient cannot show that it does not. Returns the last epoch's training losses, ``selected_epoch`` (0 = shared-only kept) and
     the validation score (SELECTION_METRIC) of the shared-only and of the selected model."""
     net, params = unwrap(model), local_parameters(model)
     shared_factor = float(cfg.train.fit_local_shared_lr_factor if shared_lr_factor is None else shared_lr_factor)
