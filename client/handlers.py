@@ -215,7 +215,10 @@ def _refit_site_model(session: SiteSession, card: dict) -> bool:
     training.final_refit: local parts only, an epoch kept only where the site's validation patients
     improve), once per kept model: its card records the epoch kept (0: none), so a repeated final
     evaluation does not refit the refitted model. Returns whether it ran; ``card`` is updated in place."""
-    if "refit" in card or (epoch := training.final_refit(session.model, session.data, session.cfg, session.device)) is None:
+    if "refit" in card:
+        return False
+    epoch = training.final_refit(session.model, session.data, session.cfg, session.device)
+    if epoch is None:
         return False
     card["refit"] = {"epochs": int(session.cfg.train.final_refit_epochs), "kept_epoch": int(epoch)}
     _save_site_model(session, card)

@@ -305,8 +305,9 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
     learning rate, where that is above 0), then keep the epoch whose model predicts the site's own
     validation patients best, and the shared-only prediction (the model as it came) unless a fitted epoch
     beats it: with a handful of labeled patients fitting can make a site worse, and a site with no
-    validation patient cannot show that it does not. Returns the last epoch's training losses, ``selected_epoch`` (0 = shared-only kept) and
-    the validation score (SELECTION_METRIC) of the shared-only and of the selected model."""
+    validation patient cannot show that it does not. Returns the last epoch's training losses,
+    ``selected_epoch`` (0 = shared-only kept) and the validation score (SELECTION_METRIC) of the
+    shared-only and of the selected model."""
     net, params = unwrap(model), local_parameters(model)
     shared_factor = float(cfg.train.fit_local_shared_lr_factor if shared_lr_factor is None else shared_lr_factor)
     shared_only = _val_score(model, data, cfg, device)

@@ -255,8 +255,9 @@ class Federation:
         named here by the node it was meant for)."""
         asked = {int(m.metadata.dst_node_id) for m in msgs}
         gone = [m for m in replies if m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE]
-        got = screen([m for m in replies if all(m is not g for g in gone)], spec, self.identities)
-        answered = {int(m.metadata.src_node_id) for m in replies if all(m is not g for g in gone)}
+        own = [m for m in replies if all(m is not g for g in gone)]  # the replies the nodes sent themselves
+        got = screen(own, spec, self.identities)
+        answered = {int(m.metadata.src_node_id) for m in own}
         unavailable = {_meant_for(m, msgs): m.error.reason for m in gone}
         got.silent = asked - answered
         got.failed += [{"node": str(n), "site": self.name_of(n),

@@ -5,8 +5,8 @@ that select it), the seeds (population, split and initialisation), the overrides
 steps), the methods (an engine of simulation/evidence_methods.py plus its overrides) and the reference
 method the others are compared with, and optionally ``onboarding`` (the external site onboarded onto one
 federated method with k labeled patients, and overrides of its own: simulation/evidence_onboarding.py);
-``base: <experiment>`` starts from another experiment's file. For each scenario and seed the synthetic sites are generated and
-prepared under ``<outputs>/<store>/data`` (the same code as osteo-sim; ``data: as_configured`` uses the
+``base: <experiment>`` starts from another experiment's file. For each scenario and seed the synthetic
+sites are generated and prepared under ``<outputs>/<store>/data`` (the same code as osteo-sim; ``data: as_configured`` uses the
 caches of ``paths.cache_root`` instead), every method trains and predicts each site's test patients into
 ``<outputs>/<store>/runs`` (``store`` defaults to the name; experiments that name the same store reuse each
 other's sites and runs wherever their configs agree: the runs are keyed by config and data), and

@@ -23,6 +23,9 @@ from osteo_model.dataset import SiteData
 from osteo_model.model import unwrap
 
 DIAGNOSTICS = ("gate_local", "calibration_shift", "local_expert_shift")
+REFIT = "refit_epoch"
+"""A method's diagnostic beside DIAGNOSTICS where it ran a final local refit (training.final_refit): the
+refit epoch kept (0: none beat the selected round)."""
 SIMULATED = ("device_bias_rel", "device_bias", "dxa_minus_truth")
 
 

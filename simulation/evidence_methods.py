@@ -37,7 +37,7 @@ from osteo_model.dataset import SiteData
 from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
 from osteofl import protocol
-from osteofl.simulation.evidence_diagnostics import diagnose
+from osteofl.simulation.evidence_diagnostics import REFIT, diagnose
 
 Predictions = dict[str, Patients]
 
@@ -108,7 +108,7 @@ class Selector:
             refit_epoch = self.kept(site, model, datas[site], cfg, device)
             run.predictions[site], run.diagnostics[site] = site_outcome(model, datas[site], device)
             if refit_epoch is not None:
-                run.diagnostics[site]["refit_epoch"] = refit_epoch
+                run.diagnostics[site][REFIT] = refit_epoch
         return run
 
     def kept(self, site: str, model: torch.nn.Module, data: SiteData, cfg, device: str) -> float | None:
@@ -252,9 +252,9 @@ def _truth(truth_dir: Path, site: str, table: pd.DataFrame) -> pd.DataFrame:
     truth = truth[needed].set_index(["study_id", "level"])
     keys = pd.MultiIndex.from_arrays([table["study_id"].astype(str), table["level"].astype(str)])
     out = truth.reindex(keys)
-    missing = int((~np.isfinite(out.to_numpy(float)).all(axis=1)).sum())
-    if missing:
-        raise ConfigError(path, f"{missing} of the site's {len(out)} vertebrae have no true_bmd_device or age: "
+    absent = int((~np.isfinite(out.to_numpy(float)).all(axis=1)).sum())
+    if absent:
+        raise ConfigError(path, f"{absent} of the site's {len(out)} vertebrae have no true_bmd_device or age: "
                                 "the truth was not written with these caches")
     return out
 

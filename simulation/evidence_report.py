@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from osteo_model import evidence as ev  # noqa: E402
+from osteofl.simulation.evidence_diagnostics import REFIT  # noqa: E402
 from osteofl.simulation.evidence_onboarding import ALL, SHARED_ONLY  # noqa: E402
 
 POOLED = "pooled"
@@ -21,8 +22,6 @@ NAMES = {"acc3": "WHO 3-class accuracy", "auc": "osteoporosis AUC", "mae": "BMD 
 DIAGNOSTIC_NAMES = {"gate_local": "gate weight on local expert", "calibration_shift": "calibration residual g/cm2",
                     "local_expert_shift": "local-expert shift g/cm2"}
 SIMULATED_NAMES = {"device_bias": "simulated device bias g/cm2", "dxa_minus_truth": "DXA minus truth g/cm2"}
-REFIT = "refit_epoch"
-"""The diagnostic of a final local refit (training.final_refit): shown, per seed, only where a method ran one."""
 SHIFTS = ("calibration_shift", "local_expert_shift")
 # seed -> method -> site -> patients
 Runs = Mapping[int, Mapping[str, Mapping[str, ev.Patients]]]
