@@ -4,8 +4,9 @@ Run either inside the ClientApp process (Flower's simulation engine, whose worke
 the site's long-lived worker (client/worker.py) that ``osteo-client`` starts, so that a deployed message
 does not pay torch's imports and the cache loading again. Three handlers:
 - ``query``: the handshake: the site's feature count (so the server can build the same network), a
-  fingerprint of the feature names (so sites with different radiomics settings are caught early) and
-  rounded split sizes; no feature statistic of any kind (standardisation is site-local);
+  fingerprint of the feature names (so sites with different radiomics settings are caught early),
+  rounded split sizes and the site's compute caps; no feature statistic of any kind (standardisation is
+  site-local);
 - ``train``: load the global shared arrays over the site's own local expert and calibration head, train
   a few steps of the round's phase ("ssl" or "task"), save the local state, reply with ONLY the shared
   arrays and scalar metrics;
@@ -82,6 +83,7 @@ def handle_query(message: Message, context: Context, extra: Sequence[str] = ()) 
     )
     sizes, withheld = _split_sizes(session)
     info.update(sizes)
+    info.update({protocol.CAP_PREFIX + name: cap for name, cap in policy.compute_caps(session.cfg.site.policy).items()})
     if withheld:
         info[SIZES_WITHHELD] = "; ".join(withheld)
     # Flower's weighting key is the only metric; a handshake weighs nothing
@@ -130,12 +132,10 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     recipe.begin(phase, training.index_in_phase(session.cfg, phase, int(config[protocol.ROUND])))
     optimizer = recipe.optimizer
     proximal.attach_proximal_term(optimizer, session.model, float(config.get(PROXIMAL_MU, 0.0)))
-    steps = session.cfg.federation.local_steps
+    steps = policy.local_steps(session.cfg, training.steps_per_pass(session.data, session.cfg, phase))
     private = privacy.attach(optimizer, phase)
-    metrics = training.train_steps(
-        session.model, session.data, session.cfg, phase, optimizer, session.device,
-        max_steps=None if steps is None else int(steps), private=private,
-    )
+    metrics = training.train_steps(session.model, session.data, session.cfg, phase, optimizer, session.device,
+                                   max_steps=steps, private=private)
     update = protocol.payload_arrays(session.model, session.cfg)
     if bad := protocol.non_finite({**osteo.local_state(session.model), **update}):
         # a finite but poisoned global model (or a diverging step) must not become the site's saved state

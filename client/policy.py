@@ -11,12 +11,15 @@ looser than the site's policy: the server may ask for more privacy, never for le
   epsilon budget the smaller of the two. The site's accountant (its state file) is the ledger that counts.
 - minimum cohort: no aggregate over fewer than ``site.policy.min_cohort`` patients leaves (never below
   :data:`HARD_MIN_COHORT`); the reply says "withheld" instead.
+- compute: the run's local steps, batch sizes and refit epochs are cut to ``site.policy.compute``'s caps
+  (the server may ask for less of the site's hardware, never for more); a network larger than
+  ``max_parameters`` is refused. The handshake announces the caps, so the coordinator's log says where.
 - error texts that leave the site pass through :func:`sanitise` (no paths, no patient or study ids).
 """
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from osteo_model import model as osteo
 from osteo_model.dataset import SiteData
 from osteo_model.errors import ConfigError, OsteoError
+from osteofl import protocol
 
 HARD_MIN_COHORT = 5
 """No site can set ``site.policy.min_cohort`` lower: aggregates over fewer patients come close to
@@ -74,8 +78,29 @@ def _site_yaml_privacy(floor: dict | None) -> dict:
     return floor
 
 
+CAP_NAMES = (*protocol.COMPUTE_CAPS, "max_parameters")
+LEAST_CAP = {"max_refit_epochs": 0}
+"""The smallest value a cap may take (1 unless named: a site may forbid the refit, not training)."""
+
+
+def compute_caps(site_policy: Mapping) -> dict[str, int]:
+    """The compute caps a site's policy sets (``site.policy.compute``), each a whole number, or refused."""
+    caps = {}
+    for name, value in dict(site_policy.get("compute") or {}).items():
+        if value is None:
+            continue
+        least = LEAST_CAP.get(name, 1)
+        if name not in CAP_NAMES:
+            raise ConfigError(None, f"site.policy.compute.{name} is not a compute cap (caps: {', '.join(CAP_NAMES)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(None, f"site.policy.compute.{name}={value!r} must be a whole number >= {least}, or null")
+        caps[name] = value
+    return caps
+
+
 def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
-    """The run's config with the site's own folders, device and policy and the privacy floor applied.
+    """The run's config with the site's own folders, device and policy, the privacy floor and
+    the compute caps applied.
     ``site`` is composed from the hospital's configuration only (site.yaml + node overrides)."""
     own = OmegaConf.to_container(site, resolve=True)
     min_cohort = int(own["site"]["policy"]["min_cohort"])
@@ -87,6 +112,9 @@ def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
         **requested, "paths": own["paths"], "site": own["site"], "device": own["device"],
         "privacy": _privacy_floor(own_privacy, requested["privacy"]),
     })
+    for key, (asked, cap) in protocol.cut_by_caps(cfg, compute_caps(own["site"]["policy"])).items():
+        if asked is not None:  # a one-pass round is cut where it runs (local_steps)
+            OmegaConf.update(cfg, key, cap)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -109,6 +137,25 @@ def check_payload(model, cfg: DictConfig, keys: Iterable[str]) -> None:
     outside = sorted(set(keys) - allowed)
     if outside:
         raise PolicyRefusal(f"payload holds {len(outside)} key(s) outside the shared set, e.g. {outside[0]}")
+
+
+def check_model(model, cfg: DictConfig) -> None:
+    """Refuse a network larger than the site's ``max_parameters`` (it cannot be cut to fit)."""
+    cap = compute_caps(cfg.site.policy).get("max_parameters")
+    n = sum(p.numel() for p in model.parameters())
+    if cap is not None and n > cap:
+        raise PolicyRefusal(f"the run's network has {n:,} parameters; this site's policy allows at most {cap:,} "
+                            "(site.policy.compute.max_parameters)")
+
+
+def local_steps(cfg: DictConfig, steps_per_pass: int) -> int | None:
+    """Optimiser steps this site takes in a round: the run's ``federation.local_steps`` (effective_config
+    has cut it to the site's cap), or where the run asks for one pass (None), that pass cut to
+    ``site.policy.compute.max_local_steps``."""
+    if cfg.federation.local_steps is not None:
+        return int(cfg.federation.local_steps)
+    cap = compute_caps(cfg.site.policy).get("max_local_steps")
+    return cap if cap is not None and steps_per_pass > cap else None
 
 
 # --- minimum cohort ------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from flwr.supercore import log
 
 from osteo_model.cli._common import run_cli
 from osteo_model.dataset import load_site_data
-from osteofl.client import handlers, worker_wire
+from osteofl.client import handlers, policy, worker_wire
 from osteofl.client.site_session import site_config
 
 READY = "osteo-worker ready"
@@ -60,11 +60,13 @@ def serve_connection(conn: socket.socket, node_config: dict[str, Any]) -> None:
 
 def warm_up(node_config: dict[str, Any]) -> str:
     """Compose the site's own config and open its prepared data once, so a broken site fails here, at
-    start, in one line. The model is not built: its settings come with each run's request."""
+    start, in one line (a mistyped compute cap too). The model is not built: its settings come with each
+    run's request."""
     context = Context(run_id=0, node_id=0, node_config=dict(node_config), state=RecordDict(), run_config={})
     site, cfg = site_config(context)
     data = load_site_data(cfg.site.cache_dir, cfg)
-    return f"site {site}: {len(data.cache)} vertebrae"
+    caps = ", ".join(f"{name} {cap}" for name, cap in policy.compute_caps(cfg.site.policy).items())
+    return f"site {site}: {len(data.cache)} vertebrae; compute caps: {caps or 'none'}"
 
 
 def serve(path: Path, node_config: dict[str, Any]) -> None:

@@ -140,12 +140,22 @@ def phase_rows(data: SiteData, phase: str) -> np.ndarray:
     return data.splits[phase_split(phase)]
 
 
+def _batch_size(cfg, n_rows: int) -> int:
+    return max(1, min(int(cfg.train.batch_size), n_rows))
+
+
+def steps_per_pass(data: SiteData, cfg, phase: str) -> int:
+    """Batches in one pass over the phase's rows (make_loader's length)."""
+    n = len(phase_rows(data, phase))
+    return -(-n // _batch_size(cfg, n))
+
+
 def make_loader(data: SiteData, cfg, phase: str, shuffle: bool = True, augment: bool = True) -> DataLoader:
     """Batches of the phase's rows (all crops for ssl, the labeled training split for task)."""
     ds = CropDataset(data.cache, phase_rows(data, phase), augment=augment, seed=int(cfg.seed))
     return DataLoader(
         ds,
-        batch_size=max(1, min(int(cfg.train.batch_size), len(ds))),
+        batch_size=_batch_size(cfg, len(ds)),
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(int(cfg.seed)),
         num_workers=int(cfg.data.num_workers),
@@ -279,7 +289,7 @@ def predict(model: nn.Module, data: SiteData, rows: np.ndarray, device: str, bat
 def evaluate(model: nn.Module, data: SiteData, cfg, split: str, device: str) -> dict[str, float]:
     """Aggregate metrics of ``split`` (no per-patient values): see metrics.compute_metrics."""
     rows = data.splits[split]
-    pred = predict(model, data, rows, device)
+    pred = predict(model, data, rows, device, batch_size=int(cfg.train.eval_batch_size))
     return metrics.compute_metrics(pred, data.cache.table.iloc[rows], data.manufacturer)
 
 

@@ -56,6 +56,14 @@ ERROR_SITE_FAILED = 903        # anything else that failed at the site (reason s
 WITHHELD = "withheld"          # SITE ConfigRecord field: why a reply carries no aggregate (cohort too small)
 SIZES_WITHHELD = "sizes-withheld"  # SITE field of a handshake: split sizes left out (cohort too small)
 SPLIT_SIZES = ("n_train", "n_val", "n_test", "n_unlabeled")  # SITE fields of a handshake: rounded split sizes
+CAP_PREFIX = "cap-"             # SITE fields of a handshake: the site's compute caps (site.policy.compute), by name
+COMPUTE_CAPS = {
+    "max_local_steps": ("federation.local_steps",),
+    "max_batch_size": ("train.batch_size", "train.eval_batch_size"),
+    "max_refit_epochs": ("train.final_refit_epochs",),
+}
+"""A site's compute caps (``site.policy.compute``) and the run settings each one cuts (client/policy.py);
+``max_parameters`` is a cap too, but a network cannot be cut to fit: a larger one is refused."""
 
 # --- run_config (flower-server -> every app) and node_config (osteo-client -> its SuperNode) ------------
 OVERRIDES = "overrides"    # extra Hydra overrides as one shell-quoted string (run and node config)
@@ -65,6 +73,18 @@ NODE_CACHE_DIR = "cache-dir"
 NODE_STATE_DIR = "state-dir"
 NODE_SITE_DIR = "site-dir"
 NODE_WORKER = "worker"     # node_config: the site worker's local socket (osteo-client sets it; client/worker.py)
+
+
+def cut_by_caps(request: DictConfig, caps: Mapping[str, int]) -> dict[str, tuple[int | None, int]]:
+    """The run settings a site's compute caps cut: key -> (what the run asks, what the site allows). A
+    round of one pass (``federation.local_steps`` null) is cut too, where the pass is longer than the cap."""
+    cut = {}
+    for name, cap in caps.items():
+        for key in COMPUTE_CAPS.get(name, ()):
+            asked = OmegaConf.select(request, key)
+            if asked is None or int(asked) > cap:
+                cut[key] = (None if asked is None else int(asked), cap)
+    return cut
 
 
 def phase_of(rnd: int, cfg: DictConfig) -> str:

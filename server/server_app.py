@@ -141,7 +141,19 @@ class Federation:
         sizes = {site: {k: int(i[k]) for k in protocol.SPLIT_SIZES if k in i} for site, (i, _) in infos.items()}
         withheld = {site: str(i[protocol.SIZES_WITHHELD]) for site, (i, _) in infos.items() if protocol.SIZES_WITHHELD in i}
         log(INFO, "handshake: %d sites %s%s", len(infos), sizes, f"; withheld {withheld}" if withheld else "")
+        for site, (info, _) in sorted(infos.items()):
+            self.log_caps(site, info)
         return n_features, sizes
+
+    def log_caps(self, site: str, info: ConfigRecord) -> None:
+        """Say where a site's compute caps (client/policy.py) cut what this run asks of it: the site trains
+        that much less, whatever the run config says."""
+        caps = {k.removeprefix(protocol.CAP_PREFIX): int(v) for k, v in info.items() if k.startswith(protocol.CAP_PREFIX)}
+        cut = protocol.cut_by_caps(self.cfg, caps)
+        if cut:
+            log(WARNING, "handshake: site %s's policy caps %s", site, "; ".join(
+                f"{key} at {cap} (this run asks {'one pass' if asked is None else asked})"
+                for key, (asked, cap) in cut.items()))
 
     def check_resumable(self, last: ckpt.Checkpoint, n_features: int) -> None:
         """A resumed run starts with the handshake too (so a restarted SuperLink's stale sessions are waited

@@ -34,14 +34,17 @@ def test_deployment_only_settings_keep_the_key(tmp_path, override):
     assert _key(tmp_path, override) == _key(tmp_path)
 
 
-def test_a_later_setting_keeps_the_key_only_at_its_neutral_value(tmp_path):
-    """``train.final_refit_epochs`` came after the benchmark's runs: at 0 (what they did) the runs stay
-    cached, at any other value the method is trained again."""
+@pytest.mark.parametrize(("setting", "other"), [("final_refit_epochs", 5), ("eval_batch_size", 4)])
+def test_a_later_setting_keeps_the_key_only_at_its_neutral_value(tmp_path, setting, other):
+    """Settings that came after the benchmark's runs (``train.final_refit_epochs``,
+    ``train.eval_batch_size``): at the value the runs had the runs stay cached, at any other value the
+    method is trained again."""
     before = compose(small_overrides(tmp_path))
     with open_dict(before):
-        del before.train["final_refit_epochs"]  # the config as it was when the runs were made
+        del before.train[setting]  # the config as it was when the runs were made
     key = evidence._config_key(before, NO_DATA)
-    assert _key(tmp_path, "train.final_refit_epochs=0") == key != _key(tmp_path, "train.final_refit_epochs=5")
+    neutral = evidence.NEUTRAL_LATER[f"train.{setting}"]
+    assert _key(tmp_path, f"train.{setting}={neutral}") == key != _key(tmp_path, f"train.{setting}={other}")
 
 
 @pytest.mark.parametrize("override", [

@@ -274,3 +274,106 @@ def test_no_local_path_in_any_reply_even_from_a_broken_cache(root: Path) -> None
     state = root / "data" / "state" / "site_b"
     assert [e["error_code"] for e in audit.read(state)] == [protocol.ERROR_SITE_FAILED]
     assert json.dumps(audit.read(state)).count(str(root)) == 0
+
+
+# --- compute caps ---------------------------------------------------------------------------------------------
+CAPS = {"max_local_steps": 2, "max_batch_size": 4, "max_refit_epochs": 1}
+
+
+def _caps(caps: dict[str, int]) -> str:
+    return " ".join(f"site.policy.compute.{k}={v}" for k, v in caps.items())
+
+
+def test_compute_caps_cut_the_request_and_the_run_cannot_raise_them(tmp_path: Path) -> None:
+    run = compose([f"paths.root={tmp_path}", "federation.local_steps=50", "train.batch_size=32",
+                   "train.final_refit_epochs=4", "site.policy.compute.max_local_steps=100"])  # tries to lift the cap
+    site = compose([f"paths.root={tmp_path}", *_caps(CAPS).split()])
+    eff = policy.effective_config(run, site)
+    assert (eff.federation.local_steps, eff.train.batch_size, eff.train.eval_batch_size, eff.train.final_refit_epochs) \
+        == (2, 4, 4, 1)
+    assert eff.site.policy.compute.max_local_steps == 2
+    modest = compose([f"paths.root={tmp_path}", "federation.local_steps=1", "train.batch_size=3"])
+    eff = policy.effective_config(modest, site)  # a smaller request stands
+    assert (eff.federation.local_steps, eff.train.batch_size, eff.train.final_refit_epochs) == (1, 3, 0)
+    one_pass = policy.effective_config(compose([f"paths.root={tmp_path}", "federation.local_steps=null"]), site)
+    assert one_pass.federation.local_steps is None  # cut where the pass is known
+    assert [policy.local_steps(one_pass, n) for n in (1, 2, 9)] == [None, None, 2]
+    assert policy.local_steps(policy.effective_config(one_pass, compose([f"paths.root={tmp_path}"])), 9) is None
+    for bad, match in (("max_batch_size=0", ">= 1"), ("max_local_steps=2.5", "whole number"),
+                       ("max_refit_epochs=-1", ">= 0"), ("max_parameters=true", "whole number")):
+        with pytest.raises(ConfigError, match=match):
+            policy.effective_config(run, compose([f"paths.root={tmp_path}", f"site.policy.compute.{bad}"]))
+    assert policy.effective_config(run, compose([f"paths.root={tmp_path}", "site.policy.compute.max_refit_epochs=0"])
+                                   ).train.final_refit_epochs == 0  # a site may forbid the refit
+
+
+def test_a_coordinator_asking_for_more_compute_gets_what_the_site_allows(root: Path, monkeypatch, caplog) -> None:
+    """site_a caps its steps, batches and refit; the coordinator asks for whole passes of 8-crop batches and a
+    3-epoch refit and tries to lift site_a's caps through the run config. site_a trains 2 steps of at most 4
+    crops a round, predicts in batches of 4 and refits 1 epoch; site_b, uncapped, does what the run asks. The
+    coordinator's log names each cut."""
+    from osteo_model import training
+    from osteo_model.checkpoints import MODEL_CARD_FILE
+
+    steps: list[tuple[str, int]] = []
+    eval_batches: dict[str, set[int]] = {}
+    real_step, real_predict = training._step, training.predict
+
+    def counting_step(net, batch, cfg, *args, **kwargs):
+        steps.append((str(cfg.site.name), len(batch["x"])))
+        return real_step(net, batch, cfg, *args, **kwargs)
+
+    def recording_predict(model, data, rows, device, batch_size=64):
+        eval_batches.setdefault(str(data.cache.manifest["site"]), set()).add(batch_size)
+        return real_predict(model, data, rows, device, batch_size=batch_size)
+
+    monkeypatch.setattr(training, "_step", counting_step)
+    monkeypatch.setattr(training, "predict", recording_predict)
+    two = ("site_a", "site_b")
+    fed, grid = _federation(root, sites=two, run=_caps({"max_local_steps": 100, "max_batch_size": 64}),
+                            node={"site_a": _caps(CAPS)}, **{"federation.sites": "[site_a,site_b]",
+                                                            "federation.local_steps": "null", "train.final_refit_epochs": 3})
+    with caplog.at_level("WARNING", logger="flwr"):
+        history = fed.run()
+    assert not any(r["failed"] for r in history.records)
+    data = {s: dataset.load_site_data(root / "data" / "cache" / s, fed.cfg) for s in two}
+    by_site = {s: [n for name, n in steps if name == s] for s in two}
+    # per round: site_a 2 steps (ssl + task: 4); site_b one pass of 8-crop batches per phase, plus its refit
+    assert len(by_site["site_a"]) == 2 * 2 + len(training.make_loader(data["site_a"], policy.effective_config(
+        fed.cfg, compose(small_overrides(root, **{"site.policy.compute.max_batch_size": 4}))), "task"))
+    assert max(by_site["site_a"]) == 4 and max(by_site["site_b"]) == 8
+    passes = sum(training.steps_per_pass(data["site_b"], fed.cfg, p) for p in ("ssl", "task"))
+    assert len(by_site["site_b"]) == passes + 3 * training.steps_per_pass(data["site_b"], fed.cfg, "task")
+    assert eval_batches == {"site_a": {4}, "site_b": {64}}
+    cards = {s: json.loads((root / "data" / "state" / s / MODEL_CARD_FILE).read_text()) for s in two}
+    assert cards["site_a"]["refit"]["epochs"] == 1 and cards["site_b"]["refit"]["epochs"] == 3
+    (warning,) = [r.getMessage() for r in caplog.records if "policy caps" in r.getMessage()]
+    assert warning.startswith("handshake: site site_a's policy caps federation.local_steps at 2 (this run asks one pass)")
+    assert "train.batch_size at 4 (this run asks 8)" in warning and "train.final_refit_epochs at 1 (this run asks 3)" in warning
+    (query,) = [e for e in audit.read(root / "data" / "state" / "site_a") if e["kind"] == "query"]
+    assert query["config"][f"{protocol.SITE}/{protocol.CAP_PREFIX}max_batch_size"] == 4  # the DPO sees what was announced
+
+
+def test_a_site_refuses_a_network_larger_than_its_policy_allows(root: Path) -> None:
+    model = osteo.build_model(compose(small_overrides(root)), 6, "hologic")
+    n = sum(p.numel() for p in model.parameters())
+    fed, grid = _federation(root, node={"site_a": f"site.policy.compute.max_parameters={n - 1}",
+                                        "site_b": f"site.policy.compute.max_parameters={n}"})
+    _, sizes = fed.handshake()  # site_b and site_c are enough to go on
+    refusal = next(m for m in grid.sent if m.has_error())
+    assert refusal.error.code == protocol.ERROR_POLICY_REFUSED
+    assert f"has {n:,} parameters" in refusal.error.reason and f"at most {n - 1:,}" in refusal.error.reason
+    assert sorted(sizes) == ["site_b", "site_c"]
+
+
+def test_the_site_worker_states_its_caps_at_start_and_a_mistyped_cap_stops_it_there(root: Path) -> None:
+    from osteofl.client.worker import warm_up
+
+    own = " ".join(small_overrides(root))
+    assert warm_up({"site": "site_a", "overrides": f"{own} {_caps({'max_batch_size': 8})}"}).endswith(
+        "compute caps: max_batch_size 8")
+    site_yaml = root / "data" / "sites" / "site_b" / "site.yaml"
+    site_yaml.parent.mkdir(parents=True)
+    site_yaml.write_text("policy:\n  compute:\n    max_batch: 8\n")  # not a cap this version knows
+    with pytest.raises(ConfigError, match="site.policy.compute.max_batch is not a compute cap"):
+        warm_up({"site": "site_b", "overrides": own})
