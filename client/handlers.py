@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from osteo_model import checkpoints, proximal, training
+from osteo_model import checkpoints, dataset, proximal, training
 from osteo_model import model as osteo
 from osteo_model.cache import SiteCache
 from osteo_model.errors import OsteoError
@@ -204,7 +204,10 @@ def _keep_site_model(message: Message, session: SiteSession, split: str,
 
 
 def _save_site_model(session: SiteSession, card: dict) -> None:
+    """Save the session's model as the site model; its card records the validation patients it was
+    selected on (osteo-predict's intervals come from their residuals)."""
     cache = session.data.cache
+    card[checkpoints.VAL_PATIENTS] = dataset.patients_sha256(session.data, "val")
     checkpoints.save_site_model(session.cfg.site.state_dir, session.model, site=session.site,
                                 feature_names=cache.feature_names, model_cfg=session.cfg.model,
                                 crop=cache.manifest.get("crop"), card=card)

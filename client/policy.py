@@ -11,6 +11,10 @@ looser than the site's policy: the server may ask for more privacy, never for le
   epsilon budget the smaller of the two. The site's accountant (its state file) is the ledger that counts.
 - minimum cohort: no aggregate over fewer than ``site.policy.min_cohort`` patients leaves (never below
   :data:`HARD_MIN_COHORT`); the reply says "withheld" instead.
+- the patient split: the site's own (``data``: split fractions, label fraction, split seed, loader
+  workers), never the run's. A run with another ``seed`` or ``data.split`` would otherwise move patients
+  the site holds out for its validation and test into training: its model selection, its reported test
+  metrics and osteo-predict's intervals (from validation residuals) would judge patients it trained on.
 - compute: the run's local steps, batch sizes and refit epochs are cut to ``site.policy.compute``'s caps
   (the server may ask for less of the site's hardware, never for more); a network larger than
   ``max_parameters`` is refused. The handshake announces the caps, so the coordinator's log says where.
@@ -24,7 +28,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from osteo_model import model as osteo
+from osteo_model import dataset, model as osteo
 from osteo_model.dataset import SiteData
 from osteo_model.errors import ConfigError, OsteoError
 from osteofl import protocol
@@ -99,8 +103,8 @@ def compute_caps(site_policy: Mapping) -> dict[str, int]:
 
 
 def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
-    """The run's config with the site's own folders, device and policy, the privacy floor and
-    the compute caps applied.
+    """The run's config with the site's own folders, device, policy and patient split, the privacy
+    floor and the compute caps applied.
     ``site`` is composed from the hospital's configuration only (site.yaml + node overrides)."""
     own = OmegaConf.to_container(site, resolve=True)
     min_cohort = int(own["site"]["policy"]["min_cohort"])
@@ -110,6 +114,7 @@ def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
     own_privacy = {**own["privacy"], **_site_yaml_privacy(own["site"]["policy"].get("privacy"))}
     cfg = OmegaConf.create({
         **requested, "paths": own["paths"], "site": own["site"], "device": own["device"],
+        "data": {**own["data"], "split_seed": dataset.split_seed(site)},
         "privacy": _privacy_floor(own_privacy, requested["privacy"]),
     })
     for key, (asked, cap) in protocol.cut_by_caps(cfg, compute_caps(own["site"]["policy"])).items():

@@ -179,6 +179,10 @@ def load_model_state(path: str | Path) -> dict[str, Any]:
 
 
 # --- the site model -----------------------------------------------------------------------------------
+VAL_PATIENTS = "val_patients_sha256"
+"""Card field: fingerprint of the validation patients a site model was selected on (dataset.patients_sha256)."""
+
+
 def site_card(state_dir: str | Path, *, run_id: str, rnd: int, n_sites: int | None, phases: Mapping[str, int],
               epsilon: float, metrics: Mapping[str, float], split: str,
               selection: Mapping[str, Any] | None = None) -> dict[str, Any]:

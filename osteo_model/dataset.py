@@ -1,12 +1,13 @@
 """Training data of one site: patient-level splits over a prepared cache and a torch Dataset of crops.
 
 Splits are by patient (all vertebrae and studies of a patient fall in one split), deterministic from
-``cfg.seed`` and the site name. ``data.label_fraction`` keeps that fraction of the training patients'
+the split seed (``data.split_seed``, else ``seed``) and the site name. ``data.label_fraction`` keeps that fraction of the training patients'
 labels (the few-labels experiment); the rest of the labeled studies stay usable for self-supervision.
 ``splits["unlabeled"]`` (the SSL pool) is every row except those of val/test patients.
 """
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +53,28 @@ def _split_patients(patients: np.ndarray, fractions, rng: np.random.Generator) -
     return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
 
 
+def patients_sha256(data: "SiteData", split: str) -> str:
+    """Fingerprint of the patients in ``split``. A site model's card records its validation patients', so
+    osteo-predict can tell whether they are still the patients the model was selected on and never
+    trained on (a changed split or a re-prepared cache with new patients moves patients between splits)."""
+    rows = data.splits.get(split, np.array([], dtype=int))
+    patients = sorted(set(data.cache.table["patient_id"].astype(str).iloc[rows]))
+    return hashlib.sha256("\n".join(patients).encode()).hexdigest()
+
+
+def split_seed(cfg) -> int:
+    """The patient split's seed: ``data.split_seed``, or ``seed`` where that is null (central training and
+    the benchmark, whose seeds draw population, split and initialisation together)."""
+    value = OmegaConf.select(cfg, "data.split_seed")
+    return int(cfg.seed if value is None else value)
+
+
 def load_site_data(cache_dir: str | Path, cfg) -> SiteData:
     """Open a site's cache and split its labeled rows by patient."""
     cache = SiteCache.open(cache_dir)
     table = cache.table
     labeled = table["labeled"].astype(bool).to_numpy() & np.isfinite(table["bmd"].to_numpy(dtype=float))
-    rng = np.random.default_rng([int(cfg.seed), zlib.crc32(cache.site.encode())])
+    rng = np.random.default_rng([split_seed(cfg), zlib.crc32(cache.site.encode())])
     patients = np.unique(table.loc[labeled, "patient_id"].astype(str).to_numpy())
     by_split = _split_patients(patients, cfg.data.split, rng)
     fraction = float(cfg.data.label_fraction)

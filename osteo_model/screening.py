@@ -25,7 +25,7 @@ from osteo_model.constants import (
     ISCD_ADJACENT_T_DIFFERENCE, LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC,
     TOTALSEG_OSTEOPOROSIS_HU,
 )
-from osteo_model.dataset import SiteData
+from osteo_model.dataset import SiteData, patients_sha256
 from osteo_model.metrics import OSTEOPOROSIS, patient_level
 from osteo_model.model import OsteoNet, feature_stats
 from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED
@@ -114,18 +114,21 @@ class Reference:
     features: tuple[np.ndarray, np.ndarray] | None  # mean, SD of the radiomic features of the training pool
     coverage: float
     min_patients: int
+    unfit: str = ""  # why the validation residuals cannot give an interval
 
     def interval(self, bmd: float, patient: bool) -> tuple[float, float] | None:
         """Central ``coverage`` interval of the true device BMD given a prediction; None when the site has
-        fewer validation patients than ``min_patients``."""
+        fewer validation patients than ``min_patients`` or its residuals are unfit."""
         res = self.patient_residuals if patient else self.level_residuals
-        if self.n_val_patients < self.min_patients or not len(res) or not np.isfinite(bmd):
+        if self.unfit or self.n_val_patients < self.min_patients or not len(res) or not np.isfinite(bmd):
             return None
         alpha = (1.0 - self.coverage) / 2
         lo, hi = np.quantile(res, [alpha, 1 - alpha])
         return bmd - float(hi), bmd - float(lo)
 
     def interval_note(self) -> str:
+        if self.unfit:
+            return f"no interval: {self.unfit}"
         if self.n_val_patients == 0:
             return "no interval: no validation patients with DXA at this site"
         if self.n_val_patients < self.min_patients:
@@ -134,11 +137,18 @@ class Reference:
                 f"validation patients of this site")
 
 
-def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: str) -> Reference:
-    """Residuals on the site's validation split and the site's training-pool scanners and HU range."""
+def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: str,
+                   selected_on: str | None = None) -> Reference:
+    """Residuals on the site's validation split and the site's training-pool scanners and HU range.
+    ``selected_on``: the fingerprint of the validation patients the model was selected on (its card's
+    checkpoints.VAL_PATIENTS, where it records one); other validation patients now means some may have
+    been trained on, and residuals on them would give too narrow an interval: none is given."""
     coverage, min_patients = float(predict_cfg.interval_coverage), int(predict_cfg.min_val_patients)
     if data is None:
         return Reference(np.zeros(0), np.zeros(0), 0, frozenset(), None, None, coverage, min_patients)
+    unfit = ("this site's validation patients are not those the model was selected on (its split or prepared "
+             "cache changed since training): some may have been trained on"
+             if selected_on is not None and selected_on != patients_sha256(data, "val") else "")
     table = data.cache.table
     pool = table.iloc[data.splits["unlabeled"]]
     hu = pool["hu_mean"].to_numpy(float)
@@ -155,7 +165,7 @@ def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: 
     scanners = frozenset(s for s in pool["scanner"].fillna("").astype(str) if s)
     hu_range = (float(hu.min()), float(hu.max())) if len(hu) else None
     features = feature_stats(np.asarray(data.cache.features)[data.splits["unlabeled"]]) if len(pool) else None
-    return Reference(level_res, patient_res, n_val, scanners, hu_range, features, coverage, min_patients)
+    return Reference(level_res, patient_res, n_val, scanners, hu_range, features, coverage, min_patients, unfit)
 
 
 def quarantine_reasons(cache_dir: Path) -> tuple[dict[str, dict[str, str]], dict[str, str]]:

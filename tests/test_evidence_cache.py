@@ -34,17 +34,18 @@ def test_deployment_only_settings_keep_the_key(tmp_path, override):
     assert _key(tmp_path, override) == _key(tmp_path)
 
 
-@pytest.mark.parametrize(("setting", "other"), [("final_refit_epochs", 5), ("eval_batch_size", 4)])
+@pytest.mark.parametrize(("setting", "other"), [
+    ("train.final_refit_epochs", 5), ("train.eval_batch_size", 4), ("data.split_seed", 4)])
 def test_a_later_setting_keeps_the_key_only_at_its_neutral_value(tmp_path, setting, other):
-    """Settings that came after the benchmark's runs (``train.final_refit_epochs``,
-    ``train.eval_batch_size``): at the value the runs had the runs stay cached, at any other value the
-    method is trained again."""
+    """Settings that came after the benchmark's runs (evidence.NEUTRAL_LATER): at the value the runs had
+    the runs stay cached, at any other value the method is trained again."""
     before = compose(small_overrides(tmp_path))
+    group, leaf = setting.split(".")
     with open_dict(before):
-        del before.train[setting]  # the config as it was when the runs were made
+        del before[group][leaf]  # the config as it was when the runs were made
     key = evidence._config_key(before, NO_DATA)
-    neutral = evidence.NEUTRAL_LATER[f"train.{setting}"]
-    assert _key(tmp_path, f"train.{setting}={neutral}") == key != _key(tmp_path, f"train.{setting}={other}")
+    neutral = evidence.NEUTRAL_LATER[setting]
+    assert _key(tmp_path, f"{setting}={'null' if neutral is None else neutral}") == key != _key(tmp_path, f"{setting}={other}")
 
 
 @pytest.mark.parametrize("override", [

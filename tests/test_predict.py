@@ -368,3 +368,27 @@ def test_iscd_adjacent_outlier_is_flagged_not_excluded():
               LevelResult("L3", False), LevelResult("L4", True, t_score=-3.0)]
     flag_outlier_levels(levels)
     assert [bool(lv.flags) for lv in levels] == [True, False, False, False]
+
+
+def test_no_interval_where_the_validation_patients_are_not_those_the_model_was_selected_on(tmp_path):
+    """A site model's card records its validation patients. After the hospital changes its split (or
+    re-prepares with new patients), some validation patients may have been trained on: their residuals
+    would give too narrow an interval, so none is given, and the report says why."""
+    from osteo_model.checkpoints import VAL_PATIENTS, save_site_model
+    from osteo_model.dataset import load_site_data, patients_sha256
+
+    cfg = cfg_for(tmp_path, "site_a", "predict.min_val_patients=2")
+    make_site_cache(tmp_path / "data/cache/site_a", site="site_a", n_patients=24, size=16)
+    net = build_site_models(cfg, len(FEATURE_NAMES), {"site_a": "hologic"})["site_a"]
+    selected_on = patients_sha256(load_site_data(cfg.site.cache_dir, cfg), "val")
+    save_site_model(cfg.site.state_dir, net, site="site_a", feature_names=FEATURE_NAMES,
+                    model_cfg=OmegaConf.to_container(cfg.model, resolve=True), crop=None,
+                    card={"run_id": "fed-1", VAL_PATIENTS: selected_on})
+    notes = {}
+    for name, extra in (("same", ()), ("moved", ("data.split_seed=5",))):
+        run_predict(cfg_for(tmp_path, "site_a", "predict.min_val_patients=2", *extra), None,
+                    study_ids=["site_a-s000"], out_dir=tmp_path / name, progress=False)
+        rep, _ = read_report(tmp_path / name)
+        notes[name] = rep[rep["level"] == "patient"].iloc[0]
+    assert np.isfinite(notes["same"]["t_low"]) and "validation patients of this site" in notes["same"]["interval_note"]
+    assert np.isnan(notes["moved"]["t_low"]) and "not those the model was selected on" in notes["moved"]["interval_note"]

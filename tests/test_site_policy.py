@@ -313,7 +313,7 @@ def test_a_coordinator_asking_for_more_compute_gets_what_the_site_allows(root: P
     crops a round, predicts in batches of 4 and refits 1 epoch; site_b, uncapped, does what the run asks. The
     coordinator's log names each cut."""
     from osteo_model import training
-    from osteo_model.checkpoints import MODEL_CARD_FILE
+    from osteo_model.checkpoints import MODEL_CARD_FILE, VAL_PATIENTS
 
     steps: list[tuple[str, int]] = []
     eval_batches: dict[str, set[int]] = {}
@@ -347,6 +347,7 @@ def test_a_coordinator_asking_for_more_compute_gets_what_the_site_allows(root: P
     assert eval_batches == {"site_a": {4}, "site_b": {64}}
     cards = {s: json.loads((root / "data" / "state" / s / MODEL_CARD_FILE).read_text()) for s in two}
     assert cards["site_a"]["refit"]["epochs"] == 1 and cards["site_b"]["refit"]["epochs"] == 3
+    assert all(cards[s][VAL_PATIENTS] == dataset.patients_sha256(data[s], "val") for s in two)  # for osteo-predict
     (warning,) = [r.getMessage() for r in caplog.records if "policy caps" in r.getMessage()]
     assert warning.startswith("handshake: site site_a's policy caps federation.local_steps at 2 (this run asks one pass)")
     assert "train.batch_size at 4 (this run asks 8)" in warning and "train.final_refit_epochs at 1 (this run asks 3)" in warning
@@ -377,3 +378,19 @@ def test_the_site_worker_states_its_caps_at_start_and_a_mistyped_cap_stops_it_th
     site_yaml.write_text("policy:\n  compute:\n    max_batch: 8\n")  # not a cap this version knows
     with pytest.raises(ConfigError, match="site.policy.compute.max_batch is not a compute cap"):
         warm_up({"site": "site_b", "overrides": own})
+
+
+def test_the_patient_split_is_the_sites_own_whatever_the_run_asks(root: Path) -> None:
+    """A run with another seed or split fractions would move the site's validation and test patients into
+    training. The run's seed still sets the initialisation; the split stays the site's."""
+    greedy = "seed=7 data.split_seed=3 data.split.train=0.9 data.split.val=0.05 data.split.test=0.05"
+    own = compose(small_overrides(root))
+    eff = policy.effective_config(compose([*small_overrides(root), *greedy.split()]), own)
+    assert eff.seed == 7 and eff.data.split_seed == 0 and eff.data.split.train == 0.6
+    mine = dataset.load_site_data(root / "data" / "cache" / "site_a", own).splits
+    theirs = dataset.load_site_data(root / "data" / "cache" / "site_a", eff).splits
+    assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    _, asked = _federation(root, run=greedy)[0].handshake()
+    _, plain = _federation(root)[0].handshake()
+    assert asked == plain  # every site reports its own split's sizes
+    assert policy.effective_config(own, compose([*small_overrides(root), "data.split_seed=5"])).data.split_seed == 5
