@@ -121,6 +121,9 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
             f"{session.cfg.privacy.epsilon_budget}); not training any more"
         )
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=reason), reply_to=message)
+    run_id = _run_id(message)
+    if reason := policy.rounds_spent(session.cfg, session.state.rounds_by_run.get(run_id, 0)):
+        return Message(Error(code=ERROR_BUDGET_SPENT, reason=f"site {session.site}: {reason}"), reply_to=message)
     if reason := policy.withheld(session.data, training.phase_split(phase), session.cfg):
         return _withheld(message, session.site, reason)
     policy.check_payload(session.model, session.cfg, protocol.payload_keys(session.model, session.cfg))
@@ -143,12 +146,18 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
                                f"{bad[0]}): nothing saved, nothing sent; the site's state is as before the round")
     session.state.optimizer = optimizer.state_dict()
     session.state.rounds_trained += 1
+    session.state.rounds_by_run[run_id] = session.state.rounds_by_run.get(run_id, 0) + 1
     privacy.record(private)
     session.save()
     metrics = {f"train_{k}": v for k, v in metrics.items() if k != "num_examples"}
     metrics["epsilon"] = session.state.epsilon
     record = _metric_record(metrics, num_examples=_pool_size(session, phase))
     return _reply(message, session.site, record, update)
+
+
+def _run_id(message: Message) -> str:
+    """The federation's run (the server's, kept across a resume; Flower's where it sends none)."""
+    return str(message.content[CONFIG].get(protocol.RUN_ID, message.metadata.run_id))
 
 
 def _pool_size(session: SiteSession, phase: str) -> int:
@@ -188,7 +197,7 @@ def _keep_site_model(message: Message, session: SiteSession, split: str,
     judged on "val"; the newest model while none is judged). Returns the kept model's card and whether it
     is the one just evaluated."""
     config, cfg = message.content[CONFIG], session.cfg
-    run_id, rnd = str(config.get(protocol.RUN_ID, message.metadata.run_id)), int(config.get(protocol.ROUND, 0))
+    run_id, rnd = _run_id(message), int(config.get(protocol.ROUND, 0))
     judged = split == "val" and protocol.phase_of(rnd, cfg) == "task"
     score = float(metrics.get(training.SELECTION_METRIC, math.nan)) if judged else math.nan
     score = score if math.isfinite(score) else None

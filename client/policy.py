@@ -17,7 +17,8 @@ looser than the site's policy: the server may ask for more privacy, never for le
   metrics and osteo-predict's intervals (from validation residuals) would judge patients it trained on.
 - compute: the run's local steps, batch sizes and refit epochs are cut to ``site.policy.compute``'s caps
   (the server may ask for less of the site's hardware, never for more); a network larger than
-  ``max_parameters`` is refused. The handshake announces the caps, so the coordinator's log says where.
+  ``max_parameters`` is refused, and after ``max_rounds`` train rounds of a run the site only evaluates.
+  The handshake announces the caps, so the coordinator's log says where.
 - error texts that leave the site pass through :func:`sanitise` (no paths, no patient or study ids).
 """
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _site_yaml_privacy(floor: dict | None) -> dict:
     return floor
 
 
-CAP_NAMES = (*protocol.COMPUTE_CAPS, "max_parameters")
+CAP_NAMES = (*protocol.COMPUTE_CAPS, "max_parameters", "max_rounds")
 LEAST_CAP = {"max_refit_epochs": 0}
 """The smallest value a cap may take (1 unless named: a site may forbid the refit, not training)."""
 
@@ -151,6 +152,15 @@ def check_model(model, cfg: DictConfig) -> None:
     if cap is not None and n > cap:
         raise PolicyRefusal(f"the run's network has {n:,} parameters; this site's policy allows at most {cap:,} "
                             "(site.policy.compute.max_parameters)")
+
+
+def rounds_spent(cfg: DictConfig, rounds_done: int) -> str | None:
+    """Why this site trains no more rounds of the run (``site.policy.compute.max_rounds`` reached), or None."""
+    cap = compute_caps(cfg.site.policy).get("max_rounds")
+    if cap is None or rounds_done < cap:
+        return None
+    return (f"this run's compute budget at this site is spent (site.policy.compute.max_rounds={cap} train "
+            f"rounds); not training any more in it")
 
 
 def local_steps(cfg: DictConfig, steps_per_pass: int) -> int | None:

@@ -34,6 +34,7 @@ class SiteState:
     accountant: dict[str, Any] | None = None
     epsilon: float = 0.0
     rounds_trained: int = 0
+    rounds_by_run: dict[str, int] = field(default_factory=dict)  # train rounds per run id (site.policy.compute.max_rounds)
     revision: int = 0
 
 
@@ -74,6 +75,7 @@ class StateStore:
             accountant=raw.get("accountant"),
             epsilon=float(raw["epsilon"]),
             rounds_trained=int(raw["rounds_trained"]),
+            rounds_by_run={str(k): int(v) for k, v in (raw.get("rounds_by_run") or {}).items()},
             revision=int(raw["revision"]),
         )
 
@@ -89,6 +91,7 @@ class StateStore:
             "accountant": state.accountant,
             "epsilon": float(state.epsilon),
             "rounds_trained": int(state.rounds_trained),
+            "rounds_by_run": dict(state.rounds_by_run),
             "revision": state.revision,
         }
         if self.path.exists():  # keep the previous revision; the current file is never absent

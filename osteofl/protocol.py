@@ -50,7 +50,7 @@ PROXIMAL_MU = "proximal-mu"  # FedProx: Flower's key
 
 NUM_EXAMPLES = "num-examples"  # weighting key of Flower's strategies (in METRICS)
 SITE_MODEL_ROUND = "site_model_round"  # METRICS of an evaluation off "val": the round of the site model judged
-ERROR_BUDGET_SPENT = 901       # Error.code of a site that stopped because its epsilon budget is spent
+ERROR_BUDGET_SPENT = 901       # Error.code of a site that trains no more: its epsilon or compute budget is spent
 ERROR_POLICY_REFUSED = 902     # the site's own policy refuses what the run asks (e.g. federation.share_all)
 ERROR_SITE_FAILED = 903        # anything else that failed at the site (reason stripped of paths and ids)
 WITHHELD = "withheld"          # SITE ConfigRecord field: why a reply carries no aggregate (cohort too small)

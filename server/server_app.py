@@ -74,7 +74,7 @@ class Federation:
         self.identities = Identities(grid, str(self.fed.identity), cfg.paths.pki)
         self.identity: dict[int, str] = self.identities.identity  # node id -> site, bound to its key at the handshake
         self.site_sizes: dict[str, dict[str, Any]] = {}  # site -> split sizes it reported at the handshake
-        self.spent: set[int] = set()  # nodes whose privacy budget is spent: they will never train again
+        self.spent: set[int] = set()  # nodes whose privacy or compute budget is spent: they never train again in this run
 
     def name_of(self, node_id: int) -> str:
         """The site a node is (its registered key, or in simulation its first declared name; server/identity.py),
@@ -150,6 +150,8 @@ class Federation:
         that much less, whatever the run config says."""
         caps = {k.removeprefix(protocol.CAP_PREFIX): int(v) for k, v in info.items() if k.startswith(protocol.CAP_PREFIX)}
         cut = protocol.cut_by_caps(self.cfg, caps)
+        if caps.get("max_rounds", self.total_rounds) < self.total_rounds:
+            cut["train rounds"] = (self.total_rounds, caps["max_rounds"])
         if cut:
             log(WARNING, "handshake: site %s's policy caps %s", site, "; ".join(
                 f"{key} at {cap} (this run asks {'one pass' if asked is None else asked})"
@@ -308,13 +310,14 @@ class Federation:
 
     def too_few_can_train(self, rnd: int) -> str | None:
         """Why the run must end after ``rnd``: fewer sites than federation.min_train_replies can still train
-        (a spent privacy budget never comes back), so every further round would train nothing."""
+        (a spent privacy or compute budget never comes back in a run), so every further round would train
+        nothing."""
         able = {int(n) for n in self.grid.get_node_ids()} - self.spent
         need = int(self.fed.min_train_replies)
         if not self.spent or len(able) >= need:
             return None
         return (f"run ended after round {rnd} of {self.total_rounds}: {len(able)} site(s) can still train, fewer "
-                f"than federation.min_train_replies={need} (privacy budget spent: "
+                f"than federation.min_train_replies={need} (budget spent: "
                 f"{', '.join(sorted(self.name_of(n) for n in self.spent))})")
 
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], split: str) -> tuple[dict, dict, list[dict]]:

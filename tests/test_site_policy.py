@@ -394,3 +394,25 @@ def test_the_patient_split_is_the_sites_own_whatever_the_run_asks(root: Path) ->
     _, plain = _federation(root)[0].handshake()
     assert asked == plain  # every site reports its own split's sizes
     assert policy.effective_config(own, compose([*small_overrides(root), "data.split_seed=5"])).data.split_seed == 5
+
+
+def test_after_its_round_cap_a_site_only_evaluates_in_that_run(root: Path, caplog) -> None:
+    from osteofl.client.state_store import StateStore
+
+    own = {"site_a": "site.policy.compute.max_rounds=1"}
+    fed, grid = _federation(root, node=own, **{"federation.task_rounds": 2, "federation.final_eval_split": "null"})
+    with caplog.at_level("WARNING", logger="flwr"):
+        first, second, third = fed.run().records
+    assert "site_a" in first["site_train"] and not any("site_a" in r["site_train"] for r in (second, third))
+    assert [f["reason"] for f in second["failed"]] == ["site site_a: this run's compute budget at this site is spent "
+                                                       "(site.policy.compute.max_rounds=1 train rounds); not training any more in it"]
+    assert all(set(r["site_eval"]) == set(SITES) for r in (first, second, third))  # it still evaluates
+    assert all(len(r["site_train"]) == 2 for r in (second, third))  # the others go on
+    assert any("site site_a's policy caps train rounds at 1 (this run asks 3)" in r.getMessage() for r in caplog.records)
+    state = StateStore(root / "data" / "state" / "site_a", "site_a").load()
+    assert state.rounds_by_run == {"0": 1}
+    # a new run is a new budget
+    again = Federation(LocalGrid(make_client_app(small_overrides(root)), SITES, node_overrides=own),
+                       fed.cfg, run_id=5)
+    assert "site_a" in again.run().records[0]["site_train"]
+    assert StateStore(root / "data" / "state" / "site_a", "site_a").load().rounds_by_run == {"0": 1, "5": 1}
