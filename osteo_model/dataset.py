@@ -1,8 +1,9 @@
 """Training data of one site: patient-level splits over a prepared cache and a torch Dataset of crops.
 
 Splits are by patient (all vertebrae and studies of a patient fall in one split), deterministic from
-the split seed (``data.split_seed``, else ``seed``) and the site name. ``data.label_fraction`` keeps that fraction of the training patients'
-labels (the few-labels experiment); the rest of the labeled studies stay usable for self-supervision.
+the split seed (``data.split_seed``, else ``seed``) and the site name. ``data.label_fraction`` keeps that
+fraction of the training patients' labels (the few-labels experiment); the rest of the labeled studies
+stay usable for self-supervision.
 ``splits["unlabeled"]`` (the SSL pool) is every row except those of val/test patients.
 """
 from __future__ import annotations

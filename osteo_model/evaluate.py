@@ -105,7 +105,7 @@ def evaluate_checkpoint(
     for site, data in datas.items():
         if not _has_labels(data):
             rows = data.splits["unlabeled"]
-            pred = predict(models[site], data, rows, device)
+            pred = predict(models[site], data, rows, device, batch_size=int(cfg.train.eval_batch_size))
             report[site] = {"num_examples": 0.0, "num_vertebrae_predicted": float(len(rows))}
             if out_dir is not None:
                 _write_predictions(out_dir / f"predictions_{name}_{site}.csv", pred, data.cache.table.iloc[rows])
@@ -114,12 +114,12 @@ def evaluate_checkpoint(
             continue
         rows = data.splits[split]
         table = data.cache.table.iloc[rows]
-        pred = predict(models[site], data, rows, device)
+        pred = predict(models[site], data, rows, device, batch_size=int(cfg.train.eval_batch_size))
         report[site] = compute_metrics(pred, table, data.manufacturer)
         if site in new:
             onboarded = copy.deepcopy(models[site])
             fit = fit_local(onboarded, data, cfg, device, int(cfg.train.fit_local_epochs))
-            pred_on = predict(onboarded, data, rows, device)
+            pred_on = predict(onboarded, data, rows, device, batch_size=int(cfg.train.eval_batch_size))
             report[f"{site}+onboarded"] = {**compute_metrics(pred_on, table, data.manufacturer),
                                            "selected_epoch": fit["selected_epoch"]}  # 0: shared-only kept
             if out_dir is not None and cfg.eval.plots:

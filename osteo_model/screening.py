@@ -157,7 +157,7 @@ def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: 
     level_res, patient_res, n_val = np.zeros(0), np.zeros(0), 0
     if len(rows):
         val = table.iloc[rows]
-        pred = predict(model, data, rows, device)
+        pred = predict(model, data, rows, device, batch_size=int(predict_cfg.batch_size))
         level_res = pred["bmd"] - val["bmd"].to_numpy(float)
         pat = patient_level(pred["bmd"], val)
         patient_res = (pat["pred"] - pat["true"]).to_numpy(float)
@@ -292,7 +292,7 @@ def screen(model: OsteoNet, studies: Iterable[StudyInput], ref: Reference, predi
     for cache_id, group in _by_cache(studies).items():
         cache = group[0].cache
         rows = np.concatenate([s.rows for s in group]).astype(int)
-        pred = predict(model, SiteData(cache, {}, manufacturer), rows, device)
+        pred = predict(model, SiteData(cache, {}, manufacturer), rows, device, batch_size=int(predict_cfg.batch_size))
         preds[cache_id] = {int(r): {k: pred[k][i] for k in ("sbmd", "bmd", "t", "p")} for i, r in enumerate(rows)}
     reports = []
     for study in studies:

@@ -148,7 +148,8 @@ class Federation:
     def log_caps(self, site: str, info: ConfigRecord) -> None:
         """Say where a site's compute caps (client/policy.py) cut what this run asks of it: the site trains
         that much less, whatever the run config says."""
-        caps = {k.removeprefix(protocol.CAP_PREFIX): int(v) for k, v in info.items() if k.startswith(protocol.CAP_PREFIX)}
+        prefix = protocol.CAP_PREFIX
+        caps = {k.removeprefix(prefix): int(v) for k, v in info.items() if k.startswith(prefix)}
         cut = protocol.cut_by_caps(self.cfg, caps)
         if caps.get("max_rounds", self.total_rounds) < self.total_rounds:
             cut["train rounds"] = (self.total_rounds, caps["max_rounds"])
