@@ -214,9 +214,11 @@ def _keep_site_model(message: Message, session: SiteSession, split: str,
 
 def _save_site_model(session: SiteSession, card: dict) -> None:
     """Save the session's model as the site model; its card records the validation patients it was
-    selected on (osteo-predict's intervals come from their residuals)."""
+    selected on and the pinned split it trained on (osteo-predict's intervals come from validation
+    residuals: screening.site_reference)."""
     cache = session.data.cache
     card[checkpoints.VAL_PATIENTS] = dataset.patients_sha256(session.data, "val")
+    card[checkpoints.SPLIT_PIN] = session.data.split_id
     checkpoints.save_site_model(session.cfg.site.state_dir, session.model, site=session.site,
                                 feature_names=cache.feature_names, model_cfg=session.cfg.model,
                                 crop=cache.manifest.get("crop"), card=card)

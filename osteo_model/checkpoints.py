@@ -181,6 +181,8 @@ def load_model_state(path: str | Path) -> dict[str, Any]:
 # --- the site model -----------------------------------------------------------------------------------
 VAL_PATIENTS = "val_patients_sha256"
 """Card field: fingerprint of the validation patients a site model was selected on (dataset.patients_sha256)."""
+SPLIT_PIN = "split_pin"
+"""Card field: the id of the pinned patient split a site model was trained on (dataset.SPLIT_FILE)."""
 
 
 def site_card(state_dir: str | Path, *, run_id: str, rnd: int, n_sites: int | None, phases: Mapping[str, int],

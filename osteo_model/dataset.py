@@ -5,10 +5,17 @@ the split seed (``data.split_seed``, else ``seed``) and the site name. ``data.la
 fraction of the training patients' labels (the few-labels experiment); the rest of the labeled studies
 stay usable for self-supervision.
 ``splits["unlabeled"]`` (the SSL pool) is every row except those of val/test patients.
+
+A deployed site pins its split (``SPLIT_FILE`` in its state folder): a patient keeps the split it was
+first given, and only new patients are split afresh. Without the pin, one more patient in a re-prepared
+cache reshuffles every patient's split, and patients the site's model trained on become validation and
+test patients.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,8 @@ from torch.utils.data import Dataset
 
 from osteo_model.cache import SiteCache
 from osteo_model.calibration import check_manufacturer
-from osteo_model.errors import ConfigError
+from osteo_model.atomic import atomic_file
+from osteo_model.errors import ConfigError, StateError
 
 HU_CLIP = (-300.0, 1500.0)
 HU_CENTER, HU_SCALE = 100.0, 200.0
@@ -29,6 +37,9 @@ about 2 units. Absolute HU is kept (not per-crop normalised) because mean trabec
 the BMD signal."""
 MASK_SCALE = 2.0
 """Mask channel: 0 outside, 0.5 vertebral body, 1 trabecular core."""
+SPLIT_FILE = "patient_split.json"
+"""A deployed site's pinned split, in its state folder: a random id, the split settings and each patient's
+split (patient ids: it never leaves the site)."""
 JITTER_SCALE, JITTER_SHIFT = 0.03, 0.05
 """Texture-safe intensity jitter: +-3 % gain and +-0.05 (10 HU) offset, no blurring."""
 
@@ -40,6 +51,7 @@ class SiteData:
     cache: SiteCache
     splits: dict[str, np.ndarray]
     manufacturer: str
+    split_id: str | None = None  # the id of the pinned split it follows (SPLIT_FILE), None where unpinned
 
     @property
     def site(self) -> str:
@@ -70,14 +82,47 @@ def split_seed(cfg) -> int:
     return int(cfg.seed if value is None else value)
 
 
-def load_site_data(cache_dir: str | Path, cfg) -> SiteData:
-    """Open a site's cache and split its labeled rows by patient."""
+def _pinned(by_split: dict[str, np.ndarray], path: Path, settings: dict, write: bool) -> tuple[dict[str, np.ndarray], str | None]:
+    """``by_split`` with every patient the pin file at ``path`` knows in its pinned split (new patients keep
+    the fresh split's), and the pin's id. ``write``: create or extend the file (atomically); otherwise a
+    missing file leaves the split unpinned. A pin made with other split settings is refused, not mixed."""
+    if path.is_file():
+        try:
+            pin = json.loads(path.read_text())
+            known = {str(p): str(s) for p, s in pin["patients"].items()}
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise StateError(path, f"unreadable pinned patient split ({type(exc).__name__}): restore it, or move "
+                                   "it away to split afresh (with the site's state, trained on the old split)") from exc
+        if pin.get("settings") != settings:
+            raise ConfigError(path, f"the site's split settings {settings} are not those its split was pinned with "
+                                    f"{pin.get('settings')}: keep those, or move this file away to split afresh (with "
+                                    "the site's state and model, which trained on the old split)")
+    elif write:
+        pin, known = {"id": uuid.uuid4().hex, "settings": settings}, {}
+    else:
+        return by_split, None
+    order = np.concatenate([by_split["train"], by_split["val"], by_split["test"]])  # the fresh permutation
+    fresh = {str(p): name for name, pats in by_split.items() for p in pats}
+    final = {p: known.get(p, name) for p, name in fresh.items()}
+    if write and (set(fresh) - set(known) or not path.is_file()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "w", private=True) as fh:
+            fh.write(json.dumps({**pin, "patients": {**known, **final}}, indent=1, sort_keys=True))
+    return {name: np.array([p for p in order if final[str(p)] == name], dtype=order.dtype) for name in by_split}, str(pin["id"])
+
+
+def load_site_data(cache_dir: str | Path, cfg, pin: str | Path | None = None, write_pin: bool = False) -> SiteData:
+    """Open a site's cache and split its labeled rows by patient; ``pin``: the site's pinned split
+    (``SPLIT_FILE``), followed where it exists, created or extended with ``write_pin``."""
     cache = SiteCache.open(cache_dir)
     table = cache.table
     labeled = table["labeled"].astype(bool).to_numpy() & np.isfinite(table["bmd"].to_numpy(dtype=float))
     rng = np.random.default_rng([split_seed(cfg), zlib.crc32(cache.site.encode())])
     patients = np.unique(table.loc[labeled, "patient_id"].astype(str).to_numpy())
-    by_split = _split_patients(patients, cfg.data.split, rng)
+    by_split, split_id = _split_patients(patients, cfg.data.split, rng), None
+    if pin is not None:
+        settings = {"split_seed": split_seed(cfg), "split": {k: float(v) for k, v in cfg.data.split.items()}}
+        by_split, split_id = _pinned(by_split, Path(pin), settings, write_pin)
     fraction = float(cfg.data.label_fraction)
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(None, f"data.label_fraction={fraction}: must be in (0, 1]")
@@ -94,7 +139,7 @@ def load_site_data(cache_dir: str | Path, cfg) -> SiteData:
         manufacturer = check_manufacturer(devices.mode().iloc[0])
     else:
         manufacturer = check_manufacturer(OmegaConf.select(cfg, "site.dxa_manufacturer", default="hologic"))
-    return SiteData(cache, splits, manufacturer)
+    return SiteData(cache, splits, manufacturer, split_id)
 
 
 def normalise_hu(crop: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from types import MappingProxyType
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from osteo_model.constants import (
     ISCD_ADJACENT_T_DIFFERENCE, LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC,
     TOTALSEG_OSTEOPOROSIS_HU,
 )
+from osteo_model.checkpoints import SPLIT_PIN, VAL_PATIENTS
 from osteo_model.dataset import SiteData, patients_sha256
 from osteo_model.metrics import OSTEOPOROSIS, patient_level
 from osteo_model.model import OsteoNet, feature_stats
@@ -137,18 +139,27 @@ class Reference:
                 f"validation patients of this site")
 
 
+def _trained_on_validation(card: Mapping, data: SiteData) -> bool:
+    """Whether some of the site's validation patients may be patients the model (its ``card``) trained on:
+    not where both follow the same pinned split (a pinned patient never changes split; new ones were never
+    trained on), else where the validation patients are not those the model was selected on (a changed
+    split, or a re-prepared cache that reshuffled an unpinned one). Models whose card records neither
+    (central checkpoints) cannot tell."""
+    if card.get(SPLIT_PIN) is not None and card.get(SPLIT_PIN) == data.split_id:
+        return False
+    return card.get(VAL_PATIENTS) is not None and card.get(VAL_PATIENTS) != patients_sha256(data, "val")
+
+
 def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: str,
-                   selected_on: str | None = None) -> Reference:
-    """Residuals on the site's validation split and the site's training-pool scanners and HU range.
-    ``selected_on``: the fingerprint of the validation patients the model was selected on (its card's
-    checkpoints.VAL_PATIENTS, where it records one); other validation patients now means some may have
-    been trained on, and residuals on them would give too narrow an interval: none is given."""
+                   card: Mapping = MappingProxyType({})) -> Reference:
+    """Residuals on the site's validation split and the site's training-pool scanners and HU range. Where
+    the model's ``card`` says it may have trained on some of the validation patients, their residuals
+    would give too narrow an interval: none is given, and the note says why."""
     coverage, min_patients = float(predict_cfg.interval_coverage), int(predict_cfg.min_val_patients)
     if data is None:
         return Reference(np.zeros(0), np.zeros(0), 0, frozenset(), None, None, coverage, min_patients)
     unfit = ("this site's validation patients are not those the model was selected on (its split or prepared "
-             "cache changed since training): some may have been trained on"
-             if selected_on is not None and selected_on != patients_sha256(data, "val") else "")
+             "cache changed since training): some may have been trained on" if _trained_on_validation(card, data) else "")
     table = data.cache.table
     pool = table.iloc[data.splits["unlabeled"]]
     hu = pool["hu_mean"].to_numpy(float)

@@ -97,3 +97,16 @@ def make_site_cache(
         names,
         {"site": site, "crop": {"size": size, "fov_mm": float(size if fov_mm is None else fov_mm)}},
     )
+
+
+def copy_cache(src: str | Path, dst: str | Path, rows: np.ndarray, site: str | None = None) -> Path:
+    """A copy of the cache at ``src`` with only ``rows`` (indices or a boolean mask), e.g. the same site
+    before some of its patients arrived; ``site`` renames it."""
+    from osteo_model.cache import SiteCache
+
+    c = SiteCache.open(src)
+    rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+    manifest = {**c.manifest, **({"site": site} if site else {})}
+    write_site_cache(dst, c.table.iloc[rows].reset_index(drop=True), np.asarray(c.crops)[rows], np.asarray(c.masks)[rows],
+                     np.asarray(c.features)[rows], c.feature_names, manifest)
+    return Path(dst)

@@ -392,3 +392,35 @@ def test_no_interval_where_the_validation_patients_are_not_those_the_model_was_s
         notes[name] = rep[rep["level"] == "patient"].iloc[0]
     assert np.isfinite(notes["same"]["t_low"]) and "validation patients of this site" in notes["same"]["interval_note"]
     assert np.isnan(notes["moved"]["t_low"]) and "not those the model was selected on" in notes["moved"]["interval_note"]
+
+
+def test_a_pinned_split_keeps_the_interval_when_new_patients_arrive(tmp_path):
+    """The site re-prepares its cache with new patients after training. Its pinned split keeps every
+    patient the model saw where it was, so the validation residuals still come from patients it never
+    trained on and the interval stays; without the pin the split reshuffles and there is none."""
+    from cache_factory import copy_cache
+    from osteo_model.cache import SiteCache
+    from osteo_model.checkpoints import SPLIT_PIN, VAL_PATIENTS, save_site_model
+    from osteo_model.dataset import SPLIT_FILE, load_site_data, patients_sha256
+
+    cfg = cfg_for(tmp_path, "site_a", "predict.min_val_patients=2")
+    cache, grown = Path(cfg.site.cache_dir), tmp_path / "grown"
+    make_site_cache(grown, site="site_a", n_patients=60, size=16, labeled_frac=1.0)
+    copy_cache(grown, cache, SiteCache.open(grown).table["patient_id"].isin([f"site_a-p{i:03d}" for i in range(30)]).to_numpy())
+    pin = Path(cfg.site.state_dir) / SPLIT_FILE
+    data = load_site_data(cache, cfg, pin=pin, write_pin=True)  # as the site trained
+    net = build_site_models(cfg, len(FEATURE_NAMES), {"site_a": "hologic"})["site_a"]
+    save_site_model(cfg.site.state_dir, net, site="site_a", feature_names=FEATURE_NAMES,
+                    model_cfg=OmegaConf.to_container(cfg.model, resolve=True), crop=None,
+                    card={"run_id": "fed-1", VAL_PATIENTS: patients_sha256(data, "val"), SPLIT_PIN: data.split_id})
+    copy_cache(grown, cache, np.arange(len(SiteCache.open(grown))))  # re-prepared: 30 more patients
+    assert patients_sha256(load_site_data(cache, cfg, pin=pin), "val") != patients_sha256(data, "val")  # new ones in val
+    notes = {}
+    for name in ("pinned", "unpinned"):
+        if name == "unpinned":
+            pin.unlink()
+        run_predict(cfg, None, study_ids=["site_a-s000"], out_dir=tmp_path / name, progress=False)
+        rep, _ = read_report(tmp_path / name)
+        notes[name] = rep[rep["level"] == "patient"].iloc[0]
+    assert np.isfinite(notes["pinned"]["t_low"]) and "validation patients of this site" in notes["pinned"]["interval_note"]
+    assert np.isnan(notes["unpinned"]["t_low"]) and "not those the model was selected on" in notes["unpinned"]["interval_note"]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from cache_factory import make_site_cache
+from cache_factory import copy_cache, make_site_cache
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
 from osteo_model import central, dataset, model as osteo
-from osteo_model.cache import SiteCache, write_site_cache
+from osteo_model.cache import SiteCache
 from osteo_model.config import compose, compose_site
 from osteo_model.errors import ConfigError, OsteoError
 from osteofl import protocol
@@ -32,13 +32,6 @@ def _federation(root: Path, sites=tuple(SITES), run: str = "", node: dict | None
     grid = LocalGrid(make_client_app(overrides), sites, run_config={"overrides": run} if run else None,
                      node_overrides=node)
     return Federation(grid, compose([*overrides, *run.split()])), grid
-
-
-def _shrunk_cache(src: Path, dst: Path, n_rows: int) -> None:
-    """A copy of a cache with only its first ``n_rows`` vertebrae (a one- or two-vertebra site)."""
-    c = SiteCache.open(src)
-    write_site_cache(dst, c.table.iloc[:n_rows].copy(), np.asarray(c.crops[:n_rows]), np.asarray(c.masks[:n_rows]),
-                     np.asarray(c.features[:n_rows]), c.feature_names, {**c.manifest, "site": dst.name})
 
 
 def _handshake(app, site: str, overrides: list[str] | None = None) -> Message:
@@ -172,8 +165,8 @@ def test_site_dp_floor_and_budget_apply_when_the_coordinator_asks_for_none(root:
 
 def test_small_sites_withhold_metrics_and_sizes_and_audit_lists_what_was_sent(root: Path, capsys) -> None:
     cache = root / "data" / "cache"
-    _shrunk_cache(cache / "site_c", cache / "one_vertebra", 1)
-    _shrunk_cache(cache / "site_c", cache / "two_vertebrae", 2)
+    copy_cache(cache / "site_c", cache / "one_vertebra", np.arange(1), site="one_vertebra")
+    copy_cache(cache / "site_c", cache / "two_vertebrae", np.arange(2), site="two_vertebrae")
     sites = ("site_a", "site_b", "one_vertebra", "two_vertebrae")
     fed, grid = _federation(root, sites=sites, **{"federation.final_eval_split": "null"})
     as_sent: dict[int, set[str]] = {}  # metric names at send time (the server trims records in place later)
@@ -313,7 +306,7 @@ def test_a_coordinator_asking_for_more_compute_gets_what_the_site_allows(root: P
     crops a round, predicts in batches of 4 and refits 1 epoch; site_b, uncapped, does what the run asks. The
     coordinator's log names each cut."""
     from osteo_model import training
-    from osteo_model.checkpoints import MODEL_CARD_FILE, VAL_PATIENTS
+    from osteo_model.checkpoints import MODEL_CARD_FILE, SPLIT_PIN, VAL_PATIENTS
 
     steps: list[tuple[str, int]] = []
     eval_batches: dict[str, set[int]] = {}
@@ -347,7 +340,9 @@ def test_a_coordinator_asking_for_more_compute_gets_what_the_site_allows(root: P
     assert eval_batches == {"site_a": {4}, "site_b": {64}}
     cards = {s: json.loads((root / "data" / "state" / s / MODEL_CARD_FILE).read_text()) for s in two}
     assert cards["site_a"]["refit"]["epochs"] == 1 and cards["site_b"]["refit"]["epochs"] == 3
-    assert all(cards[s][VAL_PATIENTS] == dataset.patients_sha256(data[s], "val") for s in two)  # for osteo-predict
+    for s in two:  # what osteo-predict checks its intervals against
+        pin = json.loads((root / "data" / "state" / s / dataset.SPLIT_FILE).read_text())
+        assert cards[s][VAL_PATIENTS] == dataset.patients_sha256(data[s], "val") and cards[s][SPLIT_PIN] == pin["id"]
     (warning,) = [r.getMessage() for r in caplog.records if "policy caps" in r.getMessage()]
     assert warning.startswith("handshake: site site_a's policy caps federation.local_steps at 2 (this run asks one pass)")
     assert "train.batch_size at 4 (this run asks 8)" in warning and "train.final_refit_epochs at 1 (this run asks 3)" in warning

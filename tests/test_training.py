@@ -47,6 +47,42 @@ def test_splits_are_by_patient_and_deterministic(root):
     assert data.manufacturer == "hologic"
 
 
+def _patients(data) -> dict[str, set[str]]:
+    pid = data.cache.table["patient_id"].astype(str).to_numpy()
+    return {k: set(pid[v]) for k, v in data.splits.items() if k != "unlabeled"}
+
+
+def test_a_pinned_split_keeps_every_patient_where_it_was_when_new_patients_arrive(tmp_path):
+    """A deployed site re-prepares its cache with new patients. Unpinned, the split reshuffles: patients a
+    model trained on become validation and test patients. Pinned, each keeps its split, only the new ones
+    are split afresh, and a pin made with other split settings is refused by its file name."""
+    from cache_factory import copy_cache, make_site_cache
+    from osteo_model.cache import SiteCache
+    from osteo_model.dataset import SPLIT_FILE
+    from osteo_model.errors import ConfigError
+
+    grown, first = tmp_path / "grown", tmp_path / "cache"
+    make_site_cache(grown, site="site_a", n_patients=40, size=8, labeled_frac=1.0)
+    table = SiteCache.open(grown).table
+    copy_cache(grown, first, table["patient_id"].isin([f"site_a-p{i:03d}" for i in range(30)]).to_numpy())  # before 10 new
+    cfg, pin = tiny_cfg(tmp_path), tmp_path / "state" / SPLIT_FILE
+    assert load_site_data(first, cfg, pin=pin).split_id is None and not pin.exists()  # reading never pins
+    before = load_site_data(first, cfg, pin=pin, write_pin=True)
+    assert before.split_id and pin.is_file() and _patients(before) == _patients(load_site_data(first, cfg))
+    old = set().union(*_patients(before).values())
+    moved = {k: v & old for k, v in _patients(load_site_data(grown, cfg)).items()}
+    assert moved != _patients(before)  # the problem: unpinned, old patients change split
+    after = load_site_data(grown, cfg, pin=pin, write_pin=True)
+    assert {k: v & old for k, v in _patients(after).items()} == _patients(before)
+    assert set().union(*_patients(after).values()) > old and after.split_id == before.split_id
+    assert _patients(load_site_data(grown, cfg, pin=pin)) == _patients(after)  # as osteo-predict reads it
+    with pytest.raises(ConfigError, match=SPLIT_FILE):
+        load_site_data(grown, tiny_cfg(tmp_path, "data.split_seed=9"), pin=pin)
+    pin.write_text("{not json")
+    with pytest.raises(StateError, match="unreadable pinned patient split"):
+        load_site_data(grown, cfg, pin=pin)
+
+
 def test_augmentation_only_permutes_axial_plane(root):
     cfg, data = _site(root)
     plain = CropDataset(data.cache, data.splits["train"][:1])[0]["x"]
