@@ -25,9 +25,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
+from osteo_model.atomic import atomic_file
 from osteo_model.cache import SiteCache
 from osteo_model.calibration import check_manufacturer
-from osteo_model.atomic import atomic_file
 from osteo_model.errors import ConfigError, StateError
 
 HU_CLIP = (-300.0, 1500.0)
@@ -82,7 +82,8 @@ def split_seed(cfg) -> int:
     return int(cfg.seed if value is None else value)
 
 
-def _pinned(by_split: dict[str, np.ndarray], path: Path, settings: dict, write: bool) -> tuple[dict[str, np.ndarray], str | None]:
+def _pinned(by_split: dict[str, np.ndarray], path: Path, settings: dict,
+            write: bool) -> tuple[dict[str, np.ndarray], str | None]:
     """``by_split`` with every patient the pin file at ``path`` knows in its pinned split (new patients keep
     the fresh split's), and the pin's id. ``write``: create or extend the file (atomically); otherwise a
     missing file leaves the split unpinned. A pin made with other split settings is refused, not mixed."""
@@ -108,7 +109,8 @@ def _pinned(by_split: dict[str, np.ndarray], path: Path, settings: dict, write: 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, "w", private=True) as fh:
             fh.write(json.dumps({**pin, "patients": {**known, **final}}, indent=1, sort_keys=True))
-    return {name: np.array([p for p in order if final[str(p)] == name], dtype=order.dtype) for name in by_split}, str(pin["id"])
+    pinned = {name: np.array([p for p in order if final[str(p)] == name], dtype=order.dtype) for name in by_split}
+    return pinned, str(pin["id"])
 
 
 def load_site_data(cache_dir: str | Path, cfg, pin: str | Path | None = None, write_pin: bool = False) -> SiteData:
