@@ -166,7 +166,7 @@ def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: 
     hu = hu[np.isfinite(hu)]
     rows = data.splits["val"]
     level_res, patient_res, n_val = np.zeros(0), np.zeros(0), 0
-    if len(rows):
+    if len(rows) and not unfit:  # unfit residuals are never used
         val = table.iloc[rows]
         pred = predict(model, data, rows, device, batch_size=int(predict_cfg.batch_size))
         level_res = pred["bmd"] - val["bmd"].to_numpy(float)
