@@ -175,14 +175,16 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     config = message.content[CONFIG]
     split = str(config.get(SPLIT, session.cfg.federation.eval_split))
     _load_global(message, session)
-    metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
-    kept, replaced = _keep_site_model(message, session, split, metrics)
-    if split != "val":
+    if split == "val":
+        metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
+        _keep_site_model(message, session, split, metrics)
+    else:  # judged here: the kept model, or the global one where the run keeps none judged yet
+        kept, replaced = _keep_site_model(message, session, split, {})
         if not replaced:
             _load_site_model(session)
-        if _refit_site_model(session, kept) or not replaced:
-            metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
-        metrics = {**metrics, protocol.SITE_MODEL_ROUND: float(kept["round"])}
+        _refit_site_model(session, kept)
+        metrics = {**training.evaluate(session.model, session.data, session.cfg, split, session.device),
+                   protocol.SITE_MODEL_ROUND: float(kept["round"])}
     if reason := policy.withheld(session.data, split, session.cfg):
         return _withheld(message, session.site, reason)
     n = int(metrics.get("num_examples", len(session.data.splits.get(split, ()))))
@@ -194,8 +196,8 @@ def _keep_site_model(message: Message, session: SiteSession, split: str,
     """Keep the evaluated model (the global shared weights over this site's local parts: a complete model)
     with its card (osteo_model.checkpoints) so the hospital can use it after the run, if it predicts the
     site's own validation patients better than the model kept so far in this run (a task-phase round
-    judged on "val"; the newest model while none is judged). Returns the kept model's card and whether it
-    is the one just evaluated."""
+    judged on "val"; the newest model while none is judged). ``metrics``: its metrics on ``split`` (none
+    off "val": not judged). Returns the kept model's card and whether it is the one in the session."""
     config, cfg = message.content[CONFIG], session.cfg
     run_id, rnd = _run_id(message), int(config.get(protocol.ROUND, 0))
     judged = split == "val" and protocol.phase_of(rnd, cfg) == "task"
@@ -205,7 +207,7 @@ def _keep_site_model(message: Message, session: SiteSession, split: str,
     if not checkpoints.replaces_kept(kept, score):
         return kept, False
     card = checkpoints.site_card(
-        cfg.site.state_dir, run_id=run_id, rnd=rnd, n_sites=config.get(protocol.N_SITES),
+        kept, run_id=run_id, rnd=rnd, n_sites=config.get(protocol.N_SITES),
         phases=training.phase_lengths(cfg, federated=True), epsilon=session.state.epsilon, metrics=metrics, split=split,
         selection={"metric": training.SELECTION_METRIC, "split": "val", "score": score})
     _save_site_model(session, card)

@@ -185,22 +185,18 @@ SPLIT_PIN = "split_pin"
 """Card field: the id of the pinned patient split a site model was trained on (dataset.SPLIT_FILE)."""
 
 
-def site_card(state_dir: str | Path, *, run_id: str, rnd: int, n_sites: int | None, phases: Mapping[str, int],
-              epsilon: float, metrics: Mapping[str, float], split: str,
+def site_card(kept: Mapping[str, Any] | None, *, run_id: str, rnd: int, n_sites: int | None,
+              phases: Mapping[str, int], epsilon: float, metrics: Mapping[str, float], split: str,
               selection: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The run's facts for the card of the site model being saved. Validation metrics are this
-    evaluation's when it ran on the "val" split, else the previous card's of the same run (the final
-    evaluation is on the test split and must not be reported as validation). ``selection`` (metric and
-    score, None where the model was not judged) is what :func:`replaces_kept` compares."""
-    previous: dict[str, Any] = {}
-    try:
-        previous = json.loads((Path(state_dir) / MODEL_CARD_FILE).read_text())
-    except (OSError, ValueError):
-        pass
+    evaluation's when it ran on the "val" split, else those on the card of the model the run kept so far
+    (``kept``, :func:`kept_card`): the final evaluation is on the test split and must not be reported as
+    validation. ``selection`` (metric and score, None where the model was not judged) is what
+    :func:`replaces_kept` compares."""
     if split == "val":
         validation = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
     else:
-        validation = previous.get("validation_metrics") if previous.get("run_id") == str(run_id) else None
+        validation = (kept or {}).get("validation_metrics")
     return {"run_id": str(run_id), "round": int(rnd), "n_sites": None if n_sites is None else int(n_sites),
             "phases": {k: int(v) for k, v in phases.items()}, "epsilon_spent": float(epsilon),
             "validation_metrics": validation, "selection": dict(selection or {"score": None})}

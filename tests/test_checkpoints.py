@@ -21,7 +21,7 @@ from osteo_model.central import checkpoint_payload, load_sites, models_from_chec
 from osteo_model.evaluate import evaluate_checkpoint
 from osteo_model.checkpoints import (
     MODEL_CARD_FILE, SITE_MODEL_FILE, STATE_KEYS, check_compatible, features_sha256, load_model_state, model_meta,
-    save_model_state, save_site_model, site_card, write_npz,
+    kept_card, save_model_state, save_site_model, site_card, write_npz,
 )
 from osteo_model.cli import evaluate as eval_cli
 from osteo_model.config import compose
@@ -63,7 +63,7 @@ def _write_all(folder: Path, cfg, models) -> dict[str, Path]:
     meta = {**model_meta(tiny_cfg(folder, "crop.size=16", "crop.fov_mm=16"), len(FEATURE_NAMES),
                          features_sha256(FEATURE_NAMES)), "round": 3, "phase": "task", "strategy": "fedavg"}
     federated = write_npz(folder / "round-0003.npz", shared, {}, meta)
-    card = site_card(folder / "state", run_id="7", rnd=3, n_sites=2, phases={"ssl": 1, "task": 2}, epsilon=0.5,
+    card = site_card(None, run_id="7", rnd=3, n_sites=2, phases={"ssl": 1, "task": 2}, epsilon=0.5,
                      metrics={"auc": 0.8, "mae_bmd": float("nan")}, split="val")
     site = save_site_model(folder / "state", models["site_b"], site="site_b", feature_names=FEATURE_NAMES,
                            model_cfg=cfg.model, crop=CROP, card=card)
@@ -118,11 +118,15 @@ def test_site_model_predicts_exactly_as_the_model_it_was_saved_from(trained, tmp
 
 def test_final_test_evaluation_does_not_overwrite_validation_metrics(tmp_path: Path) -> None:
     common = dict(rnd=2, n_sites=2, phases={"ssl": 1, "task": 1}, epsilon=0.0)
-    val = site_card(tmp_path, run_id="1", metrics={"auc": 0.7}, split="val", **common)
+    val = site_card(None, run_id="1", metrics={"auc": 0.7}, split="val", **common)
     (tmp_path / MODEL_CARD_FILE).write_text(json.dumps(val))
-    assert site_card(tmp_path, run_id="1", metrics={"auc": 0.9}, split="test", **common)["validation_metrics"] == {"auc": 0.7}
-    # another run's validation is not this run's
-    assert site_card(tmp_path, run_id="2", metrics={"auc": 0.9}, split="test", **common)["validation_metrics"] is None
+    (tmp_path / SITE_MODEL_FILE).write_bytes(b"")  # kept_card asks only that the model is there
+    kept = kept_card(tmp_path, "1")
+    assert site_card(kept, run_id="1", metrics={"auc": 0.9}, split="test", **common)["validation_metrics"] == {"auc": 0.7}
+    # another run's validation is not this run's: it keeps no model yet
+    assert kept_card(tmp_path, "2") is None
+    assert site_card(kept_card(tmp_path, "2"), run_id="2", metrics={"auc": 0.9}, split="test",
+                     **common)["validation_metrics"] is None
 
 
 def _torch_zip_with(obj, path: Path) -> Path:

@@ -56,18 +56,26 @@ class PoisonLastEvaluation(LocalGrid):
 
 
 @pytest.fixture
-def ruined_run(tmp_path: Path):
+def ruined_run(tmp_path: Path, monkeypatch):
+    """The run's files, and every evaluation each site made: (site, split) in order."""
+    from osteo_model import training
+
     root = make_caches(tmp_path, TWO)
     overrides = small_overrides(root, **ROUNDS, **{"federation.sites": "[site_a,site_b]"})
     grid = PoisonLastEvaluation(make_client_app(overrides), TWO)
+    evaluated, real = [], training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda model, data, cfg, split, device: (
+        evaluated.append((data.site, split)) or real(model, data, cfg, split, device)))
     Federation(grid, compose(overrides)).run()
     out = root / "outputs" / "federated"
-    return root, overrides, json.loads((out / "history.json").read_text()), json.loads((out / "final_metrics.json").read_text())
+    return (root, overrides, json.loads((out / "history.json").read_text()),
+            json.loads((out / "final_metrics.json").read_text()), evaluated)
 
 
 def test_each_site_keeps_its_best_validation_round_and_the_final_evaluation_judges_it(ruined_run) -> None:
-    root, overrides, history, final = ruined_run
+    root, overrides, history, final, evaluated = ruined_run
     cfg = compose(overrides)
+    assert sorted(e for e in evaluated if e[1] == "test") == [("site_a", "test"), ("site_b", "test")]  # one pass each
     for site in TWO:
         scores = {r["round"]: r["site_eval"][site][SELECTION_METRIC] for r in history if r["phase"] == "task"}
         assert scores[LAST] > 1.5 * min(scores[r] for r in scores if r < LAST)  # the ruined model is visibly worse
@@ -86,7 +94,7 @@ def test_each_site_keeps_its_best_validation_round_and_the_final_evaluation_judg
 
 def test_a_new_run_starts_its_own_selection(ruined_run) -> None:
     """A kept model belongs to its run: the next run's first evaluation replaces it, however good it was."""
-    root, overrides, _, _ = ruined_run
+    root, overrides, *_ = ruined_run
     grid = LocalGrid(make_client_app(overrides), TWO)
     Federation(grid, compose([*overrides, "federation.run_name=second", "federation.task_rounds=1"]), run_id=2).run()
     card = json.loads((root / "data" / "state" / "site_a" / MODEL_CARD_FILE).read_text())
