@@ -44,6 +44,8 @@ def _wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float)
 def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
     make_caches(tmp_path, {**SITES, "intruder": "hologic"})
     allow_small_cohorts(tmp_path, [*SITES, "intruder"])
+    with open(tmp_path / "data" / "sites" / "site_b" / "site.yaml", "a") as own:  # site_b's hardware is small
+        own.write("  compute:\n    max_batch_size: 4\n")
     port = _free_port()
     overrides = small_overrides(
         tmp_path, **{"federation.superlink.port": port, "federation.superlink.address": f"127.0.0.1:{port}",
@@ -117,3 +119,6 @@ def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
     assert "Failed to activate SuperNode" in intruder_log and "refused to activate site intruder" in intruder_log
     for i, site in enumerate(SITES):  # two sites answered from their warm workers, the third in process
         assert ("site worker: train answered" in (tmp_path / f"{site}.log").read_text()) == (i != 2)
+    # site_b's own site.yaml capped its batches: its worker said so at start, the coordinator's log names the cut
+    assert "compute caps: max_batch_size 4" in (tmp_path / "site_b.log").read_text()
+    assert "site site_b's policy caps train.batch_size at 4 (this run asks 8)" in server_log.read_text()
