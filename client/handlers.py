@@ -226,19 +226,18 @@ def _save_site_model(session: SiteSession, card: dict) -> None:
                                 crop=cache.manifest.get("crop"), card=card)
 
 
-def _refit_site_model(session: SiteSession, card: dict) -> bool:
+def _refit_site_model(session: SiteSession, card: dict) -> None:
     """The final local refit of the kept site model in the session (``train.final_refit_epochs``;
     training.final_refit: local parts only, an epoch kept only where the site's validation patients
     improve), once per kept model: its card records the epoch kept (0: none), so a repeated final
-    evaluation does not refit the refitted model. Returns whether it ran; ``card`` is updated in place."""
+    evaluation does not refit the refitted model. ``card`` is updated in place."""
     if "refit" in card:
-        return False
+        return
     epoch = training.final_refit(session.model, session.data, session.cfg, session.device)
     if epoch is None:
-        return False
+        return
     card["refit"] = {"epochs": int(session.cfg.train.final_refit_epochs), "kept_epoch": int(epoch)}
     _save_site_model(session, card)
-    return True
 
 
 def _load_site_model(session: SiteSession) -> None:

@@ -148,8 +148,7 @@ def check_payload(model, cfg: DictConfig, keys: Iterable[str]) -> None:
 def check_model(model, cfg: DictConfig) -> None:
     """Refuse a network larger than the site's ``max_parameters`` (it cannot be cut to fit)."""
     cap = compute_caps(cfg.site.policy).get("max_parameters")
-    n = sum(p.numel() for p in model.parameters())
-    if cap is not None and n > cap:
+    if cap is not None and (n := sum(p.numel() for p in model.parameters())) > cap:
         raise PolicyRefusal(f"the run's network has {n:,} parameters; this site's policy allows at most {cap:,} "
                             "(site.policy.compute.max_parameters)")
 

@@ -11,7 +11,6 @@ import copy
 import functools
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -76,11 +75,6 @@ def site_config(context: Context, extra: Sequence[str] = ()) -> tuple[str, DictC
     return site, copy.deepcopy(_effective(tuple(run + folders), tuple(own + folders)))
 
 
-def split_pin(cfg: DictConfig) -> Path:
-    """The site's pinned patient split (osteo_model.dataset.SPLIT_FILE), beside its state."""
-    return Path(cfg.site.state_dir) / dataset.SPLIT_FILE
-
-
 @dataclass
 class SiteSession:
     site: str
@@ -95,7 +89,7 @@ class SiteSession:
     def open(cls, context: Context, extra: Sequence[str] = ()) -> "SiteSession":
         site, cfg = site_config(context, extra)
         policy.check_request(cfg)
-        data = dataset.load_site_data(cfg.site.cache_dir, cfg, pin=split_pin(cfg), write_pin=True)
+        data = dataset.load_site_data(cfg.site.cache_dir, cfg, pin=dataset.pin_path(cfg), write_pin=True)
         device = resolve_device(cfg)
         model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
         policy.check_model(model, cfg)

@@ -113,17 +113,23 @@ def _pinned(by_split: dict[str, np.ndarray], path: Path, settings: dict,
     return pinned, str(pin["id"])
 
 
+def pin_path(cfg) -> Path:
+    """Where the site's pinned split lives: ``SPLIT_FILE`` beside its state."""
+    return Path(cfg.site.state_dir) / SPLIT_FILE
+
+
 def load_site_data(cache_dir: str | Path, cfg, pin: str | Path | None = None, write_pin: bool = False) -> SiteData:
     """Open a site's cache and split its labeled rows by patient; ``pin``: the site's pinned split
     (``SPLIT_FILE``), followed where it exists, created or extended with ``write_pin``."""
     cache = SiteCache.open(cache_dir)
     table = cache.table
     labeled = table["labeled"].astype(bool).to_numpy() & np.isfinite(table["bmd"].to_numpy(dtype=float))
-    rng = np.random.default_rng([split_seed(cfg), zlib.crc32(cache.site.encode())])
+    seed = split_seed(cfg)
+    rng = np.random.default_rng([seed, zlib.crc32(cache.site.encode())])
     patients = np.unique(table.loc[labeled, "patient_id"].astype(str).to_numpy())
     by_split, split_id = _split_patients(patients, cfg.data.split, rng), None
     if pin is not None:
-        settings = {"split_seed": split_seed(cfg), "split": {k: float(v) for k, v in cfg.data.split.items()}}
+        settings = {"split_seed": seed, "split": {k: float(v) for k, v in cfg.data.split.items()}}
         by_split, split_id = _pinned(by_split, Path(pin), settings, write_pin)
     fraction = float(cfg.data.label_fraction)
     if not 0.0 < fraction <= 1.0:

@@ -28,7 +28,7 @@ from osteo_model.central import models_from_checkpoint
 from osteo_model.checkpoints import SITE_MODEL_FILE, check_compatible, load_model_state
 from osteo_model.config import resolve_device
 from osteo_model.crops import crop_spacing_mm
-from osteo_model.dataset import SPLIT_FILE, SiteData, load_site_data
+from osteo_model.dataset import SiteData, load_site_data, pin_path
 from osteo_model.errors import InputError
 from osteo_model.labels import label_map_from_cfg
 from osteo_model.pools import worker_pool
@@ -202,7 +202,7 @@ def run_predict(cfg: DictConfig, model_path: str | Path | None = None, study_ids
     site, cache_dir = str(cfg.site.name), Path(cfg.site.cache_dir)
     data: SiteData | None = None
     if (cache_dir / "manifest.json").is_file():
-        data = load_site_data(cache_dir, cfg, pin=Path(cfg.site.state_dir) / SPLIT_FILE)
+        data = load_site_data(cache_dir, cfg, pin=pin_path(cfg))
     elif not new_cts:
         raise InputError(cache_dir, "no prepared cache for this site: run osteo-prepare first, or give --ct and --labels")
     path = Path(model_path) if model_path else Path(cfg.site.state_dir) / SITE_MODEL_FILE
