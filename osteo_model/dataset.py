@@ -88,12 +88,16 @@ def _pinned(by_split: dict[str, np.ndarray], path: Path, settings: dict,
     the fresh split's), and the pin's id. ``write``: create or extend the file (atomically); otherwise a
     missing file leaves the split unpinned. A pin made with other split settings is refused, not mixed."""
     if path.is_file():
+        fix = "restore it, or move it away to split afresh (with the site's state, trained on the old split)"
         try:
             pin = json.loads(path.read_text())
             known = {str(p): str(s) for p, s in pin["patients"].items()}
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise StateError(path, f"unreadable pinned patient split ({type(exc).__name__}): restore it, or move "
-                                   "it away to split afresh (with the site's state, trained on the old split)") from exc
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise StateError(path, f"unreadable pinned patient split ({type(exc).__name__}): {fix}") from exc
+        if not isinstance(pin.get("id"), str) or not pin["id"]:
+            raise StateError(path, f"pinned patient split without an id: {fix}")
+        if unknown := sorted(set(known.values()) - set(by_split)):
+            raise StateError(path, f"pinned patient split puts patients in {unknown}, not one of {sorted(by_split)}: {fix}")
         if pin.get("settings") != settings:
             raise ConfigError(path, f"the site's split settings {settings} are not those its split was pinned with "
                                     f"{pin.get('settings')}: keep those, or move this file away to split afresh (with "

@@ -78,9 +78,13 @@ def test_a_pinned_split_keeps_every_patient_where_it_was_when_new_patients_arriv
     assert _patients(load_site_data(grown, cfg, pin=pin)) == _patients(after)  # as osteo-predict reads it
     with pytest.raises(ConfigError, match=SPLIT_FILE):
         load_site_data(grown, tiny_cfg(tmp_path, "data.split_seed=9"), pin=pin)
-    pin.write_text("{not json")
-    with pytest.raises(StateError, match="unreadable pinned patient split"):
-        load_site_data(grown, cfg, pin=pin)
+    good = json.loads(pin.read_text())
+    for bad, match in (("{not json", "unreadable pinned patient split"),
+                       (json.dumps({**good, "patients": {**good["patients"], "site_a-p000": "holdout"}}), "holdout"),
+                       (json.dumps({k: v for k, v in good.items() if k != "id"}), "without an id")):
+        pin.write_text(bad)  # looks like a pin; a patient must not silently drop out of every split
+        with pytest.raises(StateError, match=match):
+            load_site_data(grown, cfg, pin=pin)
 
 
 def test_augmentation_only_permutes_axial_plane(root):
