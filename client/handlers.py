@@ -121,7 +121,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
             f"{session.cfg.privacy.epsilon_budget}); not training any more"
         )
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=reason), reply_to=message)
-    run_id = _run_id(message)
+    run_id = _run_id(message, context, session)
     if reason := policy.rounds_spent(session.cfg, session.state.rounds_by_run.get(run_id, 0)):
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=f"site {session.site}: {reason}"), reply_to=message)
     if reason := policy.withheld(session.data, training.phase_split(phase), session.cfg):
@@ -155,9 +155,22 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     return _reply(message, session.site, record, update)
 
 
-def _run_id(message: Message) -> str:
-    """The federation's run (the server's, kept across a resume; Flower's where it sends none)."""
-    return str(message.content[CONFIG].get(protocol.RUN_ID, message.metadata.run_id))
+def _run_id(message: Message, context: Context, session: SiteSession) -> str:
+    """The federation's run as the coordinator names it (the server's id, kept across a resume, which is a
+    new Flower run; Flower's where it sends none), held to one name per Flower run in the site's state: the
+    round budget (``max_rounds``) and the kept site model are counted per run, so a coordinator that renamed
+    its run each round would reset both. A renamed run is refused."""
+    declared = str(message.content[CONFIG].get(protocol.RUN_ID, context.run_id))
+    flower = str(context.run_id)
+    named = session.state.run_names.get(flower)
+    if named is None:
+        session.state.run_names[flower] = declared
+        session.store.save(session.state)
+    elif named != declared:
+        raise policy.PolicyRefusal(f"the coordinator named this run {named!r} to this site and now names it "
+                                   f"{declared!r}: a site counts its round budget and keeps its model per run, "
+                                   "so a run that changes its name is refused")
+    return declared
 
 
 def _pool_size(session: SiteSession, phase: str) -> int:
@@ -174,12 +187,13 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     session = SiteSession.open(context, extra)
     config = message.content[CONFIG]
     split = str(config.get(SPLIT, session.cfg.federation.eval_split))
+    run_id = _run_id(message, context, session)
     _load_global(message, session)
     if split == "val":
         metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
-        _keep_site_model(message, session, split, metrics)
+        _keep_site_model(message, session, run_id, split, metrics)
     else:  # judged here: the kept model, or the global one where the run keeps none judged yet
-        kept, replaced = _keep_site_model(message, session, split, {})
+        kept, replaced = _keep_site_model(message, session, run_id, split, {})
         if not replaced:
             _load_site_model(session)
         _refit_site_model(session, kept)
@@ -191,7 +205,7 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     return _reply(message, session.site, _metric_record(metrics, n))
 
 
-def _keep_site_model(message: Message, session: SiteSession, split: str,
+def _keep_site_model(message: Message, session: SiteSession, run_id: str, split: str,
                      metrics: dict[str, float]) -> tuple[dict, bool]:
     """Keep the evaluated model (the global shared weights over this site's local parts: a complete model)
     with its card (osteo_model.checkpoints) so the hospital can use it after the run, if it predicts the
@@ -199,7 +213,7 @@ def _keep_site_model(message: Message, session: SiteSession, split: str,
     judged on "val"; the newest model while none is judged). ``metrics``: its metrics on ``split`` (none
     off "val": not judged). Returns the kept model's card and whether it is the one in the session."""
     config, cfg = message.content[CONFIG], session.cfg
-    run_id, rnd = _run_id(message), int(config.get(protocol.ROUND, 0))
+    rnd = int(config.get(protocol.ROUND, 0))
     judged = split == "val" and protocol.phase_of(rnd, cfg) == "task"
     score = float(metrics.get(training.SELECTION_METRIC, math.nan)) if judged else math.nan
     score = score if math.isfinite(score) else None

@@ -35,6 +35,7 @@ class SiteState:
     epsilon: float = 0.0
     rounds_trained: int = 0
     rounds_by_run: dict[str, int] = field(default_factory=dict)  # train rounds per run id (site.policy.compute.max_rounds)
+    run_names: dict[str, str] = field(default_factory=dict)  # Flower run id -> the run id its coordinator declared
     revision: int = 0
 
 
@@ -76,6 +77,7 @@ class StateStore:
             epsilon=float(raw["epsilon"]),
             rounds_trained=int(raw["rounds_trained"]),
             rounds_by_run={str(k): int(v) for k, v in (raw.get("rounds_by_run") or {}).items()},
+            run_names={str(k): str(v) for k, v in (raw.get("run_names") or {}).items()},
             revision=int(raw["revision"]),
         )
 
@@ -92,6 +94,7 @@ class StateStore:
             "epsilon": float(state.epsilon),
             "rounds_trained": int(state.rounds_trained),
             "rounds_by_run": dict(state.rounds_by_run),
+            "run_names": dict(state.run_names),
             "revision": state.revision,
         }
         if self.path.exists():  # keep the previous revision; the current file is never absent

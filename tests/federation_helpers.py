@@ -3,6 +3,7 @@ that delivers the ServerApp's messages to the real ClientApp handlers (no Ray, n
 to drop a site or tamper with its reply."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -47,7 +48,11 @@ def small_overrides(root: Path, **extra: object) -> list[str]:
 
 class LocalGrid:
     """A Grid that runs the ClientApp in-process for node ids 1..N (site i for node i). ``registered``
-    plays Flower's node registry (``Grid.get_nodes``): node id -> (registered name, PEM public key)."""
+    plays Flower's node registry (``Grid.get_nodes``): node id -> (registered name, PEM public key).
+    Each grid is one Flower run: its own ``run_id`` (a resumed federation on a new grid is a new Flower run,
+    as under `flower-server --resume`)."""
+
+    _runs = itertools.count(1)
 
     def __init__(self, client_app: ClientApp, sites: Iterable[str], run_config: dict | None = None,
                  node_overrides: dict[str, str] | None = None, node_config: dict[str, dict] | None = None) -> None:
@@ -60,6 +65,7 @@ class LocalGrid:
         self.tamper: Callable[[str, Message], None] | None = None  # edits a train reply in place
         self.sent: list[Message] = []                      # every reply that left a site
         self.registered: dict[int, tuple[str, bytes]] = {}
+        self.run_id = next(LocalGrid._runs)
 
     def get_nodes(self) -> list[NodeInfo]:
         return [NodeInfo(node_id=n, name=self.registered.get(n, ("", b""))[0],
@@ -76,7 +82,7 @@ class LocalGrid:
                 continue  # no reply at all: the round goes on without it
             node_config = {"site": site, **({"overrides": self.node_overrides[site]} if site in self.node_overrides else {}),
                            **self.node_config.get(site, {})}
-            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config=node_config,
+            ctx = Context(run_id=self.run_id, node_id=msg.metadata.dst_node_id, node_config=node_config,
                           state=RecordDict(), run_config=self.run_config)
             try:
                 reply = self.app(msg, ctx)

@@ -65,7 +65,8 @@ def test_two_phases_payload_audit_state_and_outputs(root: Path) -> None:
         assert all(v > 0 for v in record["upload_bytes"].values())
     for site in SITES:
         state = StateStore(root / "data" / "state" / site, site).load()
-        assert state.revision == 2 and state.rounds_trained == 2
+        assert state.revision == 3 and state.rounds_trained == 2  # one save binds the run's name, one per round
+        assert state.run_names == {str(grid.run_id): str(fed.run_id)}
         assert set(state.local) == local and state.optimizer is not None
     run = root / "outputs" / "federated"
     for name in ("history.json", "history.csv", "history.png", "final_metrics.json"):

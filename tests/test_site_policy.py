@@ -411,3 +411,37 @@ def test_after_its_round_cap_a_site_only_evaluates_in_that_run(root: Path, caplo
                        fed.cfg, run_id=5)
     assert "site_a" in again.run().records[0]["site_train"]
     assert StateStore(root / "data" / "state" / "site_a", "site_a").load().rounds_by_run == {"0": 1, "5": 1}
+
+
+class RenamingGrid(LocalGrid):
+    """A coordinator that names its run afresh in every round (to reset each site's round budget and start
+    a new kept model): one Flower run, a new declared run id per round."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            config = msg.content[protocol.CONFIG]
+            if protocol.RUN_ID in config:
+                config[protocol.RUN_ID] = f"fake-{int(config[protocol.ROUND])}"
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_coordinator_that_renames_its_run_cannot_reset_a_sites_round_budget(root: Path) -> None:
+    from osteofl.client.state_store import StateStore
+
+    overrides = small_overrides(root, **{"federation.task_rounds": 2, "federation.final_eval_split": "null"})
+    own = {"site_a": "site.policy.compute.max_rounds=1"}
+    grid = RenamingGrid(make_client_app(overrides), SITES, node_overrides=own)
+    records = Federation(grid, compose(overrides)).run().records
+    assert set(records[0]["site_train"]) == set(SITES) and set(records[0]["site_eval"]) == set(SITES)
+    refusal = ("the coordinator named this run 'fake-1' to this site and now names it 'fake-2': a site counts its "
+               "round budget and keeps its model per run, so a run that changes its name is refused")
+    assert sorted(f["reason"] for f in records[1]["failed"]) == [refusal] * len(SITES)
+    assert not any(r["site_train"] for r in records[1:])  # no site trained under a new name
+    for site in SITES:
+        state = StateStore(root / "data" / "state" / site, site).load()
+        assert state.rounds_by_run == {"fake-1": 1} and state.run_names == {str(grid.run_id): "fake-1"}
+        card = json.loads((root / "data" / "state" / site / "model_card.json").read_text())
+        assert card["run_id"] == "fake-1"  # the kept model was not replaced under a new name
+        refused = [e["refused"] for e in audit.read(root / "data" / "state" / site) if e.get("refused")]
+        assert refused == [refusal, refusal, refusal.replace("fake-2", "fake-3"), refusal.replace("fake-2", "fake-3")]
