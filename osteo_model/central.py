@@ -16,9 +16,9 @@ from typing import Callable, Mapping
 
 from omegaconf import OmegaConf
 
-from osteo_model.checkpoints import features_sha256, load_model_state, save_model_state
+from osteo_model.checkpoints import VAL_PATIENTS, features_sha256, load_model_state, save_model_state
 from osteo_model.config import resolve_device
-from osteo_model.dataset import SiteData, load_site_data
+from osteo_model.dataset import SiteData, load_site_data, patients_sha256
 from osteo_model.errors import ConfigError, StateError
 from osteo_model.model import (
     OsteoNet, build_site_models, load_local, load_pretrained, load_shared, local_state, shared_state, standardise_on_site,
@@ -131,5 +131,6 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
             f"({record['num_examples']:.0f} crops, {record['seconds']:.1f} s)")
         save_model_state(ckpt, checkpoint_payload(
             models, cfg, names, crop, optimizer=recipe.optimizer.state_dict(), done=k + 1, plan=[list(p) for p in plan], history=history,
+            card={VAL_PATIENTS: {site: patients_sha256(data, "val") for site, data in datas.items()}},
         ))
     return models, history

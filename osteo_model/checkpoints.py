@@ -180,7 +180,8 @@ def load_model_state(path: str | Path) -> dict[str, Any]:
 
 # --- the site model -----------------------------------------------------------------------------------
 VAL_PATIENTS = "val_patients_sha256"
-"""Card field: fingerprint of the validation patients a site model was selected on (dataset.patients_sha256)."""
+"""Card field: fingerprint of the validation patients held out from training (dataset.patients_sha256): a
+site model's card holds its site's (those it was selected on), a central checkpoint's each training site's."""
 SPLIT_PIN = "split_pin"
 """Card field: the id of the pinned patient split a site model was trained on (dataset.SPLIT_FILE)."""
 

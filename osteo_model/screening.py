@@ -142,12 +142,15 @@ class Reference:
 def _trained_on_validation(card: Mapping, data: SiteData) -> bool:
     """Whether some of the site's validation patients may be patients the model (its ``card``) trained on:
     not where both follow the same pinned split (a pinned patient never changes split; new ones were never
-    trained on), else where the validation patients are not those the model was selected on (a changed
-    split, or a re-prepared cache that reshuffled an unpinned one). Models whose card records neither
-    (central checkpoints) cannot tell."""
+    trained on), else where the validation patients are not those held out when the model trained (a
+    changed split, or a re-prepared cache that reshuffled an unpinned one). Models whose card records
+    neither (federated checkpoints, central ones of the earlier format) cannot tell."""
     if card.get(SPLIT_PIN) is not None and card.get(SPLIT_PIN) == data.split_id:
         return False
-    return card.get(VAL_PATIENTS) is not None and card.get(VAL_PATIENTS) != patients_sha256(data, "val")
+    held_out = card.get(VAL_PATIENTS)
+    if isinstance(held_out, Mapping):  # a central checkpoint: each training site's
+        held_out = held_out.get(data.site)
+    return held_out is not None and held_out != patients_sha256(data, "val")
 
 
 def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: str,
@@ -158,8 +161,8 @@ def site_reference(model: OsteoNet, data: SiteData | None, predict_cfg, device: 
     coverage, min_patients = float(predict_cfg.interval_coverage), int(predict_cfg.min_val_patients)
     if data is None:
         return Reference(np.zeros(0), np.zeros(0), 0, frozenset(), None, None, coverage, min_patients)
-    unfit = ("this site's validation patients are not those the model was selected on (its split or prepared "
-             "cache changed since training): some may have been trained on" if _trained_on_validation(card, data) else "")
+    unfit = ("this site's validation patients are not those held out when the model trained (its split or "
+             "prepared cache changed since): some may have been trained on" if _trained_on_validation(card, data) else "")
     table = data.cache.table
     pool = table.iloc[data.splits["unlabeled"]]
     hu = pool["hu_mean"].to_numpy(float)

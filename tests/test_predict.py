@@ -391,7 +391,32 @@ def test_no_interval_where_the_validation_patients_are_not_those_the_model_was_s
         rep, _ = read_report(tmp_path / name)
         notes[name] = rep[rep["level"] == "patient"].iloc[0]
     assert np.isfinite(notes["same"]["t_low"]) and "validation patients of this site" in notes["same"]["interval_note"]
-    assert np.isnan(notes["moved"]["t_low"]) and "not those the model was selected on" in notes["moved"]["interval_note"]
+    assert np.isnan(notes["moved"]["t_low"]) and "not those held out when the model trained" in notes["moved"]["interval_note"]
+
+
+def test_a_central_checkpoint_knows_each_sites_validation_patients(tmp_path):
+    """osteo-train's checkpoint records every training site's validation patients, so osteo-predict can
+    tell a site whose split moved since central training (its new validation patients may have been
+    trained on: no interval) from one whose split did not."""
+    from osteo_model.central import CHECKPOINT, train_central
+    from osteo_model.checkpoints import VAL_PATIENTS, load_model_state
+    from osteo_model.dataset import load_site_data, patients_sha256
+
+    cfg = cfg_for(tmp_path, "site_a", "predict.min_val_patients=2", "train.ssl_epochs=0", "train.task_epochs=1")
+    for site in ("site_a", "site_b"):
+        make_site_cache(tmp_path / "data/cache" / site, site=site, n_patients=24, size=16)
+    datas = {s: load_site_data(tmp_path / "data/cache" / s, cfg) for s in ("site_a", "site_b")}
+    train_central(cfg, datas, tmp_path / "central", log=lambda _: None)
+    ckpt = tmp_path / "central" / CHECKPOINT
+    assert load_model_state(ckpt)["card"][VAL_PATIENTS] == {s: patients_sha256(d, "val") for s, d in datas.items()}
+    notes = {}
+    for name, extra in (("same", ()), ("moved", ("data.split_seed=5",))):
+        run_predict(cfg_for(tmp_path, "site_a", "predict.min_val_patients=2", *extra), ckpt,
+                    study_ids=["site_a-s000"], out_dir=tmp_path / name, progress=False)
+        rep, _ = read_report(tmp_path / name)
+        notes[name] = rep[rep["level"] == "patient"].iloc[0]
+    assert np.isfinite(notes["same"]["t_low"]) and "validation patients of this site" in notes["same"]["interval_note"]
+    assert np.isnan(notes["moved"]["t_low"]) and "not those held out when the model trained" in notes["moved"]["interval_note"]
 
 
 def test_a_pinned_split_keeps_the_interval_when_new_patients_arrive(tmp_path):
@@ -423,4 +448,4 @@ def test_a_pinned_split_keeps_the_interval_when_new_patients_arrive(tmp_path):
         rep, _ = read_report(tmp_path / name)
         notes[name] = rep[rep["level"] == "patient"].iloc[0]
     assert np.isfinite(notes["pinned"]["t_low"]) and "validation patients of this site" in notes["pinned"]["interval_note"]
-    assert np.isnan(notes["unpinned"]["t_low"]) and "not those the model was selected on" in notes["unpinned"]["interval_note"]
+    assert np.isnan(notes["unpinned"]["t_low"]) and "not those held out when the model trained" in notes["unpinned"]["interval_note"]
