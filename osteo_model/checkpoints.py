@@ -205,13 +205,24 @@ def site_card(kept: Mapping[str, Any] | None, *, run_id: str, rnd: int, n_sites:
 
 def kept_card(state_dir: str | Path, run_id: str) -> dict[str, Any] | None:
     """The card of the site model kept in ``state_dir`` for run ``run_id``; None where that run keeps none
-    (no model yet, another run's, or a card that cannot be read)."""
-    try:
-        card = json.loads((Path(state_dir) / MODEL_CARD_FILE).read_text())
-    except (OSError, ValueError):
+    (no model yet, another run's, or a model file that cannot be read). Read from the model file, whose
+    card is the one written with it: a process killed between save_site_model's two writes leaves the
+    readable copy (``model_card.json``) behind, and selection against its older score could replace a
+    better model. Such a copy is rewritten here."""
+    state_dir = Path(state_dir)
+    if not (state_dir / SITE_MODEL_FILE).is_file():
         return None
-    ok = isinstance(card, dict) and card.get("run_id") == str(run_id) and (Path(state_dir) / SITE_MODEL_FILE).is_file()
-    return card if ok else None
+    try:
+        card = load_model_state(state_dir / SITE_MODEL_FILE)["card"]
+    except StateError:
+        return None
+    try:
+        copy = json.loads((state_dir / MODEL_CARD_FILE).read_text())
+    except (OSError, ValueError):
+        copy = None
+    if copy != card:
+        _write_card(state_dir, card)
+    return card if card.get("run_id") == str(run_id) else None
 
 
 def improves(score: float | None, best: float) -> bool:
@@ -252,9 +263,14 @@ def save_site_model(state_dir: str | Path, model: torch.nn.Module, *, site: str,
     }
     state_dir.mkdir(parents=True, exist_ok=True)
     path = save_model_state(state_dir / SITE_MODEL_FILE, payload)
+    _write_card(state_dir, card)
+    return path
+
+
+def _write_card(state_dir: Path, card: Mapping[str, Any]) -> None:
+    """The site model's card as readable JSON beside it (atomic)."""
     with atomic_file(state_dir / MODEL_CARD_FILE, "w") as fh:
         fh.write(json.dumps(card, indent=2, allow_nan=False))
-    return path
 
 
 # --- compatibility --------------------------------------------------------------------------------------

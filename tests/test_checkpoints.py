@@ -116,17 +116,45 @@ def test_site_model_predicts_exactly_as_the_model_it_was_saved_from(trained, tmp
     assert not np.allclose(predict(bare["site_b"], datas["site_b"], rows, "cpu")["bmd"], want["bmd"])
 
 
-def test_final_test_evaluation_does_not_overwrite_validation_metrics(tmp_path: Path) -> None:
+def _save_site(folder: Path, cfg, model, card: dict) -> Path:
+    return save_site_model(folder, model, site="site_b", feature_names=FEATURE_NAMES, model_cfg=cfg.model, crop=CROP,
+                           card=card)
+
+
+def test_final_test_evaluation_does_not_overwrite_validation_metrics(trained, tmp_path: Path) -> None:
+    cfg, _, models = trained
     common = dict(rnd=2, n_sites=2, phases={"ssl": 1, "task": 1}, epsilon=0.0)
-    val = site_card(None, run_id="1", metrics={"auc": 0.7}, split="val", **common)
-    (tmp_path / MODEL_CARD_FILE).write_text(json.dumps(val))
-    (tmp_path / SITE_MODEL_FILE).write_bytes(b"")  # kept_card asks only that the model is there
+    _save_site(tmp_path, cfg, models["site_b"], site_card(None, run_id="1", metrics={"auc": 0.7}, split="val", **common))
     kept = kept_card(tmp_path, "1")
     assert site_card(kept, run_id="1", metrics={"auc": 0.9}, split="test", **common)["validation_metrics"] == {"auc": 0.7}
     # another run's validation is not this run's: it keeps no model yet
     assert kept_card(tmp_path, "2") is None
     assert site_card(kept_card(tmp_path, "2"), run_id="2", metrics={"auc": 0.9}, split="test",
                      **common)["validation_metrics"] is None
+
+
+def test_a_save_killed_between_model_and_card_keeps_selecting_against_the_saved_model(trained, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """The site model and its readable card are two files: a process killed after the model's write leaves
+    the card of the model before. Selection reads the card written inside the model file, so a candidate
+    worse than the saved model cannot replace it, and the readable copy is put right."""
+    from osteo_model import checkpoints
+
+    cfg, _, models = trained
+    common = dict(n_sites=2, phases={"ssl": 1, "task": 3}, epsilon=0.0, metrics={}, split="val")
+    _save_site(tmp_path, cfg, models["site_b"], site_card(None, run_id="1", rnd=2, selection={"score": 0.5}, **common))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpoints, "_write_card", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save_site(tmp_path, cfg, models["site_b"], site_card(None, run_id="1", rnd=3, selection={"score": 0.3}, **common))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / MODEL_CARD_FILE).read_text())["round"] == 2  # the copy the kill left behind
+    kept = kept_card(tmp_path, "1")
+    assert kept["round"] == 3 and not checkpoints.replaces_kept(kept, 0.4)  # 0.4 beat the stale 0.5, not 0.3
+    assert json.loads((tmp_path / MODEL_CARD_FILE).read_text()) == kept
 
 
 def _torch_zip_with(obj, path: Path) -> Path:
