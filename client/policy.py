@@ -76,6 +76,9 @@ def _site_yaml_privacy(floor: dict | None) -> dict:
     """The DP floor a hospital writes in its site.yaml (``policy.privacy``): complete, or refused."""
     if not floor:
         return {}
+    if unknown := sorted(set(floor) - {"enabled", *DP_KEYS}):
+        raise ConfigError(None, f"site.policy.privacy.{unknown[0]} is not a DP setting, so the site's floor would not "
+                                f"be what it says (settings: enabled, {', '.join(DP_KEYS)})")
     missing = [k for k in DP_KEYS if floor.get("enabled") and k not in floor]
     if missing:
         raise ConfigError(None, f"site.policy.privacy turns DP on but lacks {', '.join(missing)}: give all of "

@@ -59,11 +59,12 @@ def serve_connection(conn: socket.socket, node_config: dict[str, Any]) -> None:
 
 
 def warm_up(node_config: dict[str, Any]) -> str:
-    """Compose the site's own config and open its prepared data once, so a broken site fails here, at
-    start, in one line (a mistyped compute cap too). The model is not built: its settings come with each
-    run's request."""
+    """Compose the site's own config, check its policy and open its prepared data once, so a broken site
+    fails here, at start, in one line (a mistyped setting, an incomplete DP floor, a bad compute cap). The
+    model is not built: its settings come with each run's request."""
     context = Context(run_id=0, node_id=0, node_config=dict(node_config), state=RecordDict(), run_config={})
     site, cfg = site_config(context)
+    policy.effective_config(cfg, cfg)  # what each run's request meets: the site's policy against itself
     data = load_site_data(cfg.site.cache_dir, cfg)
     caps = ", ".join(f"{name} {cap}" for name, cap in policy.compute_caps(cfg.site.policy).items())
     return f"site {site}: {len(data.cache)} vertebrae; compute caps: {caps or 'none'}"

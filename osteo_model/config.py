@@ -8,6 +8,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from osteo_model.errors import ConfigError
 
@@ -34,13 +35,37 @@ def compose_site(overrides: Sequence[str] = ()) -> DictConfig:
         site_settings = OmegaConf.load(site_file)
     except Exception as exc:  # yaml errors come in several types; all mean the same to the user
         raise ConfigError(site_file, f"not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(site_settings, DictConfig):
+        raise ConfigError(site_file, "must be a mapping of site settings (configs/site/default.yaml), not a list")
+    try:  # the site group is a struct: a mistyped key is refused, never silently ignored
+        merged = OmegaConf.merge(cfg.site, site_settings)
+    except ConfigKeyError as exc:
+        parent, _, key = str(exc.full_key).rpartition(".")
+        raise ConfigError(site_file, f"{exc.full_key} is not a site setting, so the file's {key!r} would be "
+                                     f"ignored (a typo? settings here: {', '.join(OmegaConf.select(cfg, parent))})") from exc
+    if emptied := _emptied(cfg.site, merged, "site"):
+        raise ConfigError(site_file, f"{emptied} is empty: give its settings indented below it, or leave it out "
+                                     "for the defaults")
+    cfg.site = merged
     OmegaConf.set_struct(cfg, False)
-    cfg.site = OmegaConf.merge(cfg.site, site_settings)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         if override.key_or_group.startswith("site.") and not override.is_delete():
             OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _emptied(defaults: DictConfig, merged: DictConfig, prefix: str) -> str | None:
+    """The first group of settings (a mapping in the defaults) that a site file set to nothing, e.g. a
+    ``policy:`` line whose settings lost their indentation."""
+    for key, value in defaults.items_ex(resolve=False):
+        if isinstance(value, DictConfig):
+            got = merged[key]
+            if got is None:
+                return f"{prefix}.{key}"
+            if found := _emptied(value, got, f"{prefix}.{key}"):
+                return found
+    return None
 
 
 def resolve_device(cfg: DictConfig) -> str:

@@ -54,6 +54,24 @@ def test_broken_site_yaml_names_the_file(tmp_path) -> None:
         compose_site([f"paths.root={tmp_path}", "site.name=h1"])
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("policy:\n  min_cohrt: 30\n", "site.policy.min_cohrt is not a site setting"),  # the cohort would stay 10
+    ("policy:\n  compute:\n    max_batch: 8\n", "site.policy.compute.max_batch is not a site setting"),
+    ("policy:\nmin_cohort: 30\n", "site.min_cohort is not a site setting"),  # lost indentation
+    ("policy:\n", "site.policy is empty"),  # would leave the site with no policy at all
+    ("lable_preset: verse\n", "site.lable_preset is not a site setting"),
+    ("[verse, 30]\n", "must be a mapping of site settings"),
+])
+def test_a_site_yaml_setting_that_would_be_ignored_is_refused_naming_the_file(tmp_path, text, problem) -> None:
+    """A hospital's policy lives in site.yaml: a mistyped key must not leave the default in force unseen."""
+    site_dir = tmp_path / "data" / "sites" / "h1"
+    site_dir.mkdir(parents=True)
+    (site_dir / "site.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        compose_site([f"paths.root={tmp_path}", "site.name=h1"])
+    assert str(err.value).startswith(str(site_dir / "site.yaml")) and problem in str(err.value)
+
+
 def test_device_auto_resolves() -> None:
     assert resolve_device(compose(["device=cpu"])) == "cpu"
     assert resolve_device(compose([])) in {"cpu", "cuda"}

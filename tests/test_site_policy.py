@@ -85,6 +85,10 @@ def test_site_yaml_sets_a_dp_floor_the_run_cannot_lower(tmp_path: Path) -> None:
     (site_dir / "site.yaml").write_text("policy:\n  privacy: {enabled: true, epsilon_budget: 0.5}\n")
     with pytest.raises(ConfigError, match="noise_multiplier"):
         policy.effective_config(compose([f"paths.root={tmp_path}"]), compose_site([f"paths.root={tmp_path}", "site.name=site_a"]))
+    # `enable` for `enabled`: the floor would be off without a word
+    (site_dir / "site.yaml").write_text(f"policy:\n  privacy: {floor.replace('enabled', 'enable')}\n")
+    with pytest.raises(ConfigError, match="site.policy.privacy.enable is not a DP setting"):
+        policy.effective_config(compose([f"paths.root={tmp_path}"]), compose_site([f"paths.root={tmp_path}", "site.name=site_a"]))
 
 
 def test_central_and_site_standardise_on_the_same_unlabeled_rows(root: Path) -> None:
@@ -362,16 +366,21 @@ def test_a_site_refuses_a_network_larger_than_its_policy_allows(root: Path) -> N
     assert sorted(sizes) == ["site_b", "site_c"]
 
 
-def test_the_site_worker_states_its_caps_at_start_and_a_mistyped_cap_stops_it_there(root: Path) -> None:
+def test_the_site_worker_states_its_caps_at_start_and_a_broken_policy_stops_it_there(root: Path) -> None:
     from osteofl.client.worker import warm_up
 
     own = " ".join(small_overrides(root))
     assert warm_up({"site": "site_a", "overrides": f"{own} {_caps({'max_batch_size': 8})}"}).endswith(
         "compute caps: max_batch_size 8")
+    with pytest.raises(ConfigError, match=r"site.policy.compute.max_batch_size=0 must be a whole number >= 1"):
+        warm_up({"site": "site_a", "overrides": f"{own} {_caps({'max_batch_size': 0})}"})
     site_yaml = root / "data" / "sites" / "site_b" / "site.yaml"
     site_yaml.parent.mkdir(parents=True)
     site_yaml.write_text("policy:\n  compute:\n    max_batch: 8\n")  # not a cap this version knows
-    with pytest.raises(ConfigError, match="site.policy.compute.max_batch is not a compute cap"):
+    with pytest.raises(ConfigError, match=f"{site_yaml}: site.policy.compute.max_batch is not a site setting"):
+        warm_up({"site": "site_b", "overrides": own})
+    site_yaml.write_text("policy:\n  privacy: {enabled: true, epsilon_budget: 1.0}\n")  # an incomplete DP floor
+    with pytest.raises(ConfigError, match="site.policy.privacy turns DP on but lacks noise_multiplier"):
         warm_up({"site": "site_b", "overrides": own})
 
 
