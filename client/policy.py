@@ -83,6 +83,12 @@ def _site_yaml_privacy(floor: dict | None) -> dict:
     if missing:
         raise ConfigError(None, f"site.policy.privacy turns DP on but lacks {', '.join(missing)}: give all of "
                                 f"enabled, {', '.join(DP_KEYS)} (the site's floor must not depend on the run)")
+    for key in DP_KEYS:
+        value = floor.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if key in floor and not (ok and (key != "delta" or value < 1)):
+            raise ConfigError(None, f"site.policy.privacy.{key}={value!r} must be a number > 0"
+                                    f"{' and < 1' if key == 'delta' else ''}")
     return floor
 
 

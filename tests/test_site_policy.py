@@ -89,6 +89,13 @@ def test_site_yaml_sets_a_dp_floor_the_run_cannot_lower(tmp_path: Path) -> None:
     (site_dir / "site.yaml").write_text(f"policy:\n  privacy: {floor.replace('enabled', 'enable')}\n")
     with pytest.raises(ConfigError, match="site.policy.privacy.enable is not a DP setting"):
         policy.effective_config(compose([f"paths.root={tmp_path}"]), compose_site([f"paths.root={tmp_path}", "site.name=site_a"]))
+    for bad, problem in (("noise_multiplier: 1.5", "noise_multiplier: high"), ("delta: 1.0e-5", "delta: 1.5"),
+                         ("epsilon_budget: 0.5", "epsilon_budget: 0")):
+        (site_dir / "site.yaml").write_text(f"policy:\n  privacy: {floor.replace(bad, problem)}\n")
+        key, value = problem.split(": ")
+        with pytest.raises(ConfigError, match=f"site.policy.privacy.{key}='?{value}'?" + r" must be a number > 0"):
+            policy.effective_config(compose([f"paths.root={tmp_path}"]),
+                                    compose_site([f"paths.root={tmp_path}", "site.name=site_a"]))
 
 
 def test_central_and_site_standardise_on_the_same_unlabeled_rows(root: Path) -> None:
