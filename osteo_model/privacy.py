@@ -6,6 +6,7 @@ always computed from the whole history.
 """
 from __future__ import annotations
 
+import secrets
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,7 @@ def make_private(
     accountant = EpsilonAccountant(accountant_state)
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant = accountant.accountant
+    device = next(model.parameters()).device
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -94,9 +96,19 @@ def make_private(
         noise_multiplier=float(privacy_cfg.noise_multiplier),
         max_grad_norm=float(privacy_cfg.max_grad_norm),
         poisson_sampling=True,
+        noise_generator=_secret_generator(device),
     )
+    dp_loader.batch_sampler.generator = _secret_generator(torch.device("cpu"))  # Opacus's sampler draws on the CPU
     _WRAPPERS[model] = dp_model
     return PrivateTraining(dp_model, dp_optimizer, dp_loader, accountant, float(privacy_cfg.delta))
+
+
+def _secret_generator(device: torch.device) -> torch.Generator:
+    """Randomness for the DP noise and the Poisson sampling, seeded from the operating system's entropy.
+    Not from torch's global generator: the run's ``seed`` (the coordinator's) seeds that, so whoever knows
+    it could replay the site's noise and batches and subtract the noise from its update, and every round
+    would draw the same noise. (Opacus's ``secure_mode`` would also need torchcsprng, not installable here.)"""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def budget_exhausted(accountant: EpsilonAccountant, privacy_cfg) -> bool:

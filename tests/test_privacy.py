@@ -62,3 +62,26 @@ def test_bad_accountant_state_and_batchnorm_rejected(site):
     net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3), torch.nn.BatchNorm3d(4))
     with pytest.raises(ConfigError, match="DP-SGD"):
         make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), make_loader(data, cfg, "task"), cfg.privacy)
+
+
+def _two_step_update(cfg, data, private: bool) -> dict[str, torch.Tensor]:
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)  # seeds torch with cfg.seed
+    opt = make_optimizer(model.parameters(), cfg)
+    dp = make_private(model, opt, make_loader(data, cfg, "task"), cfg.privacy) if private else None
+    train_steps(model, data, cfg, "task", opt, "cpu", max_steps=2, private=dp)
+    if dp is not None:
+        dp.release()
+    return osteo.shared_state(model)
+
+
+def test_a_coordinator_that_knows_the_seed_cannot_replay_a_sites_dp_noise(site):
+    """The run's seed is the coordinator's. Were the DP noise and Poisson sampling drawn from the generator
+    it seeds, the coordinator could replay them from the run's config and subtract the noise from the
+    site's update (and each round would draw the same noise, which differencing rounds cancels). Replaying
+    the site's computation gives the site's update exactly without DP, and not with it."""
+    cfg, data = site
+    plain = [_two_step_update(cfg, data, private=False) for _ in range(2)]
+    assert all(torch.equal(plain[0][k], plain[1][k]) for k in plain[0])  # the replay itself is exact
+    noisy = [_two_step_update(cfg, data, private=True) for _ in range(2)]
+    encoder = [k for k in noisy[0] if k.startswith("encoder.")]
+    assert encoder and not any(torch.equal(noisy[0][k], noisy[1][k]) for k in encoder)
