@@ -86,7 +86,8 @@ class SiteCache:
                 manifest_file,
                 f"cache format {manifest.get('format_version')} is not {FORMAT_VERSION}: re-run osteo-prepare",
             )
-        table = pd.read_csv(path / "index.csv", keep_default_na=True, dtype={"study_id": str, "patient_id": str})
+        table = pd.read_csv(path / "index.csv", keep_default_na=True,
+                            dtype={"study_id": str, "patient_id": str, "sex": str})  # a column of blanks stays text
         table["sex"] = table["sex"].fillna("")
         crops = np.load(path / "crops.npy", mmap_mode="r")
         masks = np.load(path / "masks.npy", mmap_mode="r")
