@@ -180,6 +180,19 @@ def test_every_command_answers_a_malformed_override_in_one_line(name: str, tmp_p
     assert err.startswith("error: config:") and "\n" not in err and "Traceback" not in err, (name, err)
 
 
+@pytest.mark.parametrize("name", ["osteo-train", "osteo-client"])
+def test_a_mistyped_setting_or_option_is_named_with_what_exists(name: str, tmp_path: Path, capsys) -> None:
+    """Hydra's own first line says only that it "could not override" a key, or hides the options on later
+    lines: a hospital's typo in its policy must say that the setting does not exist."""
+    module, func = _entry_points()[name].split(":")
+    main = getattr(importlib.import_module(module), func)
+    for override, want in (("site.policy.min_cohrt=30", "error: config: Could not override 'site.policy.min_cohrt': "
+                                                        "no such setting (a typo?)"),
+                           ("privacy=nodp", "error: config: In 'config': Could not find 'privacy/nodp' (options: dp, none)")):
+        assert main([*REQUIRED.get(name, []), f"paths.root={tmp_path}", override]) == 2
+        assert capsys.readouterr().err.strip() == want
+
+
 def test_osteo_client_retries_a_refused_activation_then_says_why(tmp_path: Path, capsys, monkeypatch) -> None:
     """A SuperLink refuses to activate a site whose previous session it still counts as connected (Flower
     keeps a node online ~60 s after its last heartbeat) exactly as it refuses an unregistered key, and the

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from osteo_model.errors import OsteoError
 
@@ -21,9 +21,23 @@ def run_cli(body: Callable[[], object]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"error: config: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"error: config: {config_problem(exc)}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def config_problem(exc: Exception) -> str:
+    """Hydra's error in one line that says what to do: an override of a setting that does not exist is
+    named as such (Hydra's own line only says it "could not override"), a missing option lists the options."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if isinstance(exc.__cause__, (ConfigAttributeError, ConfigKeyError)) and first.startswith("Could not override"):
+        return f"{first[:-1] if first.endswith('.') else first}: no such setting (a typo?)"
+    if "Available options" in " ".join(lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+        options = [line for line in lines[start:] if not line.startswith(("Config search path", "provider="))]
+        return f"{first} (options: {', '.join(options)})"
+    return first
 
 
 def run_config_cli(prog: str, description: str, argv: Sequence[str] | None, body: Callable[[DictConfig], None]) -> int:
