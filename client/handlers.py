@@ -149,7 +149,9 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     session.state.rounds_by_run[run_id] = session.state.rounds_by_run.get(run_id, 0) + 1
     privacy.record(private)
     session.save()
-    metrics = {f"train_{k}": v for k, v in metrics.items() if k != "num_examples"}
+    # under DP only the noised update and ε leave: a loss computed on the private rows is a release that
+    # ε does not cover (NaN keeps every site's key set the same)
+    metrics = {f"train_{k}": math.nan if private is not None else v for k, v in metrics.items() if k != "num_examples"}
     metrics["epsilon"] = session.state.epsilon
     record = _metric_record(metrics, num_examples=_pool_size(session, phase))
     return _reply(message, session.site, record, update)

@@ -3,6 +3,7 @@ per-site state on disk, rejection of bad updates, drop-outs, resume at the right
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +351,9 @@ def test_dp_run_reports_cumulative_epsilon_and_stops_at_budget(root: Path) -> No
     fed, _ = _federation(root, privacy="dp", **{"privacy.noise_multiplier": 1.5})
     history = fed.run()
     eps = {s: [r["site_train"][s]["epsilon"] for r in history.records] for s in SITES}
+    released = {k: v for r in history.records for site in r["site_train"].values() for k, v in site.items()
+                if k.startswith("train_")}
+    assert "train_loss" in released and all(math.isnan(v) for v in released.values())  # computed on private rows
     for site, values in eps.items():
         assert 0 < values[0] < values[1], values  # cumulative across rounds (and phases)
         saved = StateStore(root / "data" / "state" / site, site).load()
