@@ -8,7 +8,8 @@ relays it, and a fork server (client/fork_server.py) hands Flower that ClientApp
 imports already paid. The SuperNode asks for work every ``site.poll_s`` seconds
 (client/supernode_launch.py). The site's prepared cache stays at the site, and its local expert,
 calibration head, optimiser and privacy accountant stay in its state folder. All run below keepers
-(osteofl/keeper.py): when one ends, or osteo-client is stopped or killed, all are gone.
+(osteofl/keeper.py): when one ends, or osteo-client is stopped or killed, all are gone. They hold the
+site's state folder locked (osteo_model/run_lock.py), so a second osteo-client of the site refuses to start.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from osteo_model import run_lock
 from osteo_model.cache import SiteCache
 from osteo_model.cli._common import run_cli
 from osteo_model.config import compose_site
@@ -163,12 +165,13 @@ def _supervise(supernode: runtime.Owned, worker: runtime.Owned | None) -> int:
     return code
 
 
-def start_supernode(cmd: list[str], env: dict[str, str]) -> tuple[runtime.Owned, Callable[[], bool]]:
+def start_supernode(cmd: list[str], env: dict[str, str],
+                    keep_fds: Sequence[int] = ()) -> tuple[runtime.Owned, Callable[[], bool]]:
     """The SuperNode below its keeper, its output passed through to ours, and a question to ask once it has
     ended: did it say that the SuperLink refused to activate it? (Its exit code cannot tell: Flower exits 1
     for every error.)"""
     refused = threading.Event()
-    owned = runtime.start(cmd, env, log=subprocess.PIPE)
+    owned = runtime.start(cmd, env, log=subprocess.PIPE, keep_fds=keep_fds)
 
     def echo() -> None:
         for line in owned.proc.stdout:
@@ -198,16 +201,21 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
     address = cmd[cmd.index("--superlink") + 1]
     ca = None if args.insecure else Path(cmd[cmd.index("--root-certificates") + 1])
     owned: list[runtime.Owned] = []
+    lock: int | None = None  # the site's state folder: one osteo-client at a time (run_lock)
 
     def stop_all() -> None:
+        nonlocal lock
         runtime.stop(*owned)
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+            lock = None
 
     try:
         if mismatch := superlink_mismatch(address, ca):
             raise OsteoError(None, mismatch)
-        Path(cfg.site.state_dir).mkdir(parents=True, exist_ok=True)
+        lock = run_lock.acquire(Path(cfg.site.state_dir), f"site {args.site}'s state folder", holder="osteo-client")
         env = runtime.flower_env(Path(cfg.site.state_dir) / "flwr_home", telemetry=args.telemetry)
         print(f"osteo-client: site {args.site} ({len(cache)} vertebrae) -> {address}; "
               f"{'INSECURE' if args.insecure else 'TLS + node authentication'}; "
@@ -216,8 +224,8 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
         runtime.exit_on_sigterm()
         worker, bin_dir = None, None
         if private is not None:
-            worker = runtime.start(worker_command(node_config(args, cfg, overrides), socket_path), env)
-            forks = runtime.start(fork_server_command(private / "fork.sock", cfg), env)
+            worker = runtime.start(worker_command(node_config(args, cfg, overrides), socket_path), env, keep_fds=[lock])
+            forks = runtime.start(fork_server_command(private / "fork.sock", cfg), env, keep_fds=[lock])
             owned += [worker, forks]
             _wait_ready(worker, socket_path, "site worker")
             _wait_ready(forks, private / "fork.sock", "fork server")
@@ -225,7 +233,7 @@ def serve(args: argparse.Namespace, overrides: list[str]) -> int:
         node_env = supernode_env(env, cfg, bin_dir)
         deadline = time.monotonic() + args.activation_wait
         while True:
-            supernode, was_refused = start_supernode(cmd, node_env)
+            supernode, was_refused = start_supernode(cmd, node_env, keep_fds=[lock])
             owned.append(supernode)
             code = _supervise(supernode, worker)
             refused = code != 0 and was_refused()

@@ -8,7 +8,7 @@ is stopped (``--serve`` keeps it up). Everything Flower writes goes under ``<out
 The SuperLink's Control API (used by ``flwr``) shares the port with the Fleet API and is not
 authenticated in open-source Flower: hospitals get the Fleet API alone through the proxy that
 ``--proxy-config`` writes (server/proxy.py). Every Flower process runs below a keeper (osteofl/keeper.py)
-and the run is locked (server/run_lock.py): nothing outlives this command, and no second server of a
+and the run is locked (osteo_model/run_lock.py): nothing outlives this command, and no second server of a
 live run starts.
 """
 from __future__ import annotations
@@ -20,11 +20,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from osteo_model import run_lock
 from osteo_model.cli._common import run_cli
 from osteo_model.config import compose
 from osteo_model.errors import ConfigError, OsteoError
 from osteofl import runtime
-from osteofl.server import provision, proxy, run_lock
+from osteofl.server import provision, proxy
 from osteofl.server.checkpoint import load_latest
 
 APP_DIR = Path(__file__).parent / "flwr_app"

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from osteo_model import run_lock
 from osteo_model.atomic import atomic_file
 from osteo_model.config import compose, resolve_device
 from osteo_model.dataset import SiteData, load_site_data
@@ -37,7 +38,6 @@ from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
 from osteo_model.pools import worker_pool
 from osteo_model.training import SELECTION_METRIC
-from osteofl.server import run_lock
 from osteofl.server.history import write_json
 from osteofl.simulation import evidence_onboarding as onboarding, evidence_report as report
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias

@@ -14,11 +14,10 @@ import torch
 
 from cache_factory import make_site_cache
 from federation_helpers import SITES, make_caches, small_overrides
-from osteo_model import model as osteo
+from osteo_model import model as osteo, run_lock
 from osteo_model.config import compose
 from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError
-from osteofl.server import run_lock
 from osteofl.simulation import evidence
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
 from osteofl.simulation.evidence_methods import site_outcome

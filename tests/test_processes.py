@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from osteo_model import run_lock
 from osteo_model.errors import ConfigError
 from osteofl import runtime
 from osteofl.client import cli as client_cli
 from osteofl.client.probe import superlink_mismatch
 from osteofl.keeper import descendants
-from osteofl.server import provision, run_lock
+from osteofl.server import provision
 
 ROOT = Path(__file__).resolve().parents[1]
 # bash -> sleep (same group), a setsid'ed sleep (own session, as Flower detaches its SuperExec) and a
@@ -83,7 +84,7 @@ def test_stop_ends_a_tree_that_ignores_sigterm() -> None:
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path) -> None:
     run = tmp_path / "outputs" / "federated"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom pathlib import Path\nfrom osteofl.server import run_lock\n"
+        "import sys, time\nfrom pathlib import Path\nfrom osteo_model import run_lock\n"
         f"run_lock.acquire(Path({str(run)!r}), 'run federated'); print('locked', flush=True); time.sleep(600)\n")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -221,6 +222,30 @@ def test_osteo_client_retries_a_refused_activation_then_says_why(tmp_path: Path,
     assert client_cli.main([*argv, "--activation-wait", "0"]) == 1 and len(tries.read_text()) == 1
     err = capsys.readouterr().err.strip()
     assert "refused to activate site site_a" in err and "not registered" in err and "\n" not in err
+
+
+def test_a_second_osteo_client_of_a_site_refuses_to_start(tmp_path: Path, capsys) -> None:
+    """Two osteo-clients of one site would each add their DP spending to the same loaded epsilon and save
+    over each other (epsilon undercounted). The first holds the site's state folder while any of its
+    processes lives (here its real SuperNode, waiting for a SuperLink nobody runs); the second says who."""
+    from federation_helpers import make_caches
+
+    make_caches(tmp_path, {"site_a": "hologic"}, n_patients=6)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+    argv = ["--site", "site_a", "--insecure", "--no-worker", "--superlink", nobody, f"paths.root={tmp_path}"]
+    first = subprocess.Popen([sys.executable, "-c", "import sys; from osteofl.client.cli import main; sys.exit(main())",
+                              *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "osteo-client: site site_a" in first.stdout.readline()  # printed with the lock held
+        assert client_cli.main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"site site_a's state folder is still in use by osteo-client pid {first.pid}" in err and "\n" not in err
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    os.close(run_lock.acquire(tmp_path / "data" / "state" / "site_a", "a check"))  # gone with its last process
 
 
 POOL_OWNER = """

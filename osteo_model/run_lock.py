@@ -1,12 +1,14 @@
-"""One live server per run: ``<outputs>/<run>/run.lock``; one live osteo-evidence per store.
+"""One live holder per folder (``<folder>/run.lock``): one server per run, one osteo-evidence per store,
+one osteo-client per site state folder.
 
 Two ServerApps on one checkpoint folder train every site twice per round and interleave their records, so
 a second ``flower-server`` (``--resume`` or not) of the same run must refuse to start; likewise two
-osteo-evidence runs regenerating the same store's sites under each other. The lock is an
-``flock`` on the file, which the kernel drops when the last holder dies: no stale lock survives a crash
-and no pid can be mistaken for a recycled one. ``flower-server`` passes the descriptor to its process
-keepers, so the lock is held until the last Flower process of the run is gone, not just until
-``flower-server`` itself dies. The file's text (pid, run, start time) only names the holder.
+osteo-evidence runs regenerating the same store's sites under each other, and two osteo-clients of one
+site, which would each add their DP spending to the same loaded epsilon and save over each other (epsilon
+undercounted). The lock is an ``flock`` on the file, which the kernel drops when the last holder dies: no
+stale lock survives a crash and no pid can be mistaken for a recycled one. The commands pass the
+descriptor to their process keepers, so the lock is held until the last child process is gone, not just
+until the command itself dies. The file's text (pid, what, start time) only names the holder.
 """
 from __future__ import annotations
 
