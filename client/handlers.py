@@ -189,6 +189,7 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     session = SiteSession.open(context, extra)
     config = message.content[CONFIG]
     split = str(config.get(SPLIT, session.cfg.federation.eval_split))
+    policy.check_eval_split(split)
     run_id = _run_id(message, context, session)
     _load_global(message, session)
     if split == "val":

@@ -154,6 +154,13 @@ def check_payload(model, cfg: DictConfig, keys: Iterable[str]) -> None:
         raise PolicyRefusal(f"payload holds {len(outside)} key(s) outside the shared set, e.g. {outside[0]}")
 
 
+def check_eval_split(split: str) -> None:
+    """Refuse an evaluation on anything but the site's held-out patients (protocol.HELD_OUT_SPLITS)."""
+    if split not in protocol.HELD_OUT_SPLITS:
+        raise PolicyRefusal(f"the run asks for metrics on the {split!r} split; this site reports metrics on its "
+                            f"held-out patients only ({', '.join(protocol.HELD_OUT_SPLITS)})")
+
+
 def check_model(model, cfg: DictConfig) -> None:
     """Refuse a network larger than the site's ``max_parameters`` (it cannot be cut to fit)."""
     cap = compute_caps(cfg.site.policy).get("max_parameters")

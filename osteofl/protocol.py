@@ -46,6 +46,10 @@ ROUND = "round"              # global round number (1-based)
 RUN_ID = "run-id"            # Flower run id
 N_SITES = "n-sites"          # sites taking part in the run
 SPLIT = "split"              # evaluation split
+HELD_OUT_SPLITS = ("val", "test")
+"""The splits a site reports metrics on: patients it never trains on (client/policy.check_eval_split).
+Metrics on the training or self-supervision rows would describe the very patients DP protects, outside
+what epsilon covers; the server refuses a config asking for others at start."""
 PROXIMAL_MU = "proximal-mu"  # FedProx: Flower's key
 
 NUM_EXAMPLES = "num-examples"  # weighting key of Flower's strategies (in METRICS)

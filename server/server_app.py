@@ -65,6 +65,10 @@ class Federation:
     def __init__(self, grid: Grid, cfg: DictConfig, run_id: int = 0) -> None:
         self.grid, self.cfg, self.run_id = grid, cfg, int(run_id)
         self.fed = cfg.federation
+        for key, split in (("eval_split", self.fed.eval_split), ("final_eval_split", self.fed.final_eval_split or "test")):
+            if split not in protocol.HELD_OUT_SPLITS:  # every site would refuse it
+                raise ConfigError(None, f"federation.{key}={split}: sites report metrics on their held-out patients "
+                                        f"only ({', '.join(protocol.HELD_OUT_SPLITS)})")
         self.total_rounds = int(self.fed.ssl_rounds) + int(self.fed.task_rounds)
         self.timeout = float(self.fed.round_timeout)
         self.dir = run_dir(cfg)

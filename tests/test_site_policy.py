@@ -429,17 +429,25 @@ def test_after_its_round_cap_a_site_only_evaluates_in_that_run(root: Path, caplo
     assert StateStore(root / "data" / "state" / "site_a", "site_a").load().rounds_by_run == {"0": 1, "5": 1}
 
 
-class RenamingGrid(LocalGrid):
-    """A coordinator that names its run afresh in every round (to reset each site's round budget and start
-    a new kept model): one Flower run, a new declared run id per round."""
+class LyingGrid(LocalGrid):
+    """A coordinator that rewrites the config of every train/evaluate message it sends (``rewrite``)."""
+
+    def __init__(self, *args, rewrite, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rewrite = rewrite
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         for msg in messages:
             config = msg.content[protocol.CONFIG]
             if protocol.RUN_ID in config:
-                config[protocol.RUN_ID] = f"fake-{int(config[protocol.ROUND])}"
+                self.rewrite(msg.metadata.message_type, config)
         return super().send_and_receive(messages, timeout=timeout)
+
+
+def _rename_each_round(kind: str, config) -> None:
+    """To reset each site's round budget and start a new kept model: a new declared run id per round."""
+    config[protocol.RUN_ID] = f"fake-{int(config[protocol.ROUND])}"
 
 
 def test_a_coordinator_that_renames_its_run_cannot_reset_a_sites_round_budget(root: Path) -> None:
@@ -447,7 +455,7 @@ def test_a_coordinator_that_renames_its_run_cannot_reset_a_sites_round_budget(ro
 
     overrides = small_overrides(root, **{"federation.task_rounds": 2, "federation.final_eval_split": "null"})
     own = {"site_a": "site.policy.compute.max_rounds=1"}
-    grid = RenamingGrid(make_client_app(overrides), SITES, node_overrides=own)
+    grid = LyingGrid(make_client_app(overrides), SITES, node_overrides=own, rewrite=_rename_each_round)
     records = Federation(grid, compose(overrides)).run().records
     assert set(records[0]["site_train"]) == set(SITES) and set(records[0]["site_eval"]) == set(SITES)
     refusal = ("the coordinator named this run 'fake-1' to this site and now names it 'fake-2': a site counts its "
@@ -461,3 +469,25 @@ def test_a_coordinator_that_renames_its_run_cannot_reset_a_sites_round_budget(ro
         assert card["run_id"] == "fake-1"  # the kept model was not replaced under a new name
         refused = [e["refused"] for e in audit.read(root / "data" / "state" / site) if e.get("refused")]
         assert refused == [refusal, refusal, refusal.replace("fake-2", "fake-3"), refusal.replace("fake-2", "fake-3")]
+
+
+def test_a_coordinator_cannot_get_metrics_on_the_patients_a_site_trains_on(root: Path) -> None:
+    """Metrics on the training rows would describe the very patients DP protects, outside epsilon. A
+    coordinator whose config asks for them is stopped at start; one that rewrites its messages is refused."""
+    overrides = small_overrides(root, **{"federation.final_eval_split": "null"})
+    with pytest.raises(ConfigError, match="federation.eval_split=train: sites report metrics on their held-out"):
+        _federation(root, **{"federation.eval_split": "train"})
+
+    def on_training_rows(kind: str, config) -> None:
+        if kind == MessageType.EVALUATE:
+            config[protocol.SPLIT] = "train"
+
+    grid = LyingGrid(make_client_app(overrides), SITES, rewrite=on_training_rows)
+    records = Federation(grid, compose(overrides)).run().records
+    refusal = ("the run asks for metrics on the 'train' split; this site reports metrics on its held-out patients "
+               "only (val, test)")
+    assert all(not r["site_eval"] and sorted(f["reason"] for f in r["eval_failed"]) == [refusal] * len(SITES) for r in records)
+    evaluations = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
+    assert evaluations and all(m.has_error() for m in evaluations)  # no metric left any site
+    assert [e["refused"] for e in audit.read(root / "data" / "state" / "site_a") if e["kind"] == "evaluate"] == \
+        [refusal] * len(records)
