@@ -6,7 +6,7 @@ patient-level L1-L4 rule. The numbers live in ``osteo_model.constants``.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -14,6 +14,8 @@ from osteo_model.constants import (
     CATEGORIES,
     HUI_1997,
     HUI_SBMD_CONSTANT,
+    LEVEL_REFERENCE_BMD,
+    LEVELS,
     MANUFACTURER_ALIASES,
     MIN_LEVELS_FOR_DIAGNOSIS,
     T_NORMAL_MIN,
@@ -43,6 +45,19 @@ def t_score(bmd: np.ndarray | float, manufacturer: str) -> np.ndarray | float:
     """T-score of a device BMD on that device's young-adult reference."""
     mean, sd = YOUNG_ADULT_REFERENCE[manufacturer]
     return (bmd - mean) / sd
+
+
+def region_t_score(bmd: float, levels: Sequence[str], manufacturer: str, sex: str = "") -> float:
+    """T-score of a BMD measured over ``levels`` (one vertebra, or the mean of several) on the young-adult
+    reference of those levels, as DXA reports give each vertebra's and each combination's (ISCD 2019: where
+    vertebrae are excluded, the T-score comes from the remaining ones). On the L1-L4 reference alone a
+    normal woman's L1 reads about 0.9 T below her L3. The reference is the manufacturer's L1-L4 mean scaled
+    by the levels' share of it (LEVEL_REFERENCE_BMD, by sex; both sexes averaged where unknown), with the
+    L1-L4 SD; all four levels give :func:`t_score`."""
+    mean, sd = YOUNG_ADULT_REFERENCE[manufacturer]
+    patterns = [LEVEL_REFERENCE_BMD[sex]] if sex in LEVEL_REFERENCE_BMD else list(LEVEL_REFERENCE_BMD.values())
+    share = np.mean([np.mean([p[lv] for lv in levels]) / np.mean([p[lv] for lv in LEVELS]) for p in patterns])
+    return float((bmd - mean * share) / sd)
 
 
 def category_from_t(t: np.ndarray | float) -> np.ndarray | int:

@@ -164,7 +164,7 @@ def _strip_bands(ax) -> None:
         ax.text(x, 1.02, name, ha="center", va="bottom", fontsize=8, transform=ax.get_xaxis_transform())
     ax.set_xlim(*T_AXIS)
     ax.set_yticks([])
-    ax.set_xlabel("T-score (site's DXA reference); bars: uncertainty interval", fontsize=8)
+    ax.set_xlabel("T-score (site's DXA reference, each level's own); bars: uncertainty interval", fontsize=8)
     ax.tick_params(labelsize=8)
 
 

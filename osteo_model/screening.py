@@ -243,21 +243,25 @@ def _level_flags(row: pd.Series, features: np.ndarray, names: Sequence[str], ref
     return flags
 
 
-def _t_interval(interval: tuple[float, float] | None, manufacturer: str) -> tuple[float, float]:
-    if interval is None:
-        return float("nan"), float("nan")
-    return float(bmdlib.t_score(interval[0], manufacturer)), float(bmdlib.t_score(interval[1], manufacturer))
+def _t_scores(bmd: float, interval: tuple[float, float] | None, levels: Sequence[str], manufacturer: str,
+              sex: str) -> tuple[float, float, float]:
+    """T-score of a BMD over ``levels`` and of its interval's ends, on those levels' reference."""
+    def t(value: float) -> float:
+        return bmdlib.region_t_score(value, levels, manufacturer, sex)
+
+    low, high = (t(interval[0]), t(interval[1])) if interval is not None else (float("nan"), float("nan"))
+    return t(bmd), low, high
 
 
-def _patient(levels: list[LevelResult], manufacturer: str, ref: Reference) -> PatientResult:
+def _patient(levels: list[LevelResult], manufacturer: str, sex: str, ref: Reference) -> PatientResult:
     used = [lv for lv in levels if lv.evaluable]
     pat_bmd = bmdlib.patient_bmd([lv.bmd for lv in used])
     res = PatientResult(evaluable=bool(np.isfinite(pat_bmd)), levels_used=[lv.level for lv in used])
     if res.evaluable:
         res.bmd = pat_bmd
-        res.t_score = float(bmdlib.t_score(pat_bmd, manufacturer))
+        res.t_score, res.t_low, res.t_high = _t_scores(pat_bmd, ref.interval(pat_bmd, patient=True), res.levels_used,
+                                                       manufacturer, sex)
         res.category = bmdlib.category_name(int(bmdlib.category_from_t(res.t_score)))
-        res.t_low, res.t_high = _t_interval(ref.interval(pat_bmd, patient=True), manufacturer)
         res.interval_note = ref.interval_note()
     else:
         names = ", ".join(res.levels_used) or "none"
@@ -307,26 +311,27 @@ def screen(model: OsteoNet, studies: Iterable[StudyInput], ref: Reference, predi
         cache = group[0].cache
         rows = np.concatenate([s.rows for s in group]).astype(int)
         pred = predict(model, SiteData(cache, {}, manufacturer), rows, device, batch_size=int(predict_cfg.batch_size))
-        preds[cache_id] = {int(r): {k: pred[k][i] for k in ("sbmd", "bmd", "t", "p")} for i, r in enumerate(rows)}
+        preds[cache_id] = {int(r): {k: pred[k][i] for k in ("sbmd", "bmd", "p")} for i, r in enumerate(rows)}
     reports = []
     for study in studies:
         table, names = study.cache.table, study.cache.feature_names
         by_level: dict[str, LevelResult] = {}
+        sex = str(table["sex"].iloc[int(study.rows[0])]) if len(study.rows) else ""
         for r in study.rows:
             row, p = table.iloc[int(r)], preds[id(study.cache)][int(r)]
             bmd = float(p["bmd"])
-            t_low, t_high = _t_interval(ref.interval(bmd, patient=False), manufacturer)
+            t, t_low, t_high = _t_scores(bmd, ref.interval(bmd, patient=False), [row["level"]], manufacturer, sex)
             by_level[row["level"]] = LevelResult(
                 row["level"], True, hu_mean=float(row["hu_mean"]), hu_median=float(row["hu_median"]),
-                sbmd=float(p["sbmd"]), bmd=bmd, t_score=float(p["t"]), t_low=t_low, t_high=t_high,
-                category=bmdlib.category_name(int(bmdlib.category_from_t(float(p["t"])))),
+                sbmd=float(p["sbmd"]), bmd=bmd, t_score=t, t_low=t_low, t_high=t_high,
+                category=bmdlib.category_name(int(bmdlib.category_from_t(t))),
                 p_osteoporosis=float(p["p"][OSTEOPOROSIS]),
                 flags=_level_flags(row, study.cache.features[int(r)], names, ref, predict_cfg))
         reason = study.problem or "not evaluated"
         levels = [by_level.get(lv) or LevelResult(lv, False, reason=study.excluded.get(lv, reason)) for lv in LEVELS]
         flag_outlier_levels(levels)
         reports.append(StudyReport(study.study_id, study.source, study.scanner, manufacturer, levels,
-                                   _patient(levels, manufacturer, ref), _study_flags(study, ref, levels)))
+                                   _patient(levels, manufacturer, sex, ref), _study_flags(study, ref, levels)))
     return reports
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from osteo_model import bmd
-from osteo_model.constants import HUI_1997, YOUNG_ADULT_REFERENCE
+from osteo_model.constants import HUI_1997, LEVEL_REFERENCE_BMD, LEVELS, YOUNG_ADULT_REFERENCE
 
 
 @pytest.mark.parametrize("manufacturer", sorted(HUI_1997))
@@ -49,3 +49,21 @@ def test_manufacturer_spellings() -> None:
 def test_patient_level_rule_needs_two_levels() -> None:
     assert bmd.patient_bmd([0.8, float("nan"), 1.0, None]) == pytest.approx(0.9)
     assert math.isnan(bmd.patient_bmd([0.8, float("nan"), float("nan"), float("nan")]))
+
+
+def test_each_level_and_each_combination_reads_on_its_own_reference() -> None:
+    """A normal young woman whose vertebrae follow the reference pattern (L1 least dense) reads T 0 at
+    every level and with L1 excluded. On the L1-L4 reference alone her L1 would read about 1.3 T below her
+    L3, her categories would differ by level for no clinical reason, and excluding L1 would raise her."""
+    mean = YOUNG_ADULT_REFERENCE["hologic"][0]
+    ref = LEVEL_REFERENCE_BMD["female"]
+    density = {lv: mean * ref[lv] / np.mean([ref[k] for k in LEVELS]) for lv in LEVELS}
+    for lv in LEVELS:
+        assert bmd.region_t_score(density[lv], [lv], "hologic", "female") == pytest.approx(0.0, abs=1e-9)
+    assert bmd.t_score(density["L3"], "hologic") - bmd.t_score(density["L1"], "hologic") > 1.2  # the L1-L4 reference's own bias
+    rest = ["L2", "L3", "L4"]
+    assert bmd.region_t_score(np.mean([density[lv] for lv in rest]), rest, "hologic", "female") == pytest.approx(0.0, abs=1e-9)
+    assert bmd.t_score(np.mean([density[lv] for lv in rest]), "hologic") > 0.25
+    assert bmd.region_t_score(0.9, LEVELS, "ge_lunar", "male") == pytest.approx(bmd.t_score(0.9, "ge_lunar"))  # all four: L1-L4
+    male, female = (bmd.region_t_score(0.9, ["L1"], "hologic", s) for s in ("male", "female"))
+    assert min(male, female) < bmd.region_t_score(0.9, ["L1"], "hologic", "") < max(male, female)  # sex unknown: between

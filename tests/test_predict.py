@@ -17,11 +17,13 @@ from omegaconf import OmegaConf
 from cache_factory import FEATURE_NAMES, make_site_cache
 from conftest import LEVEL_Z0
 from model_helpers import TINY
+from osteo_model.bmd import category_from_t, category_name
+from osteo_model.cache import SiteCache
 from osteo_model.central import build_site_models, checkpoint_payload
 from osteo_model.checkpoints import save_model_state
 from osteo_model.cli.predict import main as predict_main
 from osteo_model.config import compose
-from osteo_model.constants import LEVELS, MIN_LEVELS_FOR_DIAGNOSIS
+from osteo_model.constants import LEVEL_REFERENCE_BMD, LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, YOUNG_ADULT_REFERENCE
 from osteo_model.crops import crop_spacing_mm
 from osteo_model.errors import ConfigError
 from osteo_model.evaluate import evaluate_checkpoint
@@ -84,9 +86,17 @@ def test_predictions_equal_osteo_eval(tmp_path, site_in_model):
     assert len(levels) == len(ev) == 20
     np.testing.assert_allclose(levels["bmd"], levels["bmd_pred"], rtol=1e-5)
     np.testing.assert_allclose(levels["sbmd"], levels["sbmd_pred"], rtol=1e-5)
-    np.testing.assert_allclose(levels["t_score"], levels["t_pred"], rtol=1e-5, atol=1e-5)
+    # each vertebra's T-score on its own level's reference (DXA reports do; osteo-eval's is L1-L4's)
+    mean, sd = YOUNG_ADULT_REFERENCE[js["studies"][0]["manufacturer"]]
+    table = SiteCache.open(tmp_path / "data/cache/site_u").table
+    sex = dict(zip(table["study_id"], table["sex"]))
+    share = [np.mean([r[lv] / np.mean(list(r.values())) for r in (
+        [LEVEL_REFERENCE_BMD[sex[s]]] if sex[s] in LEVEL_REFERENCE_BMD else LEVEL_REFERENCE_BMD.values())])
+        for s, lv in zip(levels["study_id"], levels["level"])]
+    np.testing.assert_allclose(levels["t_score"], (levels["bmd_pred"] - mean * np.array(share)) / sd, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(levels["t_score"], levels["t_pred"], atol=0.05)
     np.testing.assert_allclose(levels["p_osteoporosis_x"], levels["p_osteoporosis_y"], rtol=1e-5)  # report, eval
-    assert (levels["category"] == levels["category_pred"]).all()
+    assert (levels["category"] == [category_name(category_from_t(t)) for t in levels["t_score"]]).all()
     assert js["model"]["local_part"].startswith("site_u" if site_in_model else "shared weights only")
     # Patient row = mean of the four levels' BMD (ISCD), T-score on the site's (Hologic) reference.
     first = rep[rep["study_id"] == "site_u-s000"]
