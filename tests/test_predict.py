@@ -380,6 +380,18 @@ def test_iscd_adjacent_outlier_is_flagged_not_excluded():
     assert [bool(lv.flags) for lv in levels] == [True, False, False, False]
 
 
+def _interval_only_where_the_split_stayed(tmp_path: Path, model: Path | None) -> None:
+    """site_a's report with its split as the model trained on it (an interval) and moved (none, and why)."""
+    notes = {}
+    for name, extra in (("same", ()), ("moved", ("data.split_seed=5",))):
+        run_predict(cfg_for(tmp_path, "site_a", "predict.min_val_patients=2", *extra), model,
+                    study_ids=["site_a-s000"], out_dir=tmp_path / name, progress=False)
+        rep, _ = read_report(tmp_path / name)
+        notes[name] = rep[rep["level"] == "patient"].iloc[0]
+    assert np.isfinite(notes["same"]["t_low"]) and "validation patients of this site" in notes["same"]["interval_note"]
+    assert np.isnan(notes["moved"]["t_low"]) and "not those held out when the model trained" in notes["moved"]["interval_note"]
+
+
 def test_no_interval_where_the_validation_patients_are_not_those_the_model_was_selected_on(tmp_path):
     """A site model's card records its validation patients. After the hospital changes its split (or
     re-prepares with new patients), some validation patients may have been trained on: their residuals
@@ -394,14 +406,7 @@ def test_no_interval_where_the_validation_patients_are_not_those_the_model_was_s
     save_site_model(cfg.site.state_dir, net, site="site_a", feature_names=FEATURE_NAMES,
                     model_cfg=OmegaConf.to_container(cfg.model, resolve=True), crop=None,
                     card={"run_id": "fed-1", VAL_PATIENTS: selected_on})
-    notes = {}
-    for name, extra in (("same", ()), ("moved", ("data.split_seed=5",))):
-        run_predict(cfg_for(tmp_path, "site_a", "predict.min_val_patients=2", *extra), None,
-                    study_ids=["site_a-s000"], out_dir=tmp_path / name, progress=False)
-        rep, _ = read_report(tmp_path / name)
-        notes[name] = rep[rep["level"] == "patient"].iloc[0]
-    assert np.isfinite(notes["same"]["t_low"]) and "validation patients of this site" in notes["same"]["interval_note"]
-    assert np.isnan(notes["moved"]["t_low"]) and "not those held out when the model trained" in notes["moved"]["interval_note"]
+    _interval_only_where_the_split_stayed(tmp_path, None)
 
 
 def test_a_central_checkpoint_knows_each_sites_validation_patients(tmp_path):
@@ -419,14 +424,7 @@ def test_a_central_checkpoint_knows_each_sites_validation_patients(tmp_path):
     train_central(cfg, datas, tmp_path / "central", log=lambda _: None)
     ckpt = tmp_path / "central" / CHECKPOINT
     assert load_model_state(ckpt)["card"][VAL_PATIENTS] == {s: patients_sha256(d, "val") for s, d in datas.items()}
-    notes = {}
-    for name, extra in (("same", ()), ("moved", ("data.split_seed=5",))):
-        run_predict(cfg_for(tmp_path, "site_a", "predict.min_val_patients=2", *extra), ckpt,
-                    study_ids=["site_a-s000"], out_dir=tmp_path / name, progress=False)
-        rep, _ = read_report(tmp_path / name)
-        notes[name] = rep[rep["level"] == "patient"].iloc[0]
-    assert np.isfinite(notes["same"]["t_low"]) and "validation patients of this site" in notes["same"]["interval_note"]
-    assert np.isnan(notes["moved"]["t_low"]) and "not those held out when the model trained" in notes["moved"]["interval_note"]
+    _interval_only_where_the_split_stayed(tmp_path, ckpt)
 
 
 def test_a_pinned_split_keeps_the_interval_when_new_patients_arrive(tmp_path):
