@@ -51,7 +51,7 @@ def region_t_score(bmd: float, levels: Sequence[str], manufacturer: str, sex: st
     """T-score of a BMD measured over ``levels`` (one vertebra, or the mean of several) on the young-adult
     reference of those levels, as DXA reports give each vertebra's and each combination's (ISCD 2019: where
     vertebrae are excluded, the T-score comes from the remaining ones). On the L1-L4 reference alone a
-    normal woman's L1 reads about 0.9 T below her L3. The reference is the manufacturer's L1-L4 mean scaled
+    normal woman's L1 reads about 1.3 T below her L3. The reference is the manufacturer's L1-L4 mean scaled
     by the levels' share of it (LEVEL_REFERENCE_BMD, by sex; both sexes averaged where unknown), with the
     L1-L4 SD; all four levels give :func:`t_score`."""
     mean, sd = YOUNG_ADULT_REFERENCE[manufacturer]
