@@ -167,7 +167,7 @@ def _run_id(message: Message, context: Context, session: SiteSession) -> str:
     named = session.state.run_names.get(flower)
     if named is None:
         session.state.run_names[flower] = declared
-        session.store.save(session.state)
+        session.store.save(session.state)  # not session.save(): an evaluation's refit must not reach the state
     elif named != declared:
         raise policy.PolicyRefusal(f"the coordinator named this run {named!r} to this site and now names it "
                                    f"{declared!r}: a site counts its round budget and keeps its model per run, "
