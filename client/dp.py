@@ -37,11 +37,11 @@ class PrivacySession:
         return privacy.budget_exhausted(privacy.EpsilonAccountant(self.session.state.accountant), self.cfg)
 
     def attach(self, optimizer: torch.optim.Optimizer, phase: str) -> "privacy.PrivateTraining | None":
-        """Wrap model, optimizer and a Poisson-sampled loader of the phase's rows for DP-SGD."""
+        """Wrap model, optimizer and a Poisson-sampled loader of the phase's patients for DP-SGD."""
         if not self.enabled:
             return None
         s = self.session
-        loader = training.make_loader(s.data, s.cfg, phase)
+        loader = training.make_loader(s.data, s.cfg, phase, per_patient=True)
         return _privacy().make_private(s.model, optimizer, loader, self.cfg, accountant_state=s.state.accountant)
 
     def record(self, private: "privacy.PrivateTraining | None") -> None:

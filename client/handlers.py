@@ -135,7 +135,8 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     recipe.begin(phase, training.index_in_phase(session.cfg, phase, int(config[protocol.ROUND])))
     optimizer = recipe.optimizer
     proximal.attach_proximal_term(optimizer, session.model, float(config.get(PROXIMAL_MU, 0.0)))
-    steps = policy.local_steps(session.cfg, training.steps_per_pass(session.data, session.cfg, phase))
+    steps = policy.local_steps(session.cfg, training.steps_per_pass(session.data, session.cfg, phase,
+                                                                    per_patient=privacy.enabled))
     private = privacy.attach(optimizer, phase)
     metrics = training.train_steps(session.model, session.data, session.cfg, phase, optimizer, session.device,
                                    max_steps=steps, private=private)

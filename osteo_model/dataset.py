@@ -200,3 +200,23 @@ class CropDataset(Dataset):
             "level": torch.tensor(self.level[r]),
             "row": torch.tensor(r),
         }
+
+
+class OneRowPerPatient(Dataset):
+    """DP-SGD's record is the patient: item ``i`` is one vertebra of the ``i``-th patient among ``rows``,
+    drawn afresh at every access. Poisson sampling over this dataset takes each patient with probability
+    q and lets it add one clipped gradient, which is the mechanism Opacus's accountant counts, so the ε it
+    reports bounds what a step reveals about a patient. Over ``rows`` themselves a patient with four
+    vertebrae would be four records, and its ε that of a group of four (group privacy; ε ≥ 4× here)."""
+
+    def __init__(self, rows: CropDataset, seed: int = 0) -> None:
+        patients = rows.cache.table["patient_id"].to_numpy(dtype=object)[rows.rows]
+        _, inverse, counts = np.unique(patients.astype(str), return_inverse=True, return_counts=True)
+        self.rows, self.rng = rows, np.random.default_rng(seed)
+        self.patients = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[int(self.rng.choice(self.patients[i]))]

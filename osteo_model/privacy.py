@@ -18,6 +18,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from osteo_model.dataset import OneRowPerPatient
 from osteo_model.errors import ConfigError, StateError
 
 
@@ -78,7 +79,12 @@ def make_private(
     """Wrap for DP-SGD (per-sample clipping to ``max_grad_norm``, Gaussian noise ``noise_multiplier``).
 
     ``accountant_state``: a previous ``PrivateTraining.accountant.state()`` so epsilon keeps adding up.
+    ``data_loader`` must be over patients (``training.make_loader(..., per_patient=True)``): the accountant
+    counts the loader's items as the records it protects.
     """
+    if not isinstance(data_loader.dataset, OneRowPerPatient):
+        raise ConfigError(None, "DP-SGD needs a loader with one item per patient (per_patient=True): over "
+                                "vertebrae, the reported epsilon would bound a vertebra, not a patient")
     previous = _WRAPPERS.pop(model, None)
     if previous is not None:  # wrapped in an earlier round: Opacus refuses to hook a model twice
         previous._close()

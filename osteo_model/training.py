@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from osteo_model import losses, metrics
 from osteo_model.calibration import t_and_category
 from osteo_model.checkpoints import improves
-from osteo_model.dataset import CropDataset, SiteData
+from osteo_model.dataset import CropDataset, OneRowPerPatient, SiteData
 from osteo_model.model import local_parameters, set_sbmd_prior, shared_parameters, unwrap
 
 PHASES = ("ssl", "task")
@@ -144,15 +144,24 @@ def _batch_size(cfg, n_rows: int) -> int:
     return max(1, min(int(cfg.train.batch_size), n_rows))
 
 
-def steps_per_pass(data: SiteData, cfg, phase: str) -> int:
-    """Batches in one pass over the phase's rows (make_loader's length)."""
-    n = len(phase_rows(data, phase))
+def phase_dataset(data: SiteData, cfg, phase: str, augment: bool = True,
+                  per_patient: bool = False) -> CropDataset | OneRowPerPatient:
+    """The phase's rows (all crops for ssl, the labeled training split for task); ``per_patient``: one
+    item per patient (DP-SGD's record, dataset.OneRowPerPatient)."""
+    ds = CropDataset(data.cache, phase_rows(data, phase), augment=augment, seed=int(cfg.seed))
+    return OneRowPerPatient(ds, seed=int(cfg.seed)) if per_patient else ds
+
+
+def steps_per_pass(data: SiteData, cfg, phase: str, per_patient: bool = False) -> int:
+    """Batches in one pass over the phase's dataset (make_loader's length)."""
+    n = len(phase_dataset(data, cfg, phase, per_patient=per_patient))
     return -(-n // _batch_size(cfg, n))
 
 
-def make_loader(data: SiteData, cfg, phase: str, shuffle: bool = True, augment: bool = True) -> DataLoader:
-    """Batches of the phase's rows (all crops for ssl, the labeled training split for task)."""
-    ds = CropDataset(data.cache, phase_rows(data, phase), augment=augment, seed=int(cfg.seed))
+def make_loader(data: SiteData, cfg, phase: str, shuffle: bool = True, augment: bool = True,
+                per_patient: bool = False) -> DataLoader:
+    """Batches of ``phase_dataset``."""
+    ds = phase_dataset(data, cfg, phase, augment=augment, per_patient=per_patient)
     return DataLoader(
         ds,
         batch_size=_batch_size(cfg, len(ds)),

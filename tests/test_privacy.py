@@ -25,16 +25,16 @@ def test_one_private_step(site, phase):
     model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
     before = osteo.shared_state(model)
     opt = make_optimizer(model.parameters(), cfg)
-    private = make_private(model, opt, make_loader(data, cfg, phase), cfg.privacy)
+    private = make_private(model, opt, make_loader(data, cfg, phase, per_patient=True), cfg.privacy)
     res = train_steps(model, data, cfg, phase, opt, "cpu", max_steps=1, private=private)
     assert res["num_examples"] > 0
     assert private.epsilon() > 0 and private.accountant.steps() == 1
     assert osteo.shared_keys(private.model) == list(before)  # ownership survives the Opacus wrapper
     assert any(not torch.equal(v, osteo.shared_state(model)[k]) for k, v in before.items())
     assert private.release() is model
-    again = make_private(model, make_optimizer(model.parameters(), cfg), make_loader(data, cfg, phase), cfg.privacy)
+    again = make_private(model, make_optimizer(model.parameters(), cfg), make_loader(data, cfg, phase, per_patient=True), cfg.privacy)
     # wrapping the same model again in a later round (without release) replaces the old hooks
-    make_private(model, make_optimizer(model.parameters(), cfg), make_loader(data, cfg, phase), cfg.privacy)
+    make_private(model, make_optimizer(model.parameters(), cfg), make_loader(data, cfg, phase, per_patient=True), cfg.privacy)
     assert again.model._module is model
 
 
@@ -42,17 +42,46 @@ def test_epsilon_accumulates_across_restored_accountants(site):
     cfg, data = site
     model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
     opt = make_optimizer(model.parameters(), cfg)
-    first = make_private(model, opt, make_loader(data, cfg, "task"), cfg.privacy)
+    first = make_private(model, opt, make_loader(data, cfg, "task", per_patient=True), cfg.privacy)
     train_steps(model, data, cfg, "task", opt, "cpu", max_steps=2, private=first)
     eps1, state = first.epsilon(), first.accountant.state()
     restored = EpsilonAccountant(state)
     assert restored.epsilon(cfg.privacy.delta) == pytest.approx(eps1)
     opt = make_optimizer(model.parameters(), cfg)
-    second = make_private(model, opt, make_loader(data, cfg, "task"), cfg.privacy, accountant_state=state)
+    second = make_private(model, opt, make_loader(data, cfg, "task", per_patient=True), cfg.privacy, accountant_state=state)
     train_steps(model, data, cfg, "task", opt, "cpu", max_steps=2, private=second)
     assert second.accountant.steps() == 4 and second.epsilon() > eps1
     assert budget_exhausted(second.accountant, OmegaConf.merge(cfg.privacy, {"epsilon_budget": eps1}))
     assert not budget_exhausted(second.accountant, OmegaConf.merge(cfg.privacy, {"epsilon_budget": 1e6}))
+
+
+def test_dp_protects_patients_not_vertebrae(site):
+    """The accountant counts the loader's items as records. Over vertebrae a patient would be up to four
+    records (group privacy: several times the reported ε); over patients each Poisson step takes a patient at
+    most once, with one of its vertebrae, at rate batch / patients."""
+    cfg, data = site
+    rows = make_loader(data, cfg, "ssl")
+    with pytest.raises(ConfigError, match="one item per patient"):
+        make_private(osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer),
+                     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), rows, cfg.privacy)
+    patient_of = data.cache.table["patient_id"].astype(str).to_numpy()
+    ssl_rows = data.splits["unlabeled"]
+    n_patients = len(set(patient_of[ssl_rows]))
+    assert len(rows.dataset) == len(ssl_rows) > n_patients  # several vertebrae per patient
+    model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+    opt = make_optimizer(model.parameters(), cfg)
+    private = make_private(model, opt, make_loader(data, cfg, "ssl", per_patient=True), cfg.privacy)
+    assert len(private.data_loader.dataset) == n_patients
+    drawn = []
+    for _ in range(30):
+        for batch in private.data_loader:
+            patients = patient_of[batch["row"].numpy()]
+            assert len(set(patients)) == len(patients)  # no patient twice in one step
+            drawn.extend(batch["row"].tolist())
+    assert set(drawn) == set(ssl_rows.tolist())  # every vertebra can be drawn: none is left out for good
+    train_steps(model, data, cfg, "ssl", opt, "cpu", max_steps=1, private=private)
+    (noise, rate, steps), = private.accountant.accountant.history
+    assert rate == pytest.approx(1 / -(-n_patients // min(int(cfg.train.batch_size), n_patients)))
 
 
 def test_bad_accountant_state_and_batchnorm_rejected(site):
@@ -61,13 +90,13 @@ def test_bad_accountant_state_and_batchnorm_rejected(site):
         EpsilonAccountant({"mechanism": "gdp", "history": []})
     net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3), torch.nn.BatchNorm3d(4))
     with pytest.raises(ConfigError, match="DP-SGD"):
-        make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), make_loader(data, cfg, "task"), cfg.privacy)
+        make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), make_loader(data, cfg, "task", per_patient=True), cfg.privacy)
 
 
 def _two_step_update(cfg, data, private: bool) -> dict[str, torch.Tensor]:
     model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)  # seeds torch with cfg.seed
     opt = make_optimizer(model.parameters(), cfg)
-    dp = make_private(model, opt, make_loader(data, cfg, "task"), cfg.privacy) if private else None
+    dp = make_private(model, opt, make_loader(data, cfg, "task", per_patient=True), cfg.privacy) if private else None
     train_steps(model, data, cfg, "task", opt, "cpu", max_steps=2, private=dp)
     if dp is not None:
         dp.release()
