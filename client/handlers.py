@@ -129,8 +129,11 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     policy.check_payload(session.model, session.cfg, protocol.payload_keys(session.model, session.cfg))
 
     _load_global(message, session)
+    # under DP no shared parameter starts from the private rows: the sBMD prior (the training patients' mean
+    # sBMD, set into the shared head at the first task round) would leave nearly as it is, outside epsilon
     recipe = training.Recipe({session.site: session.model}, session.cfg,
-                             training.phase_lengths(session.cfg, federated=True), {session.site: session.data})
+                             training.phase_lengths(session.cfg, federated=True), {session.site: session.data},
+                             priors=not privacy.enabled)
     recipe.restore(session.state.optimizer)
     recipe.begin(phase, training.index_in_phase(session.cfg, phase, int(config[protocol.ROUND])))
     optimizer = recipe.optimizer

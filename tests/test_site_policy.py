@@ -491,3 +491,25 @@ def test_a_coordinator_cannot_get_metrics_on_the_patients_a_site_trains_on(root:
     assert evaluations and all(m.has_error() for m in evaluations)  # no metric left any site
     assert [e["refused"] for e in audit.read(root / "data" / "state" / "site_a") if e["kind"] == "evaluate"] == \
         [refusal] * len(records)
+
+
+def test_under_dp_no_shared_parameter_starts_from_a_sites_private_rows(root: Path) -> None:
+    """At the first task round a site set its shared sBMD head to its training patients' mean sBMD (the
+    recipe's prior). Under DP that mean would leave in the update nearly unchanged, outside epsilon. With
+    the learning rate at 0 the DP steps move nothing, so every site's first task update must be the global
+    model exactly; without DP (the control) each site's update carries its own prior."""
+    def first_task_updates(run: str = "") -> dict[str, dict[str, np.ndarray]]:
+        fed, grid = _federation(root, run=run, **{"train.lr": 0.0, "federation.final_eval_split": "null"})
+        fed.run()
+        task = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN
+                and not m.has_error() and protocol.ARRAYS in m.content.array_records][-len(SITES):]
+        return {m.content[protocol.SITE]["name"]: protocol.payload_of(m.content) for m in task}
+
+    bias = "heads.sbmd.bias"
+    plain = first_task_updates()
+    priors = {s: float(plain[s][bias][0]) for s in SITES}
+    assert len(set(priors.values())) == len(SITES)  # each site's own mean: the control can see the leak
+    private = first_task_updates("privacy=dp privacy.epsilon_budget=1000")
+    reference = private["site_a"]
+    assert all(np.array_equal(private[s][k], reference[k]) for s in SITES for k in reference)
+    assert all(float(reference[bias][0]) != prior for prior in priors.values())
