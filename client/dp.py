@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from omegaconf import DictConfig
+
 from osteo_model import training
+from osteo_model.dataset import SiteData
 from osteofl.client.site_session import SiteSession
 
 if TYPE_CHECKING:
@@ -20,6 +23,21 @@ def _privacy():
     from osteo_model import privacy
 
     return privacy
+
+
+def describe(cfg: DictConfig, data: SiteData, spent: float) -> str:
+    """The site's DP floor in one line for its start-up log: what a round costs a patient at the site's own
+    batch size, so a data-protection officer sees before any run how far the budget goes."""
+    if not cfg.privacy.enabled:
+        return "DP: no floor (on only if a run asks for it)"
+    p, batch = cfg.privacy, int(cfg.train.batch_size)
+    costs = []
+    for phase in training.PHASES:
+        n = len(training.phase_dataset(data, cfg, phase, per_patient=True))
+        if n:
+            costs.append(f"{_privacy().pass_epsilon(n, batch, p):.2f} per {phase} round ({n} patients)")
+    return (f"DP floor: noise {p.noise_multiplier}, clip {p.max_grad_norm}, delta {p.delta}; epsilon {spent:.2f} "
+            f"spent of {p.epsilon_budget}; a round alone at batch {batch} costs {', '.join(costs) or 'nothing'}")
 
 
 class PrivacySession:

@@ -28,7 +28,8 @@ from flwr.supercore import log
 
 from osteo_model.cli._common import run_cli
 from osteo_model.dataset import load_site_data
-from osteofl.client import handlers, policy, worker_wire
+from osteofl.client import dp, handlers, policy, worker_wire
+from osteofl.client.state_store import StateStore
 from osteofl.client.site_session import site_config
 
 READY = "osteo-worker ready"
@@ -64,10 +65,12 @@ def warm_up(node_config: dict[str, Any]) -> str:
     model is not built: its settings come with each run's request."""
     context = Context(run_id=0, node_id=0, node_config=dict(node_config), state=RecordDict(), run_config={})
     site, cfg = site_config(context)
-    policy.effective_config(cfg, cfg)  # what each run's request meets: the site's policy against itself
+    own = policy.effective_config(cfg, cfg)  # what each run's request meets: the site's policy against itself
     data = load_site_data(cfg.site.cache_dir, cfg)
     caps = ", ".join(f"{name} {cap}" for name, cap in policy.compute_caps(cfg.site.policy).items())
-    return f"site {site}: {len(data.cache)} vertebrae; compute caps: {caps or 'none'}"
+    spent = StateStore(cfg.site.state_dir, site).load().epsilon  # an unreadable state file stops the site here
+    return (f"site {site}: {len(data.cache)} vertebrae; compute caps: {caps or 'none'}; "
+            f"{dp.describe(own, data, spent)}")
 
 
 def serve(path: Path, node_config: dict[str, Any]) -> None:

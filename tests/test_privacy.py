@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 from osteo_model import model as osteo
 from osteo_model.dataset import load_site_data
 from osteo_model.errors import ConfigError, StateError
-from osteo_model.privacy import EpsilonAccountant, budget_exhausted, make_private
+from osteo_model.privacy import EpsilonAccountant, budget_exhausted, make_private, pass_epsilon
 from osteo_model.training import make_loader, make_optimizer, train_steps
 
 from model_helpers import make_caches, tiny_cfg
@@ -79,9 +79,11 @@ def test_dp_protects_patients_not_vertebrae(site):
             assert len(set(patients)) == len(patients)  # no patient twice in one step
             drawn.extend(batch["row"].tolist())
     assert set(drawn) == set(ssl_rows.tolist())  # every vertebra can be drawn: none is left out for good
-    train_steps(model, data, cfg, "ssl", opt, "cpu", max_steps=1, private=private)
+    train_steps(model, data, cfg, "ssl", opt, "cpu", private=private)  # one round: one pass over the patients
     (noise, rate, steps), = private.accountant.accountant.history
-    assert rate == pytest.approx(1 / -(-n_patients // min(int(cfg.train.batch_size), n_patients)))
+    assert rate == pytest.approx(1 / steps) and steps == -(-n_patients // min(int(cfg.train.batch_size), n_patients))
+    # what a site's start-up line states a round costs is what the round spent
+    assert pass_epsilon(n_patients, int(cfg.train.batch_size), cfg.privacy) == pytest.approx(private.epsilon())
 
 
 def test_bad_accountant_state_and_batchnorm_rejected(site):

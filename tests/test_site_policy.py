@@ -5,6 +5,7 @@ differencing attack), no local path in any reply, and an audit log that lists ex
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
 from osteo_model import central, dataset, model as osteo
 from osteo_model.cache import SiteCache
 from osteo_model.config import compose, compose_site
-from osteo_model.errors import ConfigError, OsteoError
+from osteo_model.errors import ConfigError, OsteoError, StateError
 from osteofl import protocol
 from osteofl.client import audit, audit_cli, policy
 from osteofl.client.client_app import make_client_app
@@ -378,7 +379,15 @@ def test_the_site_worker_states_its_caps_at_start_and_a_broken_policy_stops_it_t
 
     own = " ".join(small_overrides(root))
     assert warm_up({"site": "site_a", "overrides": f"{own} {_caps({'max_batch_size': 8})}"}).endswith(
-        "compute caps: max_batch_size 8")
+        "compute caps: max_batch_size 8; DP: no floor (on only if a run asks for it)")
+    line = warm_up({"site": "site_a", "overrides": f"{own} privacy=dp privacy.epsilon_budget=3 {_caps({'max_batch_size': 8})}"})
+    assert "DP floor: noise 1.0, clip 1.0, delta 1e-05; epsilon 0.00 spent of 3.0; a round alone at batch 8 costs " in line
+    assert re.search(r"costs \d+\.\d\d per ssl round \(\d+ patients\), \d+\.\d\d per task round \(\d+ patients\)$", line)
+    state = root / "data" / "state" / "site_a" / "site_state.pt"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_bytes(b"not a state file")  # a damaged ledger stops the site at start, not at its first round
+    with pytest.raises(StateError, match="unreadable site state"):
+        warm_up({"site": "site_a", "overrides": own})
     with pytest.raises(ConfigError, match=r"site.policy.compute.max_batch_size=0 must be a whole number >= 1"):
         warm_up({"site": "site_a", "overrides": f"{own} {_caps({'max_batch_size': 0})}"})
     site_yaml = root / "data" / "sites" / "site_b" / "site.yaml"
