@@ -1,6 +1,7 @@
 """A site's DP-SGD round: Opacus wrapping via ``osteo_model.privacy`` and the cumulative epsilon kept in
-the site state, so that spending adds up across rounds, runs and restarts, and training stops for good
-once ``privacy.epsilon_budget`` is reached.
+the site state, so that spending adds up across rounds, runs and restarts; a round that would take epsilon
+over ``privacy.epsilon_budget`` is not trained (the budget is a cap, known before the round from the
+accountant).
 """
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ def describe(cfg: DictConfig, data: SiteData, spent: float) -> str:
     batch size, so a data-protection officer sees before any run how far the budget goes."""
     if not cfg.privacy.enabled:
         return "DP: no floor (on only if a run asks for it)"
-    p, batch = cfg.privacy, int(cfg.train.batch_size)
-    costs = []
+    p, costs = cfg.privacy, []
     for phase in training.PHASES:
         n = len(training.phase_dataset(data, cfg, phase, per_patient=True))
         if n:
-            costs.append(f"{_privacy().pass_epsilon(n, batch, p):.2f} per {phase} round ({n} patients)")
+            per_pass = training.steps_per_pass(data, cfg, phase, per_patient=True)
+            costs.append(f"{_privacy().epsilon_after(p, per_pass, per_pass):.2f} per {phase} round ({n} patients)")
     return (f"DP floor: noise {p.noise_multiplier}, clip {p.max_grad_norm}, delta {p.delta}; epsilon {spent:.2f} "
-            f"spent of {p.epsilon_budget}; a round alone at batch {batch} costs {', '.join(costs) or 'nothing'}")
+            f"spent of {p.epsilon_budget}; a round alone at batch {cfg.train.batch_size} costs "
+            f"{', '.join(costs) or 'nothing'}")
 
 
 class PrivacySession:
@@ -48,11 +50,20 @@ class PrivacySession:
         self.cfg = session.cfg.privacy
         self.enabled = bool(self.cfg.enabled)
 
-    def budget_spent(self) -> bool:
+    def refusal(self, steps_per_pass: int, steps: int) -> str | None:
+        """Why the site trains no more: its ε budget is spent, or this round's ``steps`` DP steps would take
+        ε over it (the budget is a cap, not a threshold one round may cross); None when it may train."""
         if not self.enabled:
-            return False
-        privacy = _privacy()
-        return privacy.budget_exhausted(privacy.EpsilonAccountant(self.session.state.accountant), self.cfg)
+            return None
+        privacy, budget = _privacy(), float(self.cfg.epsilon_budget)
+        spent = privacy.EpsilonAccountant(self.session.state.accountant).epsilon(float(self.cfg.delta))
+        if spent >= budget:
+            return f"privacy budget spent (epsilon {spent:.3f} >= {budget}); not training any more"
+        after = privacy.epsilon_after(self.cfg, steps_per_pass, steps, self.session.state.accountant)
+        if after > budget:
+            return (f"privacy budget nearly spent: this round's {steps} DP steps would take epsilon from {spent:.3f} "
+                    f"to {after:.3f}, over the budget {budget}; not training any more")
+        return None
 
     def attach(self, optimizer: torch.optim.Optimizer, phase: str) -> "privacy.PrivateTraining | None":
         """Wrap model, optimizer and a Poisson-sampled loader of the phase's patients for DP-SGD."""

@@ -115,12 +115,10 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     config = message.content[CONFIG]
     phase = str(config[PHASE])
     privacy = PrivacySession(session)
-    if privacy.budget_spent():
-        reason = (
-            f"site {session.site}: privacy budget spent (epsilon {session.state.epsilon:.3f} >= "
-            f"{session.cfg.privacy.epsilon_budget}); not training any more"
-        )
-        return Message(Error(code=ERROR_BUDGET_SPENT, reason=reason), reply_to=message)
+    per_pass = training.steps_per_pass(session.data, session.cfg, phase, per_patient=privacy.enabled)
+    steps = policy.local_steps(session.cfg, per_pass)
+    if reason := privacy.refusal(per_pass, steps or per_pass):
+        return Message(Error(code=ERROR_BUDGET_SPENT, reason=f"site {session.site}: {reason}"), reply_to=message)
     run_id = _run_id(message, context, session)
     if reason := policy.rounds_spent(session.cfg, session.state.rounds_by_run.get(run_id, 0)):
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=f"site {session.site}: {reason}"), reply_to=message)
@@ -138,8 +136,6 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     recipe.begin(phase, training.index_in_phase(session.cfg, phase, int(config[protocol.ROUND])))
     optimizer = recipe.optimizer
     proximal.attach_proximal_term(optimizer, session.model, float(config.get(PROXIMAL_MU, 0.0)))
-    steps = policy.local_steps(session.cfg, training.steps_per_pass(session.data, session.cfg, phase,
-                                                                    per_patient=privacy.enabled))
     private = privacy.attach(optimizer, phase)
     metrics = training.train_steps(session.model, session.data, session.cfg, phase, optimizer, session.device,
                                    max_steps=steps, private=private)

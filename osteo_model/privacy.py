@@ -117,14 +117,9 @@ def _secret_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
-def pass_epsilon(n_records: int, batch_size: int, privacy_cfg) -> float:
-    """ε of one DP pass over ``n_records`` on its own (Poisson rate batch / records, records / batch steps):
-    what one round costs a site with no spending yet; later rounds add less, as RDP composes sublinearly."""
-    steps = -(-n_records // max(1, min(batch_size, n_records)))
-    accountant = EpsilonAccountant({"mechanism": "rdp", "history": [[float(privacy_cfg.noise_multiplier), 1 / steps, steps]]})
+def epsilon_after(privacy_cfg, steps_per_pass: int, steps: int, state: dict[str, Any] | None = None) -> float:
+    """ε once ``steps`` more DP steps are taken at Opacus's Poisson rate (1 / steps per pass) on top of the
+    accountant ``state`` (None: nothing spent yet): what a round will cost, known before it trains."""
+    accountant = EpsilonAccountant(state)
+    accountant.accountant.history.append((float(privacy_cfg.noise_multiplier), 1 / max(steps_per_pass, 1), int(steps)))
     return accountant.epsilon(float(privacy_cfg.delta))
-
-
-def budget_exhausted(accountant: EpsilonAccountant, privacy_cfg) -> bool:
-    """True when the site's cumulative epsilon has reached ``privacy.epsilon_budget``."""
-    return accountant.epsilon(float(privacy_cfg.delta)) >= float(privacy_cfg.epsilon_budget)

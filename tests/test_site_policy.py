@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from cache_factory import copy_cache, make_site_cache
 from federation_helpers import SITES, LocalGrid, make_caches, small_overrides
-from osteo_model import central, dataset, model as osteo
+from osteo_model import central, dataset, model as osteo, training
 from osteo_model.cache import SiteCache
 from osteo_model.config import compose, compose_site
 from osteo_model.errors import ConfigError, OsteoError, StateError
@@ -165,14 +165,32 @@ def test_share_all_is_refused_by_the_site_unless_it_opted_in(root: Path) -> None
 
 
 def test_site_dp_floor_and_budget_apply_when_the_coordinator_asks_for_none(root: Path) -> None:
-    own = {s: "privacy=dp privacy.epsilon_budget=0.001" for s in SITES}
+    """The site's ε budget is a cap: a site trains a round only if that round keeps it within the budget
+    (before, a site with budget 0.001 trained its first round and reported ε of several units)."""
+    from osteo_model.privacy import epsilon_after
+
+    site_cfg = compose([*small_overrides(root), "privacy=dp"])
+    first_round = {}
+    for s in SITES:
+        data = dataset.load_site_data(root / "data" / "cache" / s, site_cfg)
+        per_pass = training.steps_per_pass(data, site_cfg, "ssl", per_patient=True)
+        first_round[s] = epsilon_after(site_cfg.privacy, per_pass, int(site_cfg.federation.local_steps))
+    budget = {"site_a": 1.01 * first_round["site_a"], "site_b": 1.01 * first_round["site_b"], "site_c": 0.001}
+    own = {s: f"privacy=dp privacy.epsilon_budget={b:.6f}" for s, b in budget.items()}
     fed, grid = _federation(root, node=own, **{"federation.final_eval_split": "null"})
     assert not fed.cfg.privacy.enabled  # the coordinator's config: no DP at all
     first, second = fed.run().records
-    assert all(first["site_train"][s]["epsilon"] > 0.001 for s in SITES)  # trained with DP-SGD
-    assert not second["site_train"]  # then stopped at the site's own budget
+    for s in ("site_a", "site_b"):  # trained with DP-SGD, spending what the site foresaw, within its budget
+        assert first["site_train"][s]["epsilon"] == pytest.approx(first_round[s], rel=1e-6)
+        assert first["site_train"][s]["epsilon"] <= budget[s]
+    assert [f["site"] for f in first["failed"]] == ["site_c"]
+    assert re.fullmatch(r"site site_c: privacy budget nearly spent: this round's 2 DP steps would take epsilon from "
+                        r"0\.000 to \d+\.\d{3}, over the budget 0\.001; not training any more", first["failed"][0]["reason"])
+    assert not second["site_train"]  # then each stopped at its own budget, before crossing it
     assert {f["site"] for f in second["failed"]} == set(SITES)
-    assert all("privacy budget spent" in f["reason"] for f in second["failed"])
+    assert all("would take epsilon from" in f["reason"] or "privacy budget spent" in f["reason"] for f in second["failed"])
+    assert not any(m.content.array_records for m in grid.sent if m.has_content() and protocol.SITE in m.content
+                   and m.content[protocol.SITE]["name"] == "site_c")  # site_c never sent an update
 
 
 def test_small_sites_withhold_metrics_and_sizes_and_audit_lists_what_was_sent(root: Path, capsys) -> None:
