@@ -177,26 +177,30 @@ def _second_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_terms(net: nn.Module, batch: dict[str, torch.Tensor], cfg, phase: str, per_sample: bool):
+    """The phase's loss terms and every forward pass's outputs (the consistency term makes a second)."""
     out = net(batch["x"])
     if phase == "ssl":
         target = unwrap(net).feature_norm(batch["features"])
         terms = {"ssl": losses.ssl_loss(out["ssl"], target), "level": losses.task_losses(out, batch)["level"]}
         if float(cfg.train.loss.consistency) > 0:
-            terms["consistency"] = losses.consistency_loss(out["ssl"], net(_second_view(batch["x"]))["ssl"])
-        return terms, out
+            second = net(_second_view(batch["x"]))
+            terms["consistency"] = losses.consistency_loss(out["ssl"], second["ssl"])
+            return terms, [out, second]
+        return terms, [out]
     terms = losses.task_losses(out, batch)
     terms["balance"] = losses.balance_loss(out["gate"], per_sample=per_sample)
-    return terms, out
+    return terms, [out]
 
 
 def _step(net, batch, cfg, phase, optimizer, device, per_sample: bool) -> dict[str, float]:
     batch = {k: v.to(device) for k, v in batch.items()}
-    terms, out = _loss_terms(net, batch, cfg, phase, per_sample)
+    terms, passes = _loss_terms(net, batch, cfg, phase, per_sample)
     loss = sum(float(cfg.train.loss[k]) * v for k, v in terms.items())
     if per_sample:
-        # Opacus needs a (here zero) per-sample gradient for every trainable parameter, including the
-        # heads the phase does not train; a zero-weighted term routes one through every output.
-        loss = loss + sum(0.0 * o.sum() for o in out.values())
+        # Opacus needs a (here zero) per-sample gradient for every trainable parameter in every forward
+        # pass, including the heads the phase does not train; a zero-weighted term routes one through
+        # every output of every pass (else a second pass leaves activations Opacus never consumes).
+        loss = loss + sum(0.0 * o.sum() for out in passes for o in out.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

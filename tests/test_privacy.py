@@ -1,5 +1,6 @@
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from osteo_model import model as osteo
 from osteo_model.dataset import load_site_data
@@ -18,9 +19,11 @@ def site(tmp_path_factory):
     return cfg, load_site_data(root / "data" / "cache" / "site_a", cfg)
 
 
-@pytest.mark.parametrize("phase", ["task", "ssl"])
-def test_one_private_step(site, phase):
+@pytest.mark.parametrize("phase, consistency", [("task", 0.0), ("ssl", 0.0), ("ssl", 1.0)])
+def test_one_private_step(site, phase, consistency):
+    """(The consistency term's second forward pass once left Opacus without per-sample gradients.)"""
     cfg, data = site
+    cfg = OmegaConf.merge(cfg, {"train": {"loss": {"consistency": consistency}}})
     model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
     before = osteo.shared_state(model)
     opt = make_optimizer(model.parameters(), cfg)
