@@ -247,8 +247,10 @@ def _refit_site_model(session: SiteSession, card: dict) -> None:
     """The final local refit of the kept site model in the session (``train.final_refit_epochs``;
     training.final_refit: local parts only, an epoch kept only where the site's validation patients
     improve), once per kept model: its card records the epoch kept (0: none), so a repeated final
-    evaluation does not refit the refitted model. ``card`` is updated in place."""
-    if "refit" in card:
+    evaluation does not refit the refitted model. ``card`` is updated in place. None under DP."""
+    if "refit" in card or session.cfg.privacy.enabled:
+        # under DP the refit would train on the training patients outside epsilon, and the test metrics
+        # that leave would judge it: a site under DP goes home with the model its DP rounds made
         return
     epoch = training.final_refit(session.model, session.data, session.cfg, session.device)
     if epoch is None:

@@ -135,10 +135,14 @@ def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
 
 
 def check_request(cfg: DictConfig) -> None:
-    """Refuse a run that asks for the whole model when the site has not opted in to that baseline."""
+    """Refuse a run that asks for the whole model when the site has not opted in to that baseline (and
+    under DP in any case), or to keep shared modules at the site."""
     if cfg.federation.share_all and not cfg.site.policy.allow_share_all:
         raise PolicyRefusal("the run asks for the whole model (federation.share_all=true); this site's "
                             "policy sends shared parameters only (site.policy.allow_share_all=false)")
+    if cfg.federation.share_all and cfg.privacy.enabled:
+        raise PolicyRefusal("the run asks for the whole model under DP: it would send the site's feature "
+                            "standardisation (its patients' exact feature moments), outside epsilon")
     if OmegaConf.select(cfg, "federation.personal_prefixes"):
         raise PolicyRefusal("the run asks to keep shared modules at the site (federation.personal_prefixes): a "
                             "benchmark baseline of osteo-evidence; a site's state file keeps only its local parts")

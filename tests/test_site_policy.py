@@ -162,6 +162,23 @@ def test_share_all_is_refused_by_the_site_unless_it_opted_in(root: Path) -> None
     sent = protocol.payload_of(next(m for m in grid.sent if m.content.array_records).content)
     model = osteo.build_model(fed.cfg, 6, "hologic")
     assert set(sent) == set(model.state_dict()) and set(osteo.local_keys(model)) <= set(sent)
+    # not under DP, even opted in: the whole model holds the feature moments of the site's patients
+    fed, grid = _federation(root, run="federation.share_all=true privacy=dp", node=opt_in)
+    with pytest.raises(ConfigError, match="only 0 sites answered"):
+        fed.handshake()
+    assert all("whole model under DP" in reply.error.reason for reply in grid.sent)
+
+
+def test_under_dp_a_site_does_not_refit_on_its_training_patients(root: Path) -> None:
+    """The final refit trains the local parts on the training patients without DP, and the run's test
+    metrics would judge that model: outside epsilon. Under DP the site keeps the model its DP rounds made."""
+    fed, _ = _federation(root, run="privacy=dp privacy.epsilon_budget=1000", **{"train.final_refit_epochs": 2})
+    fed.run()
+    final = json.loads((root / "outputs" / "federated" / "final_metrics.json").read_text())
+    assert final["split"] == "test" and set(final["sites"]) == set(SITES)  # the final evaluation ran
+    for site in SITES:
+        card = json.loads((root / "data" / "state" / site / "model_card.json").read_text())
+        assert card["epsilon_spent"] > 0 and "refit" not in card
 
 
 def test_site_dp_floor_and_budget_apply_when_the_coordinator_asks_for_none(root: Path) -> None:
