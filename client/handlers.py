@@ -205,6 +205,7 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     if reason := policy.withheld(session.data, split, session.cfg):
         return _withheld(message, session.site, reason)
     n = int(metrics.get("num_examples", len(session.data.splits.get(split, ()))))
+    metrics = policy.without_small_subgroups(metrics, session.data, split, session.cfg)
     return _reply(message, session.site, _metric_record(metrics, n))
 
 

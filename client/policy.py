@@ -206,6 +206,18 @@ def withheld(data: SiteData, split: str, cfg: DictConfig) -> str | None:
     return None
 
 
+def without_small_subgroups(metrics: Mapping[str, float], data: SiteData, split: str,
+                            cfg: DictConfig) -> dict[str, float]:
+    """``metrics`` without the per-device figures (``*_bmd_<device>``, osteo_model.metrics) of a DXA device
+    on which fewer labeled patients of ``split`` than the site's minimum cohort were measured: one patient
+    on a second device would otherwise send that patient's own prediction error, and the key its device."""
+    table = data.cache.table.iloc[data.splits.get(split, np.array([], dtype=int))]
+    table = table[np.isfinite(table["bmd"].to_numpy(float))]
+    counts = table.groupby(table["dxa_manufacturer"].astype(str))["patient_id"].nunique()
+    small = tuple(f"_bmd_{device}" for device, n in counts.items() if n < int(cfg.site.policy.min_cohort))
+    return {k: v for k, v in metrics.items() if not (small and k.endswith(small))}
+
+
 def rounded_count(n: int) -> int:
     return -(-int(n) // COUNT_QUANTUM) * COUNT_QUANTUM
 

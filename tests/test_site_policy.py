@@ -5,6 +5,7 @@ differencing attack), no local path in any reply, and an audit log that lists ex
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -208,6 +209,37 @@ def test_site_dp_floor_and_budget_apply_when_the_coordinator_asks_for_none(root:
     assert all("would take epsilon from" in f["reason"] or "privacy budget spent" in f["reason"] for f in second["failed"])
     assert not any(m.content.array_records for m in grid.sent if m.has_content() and protocol.SITE in m.content
                    and m.content[protocol.SITE]["name"] == "site_c")  # site_c never sent an update
+
+
+def test_one_patient_on_another_dxa_device_gets_no_figure_of_its_own(root: Path) -> None:
+    """Per-device Bland-Altman figures over one patient are that patient's own prediction error. A val
+    patient of site_a measured on a GE Lunar (the site's other patients: Hologic) must not get them."""
+    from osteo_model.cache import SiteCache, write_site_cache
+    from osteo_model.metrics import compute_metrics
+
+    src = root / "data" / "cache" / "site_a"
+    cfg = compose(small_overrides(root))
+    data = dataset.load_site_data(src, cfg)
+    lone = data.cache.table["patient_id"].iloc[data.splits["val"][0]]
+    c = SiteCache.open(src)
+    table = c.table.copy()
+    table.loc[table["patient_id"] == lone, "dxa_manufacturer"] = "ge_lunar"
+    moved = root / "moved"
+    write_site_cache(moved, table, np.asarray(c.crops), np.asarray(c.masks), np.asarray(c.features), c.feature_names, c.manifest)
+    shutil.rmtree(src)
+    moved.rename(src)
+    data = dataset.load_site_data(src, cfg)
+    rows = data.splits["val"]
+    unfiltered = compute_metrics(training.predict(osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer),
+                                                  data, rows, "cpu"), data.cache.table.iloc[rows])
+    assert math.isfinite(unfiltered["patient_bias_bmd_ge_lunar"])  # what the site computed: one patient's error
+    fed, grid = _federation(root, **{"federation.final_eval_split": "null"})
+    sent = []  # metric names at send time (the server trims records in place later)
+    grid.tamper = lambda site, reply: sent.append(set(reply.content[protocol.METRICS])) if (
+        site == "site_a" and reply.metadata.message_type == MessageType.EVALUATE) else None
+    fed.run()
+    assert sent and all("patient_bias_bmd" in keys for keys in sent)
+    assert not [k for keys in sent for k in keys if "ge_lunar" in k]
 
 
 def test_small_sites_withhold_metrics_and_sizes_and_audit_lists_what_was_sent(root: Path, capsys) -> None:
