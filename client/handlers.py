@@ -127,6 +127,10 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     policy.check_payload(session.model, session.cfg, protocol.payload_keys(session.model, session.cfg))
 
     _load_global(message, session)
+    if privacy.enabled and session.state.non_private_rounds:
+        log(WARNING, "site %s: %d earlier round(s) without DP trained its local parts: DP starts them and the "
+                     "optimiser afresh", session.site, session.state.non_private_rounds)
+        session.start_local_afresh()
     # under DP no shared parameter starts from the private rows: the sBMD prior (the training patients' mean
     # sBMD, set into the shared head at the first task round) would leave nearly as it is, outside epsilon
     recipe = training.Recipe({session.site: session.model}, session.cfg,
@@ -146,6 +150,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
                                f"{bad[0]}): nothing saved, nothing sent; the site's state is as before the round")
     session.state.optimizer = optimizer.state_dict()
     session.state.rounds_trained += 1
+    session.state.non_private_rounds += private is None
     session.state.rounds_by_run[run_id] = session.state.rounds_by_run.get(run_id, 0) + 1
     privacy.record(private)
     session.save()

@@ -102,6 +102,15 @@ class SiteSession:
             osteo.standardise_on_site(model, data)
         return cls(site, cfg, data, model, store, state, device)
 
+    def start_local_afresh(self) -> None:
+        """Local parts and optimiser as a site that never trained has them. A DP round starts from them when
+        rounds without DP trained the kept ones: those, and Adam's moments of unclipped gradients, would
+        carry what the training patients taught them into the DP update, outside epsilon."""
+        fresh = osteo.build_model(self.cfg, self.data.cache.features.shape[1], self.data.manufacturer)
+        osteo.standardise_on_site(fresh, self.data)
+        osteo.load_local(self.model, osteo.local_state(fresh))
+        self.state.optimizer, self.state.non_private_rounds = None, 0
+
     def save(self) -> None:
         self.state.local = osteo.local_state(self.model)
         self.store.save(self.state)

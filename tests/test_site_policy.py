@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from cache_factory import copy_cache, make_site_cache
@@ -589,3 +590,31 @@ def test_under_dp_no_shared_parameter_starts_from_a_sites_private_rows(root: Pat
     reference = private["site_a"]
     assert all(np.array_equal(private[s][k], reference[k]) for s in SITES for k in reference)
     assert all(float(reference[bias][0]) != prior for prior in priors.values())
+
+
+def test_dp_rounds_do_not_build_on_local_parts_trained_without_dp(root: Path) -> None:
+    """A site that trained without DP and then gets a DP floor: its local parts (and Adam's moments of
+    unclipped gradients) carry its training patients into every DP update, outside epsilon. The DP round
+    starts them afresh; with the learning rate at 0 they stay exactly as a site that never trained has them."""
+    from osteofl.client.state_store import StateStore
+
+    fed, _ = _federation(root, **{"federation.final_eval_split": "null"})
+    fed.run()
+    store = {s: StateStore(root / "data" / "state" / s, s) for s in SITES}
+    before = {s: store[s].load() for s in SITES}
+    assert all(st.non_private_rounds == 2 and st.accountant is None for st in before.values())
+    own = {s: "privacy=dp privacy.epsilon_budget=1000" for s in SITES}
+    fed, _ = _federation(root, node=own, **{"train.lr": 0.0, "federation.final_eval_split": "null",
+                                            "federation.run_name": "with_dp"})
+    fed.run()
+    cfg = compose(small_overrides(root))
+    for s in SITES:
+        after = store[s].load()
+        data = dataset.load_site_data(root / "data" / "cache" / s, cfg)
+        fresh = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
+        osteo.standardise_on_site(fresh, data)
+        fresh_local = osteo.local_state(fresh)
+        moved = [k for k in fresh_local if not torch.equal(before[s].local[k], fresh_local[k])]
+        assert moved  # the first run trained the local parts: the check below can tell
+        assert all(torch.equal(after.local[k], fresh_local[k]) for k in fresh_local)
+        assert after.non_private_rounds == 0 and after.epsilon > 0
