@@ -11,6 +11,7 @@ Ends with a per-site table (test split) and writes ``<outputs>/sim/report.{json,
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 import json
 import shutil
 import socket
@@ -287,7 +288,8 @@ def simulate(overrides: Sequence[str], log: Callable[[str], None] = print, basel
     history = json.loads((out / "osteofl" / "history.json").read_text())
     results["osteofl"] = final["sites"]
     report["payload"] = {"shared_bytes": final["payload_bytes"], "whole_model_bytes": final["whole_model_bytes"],
-                         "upload_bytes_per_round": history[-1]["upload_bytes"]}
+                         "upload_bytes_per_round": next((r["upload_bytes"] for r in reversed(history) if r["upload_bytes"]), {})}
+    report["missed_rounds"] = missed_rounds(history)
     secs = [r["seconds"] for r in history]
     report["round_seconds_flower"] = list(np.diff([0.0, *secs]))
     if baselines:
@@ -314,10 +316,25 @@ def simulate(overrides: Sequence[str], log: Callable[[str], None] = print, basel
     return report
 
 
+def missed_rounds(history: Sequence[dict]) -> dict[str, list[str]]:
+    """Per site, the rounds it did not train in and why (failed, withheld, rejected), rounds grouped by
+    reason: a site whose DP budget ran out, say, is not in the later rounds' model."""
+    grouped: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for record in history:
+        for entry in (*record.get("failed", []), *record.get("withheld", []), *record.get("rejected", [])):
+            grouped[(entry["site"], entry["reason"])].append(int(record["round"]))
+    out: dict[str, list[str]] = defaultdict(list)
+    for (site, reason), rounds in grouped.items():
+        out[site].append(f"round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))}: {reason}")
+    return dict(out)
+
+
 def render(report: dict, sites: Sequence[str]) -> str:
     p = report["payload"]
     lines = [f"OsteoFL simulation: {len(sites)} sites + external {report['external']['site']}", DEMO_CAVEAT,
              table(report["results"], sites)]
+    for site, why in report.get("missed_rounds", {}).items():  # OsteoFL's run: its model lacks these updates
+        lines.append(f"{site} did not train in OsteoFL's " + "; ".join(why))
     ext = report["external"]
     lines.append(f"\nexternal site {ext['site']} (test split), shared weights of OsteoFL:")
     for key, name in COLUMNS:
@@ -327,7 +344,7 @@ def render(report: dict, sites: Sequence[str]) -> str:
     epoch = int(ext["after_onboarding"].get("selected_epoch", 0))
     kept = f"the fitted local parts of epoch {epoch}" if epoch else "the shared-only prediction"
     lines.append(f"  onboarding kept {kept} (selected on the external site's own validation patients)")
-    per_site = ", ".join(f"{s} {b / 1e3:.1f} kB" for s, b in sorted(p["upload_bytes_per_round"].items()))
+    per_site = ", ".join(f"{s} {b / 1e3:.1f} kB" for s, b in sorted(p["upload_bytes_per_round"].items())) or "none"
     lines.append(f"\nupload per site per round: {per_site}; whole model would be {p['whole_model_bytes'] / 1e3:.1f} kB "
                  f"({100 * p['shared_bytes'] / p['whole_model_bytes']:.1f} % sent)")
     flower = report["round_seconds_flower"]
