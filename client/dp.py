@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-
 from omegaconf import DictConfig
 
 from osteo_model import training

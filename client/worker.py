@@ -29,8 +29,8 @@ from flwr.supercore import log
 from osteo_model.cli._common import run_cli
 from osteo_model.dataset import load_site_data
 from osteofl.client import dp, handlers, policy, worker_wire
-from osteofl.client.state_store import StateStore
 from osteofl.client.site_session import site_config
+from osteofl.client.state_store import StateStore
 
 READY = "osteo-worker ready"
 """Printed (and flushed) once the socket listens (osteo-client waits for the socket itself)."""
