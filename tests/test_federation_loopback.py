@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
     allow_small_cohorts(tmp_path, [*SITES, "intruder"])
     with open(tmp_path / "data" / "sites" / "site_b" / "site.yaml", "a") as own:  # site_b's hardware is small
         own.write("  compute:\n    max_batch_size: 4\n")
+    with open(tmp_path / "data" / "sites" / "site_a" / "site.yaml", "a") as own:  # site_a's own DP floor
+        own.write("  privacy: {enabled: true, noise_multiplier: 1.0, max_grad_norm: 1.0, delta: 1.0e-5, "
+                  "epsilon_budget: 100}\n")
     port = _free_port()
     overrides = small_overrides(
         tmp_path, **{"federation.superlink.port": port, "federation.superlink.address": f"127.0.0.1:{port}",
@@ -121,4 +125,9 @@ def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
         assert ("site worker: train answered" in (tmp_path / f"{site}.log").read_text()) == (i != 2)
     # site_b's own site.yaml capped its batches: its worker said so at start, the coordinator's log names the cut
     assert "compute caps: max_batch_size 4" in (tmp_path / "site_b.log").read_text()
+    # site_a's DP floor, which the run did not ask for: stated at start, spent in both rounds, the others none
+    assert re.search(r"DP floor: noise 1.0, clip 1.0, delta 1e-05; epsilon 0.00 spent of 100.0; a round alone at "
+                     r"batch \d+ costs \d+\.\d\d per ssl round", (tmp_path / "site_a.log").read_text())
+    eps = [r["site_train"]["site_a"]["epsilon"] for r in history]
+    assert 0 < eps[0] < eps[1] and all(r["site_train"][s]["epsilon"] == 0 for r in history for s in ("site_b", "site_c"))
     assert "site site_b's policy caps train.batch_size at 4 (this run asks 8)" in server_log.read_text()
