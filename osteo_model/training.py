@@ -279,7 +279,7 @@ def train_pooled(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: SiteData, rows: np.ndarray, device: str, batch_size: int = 64) -> dict[str, np.ndarray]:
+def predict(model: nn.Module, data: SiteData, rows: np.ndarray, device: str, batch_size: int) -> dict[str, np.ndarray]:
     """Per-vertebra predictions: sbmd, device bmd, diagnosis probabilities p (N, 3), T-score, category
     (from T), predicted level. Stays at the site (use metrics for anything that leaves)."""
     net = unwrap(model).to(device).eval()

@@ -39,7 +39,7 @@ def _without_local_expert(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def diagnose(model: torch.nn.Module, data: SiteData, rows: np.ndarray, pred: dict[str, np.ndarray],
-             device: str) -> dict[str, float]:
+             device: str, batch_size: int) -> dict[str, float]:
     """DIAGNOSTICS of ``model`` on ``rows`` given its predictions ``pred`` there (training.predict);
     the MoE entries only for a model with a gate. Empty when there are no rows."""
     if not len(rows):
@@ -48,7 +48,7 @@ def diagnose(model: torch.nn.Module, data: SiteData, rows: np.ndarray, pred: dic
     residual = pred["bmd"] - bmdlib.from_sbmd(pred["sbmd"], net.manufacturer)
     out = {"calibration_shift": float(np.mean(residual))}
     if net.moe:
-        without = training.predict(_without_local_expert(net), data, rows, device)["bmd"]
+        without = training.predict(_without_local_expert(net), data, rows, device, batch_size)["bmd"]
         out["gate_local"] = float(np.mean(pred["gate"][:, -1]))
         out["local_expert_shift"] = float(np.mean(pred["bmd"] - without))
     return out

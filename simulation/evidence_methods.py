@@ -74,11 +74,12 @@ def patients_from_bmd(pred_bmd: np.ndarray, table: pd.DataFrame) -> Patients:
                     pred_cat=pat["cat_pred"].to_numpy(int), score=-pat["t_pred"].to_numpy(float))
 
 
-def site_outcome(model: torch.nn.Module, data: SiteData, device: str) -> tuple[Patients, dict[str, float]]:
+def site_outcome(model: torch.nn.Module, data: SiteData, cfg, device: str) -> tuple[Patients, dict[str, float]]:
     """The site's test patients as ``model`` predicts them, and what its local parts do there."""
     rows, table = _test(data)
-    pred = training.predict(model, data, rows, device)
-    return patients_from_bmd(pred["bmd"], table), diagnose(model, data, rows, pred, device)
+    batch = int(cfg.train.eval_batch_size)
+    pred = training.predict(model, data, rows, device, batch)
+    return patients_from_bmd(pred["bmd"], table), diagnose(model, data, rows, pred, device, batch)
 
 
 class Selector:
@@ -106,7 +107,7 @@ class Selector:
         run = MethodRun({}, round_seconds, val_history=self.history, selected_round=self.selected)
         for site, model in models.items():
             refit_epoch = self.kept(site, model, datas[site], cfg, device)
-            run.predictions[site], run.diagnostics[site] = site_outcome(model, datas[site], device)
+            run.predictions[site], run.diagnostics[site] = site_outcome(model, datas[site], cfg, device)
             if refit_epoch is not None:
                 run.diagnostics[site][REFIT] = refit_epoch
         return run

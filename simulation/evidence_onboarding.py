@@ -60,13 +60,13 @@ def curve(cfg, data: SiteData, payload: Mapping[str, np.ndarray], requested: Seq
     patients = data.cache.table["patient_id"].astype(str).to_numpy()[rows]
     order = np.random.default_rng(int(cfg.seed)).permutation(np.unique(patients))
     run = MethodRun({})
-    run.predictions[SHARED_ONLY], diag = site_outcome(base, data, device)
+    run.predictions[SHARED_ONLY], diag = site_outcome(base, data, cfg, device)
     run.diagnostics[SHARED_ONLY] = {"labeled_patients": 0.0, **diag}
     for k in labeled_counts(requested, len(order)):
         model = copy.deepcopy(base)
         few = dataclasses.replace(data, splits={**data.splits, "train": rows[np.isin(patients, order[:k])]})
         fit = training.fit_local(model, few, cfg, device, int(cfg.train.fit_local_epochs))
-        run.predictions[point_name(k, len(order))], diag = site_outcome(model, data, device)
+        run.predictions[point_name(k, len(order))], diag = site_outcome(model, data, cfg, device)
         run.diagnostics[point_name(k, len(order))] = {"labeled_patients": float(k), "selected_epoch": fit["selected_epoch"],
                                           SELECTED: fit[SELECTED], BASELINE: fit[BASELINE], **diag}
     return run

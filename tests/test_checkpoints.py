@@ -108,12 +108,12 @@ def test_site_model_predicts_exactly_as_the_model_it_was_saved_from(trained, tmp
     _write_all(tmp_path, cfg, models)
     rebuilt = models_from_checkpoint(load_model_state(tmp_path / "state" / SITE_MODEL_FILE), cfg)
     rows = datas["site_b"].splits["test"]
-    want, got = predict(models["site_b"], datas["site_b"], rows, "cpu"), predict(rebuilt["site_b"], datas["site_b"], rows, "cpu")
+    want, got = (predict(m["site_b"], datas["site_b"], rows, "cpu", 64) for m in (models, rebuilt))
     np.testing.assert_array_equal(got["bmd"], want["bmd"])
     np.testing.assert_array_equal(got["p"], want["p"])
     # and the local parts matter: without them (a new site) the prediction differs
     bare = models_from_checkpoint({**load_model_state(tmp_path / "state"), "local": {}}, cfg)
-    assert not np.allclose(predict(bare["site_b"], datas["site_b"], rows, "cpu")["bmd"], want["bmd"])
+    assert not np.allclose(predict(bare["site_b"], datas["site_b"], rows, "cpu", 64)["bmd"], want["bmd"])
 
 
 def _save_site(folder: Path, cfg, model, card: dict) -> Path:

@@ -151,13 +151,13 @@ def test_diagnostics_measure_what_the_local_parts_add(tmp_path):
     cfg = compose(small_overrides(tmp_path))
     data = load_site_data(cache, cfg)
     model = osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer)
-    fresh = site_outcome(model, data, "cpu")[1]
+    fresh = site_outcome(model, data, cfg, "cpu")[1]
     assert fresh["calibration_shift"] == 0.0 and fresh["local_expert_shift"] == 0.0  # both start at zero
     assert 0.0 < fresh["gate_local"] < 0.5
     with torch.no_grad():
         model.calibration.residual.bias.fill_(0.03)
         model.local_expert[2].bias.fill_(1.0)
-    moved = site_outcome(model, data, "cpu")[1]
+    moved = site_outcome(model, data, cfg, "cpu")[1]
     assert moved["calibration_shift"] == pytest.approx(0.03, abs=1e-6)  # the residual adds 0.03 g/cm2 everywhere
     assert abs(moved["local_expert_shift"]) > 1e-4 and moved["gate_local"] == pytest.approx(fresh["gate_local"])
 

@@ -124,7 +124,7 @@ def test_interval_from_validation_residuals(tmp_path):
     data = load_site_data(tmp_path / "data/cache/site_a", cfg)
     net = models_from_checkpoint(load_model_state(model), cfg)["site_a"]
     val = data.cache.table.iloc[data.splits["val"]]
-    pat = patient_level(predict(net, data, data.splits["val"], "cpu")["bmd"], val)
+    pat = patient_level(predict(net, data, data.splits["val"], "cpu", 64)["bmd"], val)
     lo, hi = np.quantile(pat["pred"] - pat["true"], [0.1, 0.9])
     patient = rep[rep["level"] == "patient"].iloc[0]
     from osteo_model.bmd import t_score

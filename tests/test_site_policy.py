@@ -232,7 +232,7 @@ def test_one_patient_on_another_dxa_device_gets_no_figure_of_its_own(root: Path)
     data = dataset.load_site_data(src, cfg)
     rows = data.splits["val"]
     unfiltered = compute_metrics(training.predict(osteo.build_model(cfg, data.cache.features.shape[1], data.manufacturer),
-                                                  data, rows, "cpu"), data.cache.table.iloc[rows])
+                                                  data, rows, "cpu", 64), data.cache.table.iloc[rows])
     assert math.isfinite(unfiltered["patient_bias_bmd_ge_lunar"])  # what the site computed: one patient's error
     fed, grid = _federation(root, **{"federation.final_eval_split": "null"})
     sent = []  # metric names at send time (the server trims records in place later)
