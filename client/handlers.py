@@ -196,6 +196,7 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     split = str(config.get(SPLIT, session.cfg.federation.eval_split))
     policy.check_eval_split(split)
     run_id = _run_id(message, context, session)
+    _count_evaluation(session, run_id)
     _load_global(message, session)
     if split == "val":
         metrics = training.evaluate(session.model, session.data, session.cfg, split, session.device)
@@ -212,6 +213,18 @@ def handle_evaluate(message: Message, context: Context, extra: Sequence[str] = (
     n = int(metrics.get("num_examples", len(session.data.splits.get(split, ()))))
     metrics = policy.without_small_subgroups(metrics, session.data, split, session.cfg)
     return _reply(message, session.site, _metric_record(metrics, n))
+
+
+def _count_evaluation(session: SiteSession, run_id: str) -> None:
+    """Refuse an evaluation beyond the site's ``max_evaluations`` for the run; where the site sets that cap,
+    count this one first, before anything is computed, so that a crash after the reply left cannot hand
+    out an evaluation that was never counted."""
+    done = session.state.evaluations_by_run.get(run_id, 0)
+    if reason := policy.evaluations_spent(session.cfg, done):
+        raise policy.PolicyRefusal(reason)
+    if "max_evaluations" in policy.compute_caps(session.cfg.site.policy):
+        session.state.evaluations_by_run[run_id] = done + 1
+        session.store.save(session.state)  # not session.save(), as in _run_id
 
 
 def _keep_site_model(message: Message, session: SiteSession, run_id: str, split: str,

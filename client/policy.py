@@ -92,7 +92,7 @@ def _site_yaml_privacy(floor: dict | None) -> dict:
     return floor
 
 
-CAP_NAMES = (*protocol.COMPUTE_CAPS, "max_parameters", "max_rounds")
+CAP_NAMES = (*protocol.COMPUTE_CAPS, "max_parameters", "max_rounds", "max_evaluations")
 LEAST_CAP = {"max_refit_epochs": 0}
 """The smallest value a cap may take (1 unless named: a site may forbid the refit, not training)."""
 
@@ -180,6 +180,17 @@ def rounds_spent(cfg: DictConfig, rounds_done: int) -> str | None:
         return None
     return (f"this run's compute budget at this site is spent (site.policy.compute.max_rounds={cap} train "
             f"rounds); not training any more in it")
+
+
+def evaluations_spent(cfg: DictConfig, done: int) -> str | None:
+    """Why this site answers no more evaluations of the run (``site.policy.compute.max_evaluations``), or
+    None. Each answer is an aggregate over its held-out patients of a model the coordinator chose: a
+    coordinator sending crafted models can trace their values from enough of them."""
+    cap = compute_caps(cfg.site.policy).get("max_evaluations")
+    if cap is None or done < cap:
+        return None
+    return (f"this run has had the {cap} evaluations this site answers per run "
+            f"(site.policy.compute.max_evaluations); not evaluating any more in it")
 
 
 def local_steps(cfg: DictConfig, steps_per_pass: int) -> int | None:

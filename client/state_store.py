@@ -36,6 +36,7 @@ class SiteState:
     rounds_trained: int = 0
     rounds_by_run: dict[str, int] = field(default_factory=dict)  # train rounds per run id (site.policy.compute.max_rounds)
     run_names: dict[str, str] = field(default_factory=dict)  # Flower run id -> the run id its coordinator declared
+    evaluations_by_run: dict[str, int] = field(default_factory=dict)  # evaluations answered per run id (max_evaluations)
     non_private_rounds: int = 0  # train rounds without DP behind the local parts and optimiser (DP starts them afresh)
     revision: int = 0
 
@@ -79,6 +80,7 @@ class StateStore:
             rounds_trained=int(raw["rounds_trained"]),
             rounds_by_run={str(k): int(v) for k, v in (raw.get("rounds_by_run") or {}).items()},
             run_names={str(k): str(v) for k, v in (raw.get("run_names") or {}).items()},
+            evaluations_by_run={str(k): int(v) for k, v in (raw.get("evaluations_by_run") or {}).items()},
             # a state saved before this field: every round without an accountant counts as one without DP
             non_private_rounds=int(raw.get("non_private_rounds", 0 if raw.get("accountant") else raw["rounds_trained"])),
             revision=int(raw["revision"]),
@@ -98,6 +100,7 @@ class StateStore:
             "rounds_trained": int(state.rounds_trained),
             "rounds_by_run": dict(state.rounds_by_run),
             "run_names": dict(state.run_names),
+            "evaluations_by_run": dict(state.evaluations_by_run),
             "non_private_rounds": int(state.non_private_rounds),
             "revision": state.revision,
         }

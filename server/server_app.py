@@ -157,6 +157,9 @@ class Federation:
         cut = protocol.cut_by_caps(self.cfg, caps)
         if caps.get("max_rounds", self.total_rounds) < self.total_rounds:
             cut["train rounds"] = (self.total_rounds, caps["max_rounds"])
+        evaluations = self.total_rounds + bool(self.fed.final_eval_split)
+        if caps.get("max_evaluations", evaluations) < evaluations:
+            cut["evaluations"] = (evaluations, caps["max_evaluations"])
         if cut:
             log(WARNING, "handshake: site %s's policy caps %s", site, "; ".join(
                 f"{key} at {cap} (this run asks {'one pass' if asked is None else asked})"

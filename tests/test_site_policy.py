@@ -506,6 +506,28 @@ def test_after_its_round_cap_a_site_only_evaluates_in_that_run(root: Path, caplo
     assert StateStore(root / "data" / "state" / "site_a", "site_a").load().rounds_by_run == {"0": 1, "5": 1}
 
 
+def test_a_site_caps_the_evaluations_a_run_may_ask_of_it(root: Path, caplog) -> None:
+    """Each evaluation is a query on the site's held-out patients with a model the coordinator chose (crafted
+    models could trace the patients' values): site_a answers two per run, then refuses, and trains on."""
+    from osteofl.client.state_store import StateStore
+
+    own = {"site_a": "site.policy.compute.max_evaluations=2"}
+    fed, grid = _federation(root, node=own, **{"federation.task_rounds": 2})
+    with caplog.at_level("WARNING", logger="flwr"):
+        records = fed.run().records
+    assert [sorted(r["site_eval"]) for r in records] == [sorted(SITES)] * 2 + [["site_b", "site_c"]]
+    refusal = ("this run has had the 2 evaluations this site answers per run (site.policy.compute.max_evaluations); "
+               "not evaluating any more in it")
+    assert [f["reason"] for f in records[2]["eval_failed"]] == [refusal]
+    assert all("site_a" in r["site_train"] for r in records)  # training is not evaluation: it goes on
+    final = json.loads((root / "outputs" / "federated" / "final_metrics.json").read_text())
+    assert set(final["sites"]) == {"site_b", "site_c"} and [f["reason"] for f in final["failed"]] == [refusal]
+    assert any("site site_a's policy caps evaluations at 2 (this run asks 4)" in r.getMessage() for r in caplog.records)
+    assert StateStore(root / "data" / "state" / "site_a", "site_a").load().evaluations_by_run == {"0": 2}
+    assert [e["refused"] for e in audit.read(root / "data" / "state" / "site_a") if e["kind"] == "evaluate"] == \
+        [None, None, refusal, refusal]
+
+
 class LyingGrid(LocalGrid):
     """A coordinator that rewrites the config of every train/evaluate message it sends (``rewrite``)."""
 
