@@ -6,18 +6,21 @@ the overrides it gives ``osteo-client`` (the node config), never from anything t
 looser than the site's policy: the server may ask for more privacy, never for less.
 
 - payload: shared keys only. A run asking for the whole model (``federation.share_all``) is refused unless
-  the site opted in itself (``site.policy.allow_share_all``, the simulation's baseline only).
+  the site opted in itself (``site.policy.allow_share_all``, the simulation's baseline only), and never
+  under DP.
 - privacy floor: DP is on when either side turns it on; noise is the larger, clipping norm, delta and
   epsilon budget the smaller of the two. The site's accountant (its state file) is the ledger that counts.
 - minimum cohort: no aggregate over fewer than ``site.policy.min_cohort`` patients leaves (never below
-  :data:`HARD_MIN_COHORT`); the reply says "withheld" instead.
+  :data:`HARD_MIN_COHORT`); the reply says "withheld" instead, and a per-device figure over fewer is left
+  out (:func:`without_small_subgroups`).
 - the patient split: the site's own (``data``: split fractions, label fraction, split seed, loader
   workers), never the run's. A run with another ``seed`` or ``data.split`` would otherwise move patients
   the site holds out for its validation and test into training: its model selection, its reported test
   metrics and osteo-predict's intervals (from validation residuals) would judge patients it trained on.
 - compute: the run's local steps, batch sizes and refit epochs are cut to ``site.policy.compute``'s caps
   (the server may ask for less of the site's hardware, never for more); a network larger than
-  ``max_parameters`` is refused, and after ``max_rounds`` train rounds of a run the site only evaluates.
+  ``max_parameters`` is refused, after ``max_rounds`` train rounds of a run the site only evaluates, and
+  after ``max_evaluations`` evaluations of a run it refuses them.
   The handshake announces the caps, so the coordinator's log says where.
 - error texts that leave the site pass through :func:`sanitise` (no paths, no patient or study ids).
 """
