@@ -32,10 +32,11 @@ def describe(cfg: DictConfig, data: SiteData, spent: float) -> str:
         return "DP: no floor (on only if a run asks for it)"
     p, costs = cfg.privacy, []
     for phase in training.PHASES:
-        n = len(training.phase_dataset(data, cfg, phase, per_patient=True))
-        if n:
-            per_pass = training.steps_per_pass(data, cfg, phase, per_patient=True)
-            costs.append(f"{_privacy().epsilon_after(p, per_pass, per_pass):.2f} per {phase} round ({n} patients)")
+        loader = training.make_loader(data, cfg, phase, per_patient=True)  # what a DP round passes over
+        if len(loader.dataset):
+            per_pass = len(loader)
+            costs.append(f"{_privacy().epsilon_after(p, per_pass, per_pass):.2f} per {phase} round "
+                         f"({len(loader.dataset)} patients)")
     return (f"DP floor: noise {p.noise_multiplier}, clip {p.max_grad_norm}, delta {p.delta}; epsilon {spent:.2f} "
             f"spent of {p.epsilon_budget}; a round alone at batch {cfg.train.batch_size} costs "
             f"{', '.join(costs) or 'nothing'}")
