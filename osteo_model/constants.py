@@ -128,3 +128,11 @@ CT_BODY_TISSUE_HU = (-200.0, 200.0)
 """Median HU of the voxels inside the body (air/padding split off by Otsu): a mix of fat (-100 HU), water,
 muscle and organs (0-60 HU, ~150 with contrast) and some bone lies in this range in any adult torso CT;
 raw stored values without the rescale intercept put it near +1000, a rescale applied twice near -1000."""
+CT_AIR_LIKE_HU = -300.0
+CT_AIR_MEDIAN_HU = (-1200.0, -700.0)
+"""Median of the voxels below CT_AIR_LIKE_HU (the scan's constant fill left out): air is -1000 HU, aerated
+lung about -900 to -700 (emphysema is scored below -950); fat (-100) and all denser tissue lie above the cut.
+A rescale slope off by a factor (x2, x0.5; x1.5 puts air at -1500) moves it out while the body tissue stays
+plausible. Measured: -993 to -807 on the synthetic sites and the real example CTs; x0.5 gives -497 to -414,
+x1.5 -1490 to -1196 (caught except at the synthetic site whose scanner already reads air at -810), x2 -1986
+to -1416. Slope errors within ~25 % and offsets of ~100 HU stay undetectable from the image alone."""

@@ -15,7 +15,8 @@ from typing import IO
 import numpy as np
 import SimpleITK as sitk
 
-from osteo_model.constants import CT_AIR_CHECK_HU, CT_AIR_CHECK_PERCENTILE, CT_BODY_TISSUE_HU
+from osteo_model.constants import (CT_AIR_CHECK_HU, CT_AIR_CHECK_PERCENTILE, CT_AIR_LIKE_HU, CT_AIR_MEDIAN_HU,
+                                   CT_BODY_TISSUE_HU)
 from osteo_model.errors import InputError
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -283,13 +284,21 @@ def body_tissue(sample: np.ndarray) -> np.ndarray:
     return sample
 
 
+def air_median(sample: np.ndarray) -> float | None:
+    """Median of the air-like voxels (below CT_AIR_LIKE_HU, the scan's constant fill left out); None without any."""
+    values = sample[sample > sample.min()] if sample.size else sample
+    air = values[values < CT_AIR_LIKE_HU]
+    return float(np.median(air)) if air.size else None
+
+
 def check_hounsfield(ct: np.ndarray, path: Path) -> None:
     """Reject a CT that is not in Hounsfield units.
 
     Every CT field of view holds some air (−1000 HU by definition: outside the body, lungs, bowel).
     Stored values written without the rescale intercept (typically −1024) put air near 0 instead. With
     outside-FOV padding the padding passes for air, so the tissue inside the body decides: fat, muscle,
-    organs and bone have their median within CT_BODY_TISSUE_HU, raw stored values lie near +1000.
+    organs and bone have their median within CT_BODY_TISSUE_HU, raw stored values lie near +1000. A wrong
+    rescale *slope* keeps both of those plausible but moves the air off -1000 HU (CT_AIR_MEDIAN_HU).
     """
     sample = _sample(ct)
     hint = "raw stored values without rescale slope/intercept?"
@@ -303,6 +312,11 @@ def check_hounsfield(ct: np.ndarray, path: Path) -> None:
     if not lo <= median <= hi:
         raise InputError(path, f"CT not in Hounsfield units: the tissue inside the body has median {median:.0f} "
                                f"(fat, muscle and bone give {lo:.0f} to {hi:.0f} HU); {hint}")
+    air = air_median(sample)
+    lo, hi = CT_AIR_MEDIAN_HU
+    if air is not None and not lo <= air <= hi:
+        raise InputError(path, f"CT not in Hounsfield units: the voxels below {CT_AIR_LIKE_HU:.0f} (air, lung) have median "
+                               f"{air:.0f}, expected {lo:.0f} to {hi:.0f} HU; wrong rescale slope?")
 
 
 def _grid(g: Geometry) -> tuple[np.ndarray, np.ndarray]:

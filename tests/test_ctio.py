@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import write_dicom_series
-from osteo_model.ctio import Geometry, check_same_space, read_geometry, read_image, read_study
+from osteo_model.ctio import Geometry, check_hounsfield, check_same_space, read_geometry, read_image, read_study
 from osteo_model.errors import InputError
 
 
@@ -87,6 +87,21 @@ def test_ct_not_in_hounsfield_units(tmp_path, spine_phantom):
     assert err.value.path == folder
     ok = write_dicom_series(ct, tmp_path / "hu")
     read_study(ok, lab_path)  # the same data in HU passes
+
+
+@pytest.mark.parametrize("slope", [2.0, 0.5, 1.5])
+def test_ct_with_wrong_rescale_slope_is_refused(tmp_path, slope):
+    """A wrong slope keeps the body tissue plausible (fat and muscle stay near 0) while trabecular HU is off by
+    the factor, which would shift every T-score: the air, no longer at -1000 HU, gives it away."""
+    rng = np.random.default_rng(0)
+    # An abdominal field of view: air around the body, fat, muscle and organs, some bone.
+    hu = np.concatenate([rng.normal(-1000, 15, 30_000), rng.normal(-100, 20, 25_000),
+                         rng.normal(45, 15, 35_000), rng.normal(300, 100, 10_000)]).reshape(100, 10, 100)
+    path = tmp_path / "ct.nii.gz"
+    check_hounsfield(hu, path)
+    with pytest.raises(InputError, match=r"below -300 \(air, lung\) have median -?[0-9]+, expected .*wrong rescale slope") as err:
+        check_hounsfield(hu * slope, path)
+    assert err.value.path == path
 
 
 @pytest.mark.parametrize(
