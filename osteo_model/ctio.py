@@ -7,6 +7,7 @@ quarantine that study and carry on.
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def _read_header(file: str | Path) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(file, f"unreadable image header ({_first_line(exc)})") from None
+        raise InputError(file, f"unreadable image header ({_itk_reason(exc)})") from None
     return reader
 
 
@@ -86,7 +87,7 @@ def check_slice_positions(folder: Path, files: list[str]) -> float:
     ImageOrientationPatient), so gantry order or file names do not matter.
     """
     positions = []
-    normal = None
+    normal, matrix = None, None
     for f in files:
         header = _read_header(f)
         try:
@@ -94,8 +95,12 @@ def check_slice_positions(folder: Path, files: list[str]) -> float:
             iop = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
         except (RuntimeError, ValueError):
             raise InputError(f, "DICOM slice lacks ImagePositionPatient/ImageOrientationPatient") from None
+        size = header.GetSize()[:2]
         if normal is None:
-            normal = np.cross(iop[:3], iop[3:6])
+            normal, matrix = np.cross(iop[:3], iop[3:6]), size
+        elif size != matrix:
+            raise InputError(f, f"DICOM slice is {size[0]}x{size[1]} pixels, the series' first slice "
+                                f"{matrix[0]}x{matrix[1]}: mixed series?")
         positions.append(float(np.dot(ipp, normal)))
     steps = np.diff(np.sort(positions))
     if np.any(steps < SPACE_TOLERANCE):
@@ -242,7 +247,7 @@ def read_image(path: Path) -> sitk.Image:
             check_nifti_complete(path)
             img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(path, f"unreadable or truncated image ({_first_line(exc)})") from None
+        raise InputError(path, f"unreadable or truncated image ({_itk_reason(exc)})") from None
     check_volume(path, tuple(img.GetSize()), img.GetNumberOfComponentsPerPixel())
     check_finite(path, img)
     return img
@@ -377,11 +382,19 @@ def read_study(ct_path: Path, labels_path: Path) -> tuple[sitk.Image, np.ndarray
         if not np.all(np.mod(label_arr, 1) == 0):
             raise InputError(labels_path, "label map holds non-integer values; expected integer vertebra ids")
     label_arr = sitk.GetArrayFromImage(labels).astype(np.int32, copy=False)
+    if label_arr.size and label_arr.min() < 0:
+        raise InputError(labels_path, f"label map holds negative values (min {label_arr.min()}), which no vertebra id is: "
+                                      "a CT given as the label map?")
     ct = sitk.Cast(ct, sitk.sitkFloat32)
     check_hounsfield(sitk.GetArrayViewFromImage(ct), ct_path)
     return ct, label_arr
 
 
-def _first_line(exc: Exception) -> str:
+def _itk_reason(exc: Exception) -> str:
+    """ITK's own reason for a failed read, without its class and address prefix: its last line may be a
+    stale errno ("Reason: No such file or directory" for a truncated file that exists)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    itk = [ln for ln in lines if ln.startswith("ITK ERROR")]
+    if itk:
+        return re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ", "", itk[0])[:200]
     return lines[-1][:200] if lines else type(exc).__name__

@@ -38,10 +38,10 @@ def label_map_from_cfg(site_cfg) -> dict[str, int]:
 
 def level_boxes(label_arr: np.ndarray, label_map: Mapping[str, int]) -> dict[str, tuple[slice, ...] | None]:
     """Bounding box (numpy slices) of each level's label in one pass over the volume; None if absent."""
-    ids = np.asarray(list(label_map.values()))
-    # Relabel to 1..k so find_objects does not allocate a slot per id up to the largest one.
-    lookup = np.zeros(int(max(label_arr.max(initial=0), ids.max())) + 1, dtype=np.int32)
-    lookup[ids] = np.arange(1, len(ids) + 1)
-    compact = lookup[np.clip(label_arr, 0, None)]
-    boxes = ndimage.find_objects(compact, max_label=len(ids))
+    # Relabel to 1..k so find_objects does not allocate a slot per id up to the largest one; one comparison
+    # per level, not a lookup table sized by the largest value (a stray 2**31-1 'ignore' voxel: 8 GiB).
+    compact = np.zeros(label_arr.shape, dtype=np.int32)
+    for i, label_id in enumerate(label_map.values(), start=1):
+        compact[label_arr == label_id] = i
+    boxes = ndimage.find_objects(compact, max_label=len(label_map))
     return {level: boxes[i] for i, level in enumerate(label_map)}

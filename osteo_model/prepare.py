@@ -88,6 +88,7 @@ def load_studies(site_dir: Path, table_name: str) -> tuple[list[Study], list[Pro
         date = pd.to_datetime(r["ct_date"], format="%Y-%m-%d", errors="coerce")
         reason = ("missing study_id or patient_id" if not (r["study_id"] and r["patient_id"])
                   else "duplicate study_id" if duplicated[i]
+                  else f"empty {'ct' if not r['ct'] else 'labels'} column" if not (r["ct"] and r["labels"])
                   else "ct_date not YYYY-MM-DD" if pd.isna(date) else None)
         if reason:
             problems.append(Problem(case, table_name, reason))
@@ -161,12 +162,11 @@ def prepare_study(task: StudyTask) -> tuple[Path | None, str] | None:
     study = task.study
     try:
         ct, label_arr = ctio.read_study(study.ct, study.labels)
+        crops, features, excluded = featurise_study(ct, label_arr, task.label_map, task.crop, task.params_file)
     except InputError as exc:
         return exc.path, exc.reason
-    try:
-        crops, features, excluded = featurise_study(ct, label_arr, task.label_map, task.crop, task.params_file)
-    except (RuntimeError, ValueError) as exc:  # a scan our cropping cannot handle: quarantine, carry on
-        return study.ct, f"preparation failed ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # whatever else one odd scan makes a library raise (even MemoryError): this study only
+        return study.ct, f"preparation failed ({type(exc).__name__}: {str(exc)[:200]})"
     spacing = ",".join(f"{v:.3g}" for v in ct.GetSpacing())
     rows = [_index_row(study, task.pairing, c, spacing) for c in crops]
     _write_entry(task.entry, crops, features, rows, excluded, int(task.crop.size))

@@ -76,6 +76,35 @@ def test_dicom_series_with_irregular_slices(tmp_path, spine_phantom):
         read_geometry(folder)
 
 
+def test_dicom_slice_of_another_matrix_size_is_named(tmp_path, spine_phantom):
+    """A slice from another series (50x50 among 36x32) is named by file, not left to ITK's 'Size: [..]'."""
+    ct, _ = spine_phantom()
+    folder = write_dicom_series(ct, tmp_path / "dcm")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(folder / "IM0010.dcm"))
+    reader.ReadImageInformation()
+    odd = sitk.GetImageFromArray(np.zeros((50, 50), np.int16))
+    for tag in ("0008|0060", "0020|000d", "0020|000e", "0008|0018", "0020|0037", "0020|0032", "0020|0013"):
+        odd.SetMetaData(tag, reader.GetMetaData(tag))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(folder / "IM0010.dcm"))
+    writer.Execute(odd)
+    with pytest.raises(InputError, match=r"DICOM slice is 50x50 pixels, the series' first slice 36x32") as err:
+        read_image(folder)
+    assert str(err.value.path).endswith("IM0010.dcm")
+
+
+def test_truncated_metaimage_reason_is_not_a_stale_errno(tmp_path, spine_phantom):
+    """ITK's last line for a truncated .mha is 'Reason: No such file or directory' although the file exists."""
+    path = tmp_path / "ct.mha"
+    sitk.WriteImage(spine_phantom()[0], str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"unreadable or truncated image \(File cannot be read") as err:
+        read_image(path)
+    assert "No such file" not in err.value.reason
+
+
 def test_ct_not_in_hounsfield_units(tmp_path, spine_phantom):
     """Raw stored values (HU + 1024, no rescale) put air near 0: refused, naming the CT."""
     ct, labels = spine_phantom()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from osteo_model.crops import LevelExclusion, VertebraCrop, crop_levels
 from osteo_model.ctio import read_geometry, read_image, read_study
 from osteo_model.dxa import read_dxa
 from osteo_model.errors import InputError
-from osteo_model.labels import resolve_label_map
+from osteo_model import prepare
+from osteo_model.labels import level_boxes, resolve_label_map
 from osteo_model.prepare import prepare_site
 
 CROP = OmegaConf.create(
@@ -234,6 +236,51 @@ def test_lying_studies_are_quarantined_the_good_one_prepared(make_site, prepare_
     assert reasons["s002"].startswith("1 voxel(s) are NaN or infinite")
     assert reasons["s003"].startswith("CT not in Hounsfield units: the tissue inside the body has median 10")
     assert list(SiteCache.open(cfg.site.cache_dir).table["study_id"].unique()) == ["s004"]
+
+
+def test_odd_studies_are_quarantined_one_by_one(make_site, prepare_cfg, monkeypatch):
+    """A CT given as its label map, an empty labels cell, an error no check foresaw (here MemoryError) and a
+    stray 2**31-1 'ignore' voxel: the first three are quarantined with a reason, the others prepared."""
+    site = make_site(n_labeled=5, n_unlabeled=0)
+    (site / "labels/s000.nii.gz").write_bytes((site / "ct/s000.nii.gz").read_bytes())
+    table = pd.read_csv(site / "studies.csv", dtype=str)
+    table.loc[1, "labels"] = ""
+    table.to_csv(site / "studies.csv", index=False)
+    labels = sitk.ReadImage(str(site / "labels/s003.nii.gz"))
+    arr = sitk.GetArrayFromImage(labels).astype(np.int32)
+    arr[0, 0, 0] = 2**31 - 1
+    write(image_like(arr, labels), site / "labels/s003.nii.gz")
+    real_read = prepare.ctio.read_study
+
+    def read_study(ct_path, labels_path):
+        if ct_path.name.startswith("s002"):
+            raise MemoryError("Unable to allocate 8.00 GiB")
+        return real_read(ct_path, labels_path)
+
+    monkeypatch.setattr(prepare.ctio, "read_study", read_study)
+    cfg = prepare_cfg(site)
+    summary = prepare_site(cfg, progress=False)
+    assert (summary.prepared, summary.quarantined) == (2, 3)
+    reasons = quarantine(cfg).set_index("case")["reason"].to_dict()
+    assert reasons["s000"].startswith("label map holds negative values (min -1000)")
+    assert reasons["s001"] == "empty labels column"
+    assert reasons["s002"] == "preparation failed (MemoryError: Unable to allocate 8.00 GiB)"
+    table = SiteCache.open(cfg.site.cache_dir).table
+    assert list(table["study_id"].unique()) == ["s003", "s004"]
+    assert (table["study_id"] == "s003").sum() == len(LEVELS)
+
+
+def test_level_boxes_memory_does_not_grow_with_the_largest_label_value():
+    """A table indexed by label value would take 8 GiB for one 2**31-1 voxel (lazily, until memory is tight)."""
+    arr = np.zeros((40, 40, 40), np.int32)
+    arr[10:20, 10:20, 10:20] = TOTAL["L1"]
+    arr[0, 0, 0] = 2**31 - 1
+    tracemalloc.start()
+    boxes = level_boxes(arr, TOTAL)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert boxes["L1"] == (slice(10, 20),) * 3 and boxes["L2"] is None
+    assert peak < 10 * arr.nbytes
 
 
 def test_unwritable_cache_folder_is_one_clear_error(make_site, tmp_path, capsys):
