@@ -108,6 +108,22 @@ TOTALSEG_OSTEOPOROSIS_HU = 90.25
 # --- Plausibility bounds (engineering limits, not diagnostic thresholds) ---------------------------
 BMD_PLAUSIBLE_RANGE = (0.2, 2.5)
 """Areal spine BMD outside this range (g/cm^2) is a data error, not a patient."""
+T_SCORE_PLAUSIBLE_RANGE = (-8.0, 8.0)
+"""A DXA T-score outside this range is not a T-score (a percentage of the young-adult mean, a BMD in mg/cm^2, a
+typo): the lowest plausible BMD (0.2 g/cm^2) is T -7.2 to -8.3 on each device's YOUNG_ADULT_REFERENCE. Kept wide and
+symmetric: a T-score inside it but in the wrong column is caught against its BMD (T_SCORE_MISMATCH_TOLERANCE)."""
+T_SCORE_MISMATCH_TOLERANCE = 1.5
+"""Largest |given T-score - T-score of the level's BMD on the manufacturer's L1-L4 YOUNG_ADULT_REFERENCE| accepted.
+DXA reports score each vertebra on its own level's reference, up to ~0.85 SD from the L1-L4 one
+(LEVEL_REFERENCE_BMD: a woman's L1 is 91 % of her L1-L4 mean, 0.092 g/cm^2 / 0.110); sex-specific references,
+per-level SDs and reference database versions add a few tenths. Values in the wrong column differ by more
+(a BMD of 0.93 pasted as T for T -1.1; T 2.0 given for a BMD that is T -3.1)."""
+AGE_PLAUSIBLE_RANGE = (18.0, 110.0)
+"""Age in years at a DXA exam: T-scores and the WHO categories apply to adults (ISCD Official Positions 2019; children
+are reported in Z-scores); ages above 110 are typing errors in practice."""
+AGE_MISMATCH_TOLERANCE_YEARS = 2.0
+"""Largest spread of the birth year that age and dxa_date imply across one patient_id's DXA rows: ages are whole years
+(each up to 1 year below the exact age), so a larger spread means two people under one id."""
 
 VERTEBRA_MAX_VOLUME_ML = 150.0
 """A whole lumbar vertebra (body and posterior elements) is ~40-100 ml in adults (TotalSegmentator's example

@@ -6,16 +6,25 @@ arithmetic (sBMD, T-score, category) comes from ``osteo_model.bmd``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
 from osteo_model import bmd
-from osteo_model.constants import BMD_PLAUSIBLE_RANGE, LEVELS
-from osteo_model.quarantine import QUARANTINED, UNLABELED, VALUE_DROPPED, Problem
+from osteo_model.constants import (
+    AGE_MISMATCH_TOLERANCE_YEARS,
+    AGE_PLAUSIBLE_RANGE,
+    BMD_PLAUSIBLE_RANGE,
+    LEVELS,
+    T_SCORE_MISMATCH_TOLERANCE,
+    T_SCORE_PLAUSIBLE_RANGE,
+)
+from osteo_model.quarantine import QUARANTINED, UNLABELED, UNPAIRED, VALUE_DROPPED, Problem
 from osteo_model.site_tables import read_site_table
 
 BMD_COLUMNS = {level: f"bmd_{level.lower()}" for level in LEVELS}
@@ -31,10 +40,12 @@ def _empty_table() -> pd.DataFrame:
 def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -> tuple[pd.DataFrame, list[Problem]]:
     """Read and validate ``dxa.csv``; return the usable rows and the problems found.
 
-    A row is quarantined for an unknown device, an unreadable date, no usable BMD at any level, more
-    values than columns, or a duplicate key (patient_id + dxa_date: which of the rows is right cannot be
-    told). A single implausible BMD is dropped (reported) and the row's other levels kept. No file means
-    no labels, reported as such. Export dialects: ``osteo_model.site_tables``.
+    A row is quarantined for an unknown device, an unreadable or future date, no usable BMD at any level,
+    more values than columns, or a duplicate key (patient_id + dxa_date: which of the rows is right cannot be
+    told); so are all rows of a patient_id that disagree on who the patient is (:func:`_shared_ids`). A
+    single implausible BMD, T-score, age or sex code is dropped (reported) and the row's other values kept
+    (:func:`_levels`, :func:`_demographics`). No file means no labels, reported as such. Export dialects:
+    ``osteo_model.site_tables``.
     """
     if not path.is_file():
         return _empty_table(), [Problem(path.name, path.name, "DXA table not found: every study is unlabeled", action=UNLABELED)]
@@ -48,6 +59,7 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
         report(line, reason)
     key = raw["patient_id"] + "|" + raw["dxa_date"]
     duplicated = key.duplicated(keep=False)
+    today = pd.Timestamp.today().normalize()
     rows = []
     for i, r in raw.iterrows():
         line = int(r["line"])
@@ -63,23 +75,91 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
         if pd.isna(date) or not r["patient_id"]:
             report(line, "missing patient_id or dxa_date not YYYY-MM-DD")
             continue
-        row: dict[str, Any] = {"line": line, "patient_id": r["patient_id"], "dxa_date": date,
-                               "manufacturer": manufacturer, "model": r["model"]}
-        for level in LEVELS:
-            value = _number(r[BMD_COLUMNS[level]])
-            if not math.isnan(value) and not bmd_range[0] <= value <= bmd_range[1]:
-                report(line, f"implausible BMD {value} g/cm2 (plausible {bmd_range[0]}-{bmd_range[1]})", level, VALUE_DROPPED)
-                value = float("nan")
-            row[BMD_COLUMNS[level]] = value
-            row[T_COLUMNS[level]] = _number(r.get(T_COLUMNS[level], ""))
-        if all(math.isnan(row[BMD_COLUMNS[lv]]) for lv in LEVELS):
-            report(line, "no usable BMD at any level (missing or implausible)")
+        if date > today:
+            report(line, f"dxa_date {r['dxa_date']} is in the future")
             continue
-        row["sex"] = SEXES.get(str(r.get("sex", "")).lower(), "")
-        row["age"] = _number(r.get("age", ""))
-        rows.append(row)
+        drop = partial(report, line, action=VALUE_DROPPED)
+        values, unusable = _levels(r, manufacturer, bmd_range, drop)
+        if unusable:
+            report(line, unusable)
+            continue
+        rows.append({"line": line, "patient_id": r["patient_id"], "dxa_date": date, "manufacturer": manufacturer,
+                     "model": r["model"], **values, **_demographics(r, drop)})
     table = pd.DataFrame(rows, columns=_empty_table().columns) if rows else _empty_table()
-    return table, problems
+    shared = _shared_ids(table)
+    for i, reason in shared.items():
+        report(int(table.at[i, "line"]), reason)
+    return table.drop(index=list(shared)).reset_index(drop=True), problems
+
+
+def _levels(r: pd.Series, manufacturer: str, bmd_range: tuple[float, float],
+            drop: Callable[[str, str], None]) -> tuple[dict[str, float], str]:
+    """A row's BMD and given T-score per level, and why the whole row is unusable ("" if it is usable).
+
+    An implausible BMD or T-score is dropped through ``drop`` and the level's other value kept. A negative
+    BMD (a T-score in a BMD column) or a given T-score that contradicts its BMD quarantines the row instead
+    of using the computed T-score: which of the two values is wrong, and whether the row's other columns
+    are shifted too, cannot be told, and a wrong BMD is a wrong training target.
+    """
+    bmds = {level: _number(r[BMD_COLUMNS[level]]) for level in LEVELS}
+    negative = [level for level, value in bmds.items() if value < 0]
+    if negative:
+        return {}, f"negative BMD at {', '.join(negative)}: T-scores in the BMD columns?"
+    values: dict[str, float] = {}
+    mismatched = []
+    lo, hi = T_SCORE_PLAUSIBLE_RANGE
+    for level, value in bmds.items():
+        t = _number(r.get(T_COLUMNS[level], ""))
+        if not math.isnan(value) and not bmd_range[0] <= value <= bmd_range[1]:
+            drop(f"implausible BMD {value} g/cm2 (plausible {bmd_range[0]}-{bmd_range[1]})", level)
+            value = math.nan
+        if not math.isnan(t) and not lo <= t <= hi:
+            drop(f"implausible T-score {t} (plausible {lo:g} to {hi:g})", level)
+            t = math.nan
+        computed = float(bmd.t_score(value, manufacturer))
+        if abs(t - computed) > T_SCORE_MISMATCH_TOLERANCE:  # False where either is missing (NaN)
+            mismatched.append(f"{level} T {t:g} given, BMD {value:g} is T {computed:.1f}")
+        values[BMD_COLUMNS[level]], values[T_COLUMNS[level]] = value, t
+    if all(math.isnan(values[BMD_COLUMNS[level]]) for level in LEVELS):
+        return values, "no usable BMD at any level (missing or implausible)"
+    if mismatched:
+        return values, (f"T-score does not match BMD on the {manufacturer} young-adult reference "
+                        f"({'; '.join(mismatched)}; tolerance {T_SCORE_MISMATCH_TOLERANCE:g}): columns swapped or shifted?")
+    return values, ""
+
+
+def _demographics(r: pd.Series, drop: Callable[[str], None]) -> dict[str, Any]:
+    """A row's sex and age; an unknown sex code or an implausible age is dropped through ``drop`` (sex picks
+    the T-score reference in osteo-predict: none, both sexes averaged, is better than a guess)."""
+    code = str(r.get("sex", ""))
+    sex = SEXES.get(code.lower(), "")
+    if code and not sex:
+        drop(f"unknown sex {code!r} (expected female/f/w or male/m)")
+    age, (lo, hi) = _number(r.get("age", "")), AGE_PLAUSIBLE_RANGE
+    if not math.isnan(age) and not lo <= age <= hi:
+        drop(f"implausible age {age:g} (plausible {lo:g}-{hi:g})")
+        age = math.nan
+    return {"sex": sex, "age": age}
+
+
+def _shared_ids(table: pd.DataFrame) -> dict[int, str]:
+    """Rows (by index) of each patient_id whose rows disagree on sex, or on the birth year that age and
+    dxa_date imply: two people under one id (a reused or mistyped pseudonym). Which exam is whose, and so
+    which CT they label, cannot be told, so all of that id's rows go."""
+    shared: dict[int, str] = {}
+    for _, rows in table.groupby("patient_id"):
+        sexes = sorted(set(rows["sex"]) - {""})
+        born = rows["dxa_date"].dt.year + rows["dxa_date"].dt.day_of_year / 365.25 - rows["age"].astype(float)
+        if len(sexes) > 1:
+            conflict = f"sex ({' vs '.join(sexes)})"
+        elif born.max() - born.min() > AGE_MISMATCH_TOLERANCE_YEARS:  # rows without an age are skipped
+            conflict = f"the birth year that age and dxa_date imply ({born.min():.0f} vs {born.max():.0f})"
+        else:
+            continue
+        lines = ", ".join(map(str, rows["line"]))
+        shared.update({i: f"patient_id shared by different people? its rows (lines {lines}) disagree on {conflict}"
+                       for i in rows.index})
+    return shared
 
 
 def _number(text: Any) -> float:
@@ -99,10 +179,13 @@ class Pairing:
     interval_days: int | None
 
 
-def pair_studies(studies: pd.DataFrame, dxa: pd.DataFrame, max_days: int, dxa_file: str) -> tuple[dict[str, Pairing], list[Problem]]:
+def pair_studies(studies: pd.DataFrame, dxa: pd.DataFrame, max_days: int, dxa_file: str,
+                 studies_file: str) -> tuple[dict[str, Pairing], list[Problem]]:
     """Pair each study with its patient's nearest DXA exam within ``max_days`` of the CT.
 
-    A patient whose nearest exam is farther keeps the study unlabeled and the gap is reported.
+    A patient whose nearest exam is farther keeps the study unlabeled and the gap is reported; so is each
+    DXA row whose patient_id no study has (:func:`_unpaired`), since ids changed by a spreadsheet would
+    otherwise leave a whole site unlabeled without a word.
     """
     pairings: dict[str, Pairing] = {}
     problems: list[Problem] = []
@@ -123,14 +206,33 @@ def pair_studies(studies: pd.DataFrame, dxa: pd.DataFrame, max_days: int, dxa_fi
             ))
             continue
         pairings[s.study_id] = Pairing(exams.iloc[best].to_dict(), int(intervals[best]))
-    return pairings, problems
+    return pairings, problems + _unpaired(dxa, studies["patient_id"], dxa_file, studies_file)
+
+
+def _unpaired(dxa: pd.DataFrame, patient_ids: Iterable[str], dxa_file: str, studies_file: str) -> list[Problem]:
+    """One problem per DXA row whose patient_id no study has, naming the study id it equals up to letter case
+    and leading zeros where there is one (what a spreadsheet changes: '00003' read as the number 3)."""
+    known = set(patient_ids)
+    loose = {_loose_id(pid): pid for pid in known}
+    problems = []
+    for r in dxa[~dxa["patient_id"].isin(known)].itertuples():
+        near = loose.get(_loose_id(r.patient_id))
+        hint = f" (a study has {near!r}: letter case or leading zeros changed by a spreadsheet?)" if near else ""
+        reason = f"patient_id {r.patient_id!r} matches no usable study in {studies_file}{hint}"
+        problems.append(Problem(f"{dxa_file} line {r.line}", dxa_file, reason, action=UNPAIRED))
+    return problems
+
+
+def _loose_id(patient_id: str) -> str:
+    """An id without letter case and without the zeros leading a run of digits ('P00005' -> 'p5')."""
+    return re.sub(r"(?<!\d)0+(?=\d)", "", patient_id.casefold())
 
 
 def level_labels(dxa_row: dict[str, Any] | None, level: str) -> dict[str, float | int]:
     """bmd, sbmd, t_score and WHO category of one level; NaN/-1 without a DXA row or BMD there.
 
-    A T-score the DXA report gives is used as is (the device's own reference); otherwise it is
-    computed on the manufacturer's young-adult reference.
+    A T-score the DXA report gives (checked against the BMD by :func:`read_dxa`) is used as is: the
+    device's own reference; otherwise it is computed on the manufacturer's young-adult reference.
     """
     value = math.nan if dxa_row is None else float(dxa_row[BMD_COLUMNS[level]])
     if math.isnan(value):

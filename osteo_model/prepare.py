@@ -74,14 +74,15 @@ class Summary:
 
 
 def load_studies(site_dir: Path, table_name: str) -> tuple[list[Study], list[Problem]]:
-    """Read ``studies.csv``; rows without ids, with a duplicate study_id, a bad date or more values than
-    columns are quarantined (export dialects: ``osteo_model.site_tables``)."""
+    """Read ``studies.csv``; rows without ids, with a duplicate study_id, a bad or future date or more values
+    than columns are quarantined (export dialects: ``osteo_model.site_tables``)."""
     path = site_dir / table_name
     if not path.is_file():
         raise InputError(path, "studies table not found")
     raw, bad_lines = read_site_table(path, STUDY_COLUMNS, "studies table")
     problems = [Problem(f"{table_name} line {line}", table_name, reason) for line, reason in bad_lines.items()]
     duplicated = raw["study_id"].duplicated(keep=False)
+    today = pd.Timestamp.today().normalize()
     studies = []
     for i, r in raw.iterrows():
         case = r["study_id"] or f"{table_name} line {r['line']}"
@@ -89,7 +90,8 @@ def load_studies(site_dir: Path, table_name: str) -> tuple[list[Study], list[Pro
         reason = ("missing study_id or patient_id" if not (r["study_id"] and r["patient_id"])
                   else "duplicate study_id" if duplicated[i]
                   else f"empty {'ct' if not r['ct'] else 'labels'} column" if not (r["ct"] and r["labels"])
-                  else "ct_date not YYYY-MM-DD" if pd.isna(date) else None)
+                  else "ct_date not YYYY-MM-DD" if pd.isna(date)
+                  else f"ct_date {r['ct_date']} is in the future" if date > today else None)
         if reason:
             problems.append(Problem(case, table_name, reason))
             continue
@@ -281,10 +283,13 @@ class _SiteRun:
         studies, bad_rows = load_studies(self.site_dir, self.cfg.site.studies_table)
         dxa_path = self.site_dir / self.cfg.site.dxa_table
         dxa_table, dxa_problems = dxa.read_dxa(dxa_path)
+        studies_df = pd.DataFrame([asdict(s) for s in studies], columns=[f.name for f in fields(Study)])
+        self.pairings, pair_problems = dxa.pair_studies(studies_df, dxa_table, int(self.cfg.site.max_dxa_interval_days),
+                                                        dxa_path.name, self.cfg.site.studies_table)
         if not dxa_path.is_file():
             self.summary.notes.append(f"no {dxa_path.name}: every study unlabeled")
-        studies_df = pd.DataFrame([asdict(s) for s in studies], columns=[f.name for f in fields(Study)])
-        self.pairings, pair_problems = dxa.pair_studies(studies_df, dxa_table, int(self.cfg.site.max_dxa_interval_days), dxa_path.name)
+        elif studies and all(p.dxa is None for p in self.pairings.values()):
+            self.summary.notes.append(f"no study paired with a {dxa_path.name} row: every study unlabeled")
         for problem in bad_rows + dxa_problems + pair_problems:
             self.report(problem)
         self.summary.quarantined += len(bad_rows)

@@ -13,6 +13,7 @@ QUARANTINED = "quarantined"          # the whole study or DXA row is left out
 LEVEL_EXCLUDED = "level_excluded"    # one vertebra left out, the study's other levels kept
 VALUE_DROPPED = "value_dropped"      # one DXA value left out, the rest of the row kept
 UNLABELED = "unlabeled"              # study kept for self-supervision, without DXA labels
+UNPAIRED = "unpaired"                # DXA row that labels nothing: no study has its patient_id
 
 
 @dataclass(frozen=True)

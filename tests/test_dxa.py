@@ -9,7 +9,7 @@ import pytest
 from osteo_model import bmd
 from osteo_model.dxa import dominant_manufacturer, level_labels, pair_studies, read_dxa
 from osteo_model.errors import InputError
-from osteo_model.quarantine import QUARANTINED, UNLABELED, VALUE_DROPPED
+from osteo_model.quarantine import QUARANTINED, UNLABELED, UNPAIRED, VALUE_DROPPED
 
 HEADER = "patient_id,dxa_date,manufacturer,model,bmd_l1,bmd_l2,bmd_l3,bmd_l4,t_l1,t_l2,t_l3,t_l4,sex,age\n"
 
@@ -60,6 +60,78 @@ def test_bad_rows_are_quarantined_the_rest_kept(tmp_path):
     assert quarantined == {f"dxa.csv line {n}" for n in (2, 3, 5, 6, 7, 8)}
 
 
+def test_given_t_scores_are_range_checked_and_must_match_the_bmd(tmp_path):
+    """An absurd T-score is dropped and computed from the BMD; one that contradicts its BMD quarantines the row."""
+    bmds = "0.7103,0.9075,0.9273,0.8970"  # Hologic: T -3.06, -1.27, -1.09, -1.36
+    table, problems = read_dxa(write(
+        tmp_path,
+        f"p1,2020-11-05,Hologic,H,{bmds},-3.0611,-1.2681,-1.0881,-1.3635,M,69",  # as the device gives them
+        f"p2,2020-11-05,Hologic,H,{bmds},-3.0611,85,-1.0881,-40,M,69",           # typos at L2 and L4
+        f"p3,2020-11-05,Hologic,H,{bmds},2.0,-1.2681,0.9273,-1.3635,M,69",       # L1 wrong, L3 holds the BMD
+        "p4,2020-11-05,Hologic,H,0.96,,,,0.0,,,,F,40",  # on a woman's L1 reference: 0.8 above the L1-L4 one
+    ))
+    assert list(table["patient_id"]) == ["p1", "p2", "p4"]
+    assert [(p.case, p.level, p.action) for p in problems] == [
+        ("dxa.csv line 3", "L2", VALUE_DROPPED), ("dxa.csv line 3", "L4", VALUE_DROPPED), ("dxa.csv line 4", "", QUARANTINED)]
+    assert problems[0].reason == "implausible T-score 85.0 (plausible -8 to 8)"
+    assert problems[2].reason == ("T-score does not match BMD on the hologic young-adult reference (L1 T 2 given, BMD 0.7103 "
+                                  "is T -3.1; L3 T 0.9273 given, BMD 0.9273 is T -1.1; tolerance 1.5): columns swapped or shifted?")
+    p2 = table.iloc[1].to_dict()
+    assert level_labels(p2, "L1")["t_score"] == -3.0611
+    assert level_labels(p2, "L2")["t_score"] == pytest.approx(bmd.t_score(0.9075, "hologic"))
+    assert level_labels(p2, "L4")["category"] == 1  # -1.36 from the BMD, not "osteoporosis" from -40
+
+
+def test_t_scores_in_the_bmd_columns_quarantine_the_row(tmp_path):
+    """A negative "BMD" is a T-score: the row's positive values (0.4, 0.9, 1.3) are T-scores too, not g/cm2."""
+    table, problems = read_dxa(write(
+        tmp_path,
+        "p1,2024-01-10,Hologic,H,-1.2,0.4,0.9,1.3,,,,,F,60",
+        "p2,2024-01-10,Hologic,H,0.9,1.0,1.0,1.1,,,,,F,60",
+    ))
+    assert list(table["patient_id"]) == ["p2"]
+    assert [(p.case, p.level, p.action, p.reason) for p in problems] == [
+        ("dxa.csv line 2", "", QUARANTINED, "negative BMD at L1: T-scores in the BMD columns?")]
+
+
+def test_unknown_sex_code_and_implausible_age_are_dropped(tmp_path):
+    table, problems = read_dxa(write(
+        tmp_path,
+        "p1,2024-01-10,Hologic,H,1.0,1.0,1.0,1.0,,,,,2,250",
+        "p2,2024-01-10,Hologic,H,1.0,1.0,1.0,1.0,,,,,,",  # not given: nothing to report
+    ))
+    assert list(table["sex"]) == ["", ""] and table["age"].isna().all()
+    assert [(p.case, p.action, p.reason) for p in problems] == [
+        ("dxa.csv line 2", VALUE_DROPPED, "unknown sex '2' (expected female/f/w or male/m)"),
+        ("dxa.csv line 2", VALUE_DROPPED, "implausible age 250 (plausible 18-110)")]
+
+
+def test_rows_of_two_people_under_one_patient_id_are_quarantined(tmp_path):
+    table, problems = read_dxa(write(
+        tmp_path,
+        "p1,2019-04-28,Hologic,H,0.7,0.9,,,,,,,female,75",
+        "p1,2019-06-01,Hologic,H,0.8,0.9,,,,,,,male,31",
+        "p2,2015-03-01,Hologic,H,0.8,0.9,,,,,,,F,60",
+        "p2,2016-03-01,Hologic,H,0.8,0.9,,,,,,,F,70",  # a year later, ten years older
+        "p3,2015-03-01,Hologic,H,0.8,0.9,,,,,,,F,60",
+        "p3,2020-02-01,Hologic,H,0.8,0.9,,,,,,,,65",   # the same woman five years on, sex not given
+        "p3,2021-02-28,Hologic,H,0.8,0.9,,,,,,,F,",
+    ))
+    assert list(table["patient_id"]) == ["p3"] * 3 and list(table["line"]) == [6, 7, 8]
+    assert all(p.action == QUARANTINED for p in problems)
+    reasons = {p.case: p.reason for p in problems}
+    assert list(reasons) == [f"dxa.csv line {n}" for n in (2, 3, 4, 5)]
+    assert reasons["dxa.csv line 3"] == "patient_id shared by different people? its rows (lines 2, 3) disagree on sex (female vs male)"
+    assert reasons["dxa.csv line 4"] == ("patient_id shared by different people? its rows (lines 4, 5) disagree on the birth "
+                                         "year that age and dxa_date imply (1946 vs 1955)")
+
+
+def test_dxa_date_in_the_future_is_quarantined(tmp_path):
+    table, problems = read_dxa(write(tmp_path, "p1,2099-05-11,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60"))
+    assert len(table) == 0
+    assert [(p.case, p.reason) for p in problems] == [("dxa.csv line 2", "dxa_date 2099-05-11 is in the future")]
+
+
 def test_missing_columns_and_absent_file(tmp_path):
     (tmp_path / "dxa.csv").write_text("patient_id,dxa_date\np1,2024-01-01\n")
     with pytest.raises(InputError, match="lacks columns"):
@@ -80,11 +152,30 @@ def test_pairing_nearest_within_window_else_unlabeled(tmp_path):
         "study_id": ["a", "b", "c"], "patient_id": ["p1", "p2", "p3"],
         "ct_date": pd.to_datetime(["2024-05-01", "2024-05-01", "2024-05-01"]),
     })
-    pairings, problems = pair_studies(studies, table, max_days=180, dxa_file="dxa.csv")
+    pairings, problems = pair_studies(studies, table, max_days=180, dxa_file="dxa.csv", studies_file="studies.csv")
     assert pairings["a"].dxa["bmd_l1"] == 0.9 and pairings["a"].interval_days == 31
     assert pairings["b"].dxa is None and pairings["c"].dxa is None
     assert [(p.case, p.action) for p in problems] == [("b", UNLABELED)]
     assert "486 days" in problems[0].reason and "limit 180" in problems[0].reason
+
+
+def test_dxa_rows_of_no_study_are_reported_naming_the_id_a_spreadsheet_changed(tmp_path):
+    table, _ = read_dxa(write(
+        tmp_path,
+        "3,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
+        "P5,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
+        "p9,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
+        "00004,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
+    ))
+    studies = pd.DataFrame({"study_id": ["a", "b", "c"], "patient_id": ["00003", "p00005", "00004"],
+                            "ct_date": pd.to_datetime(["2024-01-10"] * 3)})
+    pairings, problems = pair_studies(studies, table, max_days=180, dxa_file="dxa.csv", studies_file="studies.csv")
+    assert pairings["a"].dxa is None and pairings["b"].dxa is None and pairings["c"].dxa["line"] == 5
+    spreadsheet = "letter case or leading zeros changed by a spreadsheet?"
+    assert [(p.case, p.file, p.action, p.reason) for p in problems] == [
+        ("dxa.csv line 2", "dxa.csv", UNPAIRED, f"patient_id '3' matches no usable study in studies.csv (a study has '00003': {spreadsheet})"),
+        ("dxa.csv line 3", "dxa.csv", UNPAIRED, f"patient_id 'P5' matches no usable study in studies.csv (a study has 'p00005': {spreadsheet})"),
+        ("dxa.csv line 4", "dxa.csv", UNPAIRED, "patient_id 'p9' matches no usable study in studies.csv")]
 
 
 def test_level_labels_use_given_t_score_else_compute():

@@ -213,6 +213,25 @@ def test_site_with_spreadsheet_tables_and_no_dxa_table(make_site, prepare_cfg):
     assert list(SiteCache.open(cfg.site.cache_dir).table["study_id"].unique()) == ["s000", "s001"]
 
 
+def test_dxa_ids_changed_by_a_spreadsheet_leave_the_site_unlabeled_loudly(make_site, prepare_cfg, capsys):
+    """Excel turned 'p000' into 'P000' and 'p001' into 'P1': no study pairs; each row is named in quarantine.csv
+    (which stays at the site), the summary line says so without printing a patient id."""
+    site = make_site(n_labeled=2, n_unlabeled=0)
+    dxa = pd.read_csv(site / "dxa.csv", dtype=str, keep_default_na=False)
+    dxa["patient_id"] = ["P000", "P1"]
+    dxa.to_csv(site / "dxa.csv", index=False)
+    cfg = prepare_cfg(site)
+    summary = prepare_site(cfg, progress=False)
+    assert (summary.prepared, summary.unlabeled_studies, summary.dxa_rows_quarantined) == (2, 2, 0)
+    assert summary.line().endswith("; no study paired with a dxa.csv row: every study unlabeled")
+    out = capsys.readouterr().out
+    assert "no study paired with a dxa.csv row" in out and "P000" not in out and "p000" not in out
+    q = quarantine(cfg)
+    assert [tuple(r) for r in q[["case", "file", "action"]].itertuples(index=False)] == [
+        ("dxa.csv line 2", "dxa.csv", "unpaired"), ("dxa.csv line 3", "dxa.csv", "unpaired")]
+    assert "patient_id 'P1' matches no usable study in studies.csv (a study has 'p001'" in q["reason"][1]
+
+
 # --- Whole sites ---------------------------------------------------------------------------------------
 
 def test_lying_studies_are_quarantined_the_good_one_prepared(make_site, prepare_cfg):

@@ -13,7 +13,7 @@ from conftest import LEVEL_Z0, write_dicom_series
 from osteo_model.cache import SiteCache
 from osteo_model.cli.prepare import main as prepare_main
 from osteo_model.constants import LEVELS
-from osteo_model.prepare import prepare_site
+from osteo_model.prepare import load_studies, prepare_site
 
 
 def quarantine(cfg) -> pd.DataFrame:
@@ -234,6 +234,15 @@ def test_dicom_series_studies_and_bad_table_rows(make_site, prepare_cfg):
     studies.iloc[:1].to_csv(site / "studies.csv", index=False)
     assert prepare_site(cfg, progress=False).prepared == 1
     assert list(SiteCache.open(cfg.site.cache_dir).table["study_id"]) == ["s000"] * 4
+
+
+def test_ct_date_in_the_future_is_quarantined(tmp_path):
+    (tmp_path / "studies.csv").write_text("study_id,patient_id,ct_date,ct,labels\n"
+                                          "s1,p1,2099-01-01,ct/s1.nii.gz,labels/s1.nii.gz\n"
+                                          "s2,p2,2024-01-01,ct/s2.nii.gz,labels/s2.nii.gz\n")
+    studies, problems = load_studies(tmp_path, "studies.csv")
+    assert [s.study_id for s in studies] == ["s2"]
+    assert [(p.case, p.file, p.reason) for p in problems] == [("s1", "studies.csv", "ct_date 2099-01-01 is in the future")]
 
 
 def test_synthetic_sites_round_trip(tmp_path):
