@@ -52,6 +52,8 @@ INDEX_COLUMNS: tuple[str, ...] = (
     "category",        # 0 normal, 1 osteopenia, 2 osteoporosis (from t_score); -1 unknown
     "sex",             # "female" | "male" | ""
     "age",
+    "inputs_sha256",   # digest of the study's CT and label files when prepared (prepare.inputs_sha256);
+                       # absent from caches prepared before it was recorded
 )
 
 
@@ -86,8 +88,8 @@ class SiteCache:
                 manifest_file,
                 f"cache format {manifest.get('format_version')} is not {FORMAT_VERSION}: re-run osteo-prepare",
             )
-        table = pd.read_csv(path / "index.csv", keep_default_na=True,
-                            dtype={"study_id": str, "patient_id": str, "sex": str})  # a column of blanks stays text
+        table = pd.read_csv(path / "index.csv", keep_default_na=True,  # a column of blanks stays text
+                            dtype={"study_id": str, "patient_id": str, "sex": str, "inputs_sha256": str})
         table["sex"] = table["sex"].fillna("")
         crops = np.load(path / "crops.npy", mmap_mode="r")
         masks = np.load(path / "masks.npy", mmap_mode="r")

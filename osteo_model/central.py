@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from osteo_model.checkpoints import VAL_PATIENTS, features_sha256, load_model_state, save_model_state
 from osteo_model.config import resolve_device
@@ -72,15 +73,24 @@ def checkpoint_payload(models: Mapping[str, OsteoNet], cfg, feature_names: list[
 def models_from_checkpoint(state: dict, cfg, new_sites: Mapping[str, str] | None = None) -> dict[str, OsteoNet]:
     """Rebuild the per-site models of a loaded state (osteo_model.checkpoints.load_model_state, with its
     model config); ``new_sites`` (site -> manufacturer) get the shared weights and an untrained local
-    expert and calibration."""
-    cfg = OmegaConf.merge(cfg, {"model": state["model_cfg"]})
+    expert and calibration. A model config this version cannot build, or weights that do not fit it, are a
+    StateError naming the model file (a tampered file, or one from another version)."""
     manufacturers = {**state["manufacturers"], **(new_sites or {})}
     if not manufacturers:
         raise ConfigError(None, "no site to build the model for: a federated checkpoint needs at least one site to evaluate on")
-    models = build_site_models(cfg, int(state["n_features"]), manufacturers)
-    load_shared(next(iter(models.values())), state["shared"])
-    for site, local in state["local"].items():
-        load_local(models[site], local)
+    file = state.get("file")
+    try:
+        cfg = OmegaConf.merge(cfg, {"model": state["model_cfg"]})
+        models = build_site_models(cfg, int(state["n_features"]), manufacturers)
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise StateError(file, f"model_cfg has settings this version cannot build a model from ({first})") from exc
+    try:
+        load_shared(next(iter(models.values())), state["shared"])
+        for site, local in state["local"].items():
+            load_local(models[site], local)
+    except StateError as exc:  # it names the weights, not the file they came from
+        raise StateError(exc.path or file, exc.reason) from exc
     return models
 
 

@@ -22,7 +22,7 @@ import math
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -34,9 +34,10 @@ from osteo_model.errors import ConfigError, StateError
 SITE_MODEL_FILE = "site_model.pt"
 MODEL_CARD_FILE = "model_card.json"
 STATE_KEYS = ("kind", "shared", "local", "manufacturers", "feature_names", "n_features", "features_sha256",
-              "model_cfg", "crop", "card")
+              "model_cfg", "crop", "card", "file")
 """What every loaded state holds. ``feature_names`` is None for a federated checkpoint (the server only
-ever sees the feature count and the SHA-256 of the names), ``crop`` None for checkpoints older than it."""
+ever sees the feature count and the SHA-256 of the names), ``crop`` None for checkpoints older than it;
+``file`` is the file it was read from, so that a later failure to rebuild the model can name it."""
 RESEARCH_USE = "research use only: not a medical device, not for diagnosis"
 
 NPZ_FORMAT_VERSION = 1
@@ -104,10 +105,12 @@ def _from_npz(path: Path) -> dict[str, Any]:
         raise StateError(path, f"federated checkpoint lacks {missing} in its meta (written before osteofl "
                                "recorded them): it cannot rebuild a model")
     card = {k: meta[k] for k in ("run_id", "round", "phase", "strategy", "n_sites") if k in meta}
-    return {"kind": "federated", "shared": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
-            "local": {}, "manufacturers": {}, "feature_names": None, "n_features": int(meta["n_features"]),
-            "features_sha256": meta.get("features_sha256"), "model_cfg": meta["model_cfg"],
-            "crop": meta.get("crop"), "card": card}
+    state = {"kind": "federated", "shared": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+             "local": {}, "manufacturers": {}, "feature_names": None, "n_features": meta["n_features"],
+             "features_sha256": meta.get("features_sha256"), "model_cfg": meta["model_cfg"],
+             "crop": meta.get("crop"), "card": card}
+    _check_types(path, state, ("n_features", "model_cfg", "crop"))
+    return state
 
 
 # --- torch files (central checkpoints, site models) --------------------------------------------------
@@ -147,10 +150,47 @@ def _from_torch(path: Path) -> dict[str, Any]:
     kind = state.get("kind", "central")
     if kind not in ("central", "site"):
         raise StateError(path, f"unknown model kind {kind!r}")
+    state = {**state, "kind": kind, "crop": state.get("crop"), "card": state.get("card") or {}}
+    _check_types(path, state, ("shared", "local", "manufacturers", "feature_names", "model_cfg", "crop", "card"))
     names = list(state["feature_names"])
-    return {**state, "kind": kind, "n_features": len(names), "feature_names": names,
-            "features_sha256": state.get("features_sha256") or features_sha256(names),
-            "crop": state.get("crop"), "card": dict(state.get("card") or {})}
+    return {**state, "n_features": len(names), "feature_names": names,
+            "features_sha256": state.get("features_sha256") or features_sha256(names), "card": dict(state["card"])}
+
+
+def _is_map(value: Any, item: type | tuple[type, ...] = object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, item) for k, v in value.items())
+
+
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "shared": (lambda v: _is_map(v, torch.Tensor), "a mapping of weight names to tensors"),
+    "local": (lambda v: _is_map(v, Mapping) and all(_is_map(w, torch.Tensor) for w in v.values()),
+              "a mapping of sites to their weights"),
+    "manufacturers": (lambda v: _is_map(v, str), "a mapping of sites to DXA manufacturers"),
+    "feature_names": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v),
+                      "a list of feature names"),
+    "n_features": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "model_cfg": (_is_map, "a mapping of model settings"),
+    "crop": (lambda v: v is None or _is_map(v), "a mapping of crop settings"),
+    "card": (_is_map, "a mapping"),
+}
+"""What each field of a model file must be before anything reads it (a tampered or foreign file otherwise
+fails deep inside the rebuild with an error that names neither the file nor the field)."""
+
+
+def _check_types(path: Path, state: Mapping[str, Any], keys: Iterable[str]) -> None:
+    for key in keys:
+        ok, what = _FIELD_TYPES[key]
+        if not ok(state[key]):
+            raise StateError(path, f"field {key!r} is {type(state[key]).__name__}, not {what}: damaged or tampered file")
+
+
+def _check_finite(path: Path, state: Mapping[str, Any]) -> None:
+    """A model with NaN or infinite weights (damaged, or training diverged) predicts NaN for every study:
+    refused here, once for every format, rather than reported level by level as "not evaluable"."""
+    weights = [*state["shared"].values(), *(w for local in state["local"].values() for w in local.values())]
+    bad = sum(int((~torch.isfinite(w)).sum()) for w in weights)
+    if bad:
+        raise StateError(path, f"model holds {bad} non-finite weights (damaged or diverged)")
 
 
 def load_model_state(path: str | Path) -> dict[str, Any]:
@@ -158,6 +198,8 @@ def load_model_state(path: str | Path) -> dict[str, Any]:
 
     A federated checkpoint has no local parts (``local`` is empty): every site it is evaluated on is a new
     site. A central checkpoint also keeps its training extras (optimizer, plan, history) for resuming.
+    StateError naming the file for a damaged or foreign file, a field of the wrong type, or a weight that
+    is not finite.
     """
     path = Path(path)
     if path.is_dir():
@@ -172,10 +214,13 @@ def load_model_state(path: str | Path) -> dict[str, Any]:
     except (zipfile.BadZipFile, OSError) as exc:
         raise StateError(path, f"not a model file (truncated or not a checkpoint: {exc})") from exc
     if any(n.endswith("data.pkl") for n in names):
-        return _from_torch(path)
-    if any(n.endswith(".npy") for n in names):
-        return _from_npz(path)
-    raise StateError(path, "not a model file: neither a torch checkpoint nor a federated round-NNNN.npz")
+        state = _from_torch(path)
+    elif any(n.endswith(".npy") for n in names):
+        state = _from_npz(path)
+    else:
+        raise StateError(path, "not a model file: neither a torch checkpoint nor a federated round-NNNN.npz")
+    _check_finite(path, state)
+    return {**state, "file": path}
 
 
 # --- the site model -----------------------------------------------------------------------------------

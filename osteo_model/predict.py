@@ -4,7 +4,9 @@ The model is the site's complete model from its state folder unless another file
 settings or feature set differ from the data's is refused (osteo_model.checkpoints.check_compatible).
 New CTs go through osteo-prepare's reading, validation, cropping and radiomics with the site's settings.
 Everything is written into the output folder only: report.csv, report.json, index.html, one PNG per study.
-Patient identifiers are not added: a study appears under the site's own study id (or a new CT's file name).
+Patient identifiers are not added: a study appears under the site's own study id (or a new CT's file name,
+with its parent folders where names repeat, and its files named in the report). A prepared study's image is
+drawn only from the files osteo-prepare read (their digest in the cache), never beside another scan's numbers.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import datetime as dt
 import json
 import math
 import re
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,7 +35,7 @@ from osteo_model.dataset import SiteData, load_site_data, pin_path
 from osteo_model.errors import InputError
 from osteo_model.labels import label_map_from_cfg
 from osteo_model.pools import worker_pool
-from osteo_model.prepare import featurise_study, load_studies
+from osteo_model.prepare import featurise_study, inputs_sha256, load_studies
 from osteo_model.radiomics_features import extractor_for, n_workers, params_path
 from osteo_model.screening import (
     RESEARCH_USE, Reference, StudyInput, StudyReport, new_ct_cache, prepared_studies, screen, site_reference,
@@ -40,7 +43,12 @@ from osteo_model.screening import (
 
 CSV_COLUMNS = ("study_id", "source", "level", "evaluable", "reason", "hu_mean", "hu_median", "sbmd", "bmd", "t_score",
                "t_low", "t_high", "category", "p_osteoporosis", "flags", "interval_note", "l1_hu", "l1_hu_rule",
-               "l1_totalseg_flag", "image")
+               "l1_totalseg_flag", "image", "ct", "labels")
+CHANGED_NOTE = ("CT or label map changed since osteo-prepare read them (the numbers are from the files it read): "
+                "no image; re-run osteo-prepare")
+UNCHECKED_NOTE = ("not checked against the files osteo-prepare read (a cache prepared before it recorded their "
+                  "digest): re-run osteo-prepare")
+_IMAGE_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd|\.nhdr)$")
 
 
 def model_card(state: dict, path: Path, site: str, local_trained: bool) -> dict[str, Any]:
@@ -87,14 +95,35 @@ def _study_table(cfg: DictConfig) -> pd.DataFrame | None:
                          "labels": [s.labels for s in studies]})
 
 
-def _new_ct(ct_path: Path, labels_path: Path, cfg: DictConfig, label_map: dict[str, int]):
+def new_ct_ids(cts: Sequence[str | Path], taken: Collection[str] = ()) -> list[str]:
+    """Report ids of new CTs: the file name without its image extension, with as many parent folders as it
+    takes to tell apart CTs of one name (TotalSegmentator writes every case as <case>/ct.nii.gz) and from
+    the ids in ``taken``; "#2", "#3" where the same file is given again."""
+    parts = [(*p.absolute().parent.parts[1:], _IMAGE_SUFFIX.sub("", p.name) or p.name) for p in map(Path, cts)]
+    depth = [1] * len(parts)
+    while True:
+        ids = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        count = Counter(ids)
+        clash = [i for i, sid in enumerate(ids) if (count[sid] > 1 or sid in taken) and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    seen: Counter[str] = Counter()
+    unique = []
+    for sid in ids:
+        seen[sid] += 1
+        unique.append(sid if seen[sid] == 1 else f"{sid}#{seen[sid]}")
+    return unique
+
+
+def _new_ct(ct_path: Path, labels_path: Path, study_id: str, cfg: DictConfig, label_map: dict[str, int]):
     """A new CT through osteo-prepare's reading, checks, cropping and radiomics: (input, ct, labels)."""
-    study_id = re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd|\.nhdr)$", "", ct_path.name) or ct_path.name
     try:
         ct, label_arr = ctio.read_study(ct_path, labels_path)
         crops, features, excluded = featurise_study(ct, label_arr, label_map, cfg.crop, str(params_path(cfg.radiomics)))
     except (InputError, RuntimeError, ValueError) as exc:
-        reason = exc.reason if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+        reason = str(exc) if isinstance(exc, InputError) else f"{ct_path}: {type(exc).__name__}: {exc}"
         empty = new_ct_cache(study_id, [], np.zeros((0, 0)), [])
         return StudyInput(study_id, empty, np.zeros(0, int), {}, "", "new CT", ct_path, labels_path, reason), None, None
     names = extractor_for(str(params_path(cfg.radiomics)), crop_spacing_mm(cfg.crop)).names
@@ -112,18 +141,25 @@ class _PngJob:
     report: StudyReport
     ct: Path
     labels: Path
+    inputs_sha256: str  # of the files osteo-prepare read; "" where the cache does not record it
     label_map: dict[str, int]
     model_line: str
     dpi: int
 
 
 def _render_job(job: _PngJob) -> str:
-    """Read the study's CT and draw its PNG; returns why the image is missing ("" when it is there)."""
+    """Read the study's CT and draw its PNG; returns the image note ("" when the image is there and checked).
+    Files that are no longer those osteo-prepare read get no image: it would show another scan than the
+    numbers beside it."""
     ct = label_arr = None
     try:
-        ct, label_arr = ctio.read_study(job.ct, job.labels)
+        if job.inputs_sha256 and inputs_sha256(job.ct, job.labels) != job.inputs_sha256:
+            job.report.image_note = CHANGED_NOTE
+        else:
+            ct, label_arr = ctio.read_study(job.ct, job.labels)
+            job.report.image_note = "" if job.inputs_sha256 else UNCHECKED_NOTE
     except InputError as exc:
-        job.report.image_note = f"CT unreadable: {exc.reason}"
+        job.report.image_note = f"CT unreadable: {exc}"
     report_png.render_study_png(job.path, job.report, ct, label_arr, job.label_map, job.model_line, job.dpi)
     return job.report.image_note
 
@@ -141,12 +177,12 @@ class _Writer:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add(self, report: StudyReport, study: StudyInput, ct=None, label_arr=None) -> None:
-        """Queue or draw the study's PNG. ``ct``/``label_arr``: a new CT already in memory."""
+        """Queue a prepared study's PNG, or draw a new CT's (``ct``/``label_arr``: in memory; None: unreadable)."""
         report.image = _safe_name(report.study_id, self.taken)
         self.reports.append(report)
-        if ct is None and study.ct is not None and study.labels is not None:
-            self.jobs.append(_PngJob(self.out_dir / report.image, report, study.ct, study.labels, self.label_map,
-                                     self.line, self.dpi))
+        if study.source == "prepared" and study.ct is not None and study.labels is not None:
+            self.jobs.append(_PngJob(self.out_dir / report.image, report, study.ct, study.labels, study.inputs_sha256,
+                                     self.label_map, self.line, self.dpi))
             return
         if ct is None:
             report.image_note = study.problem or "CT and label map not listed in the site's studies table"
@@ -183,15 +219,15 @@ def _clean(value: Any) -> Any:
 def _csv_rows(reports: list[StudyReport]) -> list[dict[str, Any]]:
     rows = []
     for r in reports:
+        study = {"study_id": r.study_id, "source": r.source, "image": r.image, "ct": r.ct, "labels": r.labels}
         for lv in r.levels:
-            rows.append({"study_id": r.study_id, "source": r.source, **{k: v for k, v in asdict(lv).items() if k != "flags"},
-                         "flags": "; ".join(lv.flags), "image": r.image})
+            rows.append({**study, **{k: v for k, v in asdict(lv).items() if k != "flags"}, "flags": "; ".join(lv.flags)})
         p = r.patient
-        rows.append({"study_id": r.study_id, "source": r.source, "level": "patient", "evaluable": p.evaluable,
+        rows.append({**study, "level": "patient", "evaluable": p.evaluable,
                      "reason": p.reason, "bmd": p.bmd, "t_score": p.t_score, "t_low": p.t_low, "t_high": p.t_high,
                      "category": p.category, "l1_hu": p.l1_hu, "flags": "; ".join(r.flags),
                      "interval_note": p.interval_note, "l1_hu_rule": p.l1_hu_rule,
-                     "l1_totalseg_flag": p.l1_totalseg_flag, "image": r.image})
+                     "l1_totalseg_flag": p.l1_totalseg_flag})
     return rows
 
 
@@ -221,9 +257,13 @@ def run_predict(cfg: DictConfig, model_path: str | Path | None = None, study_ids
     writer = _Writer(Path(out_dir or cfg.predict.out_dir), model_card(state, path, site, local), label_map, cfg.predict)
     if data is not None and (study_ids or not new_cts):
         _prepared(writer, model, data, cfg, study_ids, ref, device, progress)
-    for ct_path, labels_path in tqdm(new_cts, desc="new CTs", unit="study", disable=not progress or len(new_cts) < 2):
-        study, ct, label_arr = _new_ct(Path(ct_path), Path(labels_path), cfg, label_map)
-        writer.add(screen(model, [study], ref, cfg.predict, device)[0], study, ct, label_arr)
+    ids = new_ct_ids([ct for ct, _ in new_cts], {r.study_id for r in writer.reports})
+    for (ct_path, labels_path), study_id in tqdm(zip(new_cts, ids), desc="new CTs", unit="study", total=len(ids),
+                                                 disable=not progress or len(new_cts) < 2):
+        study, ct, label_arr = _new_ct(Path(ct_path), Path(labels_path), study_id, cfg, label_map)
+        report = screen(model, [study], ref, cfg.predict, device)[0]
+        report.ct, report.labels = str(ct_path), str(labels_path)
+        writer.add(report, study, ct, label_arr)
     return writer.finish(site, progress)
 
 

@@ -18,7 +18,7 @@ import tempfile
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -109,25 +109,37 @@ def _relative(path: Path | None, site_dir: Path) -> str:
         return str(path)
 
 
-def _hash_inputs(digest: Any, path: Path) -> None:
-    if not path.exists():
-        raise InputError(path, "file not found")
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
+def _hash_inputs(paths: Iterable[Path], *digests: Any) -> None:
+    """Each file's name and SHA-256 (a DICOM folder: each of its files) into every digest; each file read once."""
+    for path in paths:
+        if not path.exists():
+            raise InputError(path, "file not found")
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            with open(f, "rb") as fh:
+                file_sha = hashlib.file_digest(fh, "sha256").digest()
+            for digest in digests:
+                digest.update(f.name.encode())
+                digest.update(file_sha)
 
 
-def study_key(study: Study, pairing: dxa.Pairing, settings: str) -> str:
-    """Content key of a study's entry: its files' bytes, its DXA pairing and the settings."""
-    digest = hashlib.sha256(f"{ENTRY_VERSION}|{settings}".encode())
+def inputs_sha256(ct: Path, labels: Path) -> str:
+    """Digest of a study's CT and label files alone, recorded in the index at preparation: osteo-predict
+    recomputes it to tell whether the files changed since their numbers were cached."""
+    digest = hashlib.sha256()
+    _hash_inputs((ct, labels), digest)
+    return digest.hexdigest()
+
+
+def study_key(study: Study, pairing: dxa.Pairing, settings: str) -> tuple[str, str]:
+    """Content key of a study's entry (its files' bytes, its DXA pairing and the settings) and its
+    inputs_sha256, from one read of the files."""
+    digest, inputs = hashlib.sha256(f"{ENTRY_VERSION}|{settings}".encode()), hashlib.sha256()
     meta = {"study": asdict(study) | {"ct": study.ct.name, "labels": study.labels.name},
             "dxa": pairing.dxa, "interval": pairing.interval_days}
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    _hash_inputs(digest, study.ct)
-    _hash_inputs(digest, study.labels)
-    return digest.hexdigest()[:32]
+    _hash_inputs((study.ct, study.labels), digest, inputs)
+    return digest.hexdigest()[:32], inputs.hexdigest()
 
 
 def _index_row(study: Study, pairing: dxa.Pairing, crop: VertebraCrop, spacing: str) -> dict[str, Any]:
@@ -253,6 +265,7 @@ class _SiteRun:
                                     "radiomics": params_digest(cfg.radiomics), "labels": self.label_map}, sort_keys=True)
         self.summary = Summary()
         self.pairings: dict[str, dxa.Pairing] = {}
+        self.inputs: dict[str, str] = {}  # study_id -> inputs_sha256 of the files validated
 
     def check_writable(self) -> None:
         """One clear error before any work when the cache (or its parent, which holds the consolidation's
@@ -297,7 +310,7 @@ class _SiteRun:
         valid = []
         for study in tqdm(studies, desc="validate", unit="study", disable=not self.progress):
             try:
-                key = study_key(study, self.pairings[study.study_id], self.settings)
+                key, self.inputs[study.study_id] = study_key(study, self.pairings[study.study_id], self.settings)
                 if not self.entry(key).is_file():  # an entry exists only for inputs that passed before
                     ct_geometry = ctio.read_geometry(study.ct)
                     ctio.check_same_space(ct_geometry, ctio.read_geometry(study.labels), study.labels)
@@ -330,6 +343,8 @@ class _SiteRun:
         parts = []
         for study, key in done:
             entry = _load_entry(self.entry(key))
+            for row in entry["rows"]:  # set here, not in the entry: entries written before it get it too
+                row["inputs_sha256"] = self.inputs[study.study_id]
             labels_file = _relative(study.labels, self.site_dir)
             for e in entry["excluded"]:
                 self.report(Problem(study.study_id, labels_file, e.reason, e.level, LEVEL_EXCLUDED))

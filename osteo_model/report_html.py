@@ -9,7 +9,7 @@ from html import escape
 from pathlib import Path
 from typing import Iterable
 
-from osteo_model.report_png import COLOURS
+from osteo_model.report_png import category_colour
 from osteo_model.screening import RESEARCH_USE, StudyReport
 
 _STYLE = """
@@ -46,7 +46,7 @@ def _level_rows(report: StudyReport) -> Iterable[str]:
         flags = f'<br><span class="flag">&#9888; {escape("; ".join(lv.flags))}</span>' if lv.flags else ""
         yield (f'<tr><td class="l">{lv.level}</td><td>{_num(lv.hu_mean, ".0f")}</td><td>{_num(lv.hu_median, ".0f")}</td>'
                f"<td>{_num(lv.sbmd, '.3f')}</td><td>{_num(lv.bmd, '.3f')}</td><td>{_num(lv.t_score, '+.1f')}{interval}</td>"
-               f'<td class="l" style="color:{COLOURS[lv.category]}">{escape(lv.category)}{flags}</td>'
+               f'<td class="l" style="color:{category_colour(lv.category)}">{escape(lv.category)}{flags}</td>'
                f"<td>{_num(lv.p_osteoporosis, '.2f')}</td></tr>")
 
 
@@ -56,7 +56,7 @@ def _card(report: StudyReport) -> str:
     if p.evaluable:
         interval = f" [{_num(p.t_low, '.1f')}, {_num(p.t_high, '.1f')}]" if math.isfinite(p.t_low) else ""
         headline = (f'L1-L4 ({escape(", ".join(p.levels_used))}): BMD {p.bmd:.3f} g/cm&sup2;, T {p.t_score:+.1f}{interval}, '
-                    f'<b style="color:{COLOURS[p.category]}">{escape(p.category)}</b>')
+                    f'<b style="color:{category_colour(p.category)}">{escape(p.category)}</b>')
     else:
         headline = f'<span class="na">{escape(p.reason)}</span>'
     image = (f'<img src="{escape(report.image)}" alt="reformats of study {escape(report.study_id)}" loading="lazy">'

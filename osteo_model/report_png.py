@@ -24,6 +24,13 @@ from osteo_model.screening import RESEARCH_USE, StudyReport  # noqa: E402
 
 COLOURS = {"normal": "#1a9850", "osteopenia": "#f39c12", "osteoporosis": "#d73027", "": "#9e9e9e"}
 """Category colours (green / amber / red; grey = not evaluable), the same in PNG and HTML."""
+
+
+def category_colour(category: str) -> str:
+    """A category's colour; grey for one without a colour (e.g. "unknown"): a report is never lost to it."""
+    return COLOURS.get(category, COLOURS[""])
+
+
 BONE_WINDOW = (-250.0, 1250.0)
 """HU display range (window 1500, level 500): cortex and trabecular texture both visible."""
 MARGIN_MM = (25.0, 35.0)
@@ -179,8 +186,8 @@ def _t_strip(c: _Canvas, report: StudyReport) -> None:
         big = name == "L1-L4"
         if np.isfinite(lo):
             c.add(ax.plot([lo, hi], [y, y], color="black", lw=1.2))
-        c.add(ax.plot([np.clip(t, *T_AXIS)], [y], marker="D" if big else "o", ms=9 if big else 6, color=COLOURS[cat],
-                      markeredgecolor="black"))
+        c.add(ax.plot([np.clip(t, *T_AXIS)], [y], marker="D" if big else "o", ms=9 if big else 6,
+                      color=category_colour(cat), markeredgecolor="black"))
         c.add(ax.text(T_AXIS[0] + 0.05, y, name, va="center", fontsize=8, fontweight="bold" if big else "normal"))
     ax.set_xlim(*T_AXIS)
     ax.set_ylim(0.3, max(len(rows), 1) + 0.7)
@@ -194,7 +201,7 @@ def render_study_png(path: Path, report: StudyReport, ct: sitk.Image | None, lab
     headline = (f"L1-L4 ({', '.join(p.levels_used)}): T {p.t_score:+.1f}, {p.category.upper()}" if p.evaluable
                 else f"patient {p.reason}")
     c.fig.suptitle(f"Study {report.study_id}   —   {headline}", fontsize=13, fontweight="bold",
-                   color=COLOURS[p.category if p.evaluable else ""], y=0.985)
+                   color=category_colour(p.category if p.evaluable else ""), y=0.985)
     c.add(c.fig.text(0.5, 0.935, f"{model_line}\n{RESEARCH_USE}", ha="center", fontsize=8, color="#444444"))
     try:
         if ct is not None and label_arr is not None:
@@ -240,8 +247,8 @@ def _reformats(c: _Canvas, report: StudyReport, ct: sitk.Image, label_arr: np.nd
     sag_b, cor_b = bodies[window[0], window[1], xi], bodies[window[0], yi, window[2]]
     labels = {}
     for lv in report.levels:
-        colour = COLOURS[lv.category if lv.evaluable else ""]
-        labels[LEVELS.index(lv.level) + 1] = (f"{lv.level} T {lv.t_score:+.1f}" if lv.evaluable else f"{lv.level} excluded", colour)
+        labels[LEVELS.index(lv.level) + 1] = (f"{lv.level} T {lv.t_score:+.1f}" if lv.evaluable else f"{lv.level} excluded",
+                                              category_colour(lv.category if lv.evaluable else ""))
     _panel(c, c.sag, sag, sag_b, extent(ys), zs, labels)
     _panel(c, c.cor, cor, cor_b, extent(xs), zs, {k: (t.split()[0], col) for k, (t, col) in labels.items()})
 
@@ -251,7 +258,7 @@ def _values(c: _Canvas, report: StudyReport) -> None:
     ax = c.values
     y = 0.98
     for text, cat in _level_lines(report):
-        c.add(ax.text(0.0, y, "■", fontsize=12, va="top", color=COLOURS[cat]))
+        c.add(ax.text(0.0, y, "■", fontsize=12, va="top", color=category_colour(cat)))
         c.add(ax.text(0.05, y, text, fontsize=9, va="top", color="black" if cat else "#555555"))
         y -= 0.115
     p = report.patient

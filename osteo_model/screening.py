@@ -52,6 +52,7 @@ class StudyInput:
     ct: Path | None = None
     labels: Path | None = None
     problem: str = ""          # why the whole study could not be read or prepared (then no rows)
+    inputs_sha256: str = ""    # digest of the CT and label files osteo-prepare read ("" if not recorded)
 
 
 @dataclass
@@ -97,7 +98,9 @@ class StudyReport:
     patient: PatientResult
     flags: list[str]
     image: str = ""            # PNG file name in the report folder
-    image_note: str = ""       # why there is no image
+    image_note: str = ""       # why there is no image, or why it may not show what the numbers came from
+    ct: str = ""               # a new CT's files as given (its id comes from the file name alone)
+    labels: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,8 @@ def prepared_studies(data: SiteData, study_table: pd.DataFrame | None,
                      study_ids: Sequence[str] | None = None) -> list[StudyInput]:
     """The site's prepared studies (all, or ``study_ids`` in that order); a requested study that is not in
     the cache is reported with osteo-prepare's reason. ``study_table``: the site's studies.csv rows
-    (study_id and the resolved ct, labels paths), for the image; None when it cannot be read."""
+    (study_id and the resolved ct, labels paths), for the image; None when it cannot be read. A study
+    quarantined as a whole keeps osteo-prepare's reason for each level it excluded."""
     table = data.cache.table
     by_study = {s: np.asarray(idx) for s, idx in table.groupby("study_id", sort=False).indices.items()}
     level_reasons, study_reasons = quarantine_reasons(data.cache.path)
@@ -213,12 +217,17 @@ def prepared_studies(data: SiteData, study_table: pd.DataFrame | None,
         rows = by_study.get(sid, np.zeros(0, dtype=int))
         ct, labels = files.get(sid, (None, None))
         present = set(table["level"].iloc[rows])
-        excluded = {lv: level_reasons.get(sid, {}).get(lv, "not in the prepared cache") for lv in LEVELS
-                    if lv not in present and len(rows)}
         problem = "" if len(rows) else study_reasons.get(sid, "study not prepared: run osteo-prepare for this site")
-        scanner = str(table["scanner"].iloc[rows[0]]) if len(rows) and pd.notna(table["scanner"].iloc[rows[0]]) else ""
-        out.append(StudyInput(sid, data.cache, rows, excluded, scanner, "prepared", ct, labels, problem))
+        excluded = {lv: level_reasons.get(sid, {}).get(lv, problem or "not in the prepared cache") for lv in LEVELS
+                    if lv not in present}
+        first = table.iloc[rows[0]] if len(rows) else pd.Series(dtype=object)
+        scanner, inputs = (_text(first.get(c)) for c in ("scanner", "inputs_sha256"))  # no digest in older caches
+        out.append(StudyInput(sid, data.cache, rows, excluded, scanner, "prepared", ct, labels, problem, inputs))
     return out
+
+
+def _text(value: object) -> str:
+    return str(value) if pd.notna(value) else ""
 
 
 def _feature_flags(z: np.ndarray, names: Sequence[str], predict_cfg) -> list[str]:
@@ -253,7 +262,8 @@ def _t_scores(bmd: float, interval: tuple[float, float] | None, levels: Sequence
     return t(bmd), low, high
 
 
-def _patient(levels: list[LevelResult], manufacturer: str, sex: str, ref: Reference) -> PatientResult:
+def _patient(levels: list[LevelResult], manufacturer: str, sex: str, ref: Reference, problem: str) -> PatientResult:
+    """ISCD patient value; not evaluable with the study's ``problem`` where it could not be read or prepared."""
     used = [lv for lv in levels if lv.evaluable]
     pat_bmd = bmdlib.patient_bmd([lv.bmd for lv in used])
     res = PatientResult(evaluable=bool(np.isfinite(pat_bmd)), levels_used=[lv.level for lv in used])
@@ -263,6 +273,8 @@ def _patient(levels: list[LevelResult], manufacturer: str, sex: str, ref: Refere
                                                        manufacturer, sex)
         res.category = bmdlib.category_name(int(bmdlib.category_from_t(res.t_score)))
         res.interval_note = ref.interval_note()
+    elif problem:
+        res.reason = f"not evaluable: {problem}"
     else:
         names = ", ".join(res.levels_used) or "none"
         res.reason = (f"not evaluable: {len(used)} evaluable level(s) ({names}); ISCD requires at least "
@@ -319,19 +331,23 @@ def screen(model: OsteoNet, studies: Iterable[StudyInput], ref: Reference, predi
         sex = str(table["sex"].iloc[int(study.rows[0])]) if len(study.rows) else ""
         for r in study.rows:
             row, p = table.iloc[int(r)], preds[id(study.cache)][int(r)]
-            bmd = float(p["bmd"])
-            t, t_low, t_high = _t_scores(bmd, ref.interval(bmd, patient=False), [row["level"]], manufacturer, sex)
-            by_level[row["level"]] = LevelResult(
-                row["level"], True, hu_mean=float(row["hu_mean"]), hu_median=float(row["hu_median"]),
-                sbmd=float(p["sbmd"]), bmd=bmd, t_score=t, t_low=t_low, t_high=t_high,
-                category=bmdlib.category_name(int(bmdlib.category_from_t(t))),
-                p_osteoporosis=float(p["p"][OSTEOPOROSIS]),
-                flags=_level_flags(row, study.cache.features[int(r)], names, ref, predict_cfg))
+            level = LevelResult(row["level"], True, hu_mean=float(row["hu_mean"]), hu_median=float(row["hu_median"]),
+                                flags=_level_flags(row, study.cache.features[int(r)], names, ref, predict_cfg))
+            by_level[level.level] = level
+            if not np.isfinite([p["sbmd"], p["bmd"], *p["p"]]).all():  # the HU, measured, stay for the L1-HU rule
+                level.evaluable, level.reason = False, "model gave no finite prediction"
+                continue
+            level.sbmd, level.bmd = float(p["sbmd"]), float(p["bmd"])
+            level.t_score, level.t_low, level.t_high = _t_scores(level.bmd, ref.interval(level.bmd, patient=False),
+                                                                 [level.level], manufacturer, sex)
+            level.category = bmdlib.category_name(int(bmdlib.category_from_t(level.t_score)))
+            level.p_osteoporosis = float(p["p"][OSTEOPOROSIS])
         reason = study.problem or "not evaluated"
         levels = [by_level.get(lv) or LevelResult(lv, False, reason=study.excluded.get(lv, reason)) for lv in LEVELS]
         flag_outlier_levels(levels)
         reports.append(StudyReport(study.study_id, study.source, study.scanner, manufacturer, levels,
-                                   _patient(levels, manufacturer, sex, ref), _study_flags(study, ref, levels)))
+                                   _patient(levels, manufacturer, sex, ref, study.problem),
+                                   _study_flags(study, ref, levels)))
     return reports
 
 

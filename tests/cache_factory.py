@@ -78,7 +78,7 @@ def make_site_cache(
                 "spacing_mm": "1,1,1", "hu_mean": float(core.mean()), "hu_median": float(np.median(core)),
                 "hu_std": float(core.std()), "body_volume_ml": 30.0, "dxa_manufacturer": np.nan,
                 "dxa_model": np.nan, "dxa_date": np.nan, "interval_days": np.nan, "bmd": np.nan,
-                "sbmd": np.nan, "t_score": np.nan, "category": -1, "sex": "female", "age": 65,
+                "sbmd": np.nan, "t_score": np.nan, "category": -1, "sex": "female", "age": 65, "inputs_sha256": np.nan,
             }
             if labeled:
                 device_bmd = float(bmdlib.from_sbmd(sbmd_true, manufacturer)) + device_bias

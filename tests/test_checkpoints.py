@@ -199,6 +199,45 @@ def test_damaged_and_foreign_files_are_state_errors_naming_the_file(trained, tmp
     assert "lacks ['model_cfg', 'n_features']" in str(pytest.raises(StateError, load_model_state, old_meta).value)
 
 
+def test_non_finite_weights_are_refused_in_every_format_naming_the_file(trained, tmp_path: Path) -> None:
+    """A damaged or diverged model would predict NaN for every study: refused when loaded, not reported."""
+    cfg, _, models = trained
+    payload = checkpoint_payload(models, cfg, FEATURE_NAMES, CROP)
+    local = {**payload["local"]["site_b"]}
+    first = next(iter(local))
+    local[first] = torch.full_like(local[first], float("nan"))
+    central = save_model_state(tmp_path / "checkpoint.pt", {**payload, "local": {**payload["local"], "site_b": local}})
+    shared = {k: v.numpy() for k, v in payload["shared"].items()}
+    shared[next(iter(shared))] = np.full_like(shared[next(iter(shared))], np.inf)
+    federated = write_npz(tmp_path / "round-0001.npz", shared, {}, model_meta(cfg, len(FEATURE_NAMES),
+                                                                              features_sha256(FEATURE_NAMES)))
+    for path, n in ((central, local[first].numel()), (federated, next(iter(shared.values())).size)):
+        with pytest.raises(StateError) as err:
+            load_model_state(path)
+        assert str(err.value) == f"{path}: model holds {n} non-finite weights (damaged or diverged)"
+
+
+def test_tampered_fields_are_state_errors_naming_the_file_and_field(trained, tmp_path: Path) -> None:
+    cfg, _, models = trained
+    payload = checkpoint_payload(models, cfg, FEATURE_NAMES, CROP)
+    tampered = {"feature_names": 5, "shared": [1, 2], "manufacturers": {"site_a": 3}, "model_cfg": "small",
+                "local": {"site_a": {"w": [0.0]}}, "card": ["x"]}
+    for field, value in tampered.items():
+        path = save_model_state(tmp_path / f"{field}.pt", {**payload, field: value})
+        with pytest.raises(StateError) as err:
+            load_model_state(path)
+        assert str(err.value).startswith(f"{path}: field {field!r} is {type(value).__name__}, not ")
+    # Types right, content this version cannot build a model from (or weights that do not fit it): the
+    # rebuild names the file too.
+    extra_key = save_model_state(tmp_path / "extra.pt", {**payload, "model_cfg": {**payload["model_cfg"], "bogus": 1}})
+    with pytest.raises(StateError, match=f"^{extra_key}: model_cfg has settings .*'bogus'"):
+        models_from_checkpoint(load_model_state(extra_key), cfg)
+    wider = {**payload["model_cfg"], "embed_dim": 2 * payload["model_cfg"]["embed_dim"]}
+    other_width = save_model_state(tmp_path / "wider.pt", {**payload, "model_cfg": wider})
+    with pytest.raises(StateError, match=f"^{other_width}: shared state .*shape"):
+        models_from_checkpoint(load_model_state(other_width), cfg)
+
+
 def test_other_crop_settings_or_features_are_refused_with_the_fix(trained, tmp_path: Path) -> None:
     cfg, _, models = trained
     paths = _write_all(tmp_path, cfg, models)

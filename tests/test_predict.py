@@ -156,6 +156,30 @@ def test_out_of_distribution_flags(tmp_path):
     assert all(any("texture unlike training" in f for f in lv.flags) for lv in report.levels)
 
 
+def test_a_level_without_a_finite_prediction_is_not_evaluable_and_the_report_is_still_drawn(tmp_path):
+    """A model that predicts NaN (a file with such weights is refused when loaded; this one diverged in
+    memory) must not mark its levels evaluable; a category the renderers do not colour must not stop them."""
+    from osteo_model import report_html, report_png
+    from osteo_model.screening import HU_RULE_NAMES
+
+    make_site_cache(tmp_path / "c", site="s", n_patients=1, labeled_frac=0.0, size=16)
+    cfg = cfg_for(tmp_path, "s")
+    model = build_site_models(cfg, len(FEATURE_NAMES), {"s": "hologic"})["s"]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    ref = Reference(np.zeros(0), np.zeros(0), 0, frozenset(), None, None, 0.9, 5)
+    (report,) = screen(model, [StudyInput("x", SiteCache.open(tmp_path / "c"), np.arange(4), {})], ref, cfg.predict, "cpu")
+    assert [(lv.evaluable, lv.reason, lv.category) for lv in report.levels] == [
+        (False, "model gave no finite prediction", "")] * 4
+    assert all(np.isfinite(lv.hu_mean) for lv in report.levels)  # measured, not predicted: the L1-HU rule stands
+    assert not report.patient.evaluable and report.patient.l1_hu_rule in HU_RULE_NAMES
+    report.levels[0].evaluable, report.levels[0].category = True, "unknown"
+    report_html.write_index(tmp_path / "index.html", [report], "s", "model")
+    report_png.render_study_png(tmp_path / "x.png", report, None, None, {}, "model")
+    assert (tmp_path / "x.png").stat().st_size > 10_000
+
+
 def _phantom_study(tmp_path: Path, spine_phantom, name: str, drop_l4: bool, truncate_l1: bool, soft_l2: bool):
     ct, labels = spine_phantom(levels=("L1", "L2", "L3") if drop_l4 else LEVELS)
     ct_arr, lab_arr = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(labels)
@@ -200,6 +224,52 @@ def test_new_ct_exclusions_and_patient_summary(tmp_path, spine_phantom):
     assert "not found" in by["nothing", "L1"].reason
     assert {s["study_id"] for s in js["studies"]} == {"bad_ct", "ok_ct", "nothing"}
     assert all((out / s["image"]).stat().st_size > 10_000 for s in js["studies"])
+
+
+def test_new_cts_of_one_file_name_get_distinct_ids_and_the_report_names_their_files(tmp_path, spine_phantom):
+    """TotalSegmentator writes every case as <case>/ct.nii.gz: each new CT gets as many parent folders in its
+    id as tell it apart, the report names its files, and a failure names the file that failed."""
+    from osteo_model.predict import new_ct_ids
+
+    cfg = cfg_for(tmp_path, "site_n")
+    model = save_model(tmp_path / "m.pt", cfg, {"site_n": "hologic"}, real_names(cfg), crop_of(cfg))
+    ct, labels = spine_phantom()
+    cts = [(tmp_path / case / "ct.nii.gz", tmp_path / case / "seg.nii.gz") for case in "ab"]
+    for ct_path, labels_path in cts:
+        ct_path.parent.mkdir()
+        sitk.WriteImage(ct, str(ct_path))
+        sitk.WriteImage(labels, str(labels_path))
+    missing = (tmp_path / "c" / "ct.nii.gz", cts[0][1])
+    run_predict(cfg, model, new_cts=[*cts, missing], out_dir=tmp_path / "r", progress=False)
+    rep, js = read_report(tmp_path / "r")
+    assert [(s["study_id"], s["ct"], s["labels"]) for s in js["studies"]] == [
+        (sid, str(ct), str(labels)) for sid, (ct, labels) in zip(("a/ct", "b/ct", "c/ct"), [*cts, missing])]
+    assert rep.groupby("study_id")["ct"].first().to_dict() == {"a/ct": str(cts[0][0]), "b/ct": str(cts[1][0]),
+                                                               "c/ct": str(missing[0])}
+    failed = rep[rep["study_id"] == "c/ct"].set_index("level")["reason"]
+    assert (failed[list(LEVELS)] == f"{missing[0]}: file not found").all()
+    assert failed["patient"] == f"not evaluable: {missing[0]}: file not found"
+    # Parents until the ids differ, also from the report's other ids; the same file twice is numbered.
+    assert new_ct_ids(["/x/a/ct.nii.gz", "/y/a/ct.nii.gz", "/x/a/ct.nii.gz", "/z/scan"], taken={"scan"}) == [
+        "x/a/ct", "y/a/ct", "x/a/ct#2", "z/scan"]
+
+
+def test_a_study_quarantined_as_a_whole_keeps_osteo_prepares_reasons(tmp_path):
+    from osteo_model.quarantine import LEVEL_EXCLUDED, Problem, write_quarantine_csv
+
+    cfg = cfg_for(tmp_path, "site_a")
+    cache = make_site_cache(tmp_path / "data/cache/site_a", site="site_a", n_patients=2, size=16)
+    anatomy = "implausible anatomy: L3 lies above L2 (L1 to L4 run head to feet); wrong label map or preset?"
+    write_quarantine_csv(cache / "quarantine.csv", [
+        *(Problem("swapped", "labels/swapped.nii.gz", anatomy, lv, LEVEL_EXCLUDED) for lv in LEVELS),
+        Problem("swapped", "labels/swapped.nii.gz", "no usable vertebra")])
+    model = save_model(tmp_path / "m.pt", cfg, {"site_a": "hologic"}, FEATURE_NAMES, None)
+    run_predict(cfg, model, study_ids=["swapped", "never"], out_dir=tmp_path / "r", progress=False)
+    rep, _ = read_report(tmp_path / "r")
+    reason = {(r.study_id, r.level): r.reason for r in rep.itertuples()}
+    assert [reason["swapped", lv] for lv in LEVELS] == [anatomy] * 4
+    assert reason["swapped", "patient"] == "not evaluable: no usable vertebra"
+    assert reason["never", "patient"] == "not evaluable: study not prepared: run osteo-prepare for this site"
 
 
 @pytest.mark.parametrize("what", ["crop", "features"])
@@ -293,6 +363,39 @@ def test_prepared_site_report_files_and_html(tmp_path, make_site, prepare_cfg):
         dom = subprocess.run([browser, "--headless", "--no-sandbox", "--dump-dom", (out / "index.html").as_uri()],
                              capture_output=True, text=True, timeout=60).stdout
         assert dom.count('class="card"') == 3
+
+
+def test_a_prepared_study_whose_files_changed_since_preparation_gets_no_image(tmp_path, make_site, prepare_cfg,
+                                                                             spine_phantom):
+    """Its numbers are the cache's, from the files osteo-prepare read: today's files (another scan written
+    over them) would put another spine beside them."""
+    from osteo_model.predict import CHANGED_NOTE, UNCHECKED_NOTE
+    from osteo_model.prepare import inputs_sha256
+
+    site = make_site(n_labeled=1, n_unlabeled=1)
+    pcfg = prepare_cfg(site)
+    prepare_site(pcfg, progress=False)
+    cfg = cfg_for(tmp_path, site.name, f"site.dir={site}", f"site.cache_dir={pcfg.site.cache_dir}")
+    model = save_model(tmp_path / "model.pt", cfg, {site.name: "hologic"}, real_names(cfg), crop_of(cfg))
+    for image, kind in zip(spine_phantom(trabecular_hu=260.0, seed=9), ("ct", "labels")):
+        sitk.WriteImage(image, str(site / kind / "s000.nii.gz"))
+
+    def notes(name: str) -> dict[str, str]:
+        run_predict(cfg, model, out_dir=tmp_path / name, progress=False)
+        rep, js = read_report(tmp_path / name)
+        assert rep.loc[rep["level"] != "patient", "bmd"].notna().all()  # the numbers stay: they are the cache's
+        return {s["study_id"]: s["image_note"] for s in js["studies"]}
+
+    assert notes("changed") == {"s000": CHANGED_NOTE, "s001": ""}
+    # A cache prepared before the digest was recorded: the image, with a note that it was not checked.
+    index = Path(pcfg.site.cache_dir) / "index.csv"
+    pd.read_csv(index).drop(columns="inputs_sha256").to_csv(index, index=False)
+    assert notes("old") == {"s000": UNCHECKED_NOTE, "s001": UNCHECKED_NOTE}
+    # osteo-prepare records it again, also for the study it skips as cached.
+    assert prepare_site(pcfg, progress=False).cached == 1
+    recorded = pd.read_csv(index).groupby("study_id")["inputs_sha256"].unique()
+    assert {s: list(v) for s, v in recorded.items()} == {
+        s: [inputs_sha256(site / "ct" / f"{s}.nii.gz", site / "labels" / f"{s}.nii.gz")] for s in ("s000", "s001")}
 
 
 @pytest.mark.slow
