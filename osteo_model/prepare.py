@@ -18,7 +18,7 @@ import tempfile
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -109,18 +109,25 @@ def _relative(path: Path | None, site_dir: Path) -> str:
         return str(path)
 
 
-def _hash_inputs(paths: Iterable[Path], *digests: Any) -> None:
-    """Each file's name and SHA-256 (a DICOM folder: each of its files) into every digest; each file read once."""
+def _hash_inputs(paths: Iterable[Path], *digests: Any) -> list[bytes]:
+    """Each file's name and SHA-256 (a DICOM folder: each of its files) into every digest; each file read once.
+    Returns each path's content digest (its files' bytes only, names left out: a copy under another name
+    is the same scan)."""
+    contents = []
     for path in paths:
         if not path.exists():
             raise InputError(path, "file not found")
         files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        content = hashlib.sha256()
         for f in files:
             with open(f, "rb") as fh:
                 file_sha = hashlib.file_digest(fh, "sha256").digest()
+            content.update(file_sha)
             for digest in digests:
                 digest.update(f.name.encode())
                 digest.update(file_sha)
+        contents.append(content.digest())
+    return contents
 
 
 def inputs_sha256(ct: Path, labels: Path) -> str:
@@ -131,15 +138,41 @@ def inputs_sha256(ct: Path, labels: Path) -> str:
     return digest.hexdigest()
 
 
-def study_key(study: Study, pairing: dxa.Pairing, settings: str) -> tuple[str, str]:
-    """Content key of a study's entry (its files' bytes, its DXA pairing and the settings) and its
-    inputs_sha256, from one read of the files."""
+class StudyDigests(NamedTuple):
+    key: str         # the entry's content key: the files' bytes, the DXA pairing and the settings
+    inputs: str      # inputs_sha256
+    ct_content: str  # the CT's bytes alone, to find one scan listed twice
+
+
+def study_key(study: Study, pairing: dxa.Pairing, settings: str) -> StudyDigests:
+    """A study's digests, from one read of its files."""
     digest, inputs = hashlib.sha256(f"{ENTRY_VERSION}|{settings}".encode()), hashlib.sha256()
     meta = {"study": asdict(study) | {"ct": study.ct.name, "labels": study.labels.name},
             "dxa": pairing.dxa, "interval": pairing.interval_days}
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    _hash_inputs((study.ct, study.labels), digest, inputs)
-    return digest.hexdigest()[:32], inputs.hexdigest()
+    ct_content, _ = _hash_inputs((study.ct, study.labels), digest, inputs)
+    return StudyDigests(digest.hexdigest()[:32], inputs.hexdigest(), ct_content.hex())
+
+
+def same_scan_twice(studies: list[tuple[Study, str]]) -> dict[str, str]:
+    """Why studies listed with a CT another study already has are left out (study_id -> reason), from
+    (study, CT content digest) in table order. Under two patients the scan's DXA labels and its place in the
+    patient split are both in doubt, so every copy goes; under one patient the first is kept."""
+    first: dict[str, Study] = {}
+    patients: dict[str, set[str]] = {}
+    for study, content in studies:
+        first.setdefault(content, study)
+        patients.setdefault(content, set()).add(study.patient_id)
+    reasons = {}
+    for study, content in studies:
+        other = first[content]
+        if len(patients[content]) > 1:
+            copies = sorted(s.study_id for s, c in studies if c == content and s is not study)
+            reasons[study.study_id] = (f"same CT file content as study {', '.join(copies)} of another patient_id: "
+                                       "one scan under two patients?")
+        elif other is not study:
+            reasons[study.study_id] = f"same CT file content as study {other.study_id} of the same patient: duplicate"
+    return reasons
 
 
 def _index_row(study: Study, pairing: dxa.Pairing, crop: VertebraCrop, spacing: str) -> dict[str, Any]:
@@ -307,17 +340,23 @@ class _SiteRun:
             self.report(problem)
         self.summary.quarantined += len(bad_rows)
         self.summary.dxa_rows_quarantined = sum(p.action == QUARANTINED for p in dxa_problems)
-        valid = []
+        valid, contents = [], []
         for study in tqdm(studies, desc="validate", unit="study", disable=not self.progress):
             try:
-                key, self.inputs[study.study_id] = study_key(study, self.pairings[study.study_id], self.settings)
-                if not self.entry(key).is_file():  # an entry exists only for inputs that passed before
+                digests = study_key(study, self.pairings[study.study_id], self.settings)
+                if not self.entry(digests.key).is_file():  # an entry exists only for inputs that passed before
                     ct_geometry = ctio.read_geometry(study.ct)
                     ctio.check_same_space(ct_geometry, ctio.read_geometry(study.labels), study.labels)
-                valid.append((study, key))
+                self.inputs[study.study_id] = digests.inputs
+                valid.append((study, digests.key))
+                contents.append((study, digests.ct_content))
             except InputError as exc:
                 self.quarantine(study.study_id, exc.path, exc.reason)
-        return valid, dxa_table
+        twice = same_scan_twice(contents)
+        for study, _ in valid:
+            if study.study_id in twice:
+                self.quarantine(study.study_id, study.ct, twice[study.study_id])
+        return [(s, k) for s, k in valid if s.study_id not in twice], dxa_table
 
     def entry(self, key: str) -> Path:
         return self.entries_dir / f"{key}.npz"

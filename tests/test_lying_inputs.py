@@ -289,6 +289,26 @@ def test_odd_studies_are_quarantined_one_by_one(make_site, prepare_cfg, monkeypa
     assert (table["study_id"] == "s003").sum() == len(LEVELS)
 
 
+def test_one_scan_listed_twice_is_found_by_content(make_site, prepare_cfg):
+    """A CT copied under another name: under another patient both go (whose DXA labels it, and on which side
+    of the patient split it falls, are in doubt); under the same patient the first is kept."""
+    site = make_site(n_labeled=4, n_unlabeled=0)
+    for kind in ("ct", "labels"):
+        (site / f"{kind}/s003.nii.gz").write_bytes((site / f"{kind}/s000.nii.gz").read_bytes())
+        (site / f"{kind}/copy.nii.gz").write_bytes((site / f"{kind}/s001.nii.gz").read_bytes())
+    table = pd.read_csv(site / "studies.csv", dtype=str)
+    table.loc[len(table)] = ["s004", "p001", "2024-03-02", "ct/copy.nii.gz", "labels/copy.nii.gz", "Phantom CT"]
+    table.to_csv(site / "studies.csv", index=False)
+    cfg = prepare_cfg(site)
+    summary = prepare_site(cfg, progress=False)
+    assert (summary.prepared, summary.quarantined) == (2, 3)
+    reasons = quarantine(cfg).set_index("case")["reason"].to_dict()
+    assert reasons["s000"] == "same CT file content as study s003 of another patient_id: one scan under two patients?"
+    assert reasons["s003"] == "same CT file content as study s000 of another patient_id: one scan under two patients?"
+    assert reasons["s004"] == "same CT file content as study s001 of the same patient: duplicate"
+    assert list(SiteCache.open(cfg.site.cache_dir).table["study_id"].unique()) == ["s001", "s002"]
+
+
 def test_level_boxes_memory_does_not_grow_with_the_largest_label_value():
     """A table indexed by label value would take 8 GiB for one 2**31-1 voxel (lazily, until memory is tight)."""
     arr = np.zeros((40, 40, 40), np.int32)
