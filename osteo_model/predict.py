@@ -35,7 +35,7 @@ from osteo_model.dataset import SiteData, load_site_data, pin_path
 from osteo_model.errors import InputError
 from osteo_model.labels import label_map_from_cfg
 from osteo_model.pools import worker_pool
-from osteo_model.prepare import featurise_study, inputs_sha256, load_studies
+from osteo_model.prepare import inputs_sha256, load_studies, read_and_featurise
 from osteo_model.radiomics_features import extractor_for, n_workers, params_path
 from osteo_model.screening import (
     RESEARCH_USE, Reference, StudyInput, StudyReport, new_ct_cache, prepared_studies, screen, site_reference,
@@ -120,12 +120,11 @@ def new_ct_ids(cts: Sequence[str | Path], taken: Collection[str] = ()) -> list[s
 def _new_ct(ct_path: Path, labels_path: Path, study_id: str, cfg: DictConfig, label_map: dict[str, int]):
     """A new CT through osteo-prepare's reading, checks, cropping and radiomics: (input, ct, labels)."""
     try:
-        ct, label_arr = ctio.read_study(ct_path, labels_path)
-        crops, features, excluded = featurise_study(ct, label_arr, label_map, cfg.crop, str(params_path(cfg.radiomics)))
-    except (InputError, RuntimeError, ValueError) as exc:
-        reason = str(exc) if isinstance(exc, InputError) else f"{ct_path}: {type(exc).__name__}: {exc}"
+        ct, label_arr, crops, features, excluded = read_and_featurise(ct_path, labels_path, label_map, cfg.crop,
+                                                                      str(params_path(cfg.radiomics)))
+    except InputError as exc:
         empty = new_ct_cache(study_id, [], np.zeros((0, 0)), [])
-        return StudyInput(study_id, empty, np.zeros(0, int), {}, "", "new CT", ct_path, labels_path, reason), None, None
+        return StudyInput(study_id, empty, np.zeros(0, int), {}, "", "new CT", ct_path, labels_path, str(exc)), None, None
     names = extractor_for(str(params_path(cfg.radiomics)), crop_spacing_mm(cfg.crop)).names
     cache = new_ct_cache(study_id, crops, features, names)
     inp = StudyInput(study_id, cache, np.arange(len(crops)), {e.level: e.reason for e in excluded}, "", "new CT",

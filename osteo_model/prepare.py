@@ -208,16 +208,28 @@ def prepare_study(task: StudyTask) -> tuple[Path | None, str] | None:
     """Read, crop and featurise one study, then write its entry; (file, reason) if it cannot be used."""
     study = task.study
     try:
-        ct, label_arr = ctio.read_study(study.ct, study.labels)
-        crops, features, excluded = featurise_study(ct, label_arr, task.label_map, task.crop, task.params_file)
+        ct, _, crops, features, excluded = read_and_featurise(study.ct, study.labels, task.label_map, task.crop,
+                                                              task.params_file)
     except InputError as exc:
         return exc.path, exc.reason
-    except Exception as exc:  # whatever else one odd scan makes a library raise (even MemoryError): this study only
-        return study.ct, f"preparation failed ({type(exc).__name__}: {str(exc)[:200]})"
     spacing = ",".join(f"{v:.3g}" for v in ct.GetSpacing())
     rows = [_index_row(study, task.pairing, c, spacing) for c in crops]
     _write_entry(task.entry, crops, features, rows, excluded, int(task.crop.size))
     return None
+
+
+def read_and_featurise(ct_path: Path, labels_path: Path, label_map: dict[str, int], crop_cfg, params_file: str):
+    """One scan read, checked, cropped and featurised: (ct, label array, crops, features, exclusions), what
+    osteo-prepare caches and osteo-predict computes for a new CT. Anything that fails on this scan is an
+    InputError naming a file: whatever else one odd scan makes a library raise (even MemoryError) too, so
+    the other studies carry on."""
+    try:
+        ct, label_arr = ctio.read_study(ct_path, labels_path)
+        return ct, label_arr, *featurise_study(ct, label_arr, label_map, crop_cfg, params_file)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(ct_path, f"preparation failed ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
 def featurise_study(ct, label_arr: np.ndarray, label_map: dict[str, int], crop_cfg, params_file: str,
