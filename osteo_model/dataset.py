@@ -160,14 +160,22 @@ def normalise_hu(crop: np.ndarray) -> np.ndarray:
 
 class CropDataset(Dataset):
     """Rows of a site cache as tensors: ``x`` (2, S, S, S) = normalised HU + mask, raw radiomic
-    ``features``, and targets (NaN/-1 where a row has no label)."""
+    ``features``, and targets (NaN/-1 where a row has no label).
 
-    def __init__(self, cache: SiteCache, rows: np.ndarray, augment: bool = False, seed: int = 0) -> None:
+    ``device``: the site's DXA manufacturer, whose BMD the calibration head predicts. A row measured on
+    another device (a site that replaced its scanner, or sees outside exams) keeps its sBMD and category
+    targets but has no device-BMD target: its BMD is on another scale.
+    """
+
+    def __init__(self, cache: SiteCache, rows: np.ndarray, augment: bool = False, seed: int = 0,
+                 device: str | None = None) -> None:
         self.cache, self.rows, self.augment = cache, np.asarray(rows, dtype=np.int64), augment
         self.rng = np.random.default_rng(seed)
         t = cache.table
         self.sbmd = t["sbmd"].to_numpy(dtype=np.float32)
         self.bmd = t["bmd"].to_numpy(dtype=np.float32)
+        if device is not None:
+            self.bmd[t["dxa_manufacturer"].astype(str).to_numpy() != device] = np.nan
         self.category = t["category"].fillna(-1).to_numpy(dtype=np.int64)
         self.level = t["level_idx"].to_numpy(dtype=np.int64)
 

@@ -15,7 +15,7 @@ from osteo_model import baselines, plots
 from osteo_model.config import resolve_device
 from osteo_model.constants import LEVELS
 from osteo_model.dataset import SiteData
-from osteo_model.metrics import OSTEOPOROSIS, compute_metrics
+from osteo_model.metrics import OSTEOPOROSIS, compute_metrics, on_row_devices
 from osteo_model.model import standardise_on_site
 from osteo_model.central import models_from_checkpoint
 from osteo_model.checkpoints import check_compatible
@@ -114,12 +114,14 @@ def evaluate_checkpoint(
             continue
         rows = data.splits[split]
         table = data.cache.table.iloc[rows]
-        pred = predict(models[site], data, rows, device, batch_size=int(cfg.train.eval_batch_size))
+        pred = on_row_devices(predict(models[site], data, rows, device, batch_size=int(cfg.train.eval_batch_size)),
+                              table, data.manufacturer)  # pooled and plotted on each row's device too
         report[site] = compute_metrics(pred, table, data.manufacturer)
         if site in new:
             onboarded = copy.deepcopy(models[site])
             fit = fit_local(onboarded, data, cfg, device, int(cfg.train.fit_local_epochs))
-            pred_on = predict(onboarded, data, rows, device, batch_size=int(cfg.train.eval_batch_size))
+            pred_on = on_row_devices(predict(onboarded, data, rows, device, batch_size=int(cfg.train.eval_batch_size)),
+                                     table, data.manufacturer)
             report[f"{site}+onboarded"] = {**compute_metrics(pred_on, table, data.manufacturer),
                                            "selected_epoch": fit["selected_epoch"]}  # 0: shared-only kept
             if out_dir is not None and cfg.eval.plots:
@@ -150,7 +152,7 @@ def evaluate_baselines(train_datas: Mapping[str, SiteData], datas: Mapping[str, 
         rad[site] = radiomics.evaluate(data, split)
         if site in train_datas:
             tables.append(table)
-            pool.add(radiomics.predict(data, split), table)
+            pool.add(on_row_devices(radiomics.predict(data, split), table, data.manufacturer), table)
     if tables:
         hu["overall"] = baselines.hu_threshold(pd.concat(tables))
         pred, table = pool.merged()

@@ -37,17 +37,21 @@ def balance_loss(gate: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     return math.log(n) + (mean * torch.log(mean + eps)).sum()
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the rows ``mask`` keeps (0 with none); NaN in a masked-out row never leaks."""
+    w = mask.float()
+    return (torch.nan_to_num(values) * w).sum() / w.sum().clamp(min=1.0)
+
+
 def task_losses(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """sBMD regression, device-BMD calibration (both in units of SBMD_SCALE), 3-class diagnosis, level."""
-    sbmd_err = (out["sbmd"] - batch["sbmd"]) / SBMD_SCALE
-    bmd_err = (out["bmd"] - batch["bmd"]) / SBMD_SCALE
-    valid = torch.isfinite(batch["sbmd"]) & torch.isfinite(batch["bmd"])
-    w = valid.float()
-    denom = w.sum().clamp(min=1.0)
-    sbmd = (torch.nan_to_num(sbmd_err) ** 2 * w).sum() / denom
-    calib = (torch.nan_to_num(bmd_err) ** 2 * w).sum() / denom
+    """sBMD regression, device-BMD calibration (both in units of SBMD_SCALE), 3-class diagnosis, level.
+
+    Each term counts the rows that have its target: a row measured on another DXA device than the site's
+    has an sBMD and a category but no device-BMD target (dataset.CropDataset's ``device``).
+    """
+    sbmd = _masked_mean(((out["sbmd"] - batch["sbmd"]) / SBMD_SCALE) ** 2, torch.isfinite(batch["sbmd"]))
+    calib = _masked_mean(((out["bmd"] - batch["bmd"]) / SBMD_SCALE) ** 2, torch.isfinite(batch["bmd"]))
     has_cat = batch["category"] >= 0
-    diag = F.cross_entropy(out["diagnosis"], batch["category"].clamp(min=0), reduction="none")
-    diag = (diag * has_cat.float()).sum() / has_cat.float().sum().clamp(min=1.0)
+    diag = _masked_mean(F.cross_entropy(out["diagnosis"], batch["category"].clamp(min=0), reduction="none"), has_cat)
     level = F.cross_entropy(out["level"], batch["level"])
     return {"sbmd": sbmd, "calib": calib, "diag": diag, "level": level}

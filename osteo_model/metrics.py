@@ -108,13 +108,38 @@ def patient_metrics(pred_bmd: np.ndarray, table: pd.DataFrame) -> dict[str, floa
     return res
 
 
+def on_row_devices(pred: dict[str, np.ndarray], table: pd.DataFrame, manufacturer: str) -> dict[str, np.ndarray]:
+    """Predictions with each labeled row's device BMD, T-score and category on the device that measured it.
+
+    The model predicts BMD on the site's device (``manufacturer``: its calibration head). A row measured on
+    another device is compared on that device's scale through the predicted sBMD (inverse Hui 1997), all the
+    model knows of that device; comparing it with the site device's BMD would count the devices' offset
+    (~0.1 g/cm^2 between Hologic and GE Lunar) as error. Applying it twice changes nothing.
+    """
+    devices = table["dxa_manufacturer"].astype(str).to_numpy()
+    other = (devices != manufacturer) & np.isfinite(table["bmd"].to_numpy(float))
+    known = [d for d in np.unique(devices[other]) if bmdlib.normalise_manufacturer(d) == d]
+    if not known:
+        return pred
+    out = {k: np.array(pred[k], copy=True) for k in ("bmd", "t", "category")}
+    for dev in known:
+        sel = other & (devices == dev)
+        out["bmd"][sel] = bmdlib.from_sbmd(pred["sbmd"][sel], dev)
+        out["t"][sel] = bmdlib.t_score(out["bmd"][sel], dev)
+        out["category"][sel] = bmdlib.category_from_t(out["t"][sel])
+    return {**pred, **out}
+
+
 def compute_metrics(pred: dict[str, np.ndarray], table: pd.DataFrame, manufacturer: str | None = None) -> dict[str, float]:
     """Aggregate metrics of predictions (training.predict) against the cache rows they came from:
     patient-level endpoints first, then the per-vertebra ones.
 
-    Only labeled rows count; ``manufacturer`` is unused except as documentation of the site's device
-    (each row's own ``dxa_manufacturer`` gives its truth's device).
+    Only labeled rows count. ``manufacturer``: the site's device, the one the predictions are on; rows
+    measured on another device are compared on theirs (:func:`on_row_devices`). None: ``pred`` is already
+    on each row's device (rows pooled over sites).
     """
+    if manufacturer is not None:
+        pred = on_row_devices(pred, table, manufacturer)
     labeled = np.isfinite(table["bmd"].to_numpy(float))
     t = table.loc[labeled]
     n = int(labeled.sum())

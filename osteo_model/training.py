@@ -148,7 +148,7 @@ def phase_dataset(data: SiteData, cfg, phase: str, augment: bool = True,
                   per_patient: bool = False) -> CropDataset | OneRowPerPatient:
     """The phase's rows (all crops for ssl, the labeled training split for task); ``per_patient``: one
     item per patient (DP-SGD's record, dataset.OneRowPerPatient)."""
-    ds = CropDataset(data.cache, phase_rows(data, phase), augment=augment, seed=int(cfg.seed))
+    ds = CropDataset(data.cache, phase_rows(data, phase), augment=augment, seed=int(cfg.seed), device=data.manufacturer)
     return OneRowPerPatient(ds, seed=int(cfg.seed)) if per_patient else ds
 
 

@@ -78,8 +78,9 @@ def site_outcome(model: torch.nn.Module, data: SiteData, cfg, device: str) -> tu
     """The site's test patients as ``model`` predicts them, and what its local parts do there."""
     rows, table = _test(data)
     batch = int(cfg.train.eval_batch_size)
-    pred = training.predict(model, data, rows, device, batch)
-    return patients_from_bmd(pred["bmd"], table), diagnose(model, data, rows, pred, device, batch)
+    pred = training.predict(model, data, rows, device, batch)  # on the site's device, as diagnose reads it
+    on_rows = metrics.on_row_devices(pred, table, data.manufacturer)
+    return patients_from_bmd(on_rows["bmd"], table), diagnose(model, data, rows, pred, device, batch)
 
 
 class Selector:
@@ -238,7 +239,11 @@ def hu_rule(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
 def radiomics_linear(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     """Ridge regression of sBMD on the radiomic features, fit on the pooled training splits."""
     fit = baselines.RadiomicsLinear().fit(datas)
-    return MethodRun({s: patients_from_bmd(fit.predict(d, "test")["bmd"], _test(d)[1]) for s, d in datas.items()})
+    out = {}
+    for site, data in datas.items():
+        table = _test(data)[1]
+        out[site] = patients_from_bmd(metrics.on_row_devices(fit.predict(data, "test"), table, data.manufacturer)["bmd"], table)
+    return MethodRun(out)
 
 
 def _truth(truth_dir: Path, site: str, table: pd.DataFrame) -> pd.DataFrame:

@@ -93,6 +93,26 @@ def test_patient_level_endpoints_come_first_with_per_device_agreement():
     assert res["patient_acc3"] == pytest.approx(2 / 3)
 
 
+def test_rows_measured_on_another_device_are_judged_on_its_scale():
+    """A Hologic site's model predicts Hologic BMD; its GE Lunar patient is compared on GE Lunar's scale through
+    the predicted sBMD, not charged the devices' offset as error."""
+    from osteo_model import bmd as bmdlib
+
+    sbmd = np.array([1.0, 1.02, 1.05, 1.08, 0.8, 0.82, 0.85, 0.88])
+    devices = ["hologic"] * 4 + ["ge_lunar"] * 4
+    truth = np.array([bmdlib.from_sbmd(s, d) for s, d in zip(sbmd, devices)])
+    table = _table(truth, [0] * 8, ["s1"] * 4 + ["s2"] * 4, device=devices)
+    table["sbmd"] = sbmd
+    pred = _pred(bmdlib.from_sbmd(sbmd, "hologic"), np.zeros(8), np.zeros(8, int))
+    pred["sbmd"] = sbmd
+    naive = metrics.compute_metrics(pred, table)  # as if the predictions were on each row's device already
+    assert abs(naive["patient_bias_bmd_ge_lunar"]) > 0.05
+    res = metrics.compute_metrics(pred, table, "hologic")
+    assert res["patient_mae_bmd"] == pytest.approx(0.0, abs=1e-9) and res["mae_bmd"] == pytest.approx(0.0, abs=1e-9)
+    assert res["patient_bias_bmd_ge_lunar"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics.compute_metrics(metrics.on_row_devices(pred, table, "hologic"), table)["mae_bmd"] == res["mae_bmd"]
+
+
 def test_patient_endpoints_are_nan_not_missing_without_evaluable_patients():
     table = _table([1.0, np.nan, 0.8, np.nan], [0] * 4, ["s1", "s1", "s2", "s2"])  # one level each
     res = metrics.compute_metrics(_pred([1.0, 1.0, 0.8, 0.8], [0] * 4, [0] * 4), table)

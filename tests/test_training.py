@@ -87,6 +87,24 @@ def test_a_pinned_split_keeps_every_patient_where_it_was_when_new_patients_arriv
             load_site_data(grown, cfg, pin=pin)
 
 
+def test_a_row_on_another_dxa_device_teaches_sbmd_and_category_not_calibration(root):
+    """The calibration head predicts the site's device; a GE Lunar row at a Hologic site is on another scale."""
+    from osteo_model.losses import task_losses
+
+    cfg, data = _site(root)
+    rows = data.splits["train"][:3]
+    data.cache.table.loc[data.cache.table.index[rows[2]], "dxa_manufacturer"] = "ge_lunar"
+    items = [CropDataset(data.cache, rows, device=data.manufacturer)[i] for i in range(3)]
+    assert np.isnan(float(items[2]["bmd"])) and np.isfinite(float(items[2]["sbmd"])) and int(items[2]["category"]) >= 0
+    assert all(np.isfinite(float(it["bmd"])) for it in items[:2])
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("sbmd", "bmd", "category", "level")}
+    out = {"sbmd": batch["sbmd"] + torch.tensor([0.15, 0.15, 0.3]), "bmd": batch["bmd"].nan_to_num(0.0) + 0.15,
+           "diagnosis": torch.zeros(3, 3), "level": torch.zeros(3, 4)}
+    losses = task_losses(out, batch)
+    assert float(losses["sbmd"]) == pytest.approx((1 + 1 + 4) / 3)  # all three rows, in units of SBMD_SCALE
+    assert float(losses["calib"]) == pytest.approx(1.0)              # the two Hologic rows only
+
+
 def test_augmentation_only_permutes_axial_plane(root):
     cfg, data = _site(root)
     plain = CropDataset(data.cache, data.splits["train"][:1])[0]["x"]
