@@ -36,6 +36,12 @@ def quarantine(cfg) -> pd.DataFrame:
     return pd.read_csv(f"{cfg.site.cache_dir}/quarantine.csv", dtype=str, keep_default_na=False)
 
 
+def prepare_with_reasons(cfg):
+    """Prepare the site: its summary and each quarantined case's reason."""
+    summary = prepare_site(cfg, progress=False)
+    return summary, quarantine(cfg).set_index("case")["reason"].to_dict()
+
+
 def image_like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(arr)
     img.CopyInformation(ref)
@@ -247,9 +253,8 @@ def test_lying_studies_are_quarantined_the_good_one_prepared(make_site, prepare_
     for kind, volume in (("ct", raw.astype(np.int16)), ("labels", lab)):
         write(sitk.GetImageFromArray(volume), site / f"{kind}/s003.nii.gz")  # raw stored values, padded
     cfg = prepare_cfg(site)
-    summary = prepare_site(cfg, progress=False)
+    summary, reasons = prepare_with_reasons(cfg)
     assert (summary.prepared, summary.quarantined) == (1, 4)
-    reasons = quarantine(cfg).set_index("case")["reason"].to_dict()
     assert reasons["s000"] == "4-D image (36x32x60x2); expected one 3-D volume"
     assert reasons["s001"] == "2-D image (36x32); expected one 3-D volume"
     assert reasons["s002"].startswith("1 voxel(s) are NaN or infinite")
@@ -278,9 +283,8 @@ def test_odd_studies_are_quarantined_one_by_one(make_site, prepare_cfg, monkeypa
 
     monkeypatch.setattr(prepare.ctio, "read_study", read_study)
     cfg = prepare_cfg(site)
-    summary = prepare_site(cfg, progress=False)
+    summary, reasons = prepare_with_reasons(cfg)
     assert (summary.prepared, summary.quarantined) == (2, 3)
-    reasons = quarantine(cfg).set_index("case")["reason"].to_dict()
     assert reasons["s000"].startswith("label map holds negative values (min -1000)")
     assert reasons["s001"] == "empty labels column"
     assert reasons["s002"] == "preparation failed (MemoryError: Unable to allocate 8.00 GiB)"
@@ -300,9 +304,8 @@ def test_one_scan_listed_twice_is_found_by_content(make_site, prepare_cfg):
     table.loc[len(table)] = ["s004", "p001", "2024-03-02", "ct/copy.nii.gz", "labels/copy.nii.gz", "Phantom CT"]
     table.to_csv(site / "studies.csv", index=False)
     cfg = prepare_cfg(site)
-    summary = prepare_site(cfg, progress=False)
+    summary, reasons = prepare_with_reasons(cfg)
     assert (summary.prepared, summary.quarantined) == (2, 3)
-    reasons = quarantine(cfg).set_index("case")["reason"].to_dict()
     assert reasons["s000"] == "same CT file content as study s003 of another patient_id: one scan under two patients?"
     assert reasons["s003"] == "same CT file content as study s000 of another patient_id: one scan under two patients?"
     assert reasons["s004"] == "same CT file content as study s001 of the same patient: duplicate"
