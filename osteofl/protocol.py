@@ -232,8 +232,10 @@ def payload_of(content: RecordDict, expected: Spec | None = None) -> dict[str, n
     return unpack(records[0], spec)
 
 
-def unpack(record: ArrayRecord, spec: Spec) -> dict[str, np.ndarray]:
-    """Split a packed record (``pack``, or a strategy's aggregate of packed records) by ``spec``."""
+def unpack(record: ArrayRecord, spec: Spec, cast: bool = False) -> dict[str, np.ndarray]:
+    """Split a packed record by ``spec``. What a peer sent must hold each slot's data in exactly its dtype
+    (float16 in a float32 slot would be averaged, or trained on, at float16 precision); ``cast`` is for the
+    server's own aggregate of packed records only, where Flower's average of an integer array comes back as float."""
     sizes: dict[str, int] = {}
     for shape, dtype in spec.values():
         sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
@@ -248,7 +250,9 @@ def unpack(record: ArrayRecord, spec: Spec) -> dict[str, np.ndarray]:
         if value.ndim != 1 or value.size != size or not np.issubdtype(value.dtype, np.number):
             raise PayloadError(f"packed {dtype} arrays hold {value.size} {value.dtype} values in {value.ndim} "
                                f"dimensions, the layout says {size}")
-        flat[dtype] = value  # an aggregate of integer arrays comes back as float: cast below
+        if not cast and value.dtype != np.dtype(dtype):
+            raise PayloadError(f"packed {dtype} arrays hold {value.dtype} data")
+        flat[dtype] = value
     out, offsets = {}, dict.fromkeys(sizes, 0)
     for key in sorted(spec):
         shape, dtype = spec[key]

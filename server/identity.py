@@ -69,6 +69,15 @@ class Identities:
         """The node's site, or ``node-<id>`` for a node not (yet) identified or refused before naming."""
         return self.identity.get(int(node_id), f"node-{node_id}")
 
+    def admitted(self) -> set[int]:
+        """The nodes that take part: identified, and not refused since (by identity or at the handshake)."""
+        return set(self.identity) - set(self.refused)
+
+    def refuse(self, node: int, reason: str) -> None:
+        """Refuse an identified node for the rest of the run (its site no longer counts as admitted)."""
+        self.refused[node] = reason
+        self.sources.pop(self.identity.get(node, ""), None)
+
     def check(self, replies: Iterable[Message]) -> dict[int, str]:
         """Identify the repliers not yet known; returns node -> reason for every reply that must not count."""
         replies = list(replies)
@@ -84,10 +93,10 @@ class Identities:
                 out[node] = self.refused[node]
             elif said is not None and node in self.identity and said != self.identity[node]:
                 site = self.identity[node]
-                out[node] = self.refused[node] = (
-                    f"declares site {said!r} but is {site!r} "
-                    f"({'by its registered key' if self.mode == KEY else 'since its first reply'}); refused for this run")
-                self.sources.pop(site, None)
+                self.refuse(node, f"declares site {said!r} but is {site!r} "
+                                  f"({'by its registered key' if self.mode == KEY else 'since its first reply'}); "
+                                  "refused for this run")
+                out[node] = self.refused[node]
         return out
 
     def _admit(self, node: int, site: str, source: str) -> None:

@@ -8,7 +8,9 @@ finite update scaled by 1e20, a sign-flipped one, or claim a huge ``num-examples
   minority cannot raise it: with 2 sites it is the smaller, with 3 the middle one) and clipped to
   ``max_update_norm`` times it; a change larger than ``reject_update_norm`` times the global weights' own
   norm is not training at all and is rejected;
-- aggregation weights are capped by the pool size the site reported at the handshake (or equal);
+- aggregation weights are capped by the pool size the site reported at the handshake (or equal), and at
+  ``max_weight_ratio`` times the round's lower-median weight: the handshake size is the site's own claim,
+  so a site that reports a huge pool still weighs at most that multiple of a typical site;
 - an aggregate that is non-finite or moved the global weights by more than ``max_global_change`` times
   their norm is refused, so it never reaches a checkpoint.
 """
@@ -33,6 +35,7 @@ class RobustConfig:
     reject_update_norm: float | None  # reject: multiple of the global weights' norm (None = off)
     max_global_change: float | None   # refuse the aggregate: multiple of the global weights' norm (None = off)
     weights: str = "capped"           # "capped" by the handshake's pool size, or "equal"
+    max_weight_ratio: float | None = None  # no weight above this multiple of the round's lower-median weight (None = off)
 
     @classmethod
     def from_cfg(cls, robust: Mapping[str, Any]) -> "RobustConfig":
@@ -48,7 +51,8 @@ class RobustConfig:
         weights = str(robust.get("weights", "capped"))
         if weights not in WEIGHT_MODES:
             raise ConfigError(None, f"federation.robust.weights={weights!r}; choose one of {list(WEIGHT_MODES)}")
-        return cls(bound("max_update_norm"), bound("reject_update_norm"), bound("max_global_change"), weights)
+        return cls(bound("max_update_norm"), bound("reject_update_norm"), bound("max_global_change"), weights,
+                   bound("max_weight_ratio"))
 
 
 def norm(arrays: Arrays) -> float:
@@ -99,19 +103,22 @@ def bound_updates(updates: Mapping[str, Arrays], base: Arrays, cfg: RobustConfig
     return out
 
 
-def aggregation_weights(claimed: Mapping[str, float], caps: Mapping[str, float | None], mode: str) -> dict[str, float]:
+def aggregation_weights(claimed: Mapping[Any, float], caps: Mapping[Any, Any], mode: str,
+                        max_ratio: float | None = None) -> dict[Any, float]:
     """Weights a site cannot inflate. ``equal``: 1 each. ``capped``: the claim, at most the pool size the
     site reported at the handshake; a site whose size is unknown (withheld for a small cohort, or never
     reported) gets at most the smallest known size of the round, and with no known size at all every site
-    counts once."""
-    if mode == "equal":
-        return {site: 1.0 for site in claimed}
-    known = [float(c) for s, c in caps.items() if s in claimed and _positive(c)]
-    if not known:
+    counts once. Then no weight exceeds ``max_ratio`` x the round's lower median weight, since the
+    handshake size is self-reported too."""
+    if mode == "equal" or not (known := [float(c) for s, c in caps.items() if s in claimed and _positive(c)]):
         return {site: 1.0 for site in claimed}
     floor = min(known)
-    return {site: min(float(n), float(caps[site]) if _positive(caps.get(site)) else floor)
-            for site, n in claimed.items()}
+    weights = {site: min(float(n), float(caps[site]) if _positive(caps.get(site)) else floor)
+               for site, n in claimed.items()}
+    if max_ratio is None or not weights:
+        return weights
+    limit = max_ratio * lower_median(list(weights.values()))
+    return {site: min(w, limit) for site, w in weights.items()}
 
 
 def _positive(value: Any) -> bool:

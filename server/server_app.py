@@ -4,17 +4,19 @@ one of Flower's strategies, aggregating only the shared arrays.
 The round loop is ours, the aggregation is Flower's: each round calls the strategy's
 ``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` / ``aggregate_evaluate`` exactly as
 ``Strategy.start`` does, but (a) runs through both phases under one global round counter, (b) screens
-every reply first (a malformed or non-finite update is logged and left out, a failed site is reported),
-(c) keeps each site's own metrics, and (d) checkpoints after every round, so that ``--resume`` can
-carry on at ``round + 1`` (``Strategy.start`` has no start-round argument).
+every reply first (a malformed or non-finite update is logged and left out, a failed site is reported)
+and gives the strategy copies of what was screened, (c) keeps each site's own metrics, (d) asks only the
+sites admitted at the handshake, and (e) checkpoints after every round, so that ``--resume`` can carry on
+at ``round + 1`` (``Strategy.start`` has no start-round argument).
 """
 from __future__ import annotations
 
 import shlex
 import time
+from collections import Counter
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,12 +33,12 @@ from osteo_model.constants import HUI_1997
 from osteo_model.errors import ConfigError, StateError
 from osteofl import protocol
 from osteofl.flower_waits import cap_pull_backoff
-from osteofl.protocol import CONFIG, METRICS, N_SITES, NUM_EXAMPLES, OVERRIDES, PHASE, RESUME, ROUND, RUN_ID, SPLIT, phase_of
+from osteofl.protocol import CONFIG, N_SITES, NUM_EXAMPLES, OVERRIDES, PHASE, RESUME, ROUND, RUN_ID, SPLIT, phase_of
 from osteofl.server import checkpoint as ckpt, robust
 from osteofl.server.history import History, write_json
 from osteofl.server.identity import Identities
 from osteofl.server.reply_poll import ShortPollGrid
-from osteofl.server.screening import Screened, metrics_of, screen, site_info
+from osteofl.server.screening import Screened, for_strategy, metrics_of, screen, site_info, site_text
 from osteofl.server.strategies import build_strategy, min_robust_replies, restore_strategy_state, strategy_state
 
 ANY_MANUFACTURER = sorted(HUI_1997)[0]
@@ -78,6 +80,7 @@ class Federation:
         self.identities = Identities(grid, str(self.fed.identity), cfg.paths.pki)
         self.identity: dict[int, str] = self.identities.identity  # node id -> site, bound to its key at the handshake
         self.site_sizes: dict[str, dict[str, Any]] = {}  # site -> split sizes it reported at the handshake
+        self.refused_at_handshake: dict[str, str] = {}  # site -> why this run's handshake refused it
         self.spent: set[int] = set()  # nodes whose privacy or compute budget is spent: they never train again in this run
 
     def name_of(self, node_id: int) -> str:
@@ -106,7 +109,11 @@ class Federation:
         has passed: a SuperLink that restarted lists the sessions of the sites' previous SuperNodes as
         connected for about a minute (Flower's heartbeat), answers for them that the node is unavailable,
         and only then lets the sites' new sessions in. Sites that answered - a refusal too - are not asked
-        again; when every site asked answered and too few usably, the run stops at once."""
+        again; when every site asked answered and too few usably, the run stops at once.
+
+        Only the sites whose handshake is accepted take part in the run (``Identities.admitted``): a site
+        that failed it, sent a malformed one, or disagrees on the feature set or the network (``mismatched``)
+        is refused by name, and the run goes on with the others."""
         need, deadline = int(self.fed.min_available_nodes), time.monotonic() + self.timeout
         accepted: dict[int, Message] = {}
         answered: set[int] = set()
@@ -114,12 +121,16 @@ class Federation:
             ask = [n for n in self.wait_for_sites() if n not in answered]
             msgs = [Message(RecordDict({CONFIG: ConfigRecord({PHASE: "handshake"})}), dst_node_id=n,
                             message_type=MessageType.QUERY) for n in ask]
-            replies = self.screened(msgs, list(self.grid.send_and_receive(msgs, timeout=self.timeout)), None)
+            replies = self.screened(msgs, list(self.grid.send_and_receive(msgs, timeout=self.timeout)), None,
+                                    handshake=True)
             accepted |= {int(m.metadata.src_node_id): m for m in replies.accepted}
             silent = set(ask) & replies.silent
             answered |= set(ask) - silent
             for f in replies.failed + replies.rejected:
-                log(WARNING, "handshake: site %s did not answer usably: %s", f["site"], f["reason"])
+                if int(f["node"]) in silent:  # asked again below
+                    log(WARNING, "handshake: site %s did not answer: %s", f["site"], f["reason"])
+                else:
+                    self.refuse(int(f["node"]), f["reason"])
             if len(accepted) >= need:
                 break
             if not silent or time.monotonic() >= deadline:
@@ -131,29 +142,62 @@ class Federation:
                 "sessions?); asking the sites connected by then in %g s", len(accepted), need, len(silent),
                 HANDSHAKE_RETRY_S)
             time.sleep(HANDSHAKE_RETRY_S)
-        infos = {self.name_of(n): (site_info(m), m.content[METRICS]) for n, m in accepted.items()}
-        fingerprints = {site: (int(i["n_features"]), str(i["features_sha256"])) for site, (i, _) in infos.items()}
-        if len(set(fingerprints.values())) != 1:
-            raise ConfigError(None, f"sites disagree on the radiomic feature set {fingerprints}: "
-                                    "prepare every site with the same radiomics config")
-        n_features, self.features_sha256 = next(iter(fingerprints.values()))
-        mine = protocol.payload_fingerprint(self.reference_model(n_features), self.cfg)
-        differ = sorted(site for site, (i, _) in infos.items() if str(i["payload_sha256"]) != mine)
-        if differ:
-            raise ConfigError(None, f"sites {differ} build a different network than the server "
-                                    "(model config or osteofl version differs)")
-        sizes = {site: {k: int(i[k]) for k in protocol.SPLIT_SIZES if k in i} for site, (i, _) in infos.items()}
-        withheld = {site: str(i[protocol.SIZES_WITHHELD]) for site, (i, _) in infos.items() if protocol.SIZES_WITHHELD in i}
+        for node in sorted(set(accepted) - self.identities.admitted()):
+            self.refuse(node, "it declares no site name")
+        def usable() -> dict[int, ConfigRecord]:  # each one checked by screening.handshake_problem
+            return {n: site_info(m) for n, m in accepted.items() if n in self.identities.admitted()}
+
+        n_features = self.mismatched(usable())
+        infos = {self.name_of(n): info for n, info in usable().items()}
+        self.enough_usable(len(infos))
+        sizes = {site: {k: i[k] for k in protocol.SPLIT_SIZES if k in i} for site, i in infos.items()}
+        withheld = {site: site_text(i[protocol.SIZES_WITHHELD]) for site, i in infos.items() if protocol.SIZES_WITHHELD in i}
         log(INFO, "handshake: %d sites %s%s", len(infos), sizes, f"; withheld {withheld}" if withheld else "")
-        for site, (info, _) in sorted(infos.items()):
+        for site, info in sorted(infos.items()):
             self.log_caps(site, info)
         return n_features, sizes
+
+    def mismatched(self, infos: dict[int, ConfigRecord]) -> int:
+        """The run's feature count. A site whose radiomic feature set (count and fingerprint) is not the one a
+        majority of the sites share, or whose network differs from the server's, is refused by name; with no
+        majority there is no feature set to train on, and the run stops (ConfigError)."""
+        self.enough_usable(len(infos))
+        fingerprints = {n: (i["n_features"], i["features_sha256"]) for n, i in infos.items()}
+        ((n_features, self.features_sha256), votes), = Counter(fingerprints.values()).most_common(1)
+        if 2 * votes <= len(fingerprints):
+            raise ConfigError(None, "handshake: no majority of the sites shares one radiomic feature set ("
+                                    + ", ".join(f"{self.name_of(n)}: {k} features {sha[:12]}"
+                                                for n, (k, sha) in sorted(fingerprints.items()))
+                                    + "): prepare every site with the same radiomics config")
+        mine = protocol.payload_fingerprint(self.reference_model(n_features), self.cfg)
+        for node, info in sorted(infos.items()):
+            if fingerprints[node] != (n_features, self.features_sha256):
+                k, sha = fingerprints[node]
+                self.refuse(node, f"its radiomic feature set ({k} features, {sha[:12]}) is not the majority's "
+                                  f"({n_features}, {self.features_sha256[:12]}): prepare it with the run's radiomics config")
+            elif info["payload_sha256"] != mine:
+                self.refuse(node, "it builds a different network than the server (model config or osteofl version differs)")
+        return n_features
+
+    def enough_usable(self, usable: int) -> None:
+        """Stop the run (ConfigError) when fewer sites than federation.min_available_nodes passed the handshake."""
+        if usable < max(1, int(self.fed.min_available_nodes)):
+            raise ConfigError(None, f"handshake: {usable} site(s) usable, fewer than federation.min_available_nodes="
+                                    f"{self.fed.min_available_nodes}; refused: "
+                                    + "; ".join(f"{s}: {r}" for s, r in sorted(self.refused_at_handshake.items())))
+
+    def refuse(self, node: int, reason: str) -> None:
+        """Leave a node that failed the handshake out of the run, by name (logged, in ``final_metrics.json``)."""
+        if node in self.identities.admitted():  # an unidentified node is never admitted anyway
+            self.identities.refuse(node, reason)
+        self.refused_at_handshake[self.name_of(node)] = reason
+        log(WARNING, "handshake: site %s REFUSED for this run: %s", self.name_of(node), reason)
 
     def log_caps(self, site: str, info: ConfigRecord) -> None:
         """Say where a site's compute caps (client/policy.py) cut what this run asks of it: the site trains
         that much less, whatever the run config says."""
         prefix = protocol.CAP_PREFIX
-        caps = {k.removeprefix(prefix): int(v) for k, v in info.items() if k.startswith(prefix)}
+        caps = {k.removeprefix(prefix): v for k, v in info.items() if k.startswith(prefix)}
         cut = protocol.cut_by_caps(self.cfg, caps)
         if caps.get("max_rounds", self.total_rounds) < self.total_rounds:
             cut["train rounds"] = (self.total_rounds, caps["max_rounds"])
@@ -235,12 +279,13 @@ class Federation:
         phase = record["phase"]
         config = self.round_config({PHASE: phase, ROUND: rnd})
         spec = protocol.spec_of(arrays)
-        msgs = _with_payload(self.strategy.configure_train, rnd, arrays, config, self.grid)
+        msgs = self.messages(self.strategy.configure_train, rnd, arrays, config)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
         got = self.screened(msgs, replies, spec)
         self.spent |= {int(m.metadata.src_node_id) for m in replies
                        if m.has_error() and m.error.code == protocol.ERROR_BUDGET_SPENT}
-        got.accepted = self.bounded(rnd, phase, arrays, spec, got, record)
+        updates = self.bounded(rnd, arrays, got, record)
+        weights = self.weights(rnd, got.accepted, training.phase_split(phase))
         for r in got.rejected:
             log(WARNING, "round %d: REJECTED update from %s (node %s): %s", rnd, r["site"], r["node"], r["reason"])
         for f in got.failed:
@@ -250,27 +295,29 @@ class Federation:
         record.update(rejected=got.rejected, failed=got.failed, withheld=got.withheld,
                       site_train={self.name_of(m.metadata.src_node_id): metrics_of(m) for m in got.accepted},
                       upload_bytes={self.name_of(m.metadata.src_node_id): protocol.record_nbytes(_arrays_of(m))
-                                    for m in got.accepted})
+                                    for m in got.accepted},
+                      weights={self.name_of(n): w for n, w in weights.items()})
         need = max(int(self.fed.min_train_replies), int(min_robust_replies(self.strategy)))
         if len(got.accepted) < need:
             log(WARNING, "round %d: %d valid updates < %d needed (federation.min_train_replies, strategy %s); "
                 "global model unchanged", rnd, len(got.accepted), need, self.fed.strategy)
             return arrays
         before = strategy_state(self.strategy)
-        agg, train_metrics = self.strategy.aggregate_train(rnd, got.accepted)
+        (agg, train_metrics), problem = _guarded(
+            lambda: self.strategy.aggregate_train(rnd, for_strategy(got.accepted, weights, updates)), (None, None))
         record["train"] = dict(train_metrics or {})
-        if agg is None:
-            return arrays
-        new = protocol.unpack(agg, spec)
-        problem = robust.aggregate_problem(arrays, new, self.robust.max_global_change)
+        if agg is not None:
+            new = protocol.unpack(agg, spec, cast=True)
+            problem = robust.aggregate_problem(arrays, new, self.robust.max_global_change)
         if problem:
             log(WARNING, "round %d: aggregate REFUSED (%s): global model unchanged, no checkpoint", rnd, problem)
             record["aggregate_rejected"] = problem
             restore_strategy_state(self.strategy, before)  # FedAdam's moments must not keep the refused step
             return arrays
-        return new
+        return arrays if agg is None else new
 
-    def screened(self, msgs: list[Message], replies: list[Message], spec: protocol.Spec | None) -> Screened:
+    def screened(self, msgs: list[Message], replies: list[Message], spec: protocol.Spec | None,
+                 handshake: bool = False) -> Screened:
         """Screen replies; failures and rejections carry the site's handshake name. Every site that was
         asked but never answered itself is a failure too (``silent``): dropped or timed out, or a node the
         SuperLink answered for (Flower's NODE_UNAVAILABLE, sent from the SuperLink's own node id: it is
@@ -278,21 +325,19 @@ class Federation:
         asked = {int(m.metadata.dst_node_id) for m in msgs}
         gone = [m for m in replies if m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE]
         own = [m for m in replies if all(m is not g for g in gone)]  # the replies the nodes sent themselves
-        got = screen(own, spec, self.identities)
+        got = screen(own, spec, self.identities, handshake)
         answered = {int(m.metadata.src_node_id) for m in own}
-        unavailable = {_meant_for(m, msgs): m.error.reason for m in gone}
+        unavailable = {_meant_for(m, msgs): site_text(m.error.reason) for m in gone}
         got.silent = asked - answered
         got.failed += [{"node": str(n), "site": self.name_of(n),
                         "reason": unavailable.get(n, f"no reply within {self.timeout:g} s")} for n in sorted(got.silent)]
         return got
 
-    def bounded(self, rnd: int, phase: str, arrays: dict[str, np.ndarray], spec: protocol.Spec, got: Screened,
-                record: dict[str, Any]) -> list[Message]:
-        """Apply server/robust.py to the accepted updates in place, before the strategy sees them: reject or
-        clip each update's change, and cap each aggregation weight by the pool size reported at the handshake."""
-        by_node = {int(m.metadata.src_node_id): m for m in got.accepted}
-        updates = {n: got.updates[n] for n in by_node}
-        bounded = robust.bound_updates(updates, arrays, self.robust)
+    def bounded(self, rnd: int, arrays: dict[str, np.ndarray], got: Screened,
+                record: dict[str, Any]) -> dict[int, dict[str, np.ndarray]]:
+        """Apply server/robust.py's bounds to the accepted updates before the strategy sees them: reject or clip
+        each update's change. Returns node -> the update to aggregate; rejected ones leave ``got.accepted``."""
+        bounded = robust.bound_updates(got.updates, arrays, self.robust)
         for r in bounded.rejected:
             got.rejected.append({"node": str(r["site"]), "site": self.name_of(r["site"]), "reason": r["reason"]})
         record["clipped"] = []
@@ -301,26 +346,36 @@ class Federation:
             log(WARNING, "round %d: CLIPPED update from %s: change %.3g x the round's median change "
                 "(federation.robust.max_update_norm=%g)", rnd, self.name_of(node), c["ratio"], c["bound"])
             record["clipped"].append({"node": str(node), "site": self.name_of(node), "ratio": c["ratio"]})
-            name = next(iter(by_node[node].content.array_records))
-            protocol.put_payload(by_node[node].content, bounded.updates[node], name)
-        split = f"n_{training.phase_split(phase)}"
-        kept = {n: by_node[n] for n in bounded.updates}
-        claimed = {n: float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for n, m in kept.items()}
-        caps = {n: self.site_sizes.get(self.name_of(n), {}).get(split) for n in kept}
-        weights = robust.aggregation_weights(claimed, caps, self.robust.weights)
-        for n, m in kept.items():
-            if weights[n] != claimed[n]:
-                log(INFO, "round %d: %s claimed %s=%g, weighted %g (federation.robust.weights=%s)",
-                    rnd, self.name_of(n), NUM_EXAMPLES, claimed[n], weights[n], self.robust.weights)
-            next(iter(m.content.metric_records.values()))[NUM_EXAMPLES] = weights[n]
-        record["weights"] = {self.name_of(n): w for n, w in weights.items()}
-        return list(kept.values())
+        got.accepted = [m for m in got.accepted if int(m.metadata.src_node_id) in bounded.updates]
+        return bounded.updates
+
+    def weights(self, rnd: int, replies: list[Message], split: str) -> dict[int, float]:
+        """node -> the aggregation weight of its train or evaluate reply on ``split``: its ``num-examples``
+        capped by robust.aggregation_weights (the split's size reported at the handshake, and
+        federation.robust.max_weight_ratio x the round's median weight), so that no site sets the aggregate
+        by a claim of its own."""
+        claimed = {int(m.metadata.src_node_id): float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES])
+                   for m in replies}
+        caps = {n: self.site_sizes.get(self.name_of(n), {}).get(f"n_{split}") for n in claimed}
+        weights = robust.aggregation_weights(claimed, caps, self.robust.weights, self.robust.max_weight_ratio)
+        for n, w in weights.items():
+            if w != claimed[n]:
+                log(INFO, "round %d: %s claimed %s=%g on %s, weighted %g (federation.robust.weights=%s, "
+                    "max_weight_ratio=%s)", rnd, self.name_of(n), NUM_EXAMPLES, claimed[n], split, w,
+                    self.robust.weights, self.robust.max_weight_ratio)
+        return weights
 
     def too_few_can_train(self, rnd: int) -> str | None:
-        """Why the run must end after ``rnd``: fewer sites than federation.min_train_replies can still train
-        (a spent privacy or compute budget never comes back in a run), so every further round would train
-        nothing."""
-        able = {int(n) for n in self.grid.get_node_ids()} - self.spent
+        """Why the run must end after ``rnd``: fewer sites are admitted than federation.min_available_nodes
+        (a site refused mid-run never comes back in it, and the strategy would wait for it forever), or fewer
+        than federation.min_train_replies can still train (a spent privacy or compute budget never comes back
+        in a run), so every further round would train nothing."""
+        admitted = self.identities.admitted()
+        if len(admitted) < int(self.fed.min_available_nodes):
+            return (f"run ended after round {rnd} of {self.total_rounds}: {len(admitted)} site(s) admitted, fewer "
+                    f"than federation.min_available_nodes={self.fed.min_available_nodes} (refused: "
+                    f"{', '.join(sorted(self.name_of(n) for n in self.identities.refused))})")
+        able = ({int(n) for n in self.grid.get_node_ids()} & admitted) - self.spent
         need = int(self.fed.min_train_replies)
         if not self.spent or len(able) >= need:
             return None
@@ -331,20 +386,43 @@ class Federation:
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], split: str) -> tuple[dict, dict, list[dict]]:
         """(aggregate metrics, each site's metrics, the sites that did not evaluate and why)."""
         config = self.round_config({SPLIT: split, ROUND: rnd})
-        msgs = _with_payload(self.strategy.configure_evaluate, rnd, arrays, config, self.grid)
+        msgs = self.messages(self.strategy.configure_evaluate, rnd, arrays, config)
         got = self.screened(msgs, list(self.grid.send_and_receive(msgs, timeout=self.timeout)), None)
         for f in got.failed + got.rejected:
             log(WARNING, "round %d: no evaluation from %s: %s", rnd, f["site"], f["reason"])
         per_site = {self.name_of(m.metadata.src_node_id): metrics_of(m) for m in got.accepted}
         per_site.update({w["site"]: {"withheld": w["reason"]} for w in got.withheld})  # recorded, not failed
-        agg = self.strategy.aggregate_evaluate(rnd, got.accepted) if got.accepted else None
+        if not got.accepted:
+            return {}, per_site, got.failed + got.rejected
+        weights = self.weights(rnd, got.accepted, split)
+        agg, problem = _guarded(lambda: self.strategy.aggregate_evaluate(rnd, for_strategy(got.accepted, weights)), None)
+        if problem:
+            log(WARNING, "round %d: no aggregate evaluation (%s); each site's own metrics are kept", rnd, problem)
         return dict(agg or {}), per_site, got.failed + got.rejected
+
+    def messages(self, configure: Callable[..., Any], rnd: int, arrays: dict[str, np.ndarray],
+                 config: ConfigRecord) -> list[Message]:
+        """The strategy's train or evaluate messages of this round, carrying ``arrays`` packed with their
+        layout, for the admitted sites only: a node refused (by identity or at the handshake) or never
+        identified gets neither the global model nor the run id, and takes no sample slot. None when fewer
+        sites are admitted than the strategy waits for: a refused site never comes back in this run, and
+        the strategy would wait for it forever (too_few_can_train then ends the run)."""
+        admitted = self.identities.admitted()
+        if len(admitted) < int(self.fed.min_available_nodes):
+            return []
+        record, layout = protocol.pack(arrays)
+        msgs = list(configure(rnd, record, config, AdmittedGrid(self.grid, admitted)))
+        for msg in msgs:
+            msg.content[protocol.LAYOUT] = layout
+        return msgs
 
     def run(self) -> History:
         first, arrays, history, meta = self.start_state()
         self.site_sizes = dict(meta.get("site_sizes") or {})
-        self.identities.sources.update(meta.get("identity") or {})  # resumed: the sites admitted before
+        self.identities.sources.update({site: source for site, source in (meta.get("identity") or {}).items()
+                                        if site not in self.refused_at_handshake})  # resumed: the sites admitted before
         meta["identity"] = self.identities.sources  # site -> what named it ("key" | "declared"), checkpointed
+        meta["refused_at_handshake"] = self.refused_at_handshake  # site -> why this run left it out
         t0 = time.time()
         stopped = None
         for rnd in range(first, self.total_rounds + 1):
@@ -397,13 +475,26 @@ def _arrays_of(msg: Message) -> ArrayRecord:
     return next(iter(msg.content.array_records.values()))
 
 
-def _with_payload(configure, rnd: int, arrays: dict[str, np.ndarray], config: ConfigRecord, grid: Grid) -> list[Message]:
-    """The strategy's messages for this round, carrying ``arrays`` packed (protocol.pack) with their layout."""
-    record, layout = protocol.pack(arrays)
-    msgs = list(configure(rnd, record, config, grid))
-    for msg in msgs:
-        msg.content[protocol.LAYOUT] = layout
-    return msgs
+class AdmittedGrid:
+    """``grid`` as the strategy's ``configure_*`` sees it: its connected nodes that are ``admitted``."""
+
+    def __init__(self, grid: Grid, admitted: set[int]) -> None:
+        self._grid, self._admitted = grid, admitted
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if int(n) in self._admitted]
+
+
+def _guarded(aggregate: Callable[[], Any], failed: Any) -> tuple[Any, str | None]:
+    """(the strategy's aggregate, None), or (``failed``, why) where Flower's strategy raised on what the
+    replies hold (screening should have caught it): that round's aggregate is refused, the run goes on."""
+    try:
+        return aggregate(), None
+    except Exception as exc:  # noqa: BLE001 - any exception: one site's reply must not end the run
+        return failed, site_text(f"the strategy's aggregation failed: {type(exc).__name__}: {exc}")
 
 
 def _short(metrics: dict | None) -> str:

@@ -78,28 +78,33 @@ def test_a_node_lying_about_its_name_is_refused_and_named_by_its_key(tmp_path: P
     for record in history.records:
         assert set(record["site_train"]) == set(record["site_eval"]) == {"site_a", "site_c"}
         assert record["identity"] == {"site_a": "key", "site_c": "key"}
-        refused = {r["node"]: r for r in record["rejected"]}
-        assert refused["2"]["site"] == "site_b" and "declares site 'site_a'" in refused["2"]["reason"]
-        assert "not a site key the coordinator registered" in refused["4"]["reason"]
+        assert not record["rejected"]  # refused at the handshake: never asked again (below)
     run = root / "outputs" / "federated"
     final = json.loads((run / "final_metrics.json").read_text())
     assert set(final["sites"]) == {"site_a", "site_c"} and final["identity"] == {"site_a": "key", "site_c": "key"}
+    refused = final["refused_at_handshake"]  # named by key: the impostor as the site it is, the rogue by its node
+    assert set(refused) == {"site_b", "node-4"} and "declares site 'site_a'" in refused["site_b"]
+    assert "not a site key the coordinator registered" in refused["node-4"]
     with open(run / "history.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["site"] != "ALL"]
     assert {(r["site"], r["identity"]) for r in rows} == {("site_a", "key"), ("site_c", "key")}
+    # train/evaluate messages go to the 2 admitted nodes only: the impostor and the rogue node never receive
+    # the global model, the run id or the site count (before, all 4 nodes did: 2 * 2 * 4 + 4 messages)
+    assert len(configs) == 2 * 2 * 2 + 2  # 2 rounds x (train + evaluate) x 2 nodes + the final evaluation
+    assert {node for node, _ in configs} == {1, 3}
     # every train/evaluate message carries the Flower run id and the number of admitted sites
-    assert len(configs) == 2 * 2 * 4 + 4  # 2 rounds x (train + evaluate) x 4 nodes + the final evaluation
-    assert all(c[RUN_ID] == "77" and c[N_SITES] == 2 for c in configs)
+    assert all(c[RUN_ID] == "77" and c[N_SITES] == 2 for _, c in configs)
 
 
 def _record_configs(grid: LocalGrid) -> list:
-    """The CONFIG record of every train/evaluate message the server sends."""
+    """(node, CONFIG record) of every train/evaluate message the server sends."""
     out: list = []
     send = grid.send_and_receive
 
     def recording(messages, timeout=None):
         messages = list(messages)
-        out.extend(m.content["config"] for m in messages if m.metadata.message_type in ("train", "evaluate"))
+        out.extend((m.metadata.dst_node_id, m.content["config"]) for m in messages
+                   if m.metadata.message_type in ("train", "evaluate"))
         return send(messages, timeout=timeout)
 
     grid.send_and_receive = recording
@@ -116,8 +121,9 @@ def test_two_nodes_with_one_name_are_both_refused(tmp_path: Path) -> None:
     assert aggregated == [{1, 2}]
     assert set(record["site_train"]) == {"site_a", "site_b"}
     assert record["identity"] == {"site_a": "declared", "site_b": "declared"}
-    reasons = {r["node"]: r["reason"] for r in record["rejected"]}
-    assert set(reasons) == {"3", "4"} and all("as 2 nodes do at once" in r for r in reasons.values())
+    reasons = fed.refused_at_handshake  # both left out of the run at the handshake, never asked again
+    assert set(reasons) == {"node-3", "node-4"} and all("as 2 nodes do at once" in r for r in reasons.values())
+    assert not record["rejected"]
 
 
 def test_flower_name_disagreeing_with_the_key_and_an_empty_registry_are_refused(tmp_path: Path) -> None:

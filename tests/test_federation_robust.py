@@ -69,6 +69,16 @@ def test_aggregation_weights_cannot_be_inflated() -> None:
     assert robust.aggregation_weights(claimed, {"a": 30, "b": 40, "c": 7}, "equal") == {"a": 1.0, "b": 1.0, "c": 1.0}
 
 
+def test_no_weight_exceeds_max_weight_ratio_times_the_lower_median() -> None:
+    """The handshake's size is the site's own claim: one that reports 1e9 still weighs 3 x a typical site."""
+    claimed = {"a": 100.0, "b": 120.0, "liar": 1e9}
+    caps = {"a": 100, "b": 120, "liar": 1e9}
+    assert robust.aggregation_weights(claimed, caps, "capped", 3.0) == {"a": 100, "b": 120, "liar": 360}
+    assert robust.aggregation_weights(claimed, caps, "capped", None)["liar"] == 1e9  # off
+    # two sites: the lower median is the smaller, so the larger weighs at most 3 x it
+    assert robust.aggregation_weights({"a": 10.0, "b": 50.0}, {"a": 10, "b": 50}, "capped", 3.0) == {"a": 10, "b": 30}
+
+
 def test_aggregate_problem_refuses_non_finite_and_exploded() -> None:
     old = {"w": np.ones(4, np.float32)}
     assert robust.aggregate_problem(old, {"w": old["w"] * 1.1}, 1.0) is None
@@ -78,7 +88,8 @@ def test_aggregate_problem_refuses_non_finite_and_exploded() -> None:
 
 
 @pytest.mark.parametrize("key,value", [("max_update_norm", 0), ("reject_update_norm", -1.0),
-                                       ("max_global_change", math.inf), ("weights", "claimed")])
+                                       ("max_global_change", math.inf), ("weights", "claimed"),
+                                       ("max_weight_ratio", -3)])
 def test_robust_config_refuses_nonsense(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=key):
         robust.RobustConfig.from_cfg({"max_update_norm": 3.0, key: value})

@@ -16,7 +16,7 @@ from osteofl import protocol
 from osteofl.client.state_store import SiteState, StateStore
 from osteofl.server import checkpoint as ckpt
 from osteofl.server.identity import Identities
-from osteofl.server.screening import screen
+from osteofl.server.screening import for_strategy, screen
 from osteofl.server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 
@@ -124,6 +124,10 @@ def test_screen_rejects_bad_updates_and_aligns_metric_keys() -> None:
     reasons = {r["site"]: r["reason"] for r in out.rejected}
     assert set(reasons) == {"c", "d", "e", "f", "g", "h"}
     assert "non-finite" in reasons["c"] and "shape" in reasons["d"] and "unexpected" in reasons["e"]
-    assert all(set(next(iter(m.content.metric_records.values()))) == {"num-examples", "loss"} for m in out.accepted)
-    arrays, _ = FedAvg().aggregate_train(1, out.accepted)  # Flower accepts what survives screening
-    np.testing.assert_allclose(protocol.unpack(arrays, expected)["w"], np.ones((2, 2)))
+    assert "extra" in next(iter(out.accepted[0].content.metric_records.values()))  # the site's reply is kept as sent
+    weights = {1: 10.0, 2: 5.0}
+    copies = for_strategy(out.accepted, weights, out.updates)  # the strategy gets the keys all replies share
+    assert all(set(next(iter(m.content.metric_records.values()))) == {"num-examples", "loss"} for m in copies)
+    arrays, metrics = FedAvg().aggregate_train(1, copies)  # Flower accepts what survives screening
+    np.testing.assert_allclose(protocol.unpack(arrays, expected, cast=True)["w"], np.ones((2, 2)))
+    assert metrics["loss"] == pytest.approx((10 * 1.0 + 5 * 2.0) / 15)

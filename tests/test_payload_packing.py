@@ -53,7 +53,7 @@ def test_flowers_aggregate_of_packed_arrays_equals_the_per_key_aggregate(strateg
     sites = [(_arrays(s), n) for s, n in ((1.0, 10), (2.0, 30), (-0.5, 20))]
     agg, _ = strategy.aggregate_train(1, [_reply(i + 1, a, n) for i, (a, n) in enumerate(sites)])
     spec = protocol.spec_of(sites[0][0])
-    got = protocol.unpack(agg, spec)
+    got = protocol.unpack(agg, spec, cast=True)  # the server's own aggregate: an averaged int64 comes back float
     for key in spec:
         stack = np.stack([a[key].astype(np.float64) for a, _ in sites])
         if isinstance(strategy, FedMedian):
@@ -83,6 +83,9 @@ def _lie(content: RecordDict, how: str) -> None:
         content[name] = ArrayRecord({"float64": record["float32"], "int64": record["int64"]})
     elif how == "two records":
         content["more"] = ArrayRecord({"float32": record["float32"]})
+    elif how in ("float16 data", "big-endian data"):  # right slot and size, another dtype: was cast silently
+        data = record["float32"].numpy().astype(np.float16 if how == "float16 data" else ">f4")
+        content[name] = ArrayRecord({"float32": Array(data), "int64": record["int64"]})
 
 
 @pytest.mark.parametrize("how,reason", [
@@ -93,6 +96,8 @@ def _lie(content: RecordDict, how: str) -> None:
     ("truncated", "the layout says 17"),
     ("renamed dtype", "do not match the layout's dtypes"),
     ("two records", "expected one ArrayRecord, got 2"),
+    ("float16 data", "packed float32 arrays hold float16 data"),
+    ("big-endian data", "packed float32 arrays hold >f4 data"),
 ])
 def test_a_payload_that_lies_about_what_it_holds_is_refused_with_its_reason(how: str, reason: str) -> None:
     arrays = _arrays()
