@@ -112,10 +112,12 @@ def _withheld(message: Message, site: str, reason: str) -> Message:
 
 def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) -> Message:
     session = SiteSession.open(context, extra)
+    policy.check_train_batch(session.cfg)
     config = message.content[CONFIG]
     phase = str(config[PHASE])
     privacy = PrivacySession(session)
-    per_pass = training.steps_per_pass(session.data, session.cfg, phase, per_patient=privacy.enabled)
+    salt = None if privacy.enabled else session.state.shuffle_salt  # DP draws its batches from the OS's entropy
+    per_pass = training.steps_per_pass(session.data, session.cfg, phase, per_patient=privacy.enabled, salt=salt)
     steps = policy.local_steps(session.cfg, per_pass)
     if reason := privacy.refusal(per_pass, steps or per_pass):
         return Message(Error(code=ERROR_BUDGET_SPENT, reason=f"site {session.site}: {reason}"), reply_to=message)
@@ -142,7 +144,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     proximal.attach_proximal_term(optimizer, session.model, float(config.get(PROXIMAL_MU, 0.0)))
     private = privacy.attach(optimizer, phase)
     metrics = training.train_steps(session.model, session.data, session.cfg, phase, optimizer, session.device,
-                                   max_steps=steps, private=private)
+                                   max_steps=steps, private=private, salt=salt)
     update = protocol.payload_arrays(session.model, session.cfg)
     if bad := protocol.non_finite({**osteo.local_state(session.model), **update}):
         # a finite but poisoned global model (or a diverging step) must not become the site's saved state
@@ -271,7 +273,7 @@ def _refit_site_model(session: SiteSession, card: dict) -> None:
         # under DP the refit would train on the training patients outside epsilon, and the test metrics
         # that leave would judge it: a site under DP goes home with the model its DP rounds made
         return
-    epoch = training.final_refit(session.model, session.data, session.cfg, session.device)
+    epoch = training.final_refit(session.model, session.data, session.cfg, session.device, salt=session.state.shuffle_salt)
     if epoch is None:
         return
     card["refit"] = {"epochs": int(session.cfg.train.final_refit_epochs), "kept_epoch": int(epoch)}
@@ -295,8 +297,11 @@ def answer(kind: str, message: Message, context: Context, extra: Sequence[str] =
     """Run a handler and vet what leaves the site: a policy refusal or any failure becomes an Error reply
     whose reason is sanitised (no paths, no patient or study ids; Flower would otherwise send the raw
     exception text), refusals and withheld replies are logged here, and every reply is appended to the
-    site's audit log before it is sent."""
+    site's audit log before it is sent. The message's instructions are type-checked first
+    (policy.check_config), so that nothing after the handler can fail on them."""
+    config = message.content.config_records.get(CONFIG) if not message.has_error() else None
     try:
+        policy.check_config(config)
         reply = HANDLERS[kind](message, context, extra)
     except policy.PolicyRefusal as exc:
         reply = Message(Error(code=ERROR_POLICY_REFUSED, reason=exc.reason), reply_to=message)
@@ -315,10 +320,9 @@ def answer(kind: str, message: Message, context: Context, extra: Sequence[str] =
     elif reason := protocol.withheld_reason(reply):
         log(INFO, "site %s withheld its %s aggregates: %s", site, kind, reason)
     state_dir = cfg.site.state_dir if cfg is not None else context.node_config.get(protocol.NODE_STATE_DIR)
-    config = message.content.config_records.get(CONFIG) if not message.has_error() else None
     rnd = config.get(protocol.ROUND) if config is not None else None
-    if state_dir:
-        audit.append(state_dir, audit.entry(reply, site=site, kind=kind, rnd=None if rnd is None else int(rnd)))
+    if state_dir:  # a round refused as not an int is audited as none
+        audit.append(state_dir, audit.entry(reply, site=site, kind=kind, rnd=rnd if type(rnd) is int else None))
     else:
         log(WARNING, "site %s: no state folder known, %s reply not audited", site, kind)
     return reply

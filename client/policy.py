@@ -12,7 +12,9 @@ looser than the site's policy: the server may ask for more privacy, never for le
   epsilon budget the smaller of the two. The site's accountant (its state file) is the ledger that counts.
 - minimum cohort: no aggregate over fewer than ``site.policy.min_cohort`` patients leaves (never below
   :data:`HARD_MIN_COHORT`); the reply says "withheld" instead, and a per-device figure over fewer is left
-  out (:func:`without_small_subgroups`).
+  out (:func:`without_small_subgroups`); without DP a training batch is no smaller (:func:`check_train_batch`).
+- the request itself: no interpolation in the run's overrides (:func:`check_run_overrides`), and the
+  message's instructions of the types the protocol gives them (:func:`check_config`).
 - the patient split: the site's own (``data``: split fractions, label fraction, split seed, loader
   workers), never the run's. A run with another ``seed`` or ``data.split`` would otherwise move patients
   the site holds out for its validation and test into training: its model selection, its reported test
@@ -27,7 +29,7 @@ looser than the site's policy: the server may ask for more privacy, never for le
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -149,6 +151,58 @@ def check_request(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "federation.personal_prefixes"):
         raise PolicyRefusal("the run asks to keep shared modules at the site (federation.personal_prefixes): a "
                             "benchmark baseline of osteo-evidence; a site's state file keeps only its local parts")
+
+
+def check_run_overrides(overrides: Sequence[str]) -> None:
+    """Refuse a run whose overrides hold an OmegaConf interpolation (``${...}``), before anything composes or
+    resolves them: ``${oc.env:NAME}`` would read the site worker's environment into the config, and the
+    value would come back to the coordinator in an error text (e.g. "model.encoder='<the value>': expected
+    ..."). A coordinator has plain values to ask with; the site's own interpolations (its config files, its
+    node overrides) are not the run's and stay as they are."""
+    for override in overrides:
+        if "${" in override:
+            raise PolicyRefusal(f"the run's override of {override.split('=', 1)[0]!r} holds an interpolation ('${{'); "
+                                "this site takes plain values only from a coordinator")
+
+
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    protocol.ROUND: (int,), protocol.N_SITES: (int,), protocol.PHASE: (str,), protocol.SPLIT: (str,),
+    protocol.RUN_ID: (str,), protocol.PROXIMAL_MU: (int, float),
+}
+"""The types of the coordinator's instructions (the message's CONFIG record) that the handlers read."""
+
+
+def check_config(config: Mapping[str, Any] | None) -> None:
+    """Refuse a message whose instructions are not of the protocol's types (:data:`CONFIG_TYPES`; a bool is
+    not a number here) before a handler reads them: a round of ``"x"`` or ``[1, 2]`` failed after the reply
+    was made, outside the handler's vetting, so the message went unaudited and unanswered."""
+    for key, kinds in CONFIG_TYPES.items():
+        value = (config or {}).get(key)
+        if value is not None and (type(value) is bool or not isinstance(value, kinds)):
+            raise PolicyRefusal(f"the message's {key!r} is a {type(value).__name__}, not "
+                                f"{' or '.join(k.__name__ for k in kinds)}: refused, nothing computed")
+
+
+def check_train_batch(cfg: DictConfig) -> None:
+    """Refuse, without DP, a train request whose batches hold fewer crops than ``site.policy.min_cohort``.
+
+    A round's update and ``train_*`` losses are computed from its batches only: with one crop per batch and
+    one local step, a global model whose sBMD head is a constant c makes the reply's sBMD loss one
+    vertebra's ((c - sBMD)/scale)^2, and two rounds give that sBMD exactly. The floor counts rows (crops,
+    the unit of ``train.batch_size`` and of the loader), not patients: a patient has up to four vertebrae,
+    so a batch certain to hold ``min_cohort`` patients would need four times as many crops (40 at the
+    default cohort of 10, against the default batch of 16), and counting the patients each batch happens
+    to draw would refuse rounds at random, which says how the batches fell. What makes rows enough is that
+    the coordinator does not know which rows share a batch: a deployed site shuffles with a secret of its
+    own, and trains on full batches only (training.make_loader). Under DP the batch is one of Poisson-sampled patients and epsilon bounds
+    what any batch size releases."""
+    need = int(cfg.site.policy.min_cohort)
+    if cfg.privacy.enabled or int(cfg.train.batch_size) >= need:
+        return
+    cap = compute_caps(cfg.site.policy).get("max_batch_size")
+    own = f" (this site's cap site.policy.compute.max_batch_size={cap} is below it)" if cap is not None and cap < need else ""
+    raise PolicyRefusal(f"train.batch_size={cfg.train.batch_size} is below this site's floor for training without DP: "
+                        f"batches of site.policy.min_cohort={need} crops{own}")
 
 
 def check_payload(model, cfg: DictConfig, keys: Iterable[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import secrets
 import shlex
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,6 +29,17 @@ from osteofl.protocol import NODE_CACHE_DIR, NODE_SITE, NODE_SITE_DIR, NODE_STAT
 def _overrides(config) -> list[str]:
     value = config.get(OVERRIDES)
     return shlex.split(str(value)) if value else []
+
+
+def _simulated(node) -> bool:
+    """A virtual node of Flower's simulation engine (it numbers them), not a hospital's SuperNode."""
+    return "partition-id" in node
+
+
+def new_shuffle_salt() -> str:
+    """A hospital's site's secret in its batch order (SiteState.shuffle_salt): 128 random bits. Tests that
+    play hospitals fix it (tests/federation_helpers.py), so that their runs are reproducible."""
+    return secrets.token_hex(16)
 
 
 @functools.lru_cache(maxsize=32)
@@ -53,11 +65,13 @@ def site_config(context: Context, extra: Sequence[str] = ()) -> tuple[str, DictC
     Flower's simulation engine (``partition-id``): a simulated site has no hospital behind it, its
     operator is the simulation's."""
     node = context.node_config
-    run = [*_overrides(context.run_config), *extra]
-    own = [*(run if "partition-id" in node else extra), *_overrides(node)]
+    requested = _overrides(context.run_config)
+    policy.check_run_overrides(requested)  # before anything composes, let alone resolves, them
+    run = [*requested, *extra]
+    own = [*(run if _simulated(node) else extra), *_overrides(node)]
     if NODE_SITE in node:
         site = str(node[NODE_SITE])
-    elif "partition-id" in node:  # Flower's simulation engine numbers its virtual nodes
+    elif _simulated(node):  # Flower's simulation engine numbers its virtual nodes
         sites = list(cached_compose(own).federation.sites)
         pid = int(node["partition-id"])
         if pid >= len(sites):
@@ -87,6 +101,12 @@ class SiteSession:
 
     @classmethod
     def open(cls, context: Context, extra: Sequence[str] = ()) -> "SiteSession":
+        """The site's session for one message. A hospital's site gets its shuffle salt
+        (``SiteState.shuffle_salt``) here, at its first message since it had none, so that the order of its
+        training batches is its own secret, not a function of the coordinator's seed (training.shuffle_seed).
+        A node of Flower's simulation engine deliberately gets none: a simulated site has no hospital behind
+        it, and osteo-sim's runs stay reproducible by seed, batch for batch, as osteo-evidence's and central
+        training's are."""
         site, cfg = site_config(context, extra)
         policy.check_request(cfg)
         data = dataset.load_site_data(cfg.site.cache_dir, cfg, pin=dataset.pin_path(cfg), write_pin=True)
@@ -100,6 +120,8 @@ class SiteSession:
             osteo.load_local(model, state.local)
         else:  # before its first step: standardise the SSL targets on its own unlabeled rows (kept in state)
             osteo.standardise_on_site(model, data)
+        if state.shuffle_salt is None and not _simulated(context.node_config):
+            state.shuffle_salt = new_shuffle_salt()  # kept with the state the next time it is saved
         return cls(site, cfg, data, model, store, state, device)
 
     def start_local_afresh(self) -> None:

@@ -38,6 +38,7 @@ class SiteState:
     run_names: dict[str, str] = field(default_factory=dict)  # Flower run id -> the run id its coordinator declared
     evaluations_by_run: dict[str, int] = field(default_factory=dict)  # evaluations answered per run id (max_evaluations)
     non_private_rounds: int = 0  # train rounds without DP behind the local parts and optimiser (DP starts them afresh)
+    shuffle_salt: str | None = None  # the site's secret in its batch order (SiteSession.open); None: the run's seed alone
     revision: int = 0
 
 
@@ -83,11 +84,14 @@ class StateStore:
             evaluations_by_run={str(k): int(v) for k, v in (raw.get("evaluations_by_run") or {}).items()},
             # a state saved before this field: every round without an accountant counts as one without DP
             non_private_rounds=int(raw.get("non_private_rounds", 0 if raw.get("accountant") else raw["rounds_trained"])),
+            shuffle_salt=raw.get("shuffle_salt"),
             revision=int(raw["revision"]),
         )
 
     def save(self, state: SiteState) -> SiteState:
-        """Write ``state`` as the next revision, atomically; return what was written."""
+        """Write ``state`` as the next revision, atomically and readable by the site's owner only (as its
+        split pin and audit log): the local parts hold what its patients taught them, the standardisation
+        its feature moments; return what was written."""
         self.dir.mkdir(parents=True, exist_ok=True)
         state.revision += 1
         payload = {
@@ -102,11 +106,12 @@ class StateStore:
             "run_names": dict(state.run_names),
             "evaluations_by_run": dict(state.evaluations_by_run),
             "non_private_rounds": int(state.non_private_rounds),
+            "shuffle_salt": state.shuffle_salt,
             "revision": state.revision,
         }
         if self.path.exists():  # keep the previous revision; the current file is never absent
-            with atomic_file(self.dir / PREVIOUS_FILE) as fh, open(self.path, "rb") as src:
+            with atomic_file(self.dir / PREVIOUS_FILE, private=True) as fh, open(self.path, "rb") as src:
                 shutil.copyfileobj(src, fh)
-        with atomic_file(self.path) as fh:
+        with atomic_file(self.path, private=True) as fh:
             torch.save(payload, fh)
         return state

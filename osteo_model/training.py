@@ -8,6 +8,7 @@ on the labeled training split.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections import defaultdict
 from typing import Iterable, Mapping
@@ -152,21 +153,40 @@ def phase_dataset(data: SiteData, cfg, phase: str, augment: bool = True,
     return OneRowPerPatient(ds, seed=int(cfg.seed)) if per_patient else ds
 
 
-def steps_per_pass(data: SiteData, cfg, phase: str, per_patient: bool = False) -> int:
+def steps_per_pass(data: SiteData, cfg, phase: str, per_patient: bool = False, salt: str | None = None) -> int:
     """Batches in one pass over the phase's dataset (make_loader's length)."""
     n = len(phase_dataset(data, cfg, phase, per_patient=per_patient))
-    return -(-n // _batch_size(cfg, n))
+    return n // _batch_size(cfg, n) if salt is not None else -(-n // _batch_size(cfg, n))
+
+
+def shuffle_seed(cfg, salt: str | None = None, batch_size: int = 0) -> int:
+    """The seed of the loader's shuffle: the run's ``seed``, keyed with a site's secret ``salt`` where it has
+    one (a hospital's site, kept in its state: client/site_session.py). The run's seed is the
+    coordinator's: from it alone the coordinator would know which rows each batch holds, and differencing
+    replies over seeds would isolate rows. The salted order is keyed with the batch size too: batches of B
+    and B+1 rows from one order share B rows, and the two replies' difference would be one row. Without a
+    salt (central training, osteo-sim, osteo-evidence) the order is the seed's alone, as it always was, so
+    those runs stay reproducible by seed."""
+    if salt is None:
+        return int(cfg.seed)
+    message = f"{int(cfg.seed)}:{int(batch_size)}".encode()
+    return int.from_bytes(hashlib.blake2b(message, key=salt.encode(), digest_size=8).digest(), "big")
 
 
 def make_loader(data: SiteData, cfg, phase: str, shuffle: bool = True, augment: bool = True,
-                per_patient: bool = False) -> DataLoader:
-    """Batches of ``phase_dataset``."""
+                per_patient: bool = False, salt: str | None = None) -> DataLoader:
+    """Batches of ``phase_dataset``, shuffled in the order of ``shuffle_seed``. With a ``salt`` (a hospital's
+    site) every batch is full: a pass's last, partial batch is dropped (its rows come in later passes,
+    which draw a new order), since two rounds of k and k+1 steps would otherwise differ by that batch alone,
+    as few as one row (the floor on ``train.batch_size``, client/policy.py, bounds full batches only)."""
     ds = phase_dataset(data, cfg, phase, augment=augment, per_patient=per_patient)
+    batch = _batch_size(cfg, len(ds))
     return DataLoader(
         ds,
-        batch_size=_batch_size(cfg, len(ds)),
+        batch_size=batch,
         shuffle=shuffle,
-        generator=torch.Generator().manual_seed(int(cfg.seed)),
+        generator=torch.Generator().manual_seed(shuffle_seed(cfg, salt, batch)),
+        drop_last=salt is not None,
         num_workers=int(cfg.data.num_workers),
     )
 
@@ -230,15 +250,17 @@ def train_steps(
     device: str,
     max_steps: int | None = None,
     private=None,
+    salt: str | None = None,
 ) -> dict[str, float]:
     """One pass over the phase's rows (or ``max_steps`` batches, cycling); mean losses + num_examples.
 
     ``private``: the ``privacy.PrivateTraining`` from ``make_private``; its wrapped model, DP optimizer
-    and Poisson-sampled loader are used instead of ``model``/``optimizer``/our loader.
+    and Poisson-sampled loader are used instead of ``model``/``optimizer``/our loader. ``salt``: the
+    site's secret in its batch order (shuffle_seed).
     """
     net = private.model if private is not None else model
     opt = private.optimizer if private is not None else optimizer
-    loader = private.data_loader if private is not None else make_loader(data, cfg, phase)
+    loader = private.data_loader if private is not None else make_loader(data, cfg, phase, salt=salt)
     net.to(device).train()
     meter, steps = _Meter(), 0
     if len(loader.dataset) == 0:
@@ -322,7 +344,7 @@ def _finite(score: float) -> float:
 
 
 def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
-              shared_lr_factor: float | None = None) -> dict[str, float]:
+              shared_lr_factor: float | None = None, salt: str | None = None) -> dict[str, float]:
     """Onboard a site: train its local expert and calibration head on its labeled training split (and the
     shared parts too, at ``shared_lr_factor`` (default ``train.fit_local_shared_lr_factor``) times the
     learning rate, where that is above 0), then keep the epoch whose model predicts the site's own
@@ -330,7 +352,7 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
     beats it: with a handful of labeled patients fitting can make a site worse, and a site with no
     validation patient cannot show that it does not. Returns the last epoch's training losses,
     ``selected_epoch`` (0 = shared-only kept) and the validation score (SELECTION_METRIC) of the
-    shared-only and of the selected model."""
+    shared-only and of the selected model. ``salt``: as for train_steps."""
     net, params = unwrap(model), local_parameters(model)
     shared_factor = float(cfg.train.fit_local_shared_lr_factor if shared_lr_factor is None else shared_lr_factor)
     shared_only = _val_score(model, data, cfg, device)
@@ -347,7 +369,7 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
                             shared_lr_factor=shared_factor)
             for epoch in range(int(epochs)):
                 recipe.begin("task", epoch)
-                result = train_steps(model, data, cfg, "task", recipe.optimizer, device)
+                result = train_steps(model, data, cfg, "task", recipe.optimizer, device, salt=salt)
                 score = _val_score(model, data, cfg, device)
                 if improves(score, best):
                     best, best_epoch = score, epoch + 1
@@ -360,7 +382,7 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
             f"val_{SELECTION_METRIC}_selected": _finite(best)}
 
 
-def final_refit(model: nn.Module, data: SiteData, cfg, device: str) -> float | None:
+def final_refit(model: nn.Module, data: SiteData, cfg, device: str, salt: str | None = None) -> float | None:
     """After model selection, refit the site's local parts alone on its labeled training split for
     ``train.final_refit_epochs`` epochs from the selected model, keeping a fitted epoch only where it
     predicts the site's validation patients better (``fit_local``, shared parts frozen): the shared
@@ -369,4 +391,4 @@ def final_refit(model: nn.Module, data: SiteData, cfg, device: str) -> float | N
     epochs = int(cfg.train.final_refit_epochs)
     if epochs <= 0:
         return None
-    return fit_local(model, data, cfg, device, epochs, shared_lr_factor=0.0)["selected_epoch"]
+    return fit_local(model, data, cfg, device, epochs, shared_lr_factor=0.0, salt=salt)["selected_epoch"]

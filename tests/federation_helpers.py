@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 from typing import Callable, Iterable
+from unittest import mock
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -14,6 +15,9 @@ from flwr.proto.node_pb2 import NodeInfo
 from cache_factory import make_site_cache
 
 SITES = {"site_a": "hologic", "site_b": "ge_lunar", "site_c": "norland"}
+TEST_SHUFFLE_SALT = "5a17" * 8
+"""The shuffle salt of every site a LocalGrid plays: a hospital's is random (client/site_session.py), which
+would make each test run train on other batches."""
 
 
 def make_caches(root: Path, sites: dict[str, str] = SITES, n_patients: int = 34) -> Path:
@@ -85,7 +89,8 @@ class LocalGrid:
             ctx = Context(run_id=self.run_id, node_id=msg.metadata.dst_node_id, node_config=node_config,
                           state=RecordDict(), run_config=self.run_config)
             try:
-                reply = self.app(msg, ctx)
+                with mock.patch("osteofl.client.site_session.new_shuffle_salt", lambda: TEST_SHUFFLE_SALT):
+                    reply = self.app(msg, ctx)
             except Exception as exc:  # what Flower's runtime does: an error reply
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             if self.tamper is not None and not reply.has_error():

@@ -46,7 +46,7 @@ def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
     make_caches(tmp_path, {**SITES, "intruder": "hologic"})
     allow_small_cohorts(tmp_path, [*SITES, "intruder"])
     with open(tmp_path / "data" / "sites" / "site_b" / "site.yaml", "a") as own:  # site_b's hardware is small
-        own.write("  compute:\n    max_batch_size: 4\n")
+        own.write("  compute:\n    max_batch_size: 6\n")  # not below its min_cohort (5): it would train no batch
     with open(tmp_path / "data" / "sites" / "site_a" / "site.yaml", "a") as own:  # site_a's own DP floor
         own.write("  privacy: {enabled: true, noise_multiplier: 1.0, max_grad_norm: 1.0, delta: 1.0e-5, "
                   "epsilon_budget: 100}\n")
@@ -124,10 +124,10 @@ def test_tls_authenticated_federation_on_loopback(tmp_path: Path) -> None:
     for i, site in enumerate(SITES):  # two sites answered from their warm workers, the third in process
         assert ("site worker: train answered" in (tmp_path / f"{site}.log").read_text()) == (i != 2)
     # site_b's own site.yaml capped its batches: its worker said so at start, the coordinator's log names the cut
-    assert "compute caps: max_batch_size 4" in (tmp_path / "site_b.log").read_text()
+    assert "compute caps: max_batch_size 6" in (tmp_path / "site_b.log").read_text()
     # site_a's DP floor, which the run did not ask for: stated at start, spent in both rounds, the others none
     assert re.search(r"DP floor: noise 1.0, clip 1.0, delta 1e-05; epsilon 0.00 spent of 100.0; a round alone at "
                      r"batch \d+ costs \d+\.\d\d per ssl round", (tmp_path / "site_a.log").read_text())
     eps = [r["site_train"]["site_a"]["epsilon"] for r in history]
     assert 0 < eps[0] < eps[1] and all(r["site_train"][s]["epsilon"] == 0 for r in history for s in ("site_b", "site_c"))
-    assert "site site_b's policy caps train.batch_size at 4 (this run asks 8)" in server_log.read_text()
+    assert "site site_b's policy caps train.batch_size at 6 (this run asks 8)" in server_log.read_text()

@@ -1,6 +1,7 @@
 """Site state store, server checkpoints, reply screening and strategy choice (no training)."""
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,21 @@ def test_state_store_round_trip_revisions_and_backup(tmp_path: Path) -> None:
     previous = torch.load(tmp_path / "site_state.prev.pt", weights_only=True)
     assert previous["revision"] == 1 and torch.equal(previous["local"]["local_expert.w"], torch.ones(2))
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_state_files_are_the_sites_owners_alone_and_keep_its_shuffle_salt(tmp_path: Path) -> None:
+    """The local parts and the feature standardisation in the state are the site's patients' (the
+    standardisation holds their exact feature moments): owner-only, as its split pin and audit log. The
+    salt that keeps its batch order secret survives the save; a state saved before it had none."""
+    store = StateStore(tmp_path, "site_a")
+    store.save(SiteState("site_a", local={"w": torch.ones(1)}, shuffle_salt="ab" * 16))
+    store.save(store.load())
+    for name in ("site_state.pt", "site_state.prev.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    assert store.load().shuffle_salt == "ab" * 16
+    raw = torch.load(tmp_path / "site_state.pt", weights_only=True)
+    torch.save({k: v for k, v in raw.items() if k != "shuffle_salt"}, tmp_path / "site_state.pt")
+    assert store.load().shuffle_salt is None
 
 
 @pytest.mark.parametrize("damage", ["truncate", "other_site", "version", "missing_with_backup"])

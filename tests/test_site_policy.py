@@ -37,11 +37,19 @@ def _federation(root: Path, sites=tuple(SITES), run: str = "", node: dict | None
     return Federation(grid, compose([*overrides, *run.split()])), grid
 
 
+def _ask(app, kind: str, config: dict, node: dict, run: str = "", arrays: dict | None = None) -> Message:
+    """One message of a coordinator straight to a site's ClientApp: ``config`` its instructions, ``node`` the
+    site's node config, ``run`` the run's overrides, ``arrays`` the global model."""
+    content = RecordDict({protocol.CONFIG: ConfigRecord(config)})
+    if arrays is not None:
+        protocol.put_payload(content, arrays)
+    types = {"query": MessageType.QUERY, "train": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+    return app(Message(content, dst_node_id=1, message_type=types[kind]),
+               Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={"overrides": run} if run else {}))
+
+
 def _handshake(app, site: str, overrides: list[str] | None = None) -> Message:
-    msg = Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.PHASE: "handshake"})}), dst_node_id=1,
-                  message_type=MessageType.QUERY)
-    node = {"site": site, **({"overrides": " ".join(overrides)} if overrides else {})}
-    return app(msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}))
+    return _ask(app, "query", {protocol.PHASE: "handshake"}, {"site": site, **({"overrides": " ".join(overrides)} if overrides else {})})
 
 
 @pytest.fixture
@@ -350,7 +358,7 @@ def test_no_local_path_in_any_reply_even_from_a_broken_cache(root: Path) -> None
 
 
 # --- compute caps ---------------------------------------------------------------------------------------------
-CAPS = {"max_local_steps": 2, "max_batch_size": 4, "max_refit_epochs": 1}
+CAPS = {"max_local_steps": 2, "max_batch_size": 6, "max_refit_epochs": 1}  # batches no smaller than the cohort (5)
 
 
 def _caps(caps: dict[str, int]) -> str:
@@ -363,7 +371,7 @@ def test_compute_caps_cut_the_request_and_the_run_cannot_raise_them(tmp_path: Pa
     site = compose([f"paths.root={tmp_path}", *_caps(CAPS).split()])
     eff = policy.effective_config(run, site)
     assert (eff.federation.local_steps, eff.train.batch_size, eff.train.eval_batch_size, eff.train.final_refit_epochs) \
-        == (2, 4, 4, 1)
+        == (2, 6, 6, 1)
     assert eff.site.policy.compute.max_local_steps == 2
     modest = compose([f"paths.root={tmp_path}", "federation.local_steps=1", "train.batch_size=3"])
     eff = policy.effective_config(modest, site)  # a smaller request stands
@@ -382,11 +390,12 @@ def test_compute_caps_cut_the_request_and_the_run_cannot_raise_them(tmp_path: Pa
 
 def test_a_coordinator_asking_for_more_compute_gets_what_the_site_allows(root: Path, monkeypatch, caplog) -> None:
     """site_a caps its steps, batches and refit; the coordinator asks for whole passes of 8-crop batches and a
-    3-epoch refit and tries to lift site_a's caps through the run config. site_a trains 2 steps of at most 4
-    crops a round, predicts in batches of 4 and refits 1 epoch; site_b, uncapped, does what the run asks. The
+    3-epoch refit and tries to lift site_a's caps through the run config. site_a trains 2 steps of at most 6
+    crops a round, predicts in batches of 6 and refits 1 epoch; site_b, uncapped, does what the run asks. The
     coordinator's log names each cut."""
     from osteo_model import training
     from osteo_model.checkpoints import MODEL_CARD_FILE, SPLIT_PIN, VAL_PATIENTS
+    from osteofl.client.state_store import StateStore
 
     steps: list[tuple[str, int]] = []
     eval_batches: dict[str, set[int]] = {}
@@ -412,12 +421,13 @@ def test_a_coordinator_asking_for_more_compute_gets_what_the_site_allows(root: P
     data = {s: dataset.load_site_data(root / "data" / "cache" / s, fed.cfg) for s in two}
     by_site = {s: [n for name, n in steps if name == s] for s in two}
     # per round: site_a 2 steps (ssl + task: 4); site_b one pass of 8-crop batches per phase, plus its refit
-    assert len(by_site["site_a"]) == 2 * 2 + len(training.make_loader(data["site_a"], policy.effective_config(
-        fed.cfg, compose(small_overrides(root, **{"site.policy.compute.max_batch_size": 4}))), "task"))
-    assert max(by_site["site_a"]) == 4 and max(by_site["site_b"]) == 8
+    capped = policy.effective_config(fed.cfg, compose(small_overrides(root, **{"site.policy.compute.max_batch_size": 6})))
+    salt = StateStore(root / "data" / "state" / "site_a", "site_a").load().shuffle_salt  # the refit's full batches
+    assert len(by_site["site_a"]) == 2 * 2 + training.steps_per_pass(data["site_a"], capped, "task", salt=salt)
+    assert max(by_site["site_a"]) == 6 and max(by_site["site_b"]) == 8
     passes = sum(training.steps_per_pass(data["site_b"], fed.cfg, p) for p in ("ssl", "task"))
     assert len(by_site["site_b"]) == passes + 3 * training.steps_per_pass(data["site_b"], fed.cfg, "task")
-    assert eval_batches == {"site_a": {4}, "site_b": {64}}
+    assert eval_batches == {"site_a": {6}, "site_b": {64}}
     cards = {s: json.loads((root / "data" / "state" / s / MODEL_CARD_FILE).read_text()) for s in two}
     assert cards["site_a"]["refit"]["epochs"] == 1 and cards["site_b"]["refit"]["epochs"] == 3
     for s in two:  # what osteo-predict checks its intervals against
@@ -425,9 +435,9 @@ def test_a_coordinator_asking_for_more_compute_gets_what_the_site_allows(root: P
         assert cards[s][VAL_PATIENTS] == dataset.patients_sha256(data[s], "val") and cards[s][SPLIT_PIN] == pin["id"]
     (warning,) = [r.getMessage() for r in caplog.records if "policy caps" in r.getMessage()]
     assert warning.startswith("handshake: site site_a's policy caps federation.local_steps at 2 (this run asks one pass)")
-    assert "train.batch_size at 4 (this run asks 8)" in warning and "train.final_refit_epochs at 1 (this run asks 3)" in warning
+    assert "train.batch_size at 6 (this run asks 8)" in warning and "train.final_refit_epochs at 1 (this run asks 3)" in warning
     (query,) = [e for e in audit.read(root / "data" / "state" / "site_a") if e["kind"] == "query"]
-    assert query["config"][f"{protocol.SITE}/{protocol.CAP_PREFIX}max_batch_size"] == 4  # the DPO sees what was announced
+    assert query["config"][f"{protocol.SITE}/{protocol.CAP_PREFIX}max_batch_size"] == 6  # the DPO sees what was announced
 
 
 def test_a_site_refuses_a_network_larger_than_its_policy_allows(root: Path) -> None:
@@ -640,3 +650,96 @@ def test_dp_rounds_do_not_build_on_local_parts_trained_without_dp(root: Path) ->
         assert moved  # the first run trained the local parts: the check below can tell
         assert all(torch.equal(after.local[k], fresh_local[k]) for k in fresh_local)
         assert after.non_private_rounds == 0 and after.epsilon > 0
+
+
+# --- a coordinator that lies: what leaves through training, the run's overrides, the message's types -----------
+def _global_model(root: Path, overrides: list[str]) -> dict[str, np.ndarray]:
+    """The payload a coordinator would broadcast: a fresh site model's shared arrays."""
+    from osteofl.client.site_session import SiteSession
+
+    node = {"site": "site_a", "state-dir": str(root / "scratch_state")}
+    session = SiteSession.open(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), overrides)
+    return protocol.payload_arrays(session.model, session.cfg)
+
+
+def test_without_dp_a_site_trains_on_no_batch_smaller_than_its_cohort(root: Path) -> None:
+    """The audit's h_one_patient: with train.batch_size=1, one local step and a global model whose sBMD head is
+    a constant c, a train reply's sBMD loss was one vertebra's ((c - sBMD)/0.15)^2, and two rounds gave that
+    sBMD exactly. Below the site's min_cohort (5 here) such a request is refused before anything trains;
+    at the floor, or under DP (epsilon bounds any batch), the site trains."""
+    # the app's own overrides would win over the run's: leave the batch and the steps to the run
+    overrides = [o for o in small_overrides(root) if not o.startswith(("train.batch_size=", "federation.local_steps="))]
+    app, state = make_client_app(overrides), root / "data" / "state" / "site_a"
+    arrays = _global_model(root, overrides)
+    arrays["heads.sbmd.weight"] = np.zeros_like(arrays["heads.sbmd.weight"])  # predicts a constant for everyone
+    ask = {protocol.PHASE: "task", protocol.ROUND: 3, protocol.RUN_ID: "R"}
+    refused = _ask(app, "train", ask, {"site": "site_a"}, run="train.batch_size=4 federation.local_steps=1", arrays=arrays)
+    assert refused.error.code == protocol.ERROR_POLICY_REFUSED
+    assert refused.error.reason == ("train.batch_size=4 is below this site's floor for training without DP: batches of "
+                                    "site.policy.min_cohort=5 crops")
+    assert not (state / "site_state.pt").exists()  # nothing trained, nothing saved
+    (entry,) = audit.read(state)
+    assert entry["kind"] == "train" and entry["refused"] and entry["round"] == 3
+    trained = _ask(app, "train", ask, {"site": "site_a"}, run="train.batch_size=5 federation.local_steps=1", arrays=arrays)
+    assert not trained.has_error() and math.isfinite(trained.content[protocol.METRICS]["train_sbmd"])
+    site = compose(overrides)
+    assert policy.check_train_batch(policy.effective_config(compose([*overrides, "train.batch_size=1", "privacy=dp"]), site)) is None
+    capped = compose([*overrides, "site.policy.compute.max_batch_size=4"])  # the site's own cap under its own floor
+    with pytest.raises(policy.PolicyRefusal, match=r"cap site.policy.compute.max_batch_size=4 is below it"):
+        policy.check_train_batch(policy.effective_config(compose(overrides), capped))
+
+
+def test_a_deployed_sites_batch_order_is_its_own_secret(root: Path) -> None:
+    """The run's seed is the coordinator's: were a site's batches drawn from it alone, with the handshake's
+    pool sizes the coordinator would know which rows each batch holds, and differencing replies over seeds
+    would isolate every row. Two hospitals' sites with the same data, config, seed and global model draw
+    different batches (each keys its order with its own salt, kept in its state); two simulated sites
+    (Flower's simulation engine) deliberately keep the seed's order, batch for batch."""
+    from osteofl.client.state_store import StateStore
+
+    overrides = small_overrides(root, **{"federation.local_steps": 1})
+    app, arrays = make_client_app(overrides), _global_model(root, overrides)
+    ask = {protocol.PHASE: "ssl", protocol.ROUND: 1, protocol.RUN_ID: "R"}
+    states = {name: root / "states" / name for name in ("hospital_1", "hospital_2", "sim_1", "sim_2")}
+    node = {name: {"site": "site_a"} if name.startswith("hospital") else {"partition-id": 0} for name in states}
+    replies = {name: _ask(app, "train", ask, {**node[name], "state-dir": str(states[name])}, arrays=arrays) for name in states}
+    losses = {name: dict(reply.content[protocol.METRICS]) for name, reply in replies.items()}
+    assert losses["hospital_1"]["train_loss"] != losses["hospital_2"]["train_loss"]
+    assert losses["sim_1"] == losses["sim_2"]
+    salts = {name: StateStore(folder, "site_a").load().shuffle_salt for name, folder in states.items()}
+    assert all(re.fullmatch(r"[0-9a-f]{32}", salts[n]) for n in ("hospital_1", "hospital_2"))
+    assert salts["hospital_1"] != salts["hospital_2"] and salts["sim_1"] is None and salts["sim_2"] is None
+
+
+def test_a_coordinator_cannot_read_a_sites_environment_through_its_overrides(root: Path, monkeypatch) -> None:
+    """The audit's a_env_exfil: ``${oc.env:NAME}`` in a run override was resolved at the site, and the
+    value came back in Error 903 ("model.encoder='<value>': expected small_cnn or resnet10"). A run
+    override with an interpolation is refused (902) before anything composes it, and audited."""
+    monkeypatch.setenv("OSTEO_TEST_HOSPITAL_SECRET", "s3cr3t-Passw0rd")
+    app, state = make_client_app(small_overrides(root)), root / "data" / "state" / "site_a"
+    for run in ("model.encoder=${oc.env:OSTEO_TEST_HOSPITAL_SECRET}", "model.dropout=${oc.env:OSTEO_TEST_HOSPITAL_SECRET}",
+                "train.lr=0.1 'site.name=a${oc.env:OSTEO_TEST_HOSPITAL_SECRET}'"):
+        reply = _ask(app, "query", {protocol.PHASE: "handshake"}, {"site": "site_a", "state-dir": str(state)}, run=run)
+        assert reply.error.code == protocol.ERROR_POLICY_REFUSED, reply.error.reason
+        assert "s3cr3t" not in reply.error.reason and "holds an interpolation" in reply.error.reason
+    assert len(audit.read(state)) == 3 and "s3cr3t" not in (state / audit.AUDIT_FILE).read_text()
+
+
+def test_a_message_with_instructions_of_the_wrong_type_is_refused_and_audited(root: Path) -> None:
+    """The audit's g_audit_round: a round of "x" made the audit's int() raise after the reply was made, so the
+    reply bypassed the site's vetting and its audit log, and the site worker dropped the request. Each
+    instruction of the wrong type is now refused (902) before the handler runs, and every reply audited."""
+    app, state = make_client_app(small_overrides(root)), root / "data" / "state" / "site_a"
+    cases = [("query", {protocol.PHASE: "handshake", protocol.ROUND: "x"}, "'round' is a str"),
+             ("evaluate", {protocol.SPLIT: "val", protocol.ROUND: [1, 2], protocol.RUN_ID: "A"}, "'round' is a list"),
+             ("evaluate", {protocol.SPLIT: "val", protocol.ROUND: True}, "'round' is a bool"),
+             ("train", {protocol.PHASE: 1, protocol.ROUND: 1}, "'phase' is a int"),
+             ("evaluate", {protocol.N_SITES: "3", protocol.RUN_ID: 7}, "'n-sites' is a str"),
+             ("train", {protocol.PHASE: "ssl", protocol.ROUND: 1, protocol.PROXIMAL_MU: "0.1"}, "'proximal-mu' is a str")]
+    for kind, config, reason in cases:
+        reply = _ask(app, kind, config, {"site": "site_a"})
+        assert reply.error.code == protocol.ERROR_POLICY_REFUSED and reason in reply.error.reason, reply.error.reason
+    entries = audit.read(state)
+    assert [e["kind"] for e in entries] == [kind for kind, _, _ in cases]
+    assert all(e["refused"] and e["round"] in (None, 1) for e in entries)
+    assert not (state / "site_state.pt").exists()  # refused before a handler counted or saved anything

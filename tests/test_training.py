@@ -12,7 +12,7 @@ from osteo_model.cli import evaluate as eval_cli, train as train_cli
 from osteo_model.dataset import CropDataset, load_site_data
 from osteo_model.errors import StateError
 from osteo_model.checkpoints import load_model_state
-from osteo_model.training import evaluate, fit_local, make_optimizer, train_steps
+from osteo_model.training import evaluate, fit_local, make_loader, make_optimizer, train_steps
 
 from model_helpers import make_caches, tiny_cfg
 
@@ -115,6 +115,23 @@ def test_augmentation_only_permutes_axial_plane(root):
     assert abs(float(aug[0].std() / plain[0].std()) - 1) < 0.05
     # z (axis 0 of the crop) is never flipped: per-slice mask sums are unchanged
     assert torch.equal(aug[1].sum((1, 2)), plain[1].sum((1, 2)))
+
+
+def test_a_salt_alone_moves_the_batch_order_and_without_one_it_is_the_seeds_as_before(root):
+    """A deployed site keys its shuffle with a secret salt (the coordinator sets the run's seed); without
+    one (central training, osteo-sim, osteo-evidence) the order is the seed's alone, exactly as it was.
+    Salted, the order is keyed with the batch size too, and every batch is full: batches of B and B+1 rows
+    from one order, or a pass's partial last batch, would let two replies differ by a single row."""
+    cfg, data = _site(root)
+    loader = lambda salt=None, batch=8: make_loader(data, tiny_cfg(root, f"train.batch_size={batch}"), "ssl", salt=salt)
+    order = lambda salt=None, batch=8: list(loader(salt, batch).sampler)
+    plain = order()
+    assert plain == torch.randperm(len(plain), generator=torch.Generator().manual_seed(int(cfg.seed))).tolist()
+    assert order(batch=9) == plain and len(list(loader(batch=9))[-1]["x"]) == len(plain) % 9  # as before
+    salt = "a" * 32
+    assert order(salt) == order(salt) != order("b" * 32) and order(salt) != plain
+    assert order(salt, batch=9)[:8] != order(salt)[:8]
+    assert len(plain) % 9 and {len(b["x"]) for b in loader(salt, batch=9)} == {9}
 
 
 def test_train_steps_and_evaluate_report_aggregates(root):
