@@ -244,6 +244,9 @@ def _keep_site_model(message: Message, session: SiteSession, run_id: str, split:
     kept = checkpoints.kept_card(cfg.site.state_dir, run_id)
     if not checkpoints.replaces_kept(kept, score):
         return kept, False
+    if kept is None and checkpoints.set_aside_other_run(cfg.site.state_dir, run_id):
+        log(INFO, "site %s: the model another run kept is now %s (run %s keeps its own)", session.site,
+            checkpoints.PREVIOUS_SITE_MODEL_FILE, run_id)
     card = checkpoints.site_card(
         kept, run_id=run_id, rnd=rnd, n_sites=config.get(protocol.N_SITES),
         phases=training.phase_lengths(cfg, federated=True), epsilon=session.state.epsilon, metrics=metrics, split=split,

@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -33,6 +34,9 @@ from osteo_model.errors import ConfigError, StateError
 
 SITE_MODEL_FILE = "site_model.pt"
 MODEL_CARD_FILE = "model_card.json"
+PREVIOUS_SITE_MODEL_FILE = "site_model.previous.pt"
+PREVIOUS_MODEL_CARD_FILE = "model_card.previous.json"
+"""The model (and card) another run kept, set aside when a new run keeps its first (set_aside_other_run)."""
 STATE_KEYS = ("kind", "shared", "local", "manufacturers", "feature_names", "n_features", "features_sha256",
               "model_cfg", "crop", "card", "file")
 """What every loaded state holds. ``feature_names`` is None for a federated checkpoint (the server only
@@ -125,12 +129,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def save_model_state(path: str | Path, payload: Mapping[str, Any]) -> Path:
+def save_model_state(path: str | Path, payload: Mapping[str, Any], private: bool = False) -> Path:
     """Atomic torch.save of tensors and plain data: a reader sees the old file or the new one, never half
-    of one, and loads it without unpickling code."""
+    of one, and loads it without unpickling code. ``private``: readable by its owner only (a site's model)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as fh:
+    with atomic_file(path, private=private) as fh:
         torch.save(_plain(dict(payload)), fh)
     return path
 
@@ -307,15 +311,36 @@ def save_site_model(state_dir: str | Path, model: torch.nn.Module, *, site: str,
         "model_cfg": _container(model_cfg), "crop": crop, "card": card,
     }
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = save_model_state(state_dir / SITE_MODEL_FILE, payload)
+    path = save_model_state(state_dir / SITE_MODEL_FILE, payload, private=True)
     _write_card(state_dir, card)
     return path
 
 
 def _write_card(state_dir: Path, card: Mapping[str, Any]) -> None:
-    """The site model's card as readable JSON beside it (atomic)."""
-    with atomic_file(state_dir / MODEL_CARD_FILE, "w") as fh:
+    """The site model's card as readable JSON beside it (atomic; the site's owner only, as the model)."""
+    with atomic_file(state_dir / MODEL_CARD_FILE, "w", private=True) as fh:
         fh.write(json.dumps(card, indent=2, allow_nan=False))
+
+
+def set_aside_other_run(state_dir: str | Path, run_id: str) -> bool:
+    """Move a site model that another run kept (and its card) to ``site_model.previous.pt`` before run
+    ``run_id`` keeps its first: a new run starts its own selection, and its first model (unjudged, from a
+    coordinator's first message) must not destroy the model the hospital went home with last time. One
+    generation is kept; True when a model was set aside. An unreadable model is left to be replaced."""
+    state_dir = Path(state_dir)
+    model = state_dir / SITE_MODEL_FILE
+    if not model.is_file():
+        return False
+    try:
+        card = load_model_state(model)["card"]
+    except StateError:
+        return False
+    if str(card.get("run_id")) == str(run_id):
+        return False
+    if (state_dir / MODEL_CARD_FILE).is_file():
+        os.replace(state_dir / MODEL_CARD_FILE, state_dir / PREVIOUS_MODEL_CARD_FILE)
+    os.replace(model, state_dir / PREVIOUS_SITE_MODEL_FILE)
+    return True
 
 
 # --- compatibility --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 from flwr.app import Message, MessageType
 
 from federation_helpers import LocalGrid, make_caches, small_overrides
-from osteo_model.checkpoints import MODEL_CARD_FILE, load_model_state, replaces_kept
+from osteo_model.checkpoints import (MODEL_CARD_FILE, PREVIOUS_MODEL_CARD_FILE, PREVIOUS_SITE_MODEL_FILE,
+                                     SITE_MODEL_FILE, load_model_state, replaces_kept)
 from osteo_model.config import compose
 from osteo_model.dataset import load_site_data
 from osteo_model.evaluate import evaluate_checkpoint
@@ -93,12 +95,18 @@ def test_each_site_keeps_its_best_validation_round_and_the_final_evaluation_judg
 
 
 def test_a_new_run_starts_its_own_selection(ruined_run) -> None:
-    """A kept model belongs to its run: the next run's first evaluation replaces it, however good it was."""
+    """A kept model belongs to its run: the next run keeps its own, however good the last one was, and sets
+    the last one aside rather than destroy it (its first model is unjudged, and a coordinator's to choose)."""
     root, overrides, *_ = ruined_run
+    state = root / "data" / "state" / "site_a"
+    first_model, first_card = (state / SITE_MODEL_FILE).read_bytes(), (state / MODEL_CARD_FILE).read_text()
     grid = LocalGrid(make_client_app(overrides), TWO)
     Federation(grid, compose([*overrides, "federation.run_name=second", "federation.task_rounds=1"]), run_id=2).run()
-    card = json.loads((root / "data" / "state" / "site_a" / MODEL_CARD_FILE).read_text())
+    card = json.loads((state / MODEL_CARD_FILE).read_text())
     assert card["run_id"] == "2" and card["round"] == 2
+    assert (state / PREVIOUS_SITE_MODEL_FILE).read_bytes() == first_model
+    assert (state / PREVIOUS_MODEL_CARD_FILE).read_text() == first_card
+    assert all(stat.S_IMODE((state / f).stat().st_mode) == 0o600 for f in (SITE_MODEL_FILE, MODEL_CARD_FILE))
 
 
 class SnapshotBeforeFinal(LocalGrid):
