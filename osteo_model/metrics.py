@@ -26,6 +26,19 @@ OSTEOPOROSIS = 2
 NAN = float("nan")
 
 
+def value_range(name: str) -> tuple[float, float] | None:
+    """The values a metric of this module can take (None where any number can be right: a bias, a limit of
+    agreement, a loss): a receiver refuses a reported metric outside its range, which no site computes."""
+    base = name.removeprefix("patient_")
+    if base.startswith(("auc", "acc3", "f1_", "level_acc")):
+        return 0.0, 1.0
+    if base.startswith("r_"):
+        return -1.0, 1.0
+    if base.startswith("mae_") or base in ("n", "num_examples"):
+        return 0.0, float("inf")
+    return None
+
+
 def auc(is_positive: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC; NaN when only one class is present."""
     y = np.asarray(is_positive, dtype=bool)
@@ -40,7 +53,7 @@ def pearson_r(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3 or a.std() == 0 or b.std() == 0:
         return NAN
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(np.clip(np.corrcoef(a, b)[0, 1], -1.0, 1.0))  # round-off can put it a hair past +-1
 
 
 def bland_altman(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from osteo_model.metrics import value_range
 from osteofl.protocol import (CAP_PREFIX, NUM_EXAMPLES, SITE, SIZES_WITHHELD, SPLIT_SIZES, PayloadError, Spec,
                               non_finite, payload_of, put_payload, withheld_reason)
 from osteofl.server.identity import Identities
@@ -90,6 +91,9 @@ def _problem(msg: Message, expected: Spec | None, handshake: bool) -> tuple[str 
     # Flower's metric aggregation raises on a list, or on lists of different lengths: one number each (NaN is one)
     if bad := sorted(k for k, v in metrics[0].items() if not _number(v)):
         return f"metric {bad[0]!r} is not a number ({type(metrics[0][bad[0]]).__name__})", {}
+    for key, value in sorted(metrics[0].items()):  # an AUC of 1e6 would set the aggregate row at any weight
+        if (bounds := value_range(key)) is not None and not bounds[0] <= value <= bounds[1] and not math.isnan(value):
+            return f"metric {key!r} = {value:g} is outside its range [{bounds[0]:g}, {bounds[1]:g}]", {}
     if handshake:
         return handshake_problem(msg), {}
     if expected is None:

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 
 from federation_helpers import make_caches
 from osteo_model.errors import ConfigError
+from osteo_model.metrics import value_range
 from osteofl.protocol import NUM_EXAMPLES, SITE, WITHHELD
 from osteofl.server import checkpoint as ckpt
 from osteofl.server.identity import Identities
@@ -57,6 +58,18 @@ def test_a_list_valued_metric_is_rejected_by_name_and_the_run_goes_on(root: Path
     assert set(record["site_train" if kind == "train" else "site_eval"]) == {"site_a", "site_b"}
     assert record["train"] and record["evaluate"]  # aggregated from the other two
     assert ckpt.load_latest(root / "outputs" / "federated" / "checkpoints").round == 1
+
+
+@pytest.mark.parametrize("key, value, shown", [("auc", 1e6, "[0, 1]"), ("patient_r_bmd", -3.0, "[-1, 1]"),
+                                               ("patient_mae_bmd", -0.5, "[0, inf]")])
+def test_an_evaluation_metric_no_site_computes_is_rejected(root: Path, key: str, value: float, shown: str) -> None:
+    """An AUC of 1e6 set the aggregate evaluation row at any weight; NaN (one class only) stays a valid value."""
+    fed, grid = _federation(root, **{"federation.task_rounds": 0})
+    _lying(grid, "evaluate", lambda reply: _metrics(reply).__setitem__(key, value))
+    (record,) = fed.run().records
+    assert [r["site"] for r in record["eval_failed"]] == ["site_c"]
+    assert f"metric {key!r} = {value:g} is outside its range {shown}" in record["eval_failed"][0]["reason"]
+    assert set(record["site_eval"]) == {"site_a", "site_b"} and 0 <= record["evaluate"]["auc"] <= 1
 
 
 def test_an_exception_in_the_strategys_aggregation_refuses_that_round_only(root: Path) -> None:
@@ -128,17 +141,18 @@ def test_one_site_sending_fewer_metrics_keeps_every_other_sites_metrics(root: Pa
 def test_an_evaluate_replys_weight_is_capped_like_trainings(root: Path) -> None:
     fed, grid = _federation(root, **{"federation.task_rounds": 0})
 
-    def inflated(reply: Message) -> None:
+    def inflated(reply: Message) -> None:  # huge values where no range can tell them (a bias): only the weight bounds them
         record = _metrics(reply)
         for key in record:
-            record[key] = 1e300 if key == NUM_EXAMPLES else 1e6
+            if key == NUM_EXAMPLES or value_range(key) is None:
+                record[key] = 1e300 if key == NUM_EXAMPLES else 1e6
 
     _lying(grid, "evaluate", inflated)
     (record,) = fed.run().records
     sizes = {site: fed.site_sizes[site]["n_val"] for site in ("site_a", "site_b", "site_c")}
     assert len(set(sizes.values())) == 1  # equal handshake sizes: the aggregate is the plain mean
-    mean = np.mean([record["site_eval"][s]["acc3"] for s in sizes])
-    assert record["evaluate"]["acc3"] == pytest.approx(mean) and record["evaluate"]["acc3"] < 1e6 / 2
+    mean = np.mean([record["site_eval"][s]["bias_bmd"] for s in sizes])
+    assert record["evaluate"]["bias_bmd"] == pytest.approx(mean) and record["evaluate"]["bias_bmd"] < 1e6 / 2
 
 
 def test_an_inflated_handshake_size_gives_at_most_max_weight_ratio_times_the_median_weight(root: Path) -> None:
