@@ -158,20 +158,20 @@ def same_scan_twice(studies: list[tuple[Study, str]]) -> dict[str, str]:
     """Why studies listed with a CT another study already has are left out (study_id -> reason), from
     (study, CT content digest) in table order. Under two patients the scan's DXA labels and its place in the
     patient split are both in doubt, so every copy goes; under one patient the first is kept."""
-    first: dict[str, Study] = {}
-    patients: dict[str, set[str]] = {}
+    by_content: dict[str, list[Study]] = {}
     for study, content in studies:
-        first.setdefault(content, study)
-        patients.setdefault(content, set()).add(study.patient_id)
+        by_content.setdefault(content, []).append(study)
     reasons = {}
-    for study, content in studies:
-        other = first[content]
-        if len(patients[content]) > 1:
-            copies = sorted(s.study_id for s, c in studies if c == content and s is not study)
-            reasons[study.study_id] = (f"same CT file content as study {', '.join(copies)} of another patient_id: "
-                                       "one scan under two patients?")
-        elif other is not study:
-            reasons[study.study_id] = f"same CT file content as study {other.study_id} of the same patient: duplicate"
+    for first, *later in by_content.values():
+        if any(s.patient_id != first.patient_id for s in later):
+            group = [first, *later]
+            for study in group:
+                copies = ", ".join(sorted(s.study_id for s in group if s is not study))
+                reasons[study.study_id] = (f"same CT file content as study {copies} of another patient_id: "
+                                           "one scan under two patients?")
+        else:
+            for study in later:
+                reasons[study.study_id] = f"same CT file content as study {first.study_id} of the same patient: duplicate"
     return reasons
 
 
