@@ -12,6 +12,10 @@ class OsteoError(Exception):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}" if self.path is not None else reason)
 
+    def __reduce__(self):
+        """Rebuilt from (path, reason): an error raised in a worker process reaches the parent whole."""
+        return type(self), (self.path, self.reason)
+
 
 class InputError(OsteoError):
     """A site's input file is unreadable, inconsistent or implausible; the case is quarantined."""
