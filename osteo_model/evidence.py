@@ -11,15 +11,17 @@ draw, so a seed is a random effect: a seed's estimate theta_s = theta + u_s + e_
 deviation (variance tau^2) and e_s the test patients' sampling error (variance sigma_s^2, what the
 bootstrap within the seed estimates). The sample variance of theta_s across S seeds estimates
 tau^2 + sigma^2, i.e. both sources, so mean(theta_s) +- t_{S-1} * sd(theta_s) / sqrt(S) covers the
-expected performance; adding the bootstrap variance on top would count the patients' noise twice. With 3
-seeds sd(theta_s) is itself noisy and can come out smaller than the patients' noise alone, which cannot
-be the truth (Var(theta_s) >= sigma^2), so the variance used is max(s^2 across seeds, mean bootstrap
-variance). One seed has no spread: its percentile bootstrap interval is reported, and the result says so
-(``n_seeds``).
+expected performance 95 % of the time (exactly, for normal theta_s); adding the bootstrap variance on top
+would count the patients' noise twice. With 3 seeds sd(theta_s) is noisy, and t_2 = 4.30 is what pays for
+that: an earlier floor at the mean bootstrap variance paid for it a second time and made the "95 %"
+intervals 96-100 % ones (tests/test_evidence_stats.py simulates the coverage). Seeds that agree exactly
+give a zero-width interval. One seed has no spread: its percentile bootstrap interval is reported, and
+the result says so (``n_seeds``). Each seed's value and bootstrap SD are kept with the interval
+(``Interval.seeds``), so anyone can recompute it from the report.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -100,6 +102,9 @@ def _rowmean(values: np.ndarray, idx: np.ndarray, weight: np.ndarray | None = No
 
 
 def _pearson(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Per resample; NaN below 3 patients (two points always lie on a line), as metrics.pearson_r."""
+    if idx.shape[1] < 3:
+        return np.full(len(idx), np.nan)
     x, y = a[idx], b[idx]
     x = x - x.mean(axis=1, keepdims=True)
     y = y - y.mean(axis=1, keepdims=True)
@@ -211,6 +216,10 @@ def paired(a: Patients, b: Patients, n_boot: int = 1000, seed: int = 0) -> dict[
     """Method A minus method B on the SAME patients: each bootstrap sample draws patients once and judges
     both methods on them, so what the patients share (hard cases, the site's prevalence) cancels."""
     _check_paired(a, b)
+    # the AUC of each on the patients BOTH score: one method's unscored patient must not leave the other's AUC
+    # judged on more patients than its own
+    both = np.isfinite(np.asarray(a.score, float)) & np.isfinite(np.asarray(b.score, float))
+    a, b = (replace(p, score=np.where(both, np.asarray(p.score, float), np.nan)) for p in (a, b))
     idx = resample_index(len(a), n_boot, np.random.default_rng(seed), a.strata)
     fa, fb, pa, pb = _metric_fns(a), _metric_fns(b), point(a), point(b)
     return {k: _estimate(pa[k] - pb[k], fa[k](idx) - fb[k](idx)) for k in fa if k in fb}
@@ -224,27 +233,28 @@ class Interval:
     lo: float
     hi: float
     n_seeds: int
+    seeds: tuple[tuple[float, float], ...] = ()
+    """(value, bootstrap SD) of each seed that entered, in order."""
 
-    def as_dict(self) -> dict[str, float | int | None]:
+    def as_dict(self) -> dict[str, float | int | None | list]:
         def clean(v: float) -> float | None:
             return float(v) if np.isfinite(v) else None
 
-        return {"point": clean(self.point), "lo": clean(self.lo), "hi": clean(self.hi), "n_seeds": self.n_seeds}
+        return {"point": clean(self.point), "lo": clean(self.lo), "hi": clean(self.hi), "n_seeds": self.n_seeds,
+                "per_seed": [{"point": clean(v), "sd": clean(sd)} for v, sd in self.seeds]}
 
 
 def combine(estimates: Sequence[Estimate], bounds: tuple[float, float] = (-np.inf, np.inf)) -> Interval:
-    """Mean over seeds with an interval that holds the seed-to-seed spread and the patients' sampling
-    noise: t-interval across seeds, its variance floored by the mean bootstrap variance (docstring),
-    cut to ``bounds`` (value_range: with 2 seeds t is 12.7 and an accuracy's interval would pass 1)."""
+    """Mean over seeds with its t-interval across seeds, which holds the seed-to-seed spread and the
+    patients' sampling noise alike (module docstring), cut to ``bounds`` (value_range: with 2 seeds t is
+    12.7 and an accuracy's interval would pass 1)."""
     ok = [e for e in estimates if np.isfinite(e.point)]
+    seeds = tuple((float(e.point), float(e.sd)) for e in ok)
     if not ok:
         return Interval(float("nan"), float("nan"), float("nan"), 0)
     if len(ok) == 1:
-        return Interval(ok[0].point, ok[0].lo, ok[0].hi, 1)
+        return Interval(ok[0].point, ok[0].lo, ok[0].hi, 1, seeds)
     values = np.array([e.point for e in ok])
-    sds = np.array([e.sd for e in ok])
-    within = float(np.nanmean(sds**2)) if np.isfinite(sds).any() else 0.0
-    var = max(float(values.var(ddof=1)), within)
-    half = float(stats.t.ppf(0.5 + LEVEL / 2, len(ok) - 1)) * np.sqrt(var / len(ok))
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, len(ok) - 1)) * np.sqrt(float(values.var(ddof=1)) / len(ok))
     mean = float(values.mean())
-    return Interval(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), len(ok))
+    return Interval(mean, max(mean - half, bounds[0]), min(mean + half, bounds[1]), len(ok), seeds)

@@ -2,8 +2,9 @@
 
 Patient level first (the primary endpoints: WHO/ISCD classify the patient, not a vertebra), keys
 "patient_*": per study, the mean of the evaluable levels' BMD (osteo_model.bmd.patient_bmd, ISCD 2019:
-L1-L4, at least two levels) for prediction and for DXA alike, its T-score on the device reference and the
-WHO category from that T-score; osteoporosis AUC from the predicted patient T-score ("patient_auc_t"),
+L1-L4, at least two levels) for prediction and for DXA alike, its T-score on the device's young-adult
+reference of the levels that entered it (bmd.region_t_score, by sex where known: ISCD 2019, and what
+osteo-predict reports) and the WHO category from that T-score; osteoporosis AUC from the predicted patient T-score ("patient_auc_t"),
 3-class accuracy and macro-F1, MAE and Pearson r of patient BMD, and Bland-Altman bias and 95 % limits of
 agreement of patient BMD, overall and per DXA manufacturer ("patient_bias_bmd_<device>", ...).
 
@@ -21,6 +22,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score
 
 from osteo_model import bmd as bmdlib
+from osteo_model.constants import LEVELS
 
 OSTEOPOROSIS = 2
 NAN = float("nan")
@@ -61,7 +63,7 @@ def bland_altman(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, flo
     d = np.asarray(pred, float) - np.asarray(truth, float)
     if len(d) == 0:
         return NAN, NAN, NAN
-    bias, sd = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    bias, sd = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else NAN  # one patient: no limits
     return bias, bias - 1.96 * sd, bias + 1.96 * sd
 
 
@@ -74,21 +76,36 @@ def _classification(prefix: str, true_cat: np.ndarray, pred_cat: np.ndarray) -> 
     }
 
 
+def _region_t(bmd: float, g: pd.DataFrame, column: str, device: str) -> float:
+    """T-score of a patient BMD on the reference of the levels that entered it (ISCD 2019: where vertebrae
+    are excluded the T-score comes from the remaining ones; bmd.region_t_score), as osteo-predict reports it."""
+    if np.isnan(bmd):
+        return NAN
+    levels = [LEVELS[i] for i in g.loc[np.isfinite(g[column].to_numpy(float)), "level"]]
+    return bmdlib.region_t_score(bmd, levels, device, str(g["sex"].iloc[0]))
+
+
 def patient_level(pred_bmd: np.ndarray, table: pd.DataFrame) -> pd.DataFrame:
-    """Per study: predicted and DXA patient BMD (mean of evaluable levels), T-scores and categories."""
+    """Per study: DXA patient BMD (mean of the levels DXA evaluated) and the predicted one over the same
+    levels, T-scores (on those levels' reference and the patient's sex, both sexes averaged where unknown)
+    and WHO categories. A level DXA excluded (degenerative change) is left out of the prediction too, or
+    the two would describe different bone."""
     df = pd.DataFrame({
         "study": table["study_id"].astype(str).to_numpy(),
         "device": table["dxa_manufacturer"].astype(str).to_numpy(),
         "pred": np.asarray(pred_bmd, float),
         "true": table["bmd"].to_numpy(float),
+        "level": table["level_idx"].to_numpy(int),
+        "sex": table["sex"].fillna("").astype(str).to_numpy() if "sex" in table else "",
     })
     rows = []
     for (study, device), g in df.groupby(["study", "device"], sort=False):
+        g = g[np.isfinite(g["true"].to_numpy(float))]  # the prediction over the levels its DXA value covers
         p, t = bmdlib.patient_bmd(g["pred"]), bmdlib.patient_bmd(g["true"])
         if np.isnan(t) or bmdlib.normalise_manufacturer(device) is None:
             continue
         rows.append({"study": study, "device": device, "pred": p, "true": t,
-                     "t_pred": bmdlib.t_score(p, device), "t_true": bmdlib.t_score(t, device)})
+                     "t_pred": _region_t(p, g, "pred", device), "t_true": _region_t(t, g, "true", device)})
     out = pd.DataFrame(rows, columns=["study", "device", "pred", "true", "t_pred", "t_true"])
     out["cat_pred"] = bmdlib.category_from_t(out["t_pred"].to_numpy(float)) if len(out) else []
     out["cat_true"] = bmdlib.category_from_t(out["t_true"].to_numpy(float)) if len(out) else []

@@ -158,7 +158,10 @@ def _md_table(rows: Mapping[str, Mapping[str, Mapping]], group: str, labels: Map
 def markdown(report: dict, labels: Mapping[str, str]) -> str:
     lines = [f"# Evidence benchmark: {report['experiment']}", "",
              "Patient-level test metrics, mean over seeds with 95 % intervals (patient bootstrap within each seed, "
-             "t-interval across seeds; osteo_model/evidence.py). B-A bias: predicted minus DXA patient BMD per DXA "
+             "t-interval across seeds; osteo_model/evidence.py; each seed's value and bootstrap SD are in evidence.json "
+             "under `per_seed`), cut to what the metric can take (AUC and accuracy 0 to 1, r -1 to 1, MAE from 0). "
+             "Patient BMD: mean of the levels DXA evaluated, predicted over the same levels; its T-score on those "
+             "levels' young-adult reference (ISCD 2019). B-A bias: predicted minus DXA patient BMD per DXA "
              "device, g/cm2. Differences are the reference method minus the alternative on the same patients "
              "(positive = reference higher; for MAE lower is better).", ""]
     for name, sc in report["scenarios"].items():

@@ -118,11 +118,23 @@ def test_combine_is_a_t_interval_across_seeds():
     assert iv.lo == pytest.approx(2.0 - half) and iv.hi == pytest.approx(2.0 + half)
 
 
-def test_combine_never_narrower_than_the_patients_noise():
-    """Seeds that happen to agree exactly still carry each seed's bootstrap uncertainty."""
-    iv = ev.combine([ev.Estimate(0.5, 0.1, 0.3, 0.7)] * 3)
-    half = stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)
-    assert iv.hi - iv.lo == pytest.approx(2 * half)
+@pytest.mark.parametrize("tau", [0.0, 1.0, 4.0])
+def test_combined_interval_covers_95_percent_under_random_seed_effects(tau):
+    """3 seeds, each theta + u_s (SD tau x the patients' SE) + its test patients' error (SE 1, which the
+    bootstrap SD reports): the interval holds theta 95 % of the time, whatever tau. Flooring the spread at
+    the bootstrap variance (the former rule) covered 100 % at tau 0: "95 %" intervals that were 99 % ones."""
+    rng = np.random.default_rng(7)
+    hits = 0
+    for _ in range(4000):
+        values = rng.normal(0.0, tau, 3) + rng.normal(0.0, 1.0, 3)
+        iv = ev.combine([ev.Estimate(v, 1.0, v - 1.96, v + 1.96) for v in values])
+        hits += iv.lo <= 0.0 <= iv.hi
+    assert 0.935 <= hits / 4000 <= 0.965
+
+
+def test_combined_interval_keeps_each_seeds_value_and_bootstrap_sd():
+    iv = ev.combine([ev.Estimate(0.5, 0.1, 0.3, 0.7), ev.Estimate(*(float("nan"),) * 4), ev.Estimate(0.7, 0.2, 0.3, 1.1)])
+    assert iv.n_seeds == 2 and iv.as_dict()["per_seed"] == [{"point": 0.5, "sd": 0.1}, {"point": 0.7, "sd": 0.2}]
 
 
 def test_combine_of_one_seed_is_its_bootstrap_interval_and_skips_missing_seeds():
@@ -137,3 +149,22 @@ def test_combined_interval_stays_within_the_metrics_range():
     assert iv.hi == 1.0 and iv.lo >= 0.0 and iv.lo < iv.point
     assert ev.value_range("r", difference=True) == (-2.0, 2.0)
     assert ev.value_range("bias_hologic") == (-np.inf, np.inf)
+
+
+def test_paired_auc_is_judged_on_the_patients_both_methods_score():
+    """A patient one method cannot score (no HU value) leaves the other's AUC too: identical predictions then
+    differ by exactly zero, not by what that one patient does to one side only."""
+    a = patients(60, seed=3, noise=0.15)
+    b = dataclasses.replace(a, score=np.where(np.arange(60) == int(np.argmax(a.true_cat == 2)), np.nan, a.score))
+    assert ev.point(a)["auc"] != ev.point(b)["auc"]
+    diff = ev.paired(a, b, n_boot=200)["auc"]
+    assert diff.point == 0.0 and diff.sd == 0.0
+
+
+def test_pearson_needs_three_patients_and_bland_altman_two():
+    from osteo_model import metrics
+
+    two = patients(2)
+    assert np.isnan(ev.point(two)["r"]) and np.isnan(metrics.pearson_r([1.0, 2.0], [2.0, 1.0]))
+    bias, lo, hi = metrics.bland_altman([1.1], [1.0])
+    assert bias == pytest.approx(0.1) and np.isnan(lo) and np.isnan(hi)

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from osteo_model import metrics
+from osteo_model.constants import LEVEL_REFERENCE_BMD
 
 
 def _table(bmd, category, study, device="hologic", level=None):
@@ -59,8 +60,32 @@ def test_patient_level_mean_of_evaluable_levels():
     pat = metrics.patient_level(np.full(8, 0.9), table)
     # s1: mean of 1.0, 0.8, 0.9 (L3 missing); s2 has one level only -> not evaluable (ISCD: >= 2 levels)
     assert len(pat) == 1 and pat["true"].iloc[0] == pytest.approx(0.9) and pat["pred"].iloc[0] == pytest.approx(0.9)
-    # T on the Hologic reference: (0.9 - 1.047) / 0.110 = -1.34 -> osteopenia
-    assert pat["t_true"].iloc[0] == pytest.approx((0.9 - 1.047) / 0.110) and pat["cat_true"].iloc[0] == 1
+    # T on the Hologic reference of L1, L2 and L4 (ISCD: the remaining levels'), not of L1-L4: both sexes averaged
+    share = np.mean([np.mean([ref[lv] for lv in ("L1", "L2", "L4")]) / np.mean(list(ref.values()))
+                     for ref in LEVEL_REFERENCE_BMD.values()])
+    assert pat["t_true"].iloc[0] == pytest.approx((0.9 - 1.047 * share) / 0.110) and pat["cat_true"].iloc[0] == 1
+    assert share < 0.99  # L3 (the densest) is out, so the reference is lower than L1-L4's
+
+
+def test_patient_t_score_on_the_evaluable_levels_reference_and_sex():
+    """ISCD 2019: with L1 excluded, a woman's L2-L4 mean is judged on the L2-L4 reference, as osteo-predict
+    reports it; on the L1-L4 reference the same BMD read ~0.3 T higher and stayed osteopenia."""
+    table = _table([np.nan, 0.79, 0.79, 0.79], [-1, 2, 2, 2], ["s1"] * 4)
+    table["sex"] = "female"
+    pat = metrics.patient_level(np.full(4, 0.79), table)
+    ref = LEVEL_REFERENCE_BMD["female"]
+    share = np.mean([ref[lv] for lv in ("L2", "L3", "L4")]) / np.mean(list(ref.values()))
+    expected = (0.79 - 1.047 * share) / 0.110
+    assert pat["t_true"].iloc[0] == pytest.approx(expected) and pat["t_pred"].iloc[0] == pytest.approx(expected)
+    # without L1 (the least dense) the reference is higher: osteoporosis, where the L1-L4 reference said osteopenia
+    assert expected <= -2.5 < (0.79 - 1.047) / 0.110 and pat["cat_true"].iloc[0] == 2
+    # the prediction covers the levels DXA evaluated: a high prediction at the excluded L1 does not enter it
+    high_l1 = metrics.patient_level(np.array([5.0, 0.79, 0.79, 0.79]), table)
+    assert high_l1["pred"].iloc[0] == pytest.approx(0.79) and high_l1["cat_pred"].iloc[0] == 2
+    # all four levels: the L1-L4 reference, whatever the sex
+    full = _table([0.79] * 4, [2] * 4, ["s2"] * 4)
+    full["sex"] = "male"
+    assert metrics.patient_level(np.full(4, 0.79), full)["t_true"].iloc[0] == pytest.approx((0.79 - 1.047) / 0.110)
 
 
 def test_hu_threshold_rule_uses_pickhardt_thresholds():
