@@ -104,6 +104,14 @@ PICKHARDT_L1_HU_SPECIFIC = 110.0
 """Pickhardt et al. 2013: L1 trabecular HU <= 110 is > 90 % specific for osteoporosis."""
 TOTALSEG_OSTEOPOROSIS_HU = 90.25
 """TotalSegmentator spine report: osteoporosis below 90.25 HU median body attenuation (non-contrast)."""
+TOTALSEG_CONTRAST_OFFSET_HU = MappingProxyType({"arterial": 20.0, "portal-venous": 14.75})
+"""TotalSegmentator: contrast raises the threshold by these HU (clinical.md); osteo-predict cannot tell the phase."""
+
+# --- Who the WHO categories are for -------------------------------------------------------------------
+WHO_CATEGORY_MIN_AGE = 50.0
+"""clinical.md (WHO/ISCD): T-score categories are meant for postmenopausal women and men >= 50; younger patients
+use Z-scores (age- and sex-matched), which this product does not compute. Age 50 stands in for menopause, which
+no input records."""
 
 # --- Plausibility bounds (engineering limits, not diagnostic thresholds) ---------------------------
 BMD_PLAUSIBLE_RANGE = (0.2, 2.5)

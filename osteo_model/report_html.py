@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from osteo_model.report_png import category_colour
-from osteo_model.screening import RESEARCH_USE, StudyReport
+from osteo_model.screening import RESEARCH_USE, SCREENING_ESTIMATE, StudyReport, region_name
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -55,8 +55,9 @@ def _card(report: StudyReport) -> str:
     t_attr = f"{p.t_score:.3f}" if p.evaluable else "NaN"
     if p.evaluable:
         interval = f" [{_num(p.t_low, '.1f')}, {_num(p.t_high, '.1f')}]" if math.isfinite(p.t_low) else ""
-        headline = (f'L1-L4 ({escape(", ".join(p.levels_used))}): BMD {p.bmd:.3f} g/cm&sup2;, T {p.t_score:+.1f}{interval}, '
-                    f'<b style="color:{category_colour(p.category)}">{escape(p.category)}</b>')
+        headline = (f'{escape(region_name(p.levels_used))}: BMD {p.bmd:.3f} g/cm&sup2;, T {p.t_score:+.1f}{interval}, '
+                    f'<b style="color:{category_colour(p.category)}">{escape(p.category)}</b> '
+                    f'<small>({escape(SCREENING_ESTIMATE)})</small>')
     else:
         headline = f'<span class="na">{escape(p.reason)}</span>'
     image = (f'<img src="{escape(report.image)}" alt="reformats of study {escape(report.study_id)}" loading="lazy">'
@@ -65,7 +66,7 @@ def _card(report: StudyReport) -> str:
     flags = "".join(f'<li class="flag">{escape(f)}</li>' for f in report.flags)
     return (f'<section class="card" data-study="{escape(report.study_id)}" data-t="{t_attr}">'
             f"<h2>{escape(report.study_id)} <small>({escape(report.source)})</small></h2><p>{headline}</p>"
-            f'<p class="na">{escape(p.interval_note)}</p>{image}{note}'
+            f'<p class="na">{escape("; ".join(n for n in (p.t_note, p.interval_note) if n))}</p>{image}{note}'
             '<table><tr><th class="l">level</th><th>HU mean</th><th>HU median</th><th>sBMD</th><th>BMD g/cm&sup2;</th>'
             '<th>T-score</th><th class="l">category</th><th>P(osteoporosis)</th></tr>'
             + "".join(_level_rows(report)) + "</table>"

@@ -20,7 +20,7 @@ from matplotlib.gridspec import GridSpec  # noqa: E402
 from osteo_model.constants import LEVELS, T_NORMAL_MIN, T_OSTEOPOROSIS_MAX  # noqa: E402
 from osteo_model.crops import anterior_body  # noqa: E402
 from osteo_model.labels import level_boxes  # noqa: E402
-from osteo_model.screening import RESEARCH_USE, StudyReport  # noqa: E402
+from osteo_model.screening import RESEARCH_USE, SCREENING_ESTIMATE, StudyReport, region_name  # noqa: E402
 
 COLOURS = {"normal": "#1a9850", "osteopenia": "#f39c12", "osteoporosis": "#d73027", "": "#9e9e9e"}
 """Category colours (green / amber / red; grey = not evaluable), the same in PNG and HTML."""
@@ -198,11 +198,12 @@ def render_study_png(path: Path, report: StudyReport, ct: sitk.Image | None, lab
     """Write the study's PNG. Without a CT (unreadable), the values and the T-score strip only."""
     c = _canvas()
     p = report.patient
-    headline = (f"L1-L4 ({', '.join(p.levels_used)}): T {p.t_score:+.1f}, {p.category.upper()}" if p.evaluable
+    headline = (f"{region_name(p.levels_used)}: T {p.t_score:+.1f}, {p.category}" if p.evaluable
                 else f"patient {p.reason}")
     c.fig.suptitle(f"Study {report.study_id}   —   {headline}", fontsize=13, fontweight="bold",
                    color=category_colour(p.category if p.evaluable else ""), y=0.985)
-    c.add(c.fig.text(0.5, 0.935, f"{model_line}\n{RESEARCH_USE}", ha="center", fontsize=8, color="#444444"))
+    c.add(c.fig.text(0.5, 0.935, f"{SCREENING_ESTIMATE}. {model_line}\n{RESEARCH_USE}", ha="center", fontsize=8,
+                     color="#444444"))
     try:
         if ct is not None and label_arr is not None:
             _reformats(c, report, ct, label_arr, label_map)
@@ -265,10 +266,10 @@ def _values(c: _Canvas, report: StudyReport) -> None:
     summary = ["Patient (ISCD: mean of evaluable L1-L4, at least two levels)"]
     if p.evaluable:
         interval = f" [{p.t_low:.1f}, {p.t_high:.1f}]" if np.isfinite(p.t_low) else ""
-        summary.append(f"BMD {p.bmd:.3f} g/cm²   T {p.t_score:+.1f}{interval}   {p.category.upper()}")
+        summary.append(f"BMD {p.bmd:.3f} g/cm²   T {p.t_score:+.1f}{interval}   {p.category}")
     else:
         summary.append(p.reason)
-    summary += textwrap.wrap(p.interval_note, WRAP) if p.interval_note else []
+    summary += [line for note in (p.t_note, p.interval_note) if note for line in textwrap.wrap(note, WRAP)]
     summary += textwrap.wrap(f"L1-HU rule (Pickhardt 2013): {p.l1_hu_rule}", WRAP)
     summary.append(f"TotalSegmentator rule: {p.l1_totalseg_flag}")
     summary += [line for flag in report.flags for line in textwrap.wrap("⚠ " + flag, WRAP)]

@@ -24,7 +24,7 @@ from osteo_model.baselines import hu_category
 from osteo_model.cache import INDEX_COLUMNS, SiteCache
 from osteo_model.constants import (
     ISCD_ADJACENT_T_DIFFERENCE, LEVELS, MIN_LEVELS_FOR_DIAGNOSIS, PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC,
-    TOTALSEG_OSTEOPOROSIS_HU,
+    TOTALSEG_CONTRAST_OFFSET_HU, TOTALSEG_OSTEOPOROSIS_HU, WHO_CATEGORY_MIN_AGE,
 )
 from osteo_model.checkpoints import SPLIT_PIN, VAL_PATIENTS
 from osteo_model.dataset import SiteData, patients_sha256
@@ -34,9 +34,16 @@ from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED
 from osteo_model.training import predict
 
 RESEARCH_USE = "Research use only: not a medical device, not for diagnosis or treatment decisions."
-HU_RULE_NAMES = (f"normal (L1 > {PICKHARDT_L1_HU_SENSITIVE:g} HU)", f"osteopenia or worse (L1 <= {PICKHARDT_L1_HU_SENSITIVE:g} HU)",
-                 f"osteoporosis likely (L1 <= {PICKHARDT_L1_HU_SPECIFIC:g} HU)")
-"""Pickhardt 2013 thresholds (osteo_model.baselines.hu_category) as a reader sees them."""
+SCREENING_ESTIMATE = "CT estimate of the DXA result (screening): confirm with DXA"
+"""The T-score and category are a CT model's estimate of what DXA would read, never a DXA diagnosis."""
+HU_RULE_NAMES = (f"osteoporosis unlikely (L1 > {PICKHARDT_L1_HU_SENSITIVE:g} HU)",
+                 f"osteoporosis not excluded (L1 <= {PICKHARDT_L1_HU_SENSITIVE:g} HU: 90 % sensitive)",
+                 f"osteoporosis likely (L1 <= {PICKHARDT_L1_HU_SPECIFIC:g} HU: > 90 % specific)")
+"""Pickhardt 2013 thresholds (osteo_model.baselines.hu_category) as a reader sees them: both are thresholds for
+osteoporosis (clinical.md), so the middle band says only that osteoporosis is not excluded."""
+TOTALSEG_PHASE_NOTE = ("threshold for non-contrast CT; contrast raises it by "
+                       + ", ".join(f"{hu:g} HU ({phase})" for phase, hu in TOTALSEG_CONTRAST_OFFSET_HU.items()))
+NO_WHO_CATEGORY = "no WHO category (age < 50: Z-score)"
 
 
 @dataclass
@@ -83,6 +90,7 @@ class PatientResult:
     t_high: float = float("nan")
     category: str = ""
     interval_note: str = ""
+    t_note: str = ""            # which reference the T-score is on, and who the WHO categories are for
     l1_hu: float = float("nan")
     l1_hu_rule: str = ""       # Pickhardt 2013 call on L1 mean HU
     l1_totalseg_flag: str = ""  # TotalSegmentator's < 90.25 HU median rule on L1
@@ -262,7 +270,33 @@ def _t_scores(bmd: float, interval: tuple[float, float] | None, levels: Sequence
     return t(bmd), low, high
 
 
-def _patient(levels: list[LevelResult], manufacturer: str, sex: str, ref: Reference, problem: str) -> PatientResult:
+def region_name(levels: Sequence[str]) -> str:
+    """The levels a value covers as DXA reports name them: "L2-L4" for a run, "L1, L3, L4" otherwise."""
+    idx = [LEVELS.index(lv) for lv in levels]
+    if len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1)):
+        return f"{levels[0]}-{levels[-1]}"
+    return ", ".join(levels)
+
+
+def _category(t_score: float, age: float) -> str:
+    """WHO category of a T-score; none below WHO_CATEGORY_MIN_AGE (an unknown age keeps it: see t_note)."""
+    return NO_WHO_CATEGORY if age < WHO_CATEGORY_MIN_AGE else bmdlib.category_name(int(bmdlib.category_from_t(t_score)))
+
+
+def _t_note(levels: Sequence[str], manufacturer: str, sex: str, age: float) -> str:
+    """Which reference the T-score is on, and who its WHO category is for (clinical.md)."""
+    pattern = f"{sex} level pattern" if sex else "sex unknown: both sexes' level patterns averaged"
+    note = f"T-score on the {manufacturer} young-adult reference of {region_name(levels)} ({pattern})"
+    if age < WHO_CATEGORY_MIN_AGE:
+        return (f"{note}; age {age:.0f}: WHO categories are for postmenopausal women and men >= {WHO_CATEGORY_MIN_AGE:g}, "
+                "younger patients need an age- and sex-matched Z-score, which this report does not give")
+    if np.isnan(age):
+        return f"{note}; age unknown: WHO categories apply to postmenopausal women and men >= {WHO_CATEGORY_MIN_AGE:g} only"
+    return note
+
+
+def _patient(levels: list[LevelResult], manufacturer: str, sex: str, age: float, ref: Reference,
+             problem: str) -> PatientResult:
     """ISCD patient value; not evaluable with the study's ``problem`` where it could not be read or prepared."""
     used = [lv for lv in levels if lv.evaluable]
     pat_bmd = bmdlib.patient_bmd([lv.bmd for lv in used])
@@ -271,8 +305,9 @@ def _patient(levels: list[LevelResult], manufacturer: str, sex: str, ref: Refere
         res.bmd = pat_bmd
         res.t_score, res.t_low, res.t_high = _t_scores(pat_bmd, ref.interval(pat_bmd, patient=True), res.levels_used,
                                                        manufacturer, sex)
-        res.category = bmdlib.category_name(int(bmdlib.category_from_t(res.t_score)))
+        res.category = _category(res.t_score, age)
         res.interval_note = ref.interval_note()
+        res.t_note = _t_note(res.levels_used, manufacturer, sex, age)
     elif problem:
         res.reason = f"not evaluable: {problem}"
     else:
@@ -283,9 +318,9 @@ def _patient(levels: list[LevelResult], manufacturer: str, sex: str, ref: Refere
     if l1 is not None and np.isfinite(l1.hu_mean):
         res.l1_hu = l1.hu_mean
         res.l1_hu_rule = HU_RULE_NAMES[int(hu_category(np.array([l1.hu_mean]))[0])]
-        res.l1_totalseg_flag = (f"osteoporosis (L1 median < {TOTALSEG_OSTEOPOROSIS_HU:g} HU)"
+        res.l1_totalseg_flag = (f"osteoporosis (L1 median < {TOTALSEG_OSTEOPOROSIS_HU:g} HU; {TOTALSEG_PHASE_NOTE})"
                                 if l1.hu_median < TOTALSEG_OSTEOPOROSIS_HU
-                                else f"no flag (L1 median >= {TOTALSEG_OSTEOPOROSIS_HU:g} HU)")
+                                else f"no flag (L1 median >= {TOTALSEG_OSTEOPOROSIS_HU:g} HU; {TOTALSEG_PHASE_NOTE})")
     else:
         res.l1_hu_rule = res.l1_totalseg_flag = "L1 not evaluable"
     return res
@@ -328,7 +363,9 @@ def screen(model: OsteoNet, studies: Iterable[StudyInput], ref: Reference, predi
     for study in studies:
         table, names = study.cache.table, study.cache.feature_names
         by_level: dict[str, LevelResult] = {}
-        sex = str(table["sex"].iloc[int(study.rows[0])]) if len(study.rows) else ""
+        first = table.iloc[int(study.rows[0])] if len(study.rows) else {}
+        sex, age = first.get("sex", ""), float(first.get("age", np.nan))  # from the paired DXA row, if any
+        sex = sex if isinstance(sex, str) else ""
         for r in study.rows:
             row, p = table.iloc[int(r)], preds[id(study.cache)][int(r)]
             level = LevelResult(row["level"], True, hu_mean=float(row["hu_mean"]), hu_median=float(row["hu_median"]),
@@ -340,13 +377,13 @@ def screen(model: OsteoNet, studies: Iterable[StudyInput], ref: Reference, predi
             level.sbmd, level.bmd = float(p["sbmd"]), float(p["bmd"])
             level.t_score, level.t_low, level.t_high = _t_scores(level.bmd, ref.interval(level.bmd, patient=False),
                                                                  [level.level], manufacturer, sex)
-            level.category = bmdlib.category_name(int(bmdlib.category_from_t(level.t_score)))
+            level.category = _category(level.t_score, age)
             level.p_osteoporosis = float(p["p"][OSTEOPOROSIS])
         reason = study.problem or "not evaluated"
         levels = [by_level.get(lv) or LevelResult(lv, False, reason=study.excluded.get(lv, reason)) for lv in LEVELS]
         flag_outlier_levels(levels)
         reports.append(StudyReport(study.study_id, study.source, study.scanner, manufacturer, levels,
-                                   _patient(levels, manufacturer, sex, ref, study.problem),
+                                   _patient(levels, manufacturer, sex, age, ref, study.problem),
                                    _study_flags(study, ref, levels)))
     return reports
 

@@ -560,3 +560,46 @@ def test_a_pinned_split_keeps_the_interval_when_new_patients_arrive(tmp_path):
         notes[name] = rep[rep["level"] == "patient"].iloc[0]
     assert np.isfinite(notes["pinned"]["t_low"]) and "validation patients of this site" in notes["pinned"]["interval_note"]
     assert np.isnan(notes["unpinned"]["t_low"]) and "not those held out when the model trained" in notes["unpinned"]["interval_note"]
+
+
+@pytest.mark.parametrize("age, sex", [(35.0, "male"), (65.0, "female"), (float("nan"), "")])
+def test_who_categories_from_age_50_and_the_report_says_which_reference(tmp_path, age, sex):
+    """clinical.md: the WHO categories are for postmenopausal women and men >= 50; younger patients need a
+    Z-score. The report says the value is a CT estimate of DXA, which reference its T-score is on, and,
+    where the age is unknown, who the category is for."""
+    from html import escape
+
+    from osteo_model import report_html
+    from osteo_model.screening import NO_WHO_CATEGORY, SCREENING_ESTIMATE
+
+    make_site_cache(tmp_path / "c", site="s", n_patients=1, labeled_frac=1.0, size=16)
+    cfg = cfg_for(tmp_path, "s")
+    model = build_site_models(cfg, len(FEATURE_NAMES), {"s": "hologic"})["s"]
+    cache = SiteCache.open(tmp_path / "c")
+    cache.table["age"], cache.table["sex"] = age, sex
+    ref = Reference(np.zeros(0), np.zeros(0), 0, frozenset(), None, None, 0.9, 5)
+    (report,) = screen(model, [StudyInput("x", cache, np.arange(4), {})], ref, cfg.predict, "cpu")
+    p = report.patient
+    assert p.evaluable and np.isfinite(p.t_score) and "hologic young-adult reference of L1-L4" in p.t_note
+    categories = [p.category, *(lv.category for lv in report.levels)]
+    if age < 50:
+        assert categories == [NO_WHO_CATEGORY] * 5 and "age 35" in p.t_note and "Z-score" in p.t_note
+    else:
+        assert set(categories) <= {"normal", "osteopenia", "osteoporosis"}
+        assert p.category == category_name(int(category_from_t(p.t_score)))
+    assert ("age unknown" in p.t_note and "sex unknown" in p.t_note) == (sex == "")
+    assert not sex or f"({sex} level pattern)" in p.t_note
+    page = report_html.write_index(tmp_path / "index.html", [report], "s", "model").read_text()
+    assert escape(SCREENING_ESTIMATE) in page and escape(p.t_note) in page and "non-contrast CT" in page
+
+
+def test_report_names_the_levels_used_and_pickhardts_bands_as_osteoporosis_thresholds():
+    from osteo_model.baselines import hu_category
+    from osteo_model.screening import HU_RULE_NAMES, region_name
+
+    assert region_name(list(LEVELS)) == "L1-L4" and region_name(["L2", "L3", "L4"]) == "L2-L4"
+    assert region_name(["L1", "L3", "L4"]) == "L1, L3, L4" and region_name(["L3"]) == "L3"
+    # Pickhardt 2013: <= 160 HU is 90 % sensitive, <= 110 HU > 90 % specific, both for OSTEOPOROSIS
+    names = [HU_RULE_NAMES[int(c)] for c in hu_category(np.array([200.0, 150.0, 100.0]))]
+    assert names[0].startswith("osteoporosis unlikely") and names[1].startswith("osteoporosis not excluded")
+    assert names[2].startswith("osteoporosis likely") and not any("osteopenia" in n for n in names)
