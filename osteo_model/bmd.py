@@ -15,6 +15,7 @@ from osteo_model.constants import (
     HUI_1997,
     HUI_SBMD_CONSTANT,
     LEVEL_REFERENCE_BMD,
+    LEVEL_REFERENCE_SD,
     LEVELS,
     MANUFACTURER_ALIASES,
     MIN_LEVELS_FOR_DIAGNOSIS,
@@ -52,12 +53,22 @@ def region_t_score(bmd: float, levels: Sequence[str], manufacturer: str, sex: st
     reference of those levels, as DXA reports give each vertebra's and each combination's (ISCD 2019: where
     vertebrae are excluded, the T-score comes from the remaining ones). On the L1-L4 reference alone a
     normal woman's L1 reads about 1.3 T below her L3. The reference is the manufacturer's L1-L4 mean scaled
-    by the levels' share of it (LEVEL_REFERENCE_BMD, by sex; both sexes averaged where unknown), with the
-    L1-L4 SD; all four levels give :func:`t_score`."""
+    by the levels' share of it (LEVEL_REFERENCE_BMD, by sex; both sexes averaged where unknown), with the SD
+    of a mean of that many levels (:func:`region_sd_factor`); all four levels give :func:`t_score`."""
     mean, sd = YOUNG_ADULT_REFERENCE[manufacturer]
     patterns = [LEVEL_REFERENCE_BMD[sex]] if sex in LEVEL_REFERENCE_BMD else list(LEVEL_REFERENCE_BMD.values())
     share = np.mean([np.mean([p[lv] for lv in levels]) / np.mean([p[lv] for lv in LEVELS]) for p in patterns])
-    return float((bmd - mean * share) / sd)
+    return float((bmd - mean * share) / (sd * region_sd_factor(len(levels))))
+
+
+def region_sd_factor(n_levels: int) -> float:
+    """Young-adult SD of the mean of ``n_levels`` vertebrae over that of all four. With one level's SD
+    s1 (LEVEL_REFERENCE_SD) and equicorrelated levels (correlation rho), the mean of k has SD
+    s1 * sqrt((1 + (k - 1) rho) / k); rho follows from the L1-L4 SD (k = 4). On Hologic's scale: 0.125,
+    0.115, 0.112 and 0.110 g/cm^2 for 1-4 levels, so one vertebra's |T| is not overstated by ~14 %."""
+    ratio = LEVEL_REFERENCE_SD / YOUNG_ADULT_REFERENCE["hologic"][1]
+    rho = (len(LEVELS) / ratio**2 - 1) / (len(LEVELS) - 1)
+    return float(ratio * np.sqrt((1 + (n_levels - 1) * rho) / n_levels))
 
 
 def category_from_t(t: np.ndarray | float) -> np.ndarray | int:

@@ -87,6 +87,10 @@ LEVEL_REFERENCE_BMD: Mapping[str, Mapping[str, float]] = MappingProxyType(
         "female": MappingProxyType({"L1": 0.960, "L2": 1.064, "L3": 1.100, "L4": 1.086}),
     }
 )
+LEVEL_REFERENCE_SD = 0.125
+"""Young-adult SD of ONE vertebra's BMD on LEVEL_REFERENCE_BMD's (Hologic-like) scale: clinical.md gives
+0.12-0.13, wider than the L1-L4 mean's 0.110 (YOUNG_ADULT_REFERENCE) because the levels are not perfectly
+correlated. bmd.region_t_score takes the SD of a mean of k levels from the two, with the levels equicorrelated."""
 
 # --- Clinical reporting of the lumbar spine (ISCD Official Positions 2019, adult) --------------------
 # Use L1-L4; exclude vertebrae with local structural change; use as many as possible, at least two;

@@ -67,3 +67,22 @@ def test_each_level_and_each_combination_reads_on_its_own_reference() -> None:
     assert bmd.region_t_score(0.9, LEVELS, "ge_lunar", "male") == pytest.approx(bmd.t_score(0.9, "ge_lunar"))  # all four: L1-L4
     male, female = (bmd.region_t_score(0.9, ["L1"], "hologic", s) for s in ("male", "female"))
     assert min(male, female) < bmd.region_t_score(0.9, ["L1"], "hologic", "") < max(male, female)  # sex unknown: between
+
+
+def test_one_vertebras_t_score_uses_one_vertebras_sd():
+    """clinical.md: a single level's young-adult SD is 0.12-0.13 g/cm^2, wider than the L1-L4 mean's 0.110:
+    with the L1-L4 SD a woman's L3 of 0.80 read T -2.68 (osteoporosis) instead of about -2.4."""
+    from osteo_model.constants import LEVEL_REFERENCE_SD
+
+    sd = YOUNG_ADULT_REFERENCE["hologic"][1]
+    factors = [bmd.region_sd_factor(k) for k in (1, 2, 3, 4)]
+    assert factors[0] * sd == pytest.approx(LEVEL_REFERENCE_SD) and factors[3] == pytest.approx(1.0)
+    assert factors[0] > factors[1] > factors[2] > factors[3]  # a mean of more levels varies less
+    t_l3 = bmd.region_t_score(0.80, ["L3"], "hologic", "female")
+    share = LEVEL_REFERENCE_BMD["female"]["L3"] / np.mean(list(LEVEL_REFERENCE_BMD["female"].values()))
+    assert t_l3 == pytest.approx((0.80 - YOUNG_ADULT_REFERENCE["hologic"][0] * share) / LEVEL_REFERENCE_SD)
+    assert -2.5 < t_l3 < -2.3
+    # the SD scales with the manufacturer's own L1-L4 SD
+    assert bmd.region_t_score(0.9, ["L2"], "ge_lunar", "male") * YOUNG_ADULT_REFERENCE["ge_lunar"][1] * factors[0] == \
+        pytest.approx(0.9 - YOUNG_ADULT_REFERENCE["ge_lunar"][0] * LEVEL_REFERENCE_BMD["male"]["L2"]
+                      / np.mean(list(LEVEL_REFERENCE_BMD["male"].values())))

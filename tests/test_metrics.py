@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from osteo_model import metrics
+from osteo_model.bmd import region_sd_factor
 from osteo_model.constants import LEVEL_REFERENCE_BMD
 
 
@@ -63,7 +64,8 @@ def test_patient_level_mean_of_evaluable_levels():
     # T on the Hologic reference of L1, L2 and L4 (ISCD: the remaining levels'), not of L1-L4: both sexes averaged
     share = np.mean([np.mean([ref[lv] for lv in ("L1", "L2", "L4")]) / np.mean(list(ref.values()))
                      for ref in LEVEL_REFERENCE_BMD.values()])
-    assert pat["t_true"].iloc[0] == pytest.approx((0.9 - 1.047 * share) / 0.110) and pat["cat_true"].iloc[0] == 1
+    sd3 = 0.110 * region_sd_factor(3)  # the SD of a mean of three levels
+    assert pat["t_true"].iloc[0] == pytest.approx((0.9 - 1.047 * share) / sd3) and pat["cat_true"].iloc[0] == 1
     assert share < 0.99  # L3 (the densest) is out, so the reference is lower than L1-L4's
 
 
@@ -75,7 +77,7 @@ def test_patient_t_score_on_the_evaluable_levels_reference_and_sex():
     pat = metrics.patient_level(np.full(4, 0.79), table)
     ref = LEVEL_REFERENCE_BMD["female"]
     share = np.mean([ref[lv] for lv in ("L2", "L3", "L4")]) / np.mean(list(ref.values()))
-    expected = (0.79 - 1.047 * share) / 0.110
+    expected = (0.79 - 1.047 * share) / (0.110 * region_sd_factor(3))
     assert pat["t_true"].iloc[0] == pytest.approx(expected) and pat["t_pred"].iloc[0] == pytest.approx(expected)
     # without L1 (the least dense) the reference is higher: osteoporosis, where the L1-L4 reference said osteopenia
     assert expected <= -2.5 < (0.79 - 1.047) / 0.110 and pat["cat_true"].iloc[0] == 2
