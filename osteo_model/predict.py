@@ -42,7 +42,8 @@ from osteo_model.screening import (
 )
 
 CSV_COLUMNS = ("study_id", "source", "level", "evaluable", "reason", "hu_mean", "hu_median", "sbmd", "bmd", "t_score",
-               "t_low", "t_high", "category", "p_osteoporosis", "flags", "interval_note", "t_note", "l1_hu", "l1_hu_rule",
+               "t_low", "t_high", "category", "p_osteoporosis", "flags", "interval_note", "t_note", "without_flagged",
+               "l1_hu", "l1_hu_rule",
                "l1_totalseg_flag", "image", "ct", "labels")
 CHANGED_NOTE = ("CT or label map changed since osteo-prepare read them (the numbers are from the files it read): "
                 "no image; re-run osteo-prepare")
@@ -225,7 +226,8 @@ def _csv_rows(reports: list[StudyReport]) -> list[dict[str, Any]]:
         rows.append({**study, "level": "patient", "evaluable": p.evaluable,
                      "reason": p.reason, "bmd": p.bmd, "t_score": p.t_score, "t_low": p.t_low, "t_high": p.t_high,
                      "category": p.category, "l1_hu": p.l1_hu, "flags": "; ".join(r.flags),
-                     "interval_note": p.interval_note, "t_note": p.t_note, "l1_hu_rule": p.l1_hu_rule,
+                     "interval_note": p.interval_note, "t_note": p.t_note, "without_flagged": p.without_flagged,
+                     "l1_hu_rule": p.l1_hu_rule,
                      "l1_totalseg_flag": p.l1_totalseg_flag})
     return rows
 

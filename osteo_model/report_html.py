@@ -66,7 +66,8 @@ def _card(report: StudyReport) -> str:
     flags = "".join(f'<li class="flag">{escape(f)}</li>' for f in report.flags)
     return (f'<section class="card" data-study="{escape(report.study_id)}" data-t="{t_attr}">'
             f"<h2>{escape(report.study_id)} <small>({escape(report.source)})</small></h2><p>{headline}</p>"
-            f'<p class="na">{escape("; ".join(n for n in (p.t_note, p.interval_note) if n))}</p>{image}{note}'
+            + (f"<p>{escape(p.without_flagged)}</p>" if p.without_flagged else "")
+            + f'<p class="na">{escape("; ".join(n for n in (p.t_note, p.interval_note) if n))}</p>{image}{note}'
             '<table><tr><th class="l">level</th><th>HU mean</th><th>HU median</th><th>sBMD</th><th>BMD g/cm&sup2;</th>'
             '<th>T-score</th><th class="l">category</th><th>P(osteoporosis)</th></tr>'
             + "".join(_level_rows(report)) + "</table>"

@@ -269,7 +269,7 @@ def _values(c: _Canvas, report: StudyReport) -> None:
         summary.append(f"BMD {p.bmd:.3f} g/cm²   T {p.t_score:+.1f}{interval}   {p.category}")
     else:
         summary.append(p.reason)
-    summary += [line for note in (p.t_note, p.interval_note) if note for line in textwrap.wrap(note, WRAP)]
+    summary += [line for note in (p.without_flagged, p.t_note, p.interval_note) if note for line in textwrap.wrap(note, WRAP)]
     summary += textwrap.wrap(f"L1-HU rule (Pickhardt 2013): {p.l1_hu_rule}", WRAP)
     summary.append(f"TotalSegmentator rule: {p.l1_totalseg_flag}")
     summary += [line for flag in report.flags for line in textwrap.wrap("⚠ " + flag, WRAP)]

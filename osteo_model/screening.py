@@ -77,6 +77,7 @@ class LevelResult:
     category: str = ""
     p_osteoporosis: float = float("nan")
     flags: list[str] = field(default_factory=list)
+    iscd_outlier: bool = False  # flagged by flag_outlier_levels: the reader may exclude it
 
 
 @dataclass
@@ -91,6 +92,7 @@ class PatientResult:
     category: str = ""
     interval_note: str = ""
     t_note: str = ""            # which reference the T-score is on, and who the WHO categories are for
+    without_flagged: str = ""   # the patient value without the levels ISCD flags, for the reader who excludes them
     l1_hu: float = float("nan")
     l1_hu_rule: str = ""       # Pickhardt 2013 call on L1 mean HU
     l1_totalseg_flag: str = ""  # TotalSegmentator's < 90.25 HU median rule on L1
@@ -295,6 +297,22 @@ def _t_note(levels: Sequence[str], manufacturer: str, sex: str, age: float) -> s
     return note
 
 
+def _without_flagged(used: list[LevelResult], manufacturer: str, sex: str, age: float) -> str:
+    """The patient value without the levels flagged as ISCD outliers ("" when none is): ISCD lets the reader
+    exclude such a level, and the report should not make them recompute it."""
+    out = [lv.level for lv in used if lv.iscd_outlier]
+    if not out:
+        return ""
+    rest = [lv for lv in used if not lv.iscd_outlier]
+    head = f"without {', '.join(out)} (flagged)"
+    if len(rest) < MIN_LEVELS_FOR_DIAGNOSIS:
+        return f"{head}: not evaluable, {len(rest)} level(s) left (ISCD requires at least {MIN_LEVELS_FOR_DIAGNOSIS})"
+    names = [lv.level for lv in rest]
+    value = bmdlib.patient_bmd([lv.bmd for lv in rest])
+    t_score = bmdlib.region_t_score(value, names, manufacturer, sex)
+    return f"{head}: {region_name(names)} BMD {value:.3f} g/cm², T {t_score:+.1f}, {_category(t_score, age)}"
+
+
 def _patient(levels: list[LevelResult], manufacturer: str, sex: str, age: float, ref: Reference,
              problem: str) -> PatientResult:
     """ISCD patient value; not evaluable with the study's ``problem`` where it could not be read or prepared."""
@@ -308,6 +326,7 @@ def _patient(levels: list[LevelResult], manufacturer: str, sex: str, age: float,
         res.category = _category(res.t_score, age)
         res.interval_note = ref.interval_note()
         res.t_note = _t_note(res.levels_used, manufacturer, sex, age)
+        res.without_flagged = _without_flagged(used, manufacturer, sex, age)
     elif problem:
         res.reason = f"not evaluable: {problem}"
     else:
@@ -337,6 +356,7 @@ def flag_outlier_levels(levels: list[LevelResult]) -> None:
         others = [o.t_score for o in levels if o.evaluable and o is not lv]
         if (lv.evaluable and neighbours and abs(lv.t_score - float(np.median(others))) > limit
                 and all(abs(lv.t_score - n.t_score) > limit for n in neighbours)):
+            lv.iscd_outlier = True
             lv.flags.append(f"T-score differs by more than {limit:g} from {' and '.join(n.level for n in neighbours)} "
                             "(ISCD: consider excluding this level, e.g. fracture or degenerative change)")
 

@@ -605,3 +605,26 @@ def test_report_names_the_levels_used_and_pickhardts_bands_as_osteoporosis_thres
     names = [HU_RULE_NAMES[int(c)] for c in hu_category(np.array([200.0, 150.0, 100.0]))]
     assert names[0].startswith("osteoporosis unlikely") and names[1].startswith("osteoporosis not excluded")
     assert names[2].startswith("osteoporosis likely") and not any("osteopenia" in n for n in names)
+
+
+def test_the_patient_value_without_an_iscd_flagged_level_is_given_beside_it():
+    """ISCD lets the reader exclude a level whose T-score stands apart (degenerative L4): the report gives the
+    patient value without it, on the remaining levels' reference, instead of leaving the sum to the reader."""
+    from osteo_model import bmd as bmdlib
+    from osteo_model.screening import LevelResult, _patient, flag_outlier_levels
+
+    bmd = {"L1": 0.78, "L2": 0.80, "L3": 0.79, "L4": 1.05}
+    levels = [LevelResult(lv, True, bmd=v, t_score=bmdlib.region_t_score(v, [lv], "hologic", "female"))
+              for lv, v in bmd.items()]
+    flag_outlier_levels(levels)
+    assert [lv.iscd_outlier for lv in levels] == [False, False, False, True]
+    ref = Reference(np.zeros(0), np.zeros(0), 0, frozenset(), None, None, 0.9, 5)
+    p = _patient(levels, "hologic", "female", 65.0, ref, "")
+    assert p.levels_used == list(LEVELS)  # flagged, not excluded
+    rest = bmdlib.region_t_score(np.mean([0.78, 0.80, 0.79]), ["L1", "L2", "L3"], "hologic", "female")
+    assert p.without_flagged == (f"without L4 (flagged): L1-L3 BMD {np.mean([0.78, 0.80, 0.79]):.3f} g/cm², "
+                                 f"T {rest:+.1f}, {category_name(int(category_from_t(rest)))}")
+    assert rest < p.t_score - 0.3
+    unflagged = [LevelResult(lv, True, bmd=0.8, t_score=-2.0) for lv in LEVELS]
+    flag_outlier_levels(unflagged)
+    assert _patient(unflagged, "hologic", "female", 65.0, ref, "").without_flagged == ""
