@@ -17,6 +17,7 @@ aggregated, never in the history), and every history entry records which of the 
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -28,6 +29,9 @@ from osteofl import keys
 from osteofl.server.provision import public_keys
 
 KEY, DECLARED = "key", "declared"
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""What a declared name must be (simulation, --insecure): a registered key names a site the coordinator chose,
+a declaration is the node's own word, so no control characters, separators or 1,000-character names."""
 
 
 def declared_name(msg: Message) -> str | None:
@@ -130,7 +134,10 @@ class Identities:
         for node, name in sorted(claims.items()):
             if name is None:
                 continue  # an error reply names nobody: identified by its next good reply
-            if name in held:
+            if not SITE_NAME.fullmatch(name):
+                self.refused[node] = (f"declares {name[:40]!r}{'...' if len(name) > 40 else ''}, not a site name "
+                                      "(letters, digits, '_', '.', '-'; at most 64)")
+            elif name in held:
                 self.refused[node] = f"declares site {name!r}, which another node already is"
             elif counts[name] > 1:
                 self.refused[node] = f"declares site {name!r}, as {counts[name]} nodes do at once: none is admitted"

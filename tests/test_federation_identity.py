@@ -148,3 +148,23 @@ def test_flower_name_disagreeing_with_the_key_and_an_empty_registry_are_refused(
     copy.write_bytes(pub.read_bytes())
     with pytest.raises(ConfigError, match="sites site_a and site_b have the same public key"):
         Identities(grid, "key", pki)
+
+
+@pytest.mark.parametrize("name", ["site_b\n[INFO] round 9: all sites agree", "../../etc", "s" * 200, ""])
+def test_a_declared_name_that_is_not_a_site_name_is_refused(tmp_path: Path, name: str) -> None:
+    """Without keys (simulation, --insecure) a node names itself: a name with a newline, path separators or
+    200 characters is refused at the handshake, shown cut and quoted; the honest sites train."""
+    root = make_caches(tmp_path)
+    overrides = small_overrides(root, **{"federation.task_rounds": 0})
+    grid = LocalGrid(make_client_app(overrides), SITES)
+
+    def rename(site: str, reply) -> None:
+        if reply.metadata.src_node_id == 2 and SITE in reply.content:
+            reply.content[SITE]["name"] = name
+
+    grid.tamper = rename
+    fed = Federation(grid, compose(overrides))
+    (record,) = fed.run().records
+    assert set(record["site_train"]) == {"site_a", "site_c"} and fed.identity == {1: "site_a", 3: "site_c"}
+    (reason,) = fed.refused_at_handshake.values()
+    assert "not a site name" in reason and "\n" not in reason and len(reason) < 150
