@@ -144,7 +144,7 @@ def handle_train(message: Message, context: Context, extra: Sequence[str] = ()) 
     proximal.attach_proximal_term(optimizer, session.model, float(config.get(PROXIMAL_MU, 0.0)))
     private = privacy.attach(optimizer, phase)
     metrics = training.train_steps(session.model, session.data, session.cfg, phase, optimizer, session.device,
-                                   max_steps=steps, private=private, salt=salt)
+                                   max_steps=steps, private=private, salt=salt, pass_index=int(config[protocol.ROUND]))
     update = protocol.payload_arrays(session.model, session.cfg)
     if bad := protocol.non_finite({**osteo.local_state(session.model), **update}):
         # a finite but poisoned global model (or a diverging step) must not become the site's saved state

@@ -130,7 +130,8 @@ def train_central(cfg, datas: Mapping[str, SiteData], out_dir: str | Path, log: 
         phase, epoch = plan[k]
         recipe.begin(phase, epoch)
         t0 = time.perf_counter()
-        record = {"phase": phase, "epoch": epoch, **train_pooled(models, datas, cfg, phase, recipe.optimizer, device)}
+        record = {"phase": phase, "epoch": epoch,
+                  **train_pooled(models, datas, cfg, phase, recipe.optimizer, device, pass_index=k)}
         if phase == "task":
             for site, m in models.items():
                 val = evaluate(m, datas[site], cfg, "val", device)

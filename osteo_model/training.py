@@ -159,22 +159,23 @@ def steps_per_pass(data: SiteData, cfg, phase: str, per_patient: bool = False, s
     return n // _batch_size(cfg, n) if salt is not None else -(-n // _batch_size(cfg, n))
 
 
-def shuffle_seed(cfg, salt: str | None = None, batch_size: int = 0) -> int:
-    """The seed of the loader's shuffle: the run's ``seed``, keyed with a site's secret ``salt`` where it has
-    one (a hospital's site, kept in its state: client/site_session.py). The run's seed is the
-    coordinator's: from it alone the coordinator would know which rows each batch holds, and differencing
-    replies over seeds would isolate rows. The salted order is keyed with the batch size too: batches of B
-    and B+1 rows from one order share B rows, and the two replies' difference would be one row. Without a
-    salt (central training, osteo-sim, osteo-evidence) the order is the seed's alone, as it always was, so
-    those runs stay reproducible by seed."""
-    if salt is None:
-        return int(cfg.seed)
-    message = f"{int(cfg.seed)}:{int(batch_size)}".encode()
-    return int.from_bytes(hashlib.blake2b(message, key=salt.encode(), digest_size=8).digest(), "big")
+def shuffle_seed(cfg, salt: str | None = None, batch_size: int = 0, pass_index: int = 0) -> int:
+    """The seed of the loader's shuffle in pass ``pass_index`` (the round or epoch): the run's ``seed`` and
+    the pass, keyed with a site's secret ``salt`` where it has one (a hospital's site, kept in its state:
+    client/site_session.py). Each pass draws its own order: with one order for every pass, a round of
+    ``local_steps`` shorter than a pass trained on the same first batches every round and never saw the
+    rest (and each crop met the same augmentation every time). The run's seed is the coordinator's: from it
+    alone the coordinator would know which rows each batch holds, and differencing replies over seeds would
+    isolate rows. The salted order is keyed with the batch size too: batches of B and B+1 rows from one
+    order share B rows, and the two replies' difference would be one row. Without a salt (central
+    training, osteo-sim, osteo-evidence) the order is the seed's and the pass's alone, reproducible by seed."""
+    message = f"{int(cfg.seed)}:{int(batch_size) if salt is not None else 0}:{int(pass_index)}".encode()
+    key = salt.encode() if salt is not None else b""
+    return int.from_bytes(hashlib.blake2b(message, key=key, digest_size=8).digest(), "big")
 
 
 def make_loader(data: SiteData, cfg, phase: str, shuffle: bool = True, augment: bool = True,
-                per_patient: bool = False, salt: str | None = None) -> DataLoader:
+                per_patient: bool = False, salt: str | None = None, pass_index: int = 0) -> DataLoader:
     """Batches of ``phase_dataset``, shuffled in the order of ``shuffle_seed``. With a ``salt`` (a hospital's
     site) every batch is full: a pass's last, partial batch is dropped (its rows come in later passes,
     which draw a new order), since two rounds of k and k+1 steps would otherwise differ by that batch alone,
@@ -185,7 +186,7 @@ def make_loader(data: SiteData, cfg, phase: str, shuffle: bool = True, augment: 
         ds,
         batch_size=batch,
         shuffle=shuffle,
-        generator=torch.Generator().manual_seed(shuffle_seed(cfg, salt, batch)),
+        generator=torch.Generator().manual_seed(shuffle_seed(cfg, salt, batch, pass_index)),
         drop_last=salt is not None,
         num_workers=int(cfg.data.num_workers),
     )
@@ -251,16 +252,19 @@ def train_steps(
     max_steps: int | None = None,
     private=None,
     salt: str | None = None,
+    pass_index: int = 0,
 ) -> dict[str, float]:
     """One pass over the phase's rows (or ``max_steps`` batches, cycling); mean losses + num_examples.
 
     ``private``: the ``privacy.PrivateTraining`` from ``make_private``; its wrapped model, DP optimizer
     and Poisson-sampled loader are used instead of ``model``/``optimizer``/our loader. ``salt``: the
-    site's secret in its batch order (shuffle_seed).
+    site's secret in its batch order; ``pass_index``: the round or epoch, which draws the order
+    (shuffle_seed).
     """
     net = private.model if private is not None else model
     opt = private.optimizer if private is not None else optimizer
-    loader = private.data_loader if private is not None else make_loader(data, cfg, phase, salt=salt)
+    loader = (private.data_loader if private is not None
+              else make_loader(data, cfg, phase, salt=salt, pass_index=pass_index))
     net.to(device).train()
     meter, steps = _Meter(), 0
     if len(loader.dataset) == 0:
@@ -279,14 +283,16 @@ def train_steps(
 
 def train_pooled(
     models: Mapping[str, nn.Module], datas: Mapping[str, SiteData], cfg, phase: str,
-    optimizer: torch.optim.Optimizer, device: str,
+    optimizer: torch.optim.Optimizer, device: str, pass_index: int = 0,
 ) -> dict[str, float]:
-    """One pass over every site's rows, batches interleaved across sites (central training).
+    """One pass over every site's rows, batches interleaved across sites (central training), in the order
+    of pass ``pass_index`` (the epoch: shuffle_seed).
 
     ``models`` share their shared modules (model.build_site_models); each batch goes through its own
     site's model so each site's local expert and calibration learn only from that site.
     """
-    iters = {s: iter(make_loader(datas[s], cfg, phase)) for s in models if len(phase_rows(datas[s], phase))}
+    iters = {s: iter(make_loader(datas[s], cfg, phase, pass_index=pass_index)) for s in models
+             if len(phase_rows(datas[s], phase))}
     meter = _Meter()
     for m in models.values():
         m.to(device).train()
@@ -369,7 +375,7 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
                             shared_lr_factor=shared_factor)
             for epoch in range(int(epochs)):
                 recipe.begin("task", epoch)
-                result = train_steps(model, data, cfg, "task", recipe.optimizer, device, salt=salt)
+                result = train_steps(model, data, cfg, "task", recipe.optimizer, device, salt=salt, pass_index=epoch)
                 score = _val_score(model, data, cfg, device)
                 if improves(score, best):
                     best, best_epoch = score, epoch + 1

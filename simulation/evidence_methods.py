@@ -175,7 +175,8 @@ def federated(cfg, datas: Mapping[str, SiteData], device: str, aggregate: bool =
             recipe.restore(opt[site])
             recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
             proximal.attach_proximal_term(recipe.optimizer, model, mu)
-            training.train_steps(model, datas[site], cfg, phase, recipe.optimizer, device, max_steps=_max_steps(cfg))
+            training.train_steps(model, datas[site], cfg, phase, recipe.optimizer, device, max_steps=_max_steps(cfg),
+                                 pass_index=rnd)
             opt[site] = recipe.optimizer.state_dict()
             state = model.state_dict()
             updates.append(({k: state[k] for k in keys}, len(training.phase_rows(datas[site], phase))))
@@ -211,7 +212,8 @@ def central(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
         t0 = time.perf_counter()
         recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
         for site, model in models.items():
-            training.train_steps(model, datas[site], cfg, phase, recipe.optimizer, device, max_steps=_max_steps(cfg))
+            training.train_steps(model, datas[site], cfg, phase, recipe.optimizer, device, max_steps=_max_steps(cfg),
+                                 pass_index=rnd)
         if phase == "task":
             selector.update(models, datas, cfg, device)
         seconds.append(time.perf_counter() - t0)

@@ -180,7 +180,8 @@ def local_only(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None]
         t0 = time.perf_counter()
         for site in sites:
             recipes[site].begin(phase, training.index_in_phase(cfg, phase, rnd))
-            training.train_steps(models[site], datas[site], cfg, phase, recipes[site].optimizer, device, max_steps=steps)
+            training.train_steps(models[site], datas[site], cfg, phase, recipes[site].optimizer, device, max_steps=steps,
+                                 pass_index=rnd)
         if phase == "task":  # each site keeps its best validation round, as a deployed site does
             selector.update(models, datas, cfg, device)
         else:  # a federated round evaluates in every phase: the same work, for the timing comparison
@@ -219,7 +220,8 @@ def centralised(cfg: DictConfig, sites: Sequence[str], log: Callable[[str], None
         t0 = time.perf_counter()
         recipe.begin(phase, training.index_in_phase(cfg, phase, rnd))
         for site in sites:
-            training.train_steps(models[site].to(device), datas[site], cfg, phase, recipe.optimizer, device, max_steps=steps)
+            training.train_steps(models[site].to(device), datas[site], cfg, phase, recipe.optimizer, device,
+                                 max_steps=steps, pass_index=rnd)
         if phase == "task":
             selector.update(models, datas, cfg, device)
         round_seconds.append(time.perf_counter() - t0)
