@@ -43,7 +43,7 @@ def test_resumed_central_run_restores_the_optimizer_beside_the_model(tmp_path, m
 
     seen = {}
 
-    def inspect_instead_of_training(models, datas, cfg, phase, optimizer, device):
+    def inspect_instead_of_training(models, datas, cfg, phase, optimizer, device, pass_index=0):
         seen.update(device=device, **_tensor_devices(models, optimizer))
         raise _Stop
 
