@@ -18,6 +18,11 @@ from concurrent.futures import ProcessPoolExecutor
 PR_SET_PDEATHSIG = 1
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``taskset``, cgroup cpusets), not the machine's count."""
+    return len(os.sched_getaffinity(0))
+
+
 def die_with_parent(parent: int) -> None:
     """Pool initializer: SIGKILL this worker when ``parent`` dies; exit at once if it already has."""
     if sys.platform.startswith("linux"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +19,7 @@ import SimpleITK as sitk
 import osteofl.configs
 from osteo_model.crops import CORE
 from osteo_model.errors import ConfigError, InputError
+from osteo_model.pools import usable_cpus
 
 CONFIG_DIR = Path(osteofl.configs.__file__).resolve().parent / "radiomics"
 
@@ -49,7 +49,7 @@ def params_digest(radiomics_cfg) -> str:
 def n_workers(group_cfg) -> int:
     """A config group's ``n_jobs`` (radiomics, synth, predict): 0 = all cores this process may use."""
     n = int(group_cfg.n_jobs)
-    return n if n > 0 else len(os.sched_getaffinity(0))
+    return n if n > 0 else usable_cpus()
 
 
 class FeatureExtractor:

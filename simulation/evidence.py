@@ -36,7 +36,7 @@ from osteo_model.config import compose, resolve_device
 from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
-from osteo_model.pools import worker_pool
+from osteo_model.pools import usable_cpus, worker_pool
 from osteo_model.training import SELECTION_METRIC
 from osteofl.server.history import write_json
 from osteofl.simulation import evidence_onboarding as onboarding, evidence_report as report
@@ -393,7 +393,7 @@ def _train_in_parallel(plan: Plan, experiment: str, overrides: Sequence[str], jo
     units = plan.units()
     tasks = [(sc, seed, m) for sc, seed in units for m in plan.methods]
     jobs = min(jobs, len(tasks))
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    threads = max(1, usable_cpus() // jobs)
     log(f"evidence: {len(units)} scenario x seed data sets, then {len(tasks)} method runs, in {jobs} processes, "
         f"{threads} thread(s) each")
     # spawn: no fork of a process that holds torch's threads. The workers die with this process: a killed
@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = p.parse_known_args(argv)
     from osteo_model.cli._common import run_cli
 
-    jobs = args.jobs if args.jobs > 0 else len(os.sched_getaffinity(0))
+    jobs = args.jobs if args.jobs > 0 else usable_cpus()
     return run_cli(lambda: run(args.experiment, overrides, log=lambda m: print(m, flush=True), jobs=jobs))
 
 

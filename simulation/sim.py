@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 import json
-import os
 import shutil
 import socket
 import time
@@ -28,7 +27,7 @@ from osteo_model import central, model as osteo, training
 from osteo_model.config import compose, resolve_device
 from osteo_model.dataset import SiteData, load_site_data
 from osteo_model.errors import ConfigError, OsteoError
-from osteo_model.pools import worker_pool
+from osteo_model.pools import usable_cpus, worker_pool
 from osteofl.server.checkpoint import load_latest
 from osteofl.server.history import write_json
 from osteofl.simulation.evidence_methods import Selector
@@ -267,7 +266,7 @@ def run_baselines(runs: dict[str, list[str]]) -> dict[str, tuple[dict, list[floa
     ~6 min with them in turn)."""
     from osteofl.simulation import sim as by_name  # spawned workers cannot load __main__'s functions
 
-    with worker_pool(min(len(runs), len(os.sched_getaffinity(0))), "spawn") as pool:
+    with worker_pool(min(len(runs), usable_cpus()), "spawn") as pool:
         futures = {name: pool.submit(by_name._baseline, name, overrides) for name, overrides in runs.items()}
         return {name: future.result() for name, future in futures.items()}
 
