@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _imports(folder: str) -> list[tuple[str, str]]:
     found = []
     for path in sorted((ROOT / folder).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
                 found += [(path.name, a.name) for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
