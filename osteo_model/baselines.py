@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,9 +20,9 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from osteo_model import bmd as bmdlib
+from osteo_model import bmd as bmdlib, metrics
 from osteo_model.calibration import t_and_category
-from osteo_model.constants import PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC, TOTALSEG_OSTEOPOROSIS_HU
+from osteo_model.constants import LEVELS, PICKHARDT_L1_HU_SENSITIVE, PICKHARDT_L1_HU_SPECIFIC, TOTALSEG_OSTEOPOROSIS_HU
 from osteo_model.dataset import SiteData
 from osteo_model.metrics import OSTEOPOROSIS, auc, compute_metrics
 
@@ -56,18 +56,21 @@ def hu_threshold(table: pd.DataFrame) -> dict[str, float]:
         "totalseg_sensitivity": float(flag[osteo].mean()) if osteo.any() else float("nan"),
         "totalseg_specificity": float((~flag[~osteo]).mean()) if (~osteo).any() else float("nan"),
     })
-    l1 = t[t["level"] == "L1"]
-    if len(l1):
-        pat_cat = []
-        for study in l1["study_id"]:
-            g = t[t["study_id"] == study]
-            pat = bmdlib.patient_bmd(g["bmd"].to_numpy(float))
-            device = str(g["dxa_manufacturer"].iloc[0])
-            pat_cat.append(int(bmdlib.category_from_t(bmdlib.t_score(pat, device))) if np.isfinite(pat) else -1)
-        pat_cat = np.array(pat_cat)
-        ok = pat_cat >= 0
-        res["patient_auc_l1"] = auc(pat_cat[ok] == OSTEOPOROSIS, -l1["hu_mean"].to_numpy(float)[ok])
+    # patient level: the DXA patient category exactly as the model's endpoints judge it (metrics.patient_level)
+    pat = metrics.patient_level(t["bmd"].to_numpy(float), t)
+    if len(pat):
+        res["patient_auc_l1"] = auc(pat["cat_true"].to_numpy(int) == OSTEOPOROSIS, -patient_hu(table, pat["study"]))
     return res
+
+
+def patient_hu(table: pd.DataFrame, studies: Sequence[str]) -> np.ndarray:
+    """Each study's L1 trabecular HU as the rule reads it from the CT, also where DXA excluded L1; where the CT
+    has no L1 HU the next level down stands in (NaN without any)."""
+    rank = table["level"].map({lv: i for i, lv in enumerate(LEVELS)}).fillna(len(LEVELS))
+    ordered = table.assign(_rank=rank.to_numpy())
+    ordered = ordered[np.isfinite(ordered["hu_mean"].to_numpy(float))].sort_values("_rank", kind="stable")
+    first_hu = ordered.groupby(ordered["study_id"].astype(str))["hu_mean"].first()
+    return first_hu.reindex([str(s) for s in studies]).to_numpy(float)
 
 
 def _xy(data: SiteData, split: str) -> tuple[np.ndarray, pd.DataFrame]:

@@ -21,6 +21,7 @@ from osteo_model.constants import (
     MIN_LEVELS_FOR_DIAGNOSIS,
     T_NORMAL_MIN,
     T_OSTEOPOROSIS_MAX,
+    T_SCORE_DECIMALS,
     YOUNG_ADULT_REFERENCE,
 )
 
@@ -72,11 +73,27 @@ def region_sd_factor(n_levels: int) -> float:
 
 
 def category_from_t(t: np.ndarray | float) -> np.ndarray | int:
-    """WHO category index (0 normal, 1 osteopenia, 2 osteoporosis); -1 where t is NaN."""
+    """WHO category index (0 normal, 1 osteopenia, 2 osteoporosis) of ``t`` as it is; -1 where t is NaN.
+    Training labels use it on the unrounded T-score; a category a reader sees comes from
+    :func:`reported_category`."""
     t_arr = np.asarray(t, dtype=float)
     cat = np.where(t_arr <= T_OSTEOPOROSIS_MAX, 2, np.where(t_arr < T_NORMAL_MIN, 1, 0))
     cat = np.where(np.isnan(t_arr), -1, cat)
     return int(cat) if cat.ndim == 0 else cat
+
+
+def reported_t(t: np.ndarray | float) -> np.ndarray | float:
+    """A T-score as reports print it (T_SCORE_DECIMALS, the same rounding as ``f"{t:.1f}"``), NaN kept."""
+    t_arr = np.asarray(t, dtype=float)
+    out = np.array([float(f"{v:.{T_SCORE_DECIMALS}f}") for v in t_arr.ravel()]).reshape(t_arr.shape)
+    return float(out) if out.ndim == 0 else out
+
+
+def reported_category(t: np.ndarray | float) -> np.ndarray | int:
+    """WHO category of the T-score as printed: a report that says "T -2.5" must say osteoporosis, also where
+    the unrounded value is -2.46 (ISCD 2019 reports T to one decimal; clinical categories follow the report).
+    The patient-level endpoints and osteo-predict's report use it."""
+    return category_from_t(reported_t(t))
 
 
 def category_name(index: int) -> str:

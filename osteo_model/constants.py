@@ -26,6 +26,9 @@ T_NORMAL_MIN = -1.0
 T_OSTEOPOROSIS_MAX = -2.5
 """osteoporosis: T <= -2.5; osteopenia in between."""
 CATEGORIES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
+T_SCORE_DECIMALS = 1
+"""T- and Z-scores are reported to one decimal (ISCD Official Positions 2019, adult: DXA reporting), and the
+category a reader sees is that of the printed value: T -2.46 prints as -2.5 and is osteoporosis."""
 
 # --- Standardised BMD: Hui et al. 1997, J Bone Miner Res 12:1463 (spine) ----------------------------
 # sBMD = slope * (BMD - offset) + HUI_SBMD_CONSTANT   (g/cm^2)

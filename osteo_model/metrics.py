@@ -4,7 +4,8 @@ Patient level first (the primary endpoints: WHO/ISCD classify the patient, not a
 "patient_*": per study, the mean of the evaluable levels' BMD (osteo_model.bmd.patient_bmd, ISCD 2019:
 L1-L4, at least two levels) for prediction and for DXA alike, its T-score on the device's young-adult
 reference of the levels that entered it (bmd.region_t_score, by sex where known: ISCD 2019, and what
-osteo-predict reports) and the WHO category from that T-score; osteoporosis AUC from the predicted patient T-score ("patient_auc_t"),
+osteo-predict reports) and the WHO category of that T-score as reports print it (one decimal,
+bmd.reported_category); osteoporosis AUC from the predicted patient T-score ("patient_auc_t"),
 3-class accuracy and macro-F1, MAE and Pearson r of patient BMD, and Bland-Altman bias and 95 % limits of
 agreement of patient BMD, overall and per DXA manufacturer ("patient_bias_bmd_<device>", ...).
 
@@ -107,8 +108,8 @@ def patient_level(pred_bmd: np.ndarray, table: pd.DataFrame) -> pd.DataFrame:
         rows.append({"study": study, "device": device, "pred": p, "true": t,
                      "t_pred": _region_t(p, g, "pred", device), "t_true": _region_t(t, g, "true", device)})
     out = pd.DataFrame(rows, columns=["study", "device", "pred", "true", "t_pred", "t_true"])
-    out["cat_pred"] = bmdlib.category_from_t(out["t_pred"].to_numpy(float)) if len(out) else []
-    out["cat_true"] = bmdlib.category_from_t(out["t_true"].to_numpy(float)) if len(out) else []
+    out["cat_pred"] = bmdlib.reported_category(out["t_pred"].to_numpy(float)) if len(out) else []
+    out["cat_true"] = bmdlib.reported_category(out["t_true"].to_numpy(float)) if len(out) else []
     return out
 
 

@@ -281,8 +281,8 @@ def region_name(levels: Sequence[str]) -> str:
 
 
 def _category(t_score: float, age: float) -> str:
-    """WHO category of a T-score; none below WHO_CATEGORY_MIN_AGE (an unknown age keeps it: see t_note)."""
-    return NO_WHO_CATEGORY if age < WHO_CATEGORY_MIN_AGE else bmdlib.category_name(int(bmdlib.category_from_t(t_score)))
+    """WHO category of a T-score as printed; none below WHO_CATEGORY_MIN_AGE (an unknown age keeps it: see t_note)."""
+    return NO_WHO_CATEGORY if age < WHO_CATEGORY_MIN_AGE else bmdlib.category_name(int(bmdlib.reported_category(t_score)))
 
 
 def _t_note(levels: Sequence[str], manufacturer: str, sex: str, age: float) -> str:

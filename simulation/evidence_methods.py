@@ -32,7 +32,6 @@ import torch
 from omegaconf import DictConfig
 
 from osteo_model import baselines, checkpoints, metrics, model as osteo, proximal, training
-from osteo_model.constants import LEVELS
 from osteo_model.dataset import SiteData
 from osteo_model.errors import ConfigError
 from osteo_model.evidence import Patients
@@ -227,12 +226,7 @@ def hu_rule(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     for site, data in datas.items():
         rows, table = _test(data)
         pat = patients_from_bmd(np.full(len(rows), np.nan), table)
-        studies = metrics.patient_level(np.full(len(rows), np.nan), table)["study"].to_numpy(str)
-        rank = table["level"].map({lv: i for i, lv in enumerate(LEVELS)}).fillna(len(LEVELS))
-        ordered = table.assign(_rank=rank.to_numpy())
-        ordered = ordered[np.isfinite(ordered["hu_mean"].to_numpy(float))].sort_values("_rank")
-        first_hu = ordered.groupby(ordered["study_id"].astype(str))["hu_mean"].first()
-        hu = first_hu.reindex(studies).to_numpy(float)
+        hu = baselines.patient_hu(table, metrics.patient_level(np.full(len(rows), np.nan), table)["study"])
         out[site] = Patients(device=pat.device, true_bmd=pat.true_bmd, pred_bmd=pat.pred_bmd, true_cat=pat.true_cat,
                              pred_cat=baselines.hu_category(hu), score=-hu)
     return MethodRun(out)

@@ -35,6 +35,17 @@ def test_who_categories_at_thresholds() -> None:
     assert bmd.category_name(1) == "osteopenia"
 
 
+def test_the_category_a_reader_sees_is_that_of_the_printed_t_score():
+    """ISCD reports T to one decimal: "T -2.5" must read osteoporosis although -2.46 > -2.5, and "T -1.0"
+    normal although -1.04 < -1.0."""
+    t = np.array([-2.46, -2.54, -1.06, -1.04, -0.96, np.nan])
+    assert [f"{v:.1f}" for v in bmd.reported_t(t)] == ["-2.5", "-2.5", "-1.1", "-1.0", "-1.0", "nan"]
+    assert bmd.reported_category(t).tolist() == [2, 2, 1, 0, 0, -1]  # a printed -1.0 is normal (T >= -1.0)
+    assert bmd.category_from_t(t).tolist() == [1, 2, 1, 1, 0, -1]  # the unrounded rule training labels use
+    assert bmd.reported_category(-2.46) == 2 and isinstance(bmd.reported_t(-2.46), float)
+    assert bmd.reported_t(np.zeros((2, 0))).shape == (2, 0)
+
+
 def test_t_score_on_device_reference() -> None:
     mean, sd = YOUNG_ADULT_REFERENCE["hologic"]
     assert bmd.t_score(mean - 2.5 * sd, "hologic") == pytest.approx(-2.5)

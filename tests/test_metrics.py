@@ -90,6 +90,41 @@ def test_patient_t_score_on_the_evaluable_levels_reference_and_sex():
     assert metrics.patient_level(np.full(4, 0.79), full)["t_true"].iloc[0] == pytest.approx((0.79 - 1.047) / 0.110)
 
 
+def test_patient_category_is_that_of_the_printed_t_score():
+    """A DXA report printing "T -2.5" calls the patient osteoporotic although the unrounded T is -2.46 (ISCD:
+    one decimal); the endpoint must judge against that category, while the AUC ranks the unrounded T."""
+    bmd = 1.047 - 2.46 * 0.110  # Hologic L1-L4: T -2.46
+    table = _table([bmd] * 4, [1] * 4, ["s1"] * 4)
+    pat = metrics.patient_level(np.full(4, bmd + 0.0022), table)  # predicted T -2.44: printed -2.4
+    assert pat["t_true"].iloc[0] == pytest.approx(-2.46) and pat["t_pred"].iloc[0] == pytest.approx(-2.44)
+    assert pat["cat_true"].iloc[0] == 2 and pat["cat_pred"].iloc[0] == 1
+
+
+def test_hu_rule_patient_auc_judges_the_patient_category_of_the_endpoints():
+    """The L1-HU rule's patient AUC is judged against the same DXA patient category as the models: the woman
+    whose DXA excluded L1 is osteoporotic on the L2-L4 reference (T -2.5 printed), osteopenic on the L1-L4
+    one, and her CT's L1 HU still scores her."""
+    from osteo_model.baselines import hu_threshold
+
+    ref = LEVEL_REFERENCE_BMD["female"]
+    share = np.mean([ref[lv] for lv in ("L2", "L3", "L4")]) / np.mean(list(ref.values()))
+    low = 1.047 * share - 2.46 * 0.110 * region_sd_factor(3)  # T -2.46 on the L2-L4 reference
+    table = _table([np.nan, low, low, low, 1.0, 1.0, 1.0, 1.0, 0.85, 0.85, 0.85, 0.85], [2] * 12,
+                   ["a"] * 4 + ["b"] * 4 + ["c"] * 4)
+    table["sex"], table["level"] = "female", ["L1", "L2", "L3", "L4"] * 3
+    table["hu_mean"] = [90.0, 95, 100, 100, 200, 200, 200, 200, 120, 120, 120, 120]
+    assert (low - 1.047) / 0.110 > -2.5  # osteopenia on the L1-L4 reference
+    assert hu_threshold(table)["patient_auc_l1"] == 1.0  # a (90 HU) is the one osteoporotic patient
+
+
+def test_patient_hu_reads_l1_and_the_next_level_down_where_l1_has_none():
+    from osteo_model.baselines import patient_hu
+
+    table = pd.DataFrame({"study_id": ["a", "a", "b", "b", "b"], "level": ["L2", "L1", "L1", "L2", "L3"],
+                          "hu_mean": [150.0, 90.0, np.nan, np.nan, 130.0]})
+    np.testing.assert_array_equal(patient_hu(table, ["b", "a", "c"]), [130.0, 90.0, np.nan])
+
+
 def test_hu_threshold_rule_uses_pickhardt_thresholds():
     from osteo_model.baselines import hu_category, hu_threshold
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from cache_factory import FEATURE_NAMES, make_site_cache
 from conftest import LEVEL_Z0
 from model_helpers import TINY
-from osteo_model.bmd import category_from_t, category_name, region_sd_factor
+from osteo_model.bmd import category_name, region_sd_factor, reported_category
 from osteo_model.cache import SiteCache
 from osteo_model.central import build_site_models, checkpoint_payload
 from osteo_model.checkpoints import save_model_state
@@ -98,7 +98,7 @@ def test_predictions_equal_osteo_eval(tmp_path, site_in_model):
                                atol=1e-5)
     assert not np.allclose(levels["t_score"], levels["t_pred"], atol=0.05)
     np.testing.assert_allclose(levels["p_osteoporosis_x"], levels["p_osteoporosis_y"], rtol=1e-5)  # report, eval
-    assert (levels["category"] == [category_name(category_from_t(t)) for t in levels["t_score"]]).all()
+    assert (levels["category"] == [category_name(reported_category(t)) for t in levels["t_score"]]).all()
     assert js["model"]["local_part"].startswith("site_u" if site_in_model else "shared weights only")
     # Patient row = mean of the four levels' BMD (ISCD), T-score on the site's (Hologic) reference.
     first = rep[rep["study_id"] == "site_u-s000"]
@@ -588,7 +588,7 @@ def test_who_categories_from_age_50_and_the_report_says_which_reference(tmp_path
         assert categories == [NO_WHO_CATEGORY] * 5 and "age 35" in p.t_note and "Z-score" in p.t_note
     else:
         assert set(categories) <= {"normal", "osteopenia", "osteoporosis"}
-        assert p.category == category_name(int(category_from_t(p.t_score)))
+        assert p.category == category_name(int(reported_category(p.t_score)))
     assert ("age unknown" in p.t_note and "sex unknown" in p.t_note) == (sex == "")
     assert not sex or f"({sex} level pattern)" in p.t_note
     page = report_html.write_index(tmp_path / "index.html", [report], "s", "model").read_text()
@@ -607,6 +607,21 @@ def test_report_names_the_levels_used_and_pickhardts_bands_as_osteoporosis_thres
     assert names[2].startswith("osteoporosis likely") and not any("osteopenia" in n for n in names)
 
 
+def test_the_report_categorises_the_t_score_it_prints():
+    """A headline that prints "T -2.5" says osteoporosis, although the unrounded T is -2.46 (ISCD: one decimal)."""
+    from osteo_model import bmd as bmdlib
+    from osteo_model.screening import LevelResult, _patient
+
+    mean, sd = YOUNG_ADULT_REFERENCE["hologic"]
+    value = mean - 2.46 * sd
+    levels = [LevelResult(lv, True, bmd=value, t_score=bmdlib.region_t_score(value, [lv], "hologic", "female"))
+              for lv in LEVELS]
+    ref = Reference(np.zeros(0), np.zeros(0), 0, frozenset(), None, None, 0.9, 5)
+    p = _patient(levels, "hologic", "female", 65.0, ref, "")
+    assert p.t_score == pytest.approx(-2.46) and f"{p.t_score:+.1f}" == "-2.5"
+    assert p.category == "osteoporosis" and bmdlib.category_from_t(p.t_score) == 1
+
+
 def test_the_patient_value_without_an_iscd_flagged_level_is_given_beside_it():
     """ISCD lets the reader exclude a level whose T-score stands apart (degenerative L4): the report gives the
     patient value without it, on the remaining levels' reference, instead of leaving the sum to the reader."""
@@ -623,7 +638,7 @@ def test_the_patient_value_without_an_iscd_flagged_level_is_given_beside_it():
     assert p.levels_used == list(LEVELS)  # flagged, not excluded
     rest = bmdlib.region_t_score(np.mean([0.78, 0.80, 0.79]), ["L1", "L2", "L3"], "hologic", "female")
     assert p.without_flagged == (f"without L4 (flagged): L1-L3 BMD {np.mean([0.78, 0.80, 0.79]):.3f} g/cm², "
-                                 f"T {rest:+.1f}, {category_name(int(category_from_t(rest)))}")
+                                 f"T {rest:+.1f}, {category_name(int(reported_category(rest)))}")
     assert rest < p.t_score - 0.3
     unflagged = [LevelResult(lv, True, bmd=0.8, t_score=-2.0) for lv in LEVELS]
     flag_outlier_levels(unflagged)
