@@ -39,7 +39,7 @@ from osteo_model.evidence import Patients
 from osteo_model.pools import usable_cpus, worker_pool
 from osteo_model.training import SELECTION_METRIC
 from osteofl.server.history import write_json
-from osteofl.simulation import evidence_onboarding as onboarding, evidence_report as report
+from osteofl.simulation import evidence_goals as goals, evidence_onboarding as onboarding, evidence_report as report
 from osteofl.simulation.evidence_diagnostics import simulated_dxa_bias
 from osteofl.simulation.evidence_methods import ENGINES, READS_TRUTH, MethodRun
 
@@ -99,6 +99,10 @@ def load_experiment(name: str) -> DictConfig:
         raise ConfigError(path, f"store: '{store}' must name a folder under paths.outputs (no absolute path, no '..')")
     if exp.get("data", "per_seed") not in DATA_MODES:
         raise ConfigError(path, f"data: '{exp.data}' is not one of {DATA_MODES}")
+    if exp.get("goals") is not None:
+        missing = [k for k in goals.KEYS if OmegaConf.select(exp.goals, k) in (None, "", [])]
+        if missing:
+            raise ConfigError(path, f"goals: {missing} missing (needs {list(goals.KEYS)})")
     if exp.get("onboarding") is not None:
         onb = exp.onboarding
         if exp.methods.get(onb.get("method"), {}).get("engine") != "federated":
@@ -434,6 +438,8 @@ def _run(plan: Plan, experiment: str, overrides: Sequence[str], log: Callable[[s
             exp, {sd: r.runs for sd, r in by_seed.items()},
             {sd: r.curve for sd, r in by_seed.items() if r.curve is not None},
             {sd: r.simulated for sd, r in by_seed.items()}, averaged, last.sites, last.external)
+    if exp.get("goals") is not None:
+        result["goals"] = goals.judge(result, OmegaConf.to_container(exp.goals, resolve=True))
     result["seconds"]["total"] = time.perf_counter() - t_start
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from osteo_model import evidence as ev  # noqa: E402
+from osteofl.simulation import evidence_goals  # noqa: E402
 from osteofl.simulation.evidence_diagnostics import REFIT  # noqa: E402
 from osteofl.simulation.evidence_onboarding import ALL, SHARED_ONLY  # noqa: E402
 
@@ -161,9 +162,11 @@ def markdown(report: dict, labels: Mapping[str, str]) -> str:
              "t-interval across seeds; osteo_model/evidence.py; each seed's value and bootstrap SD are in evidence.json "
              "under `per_seed`), cut to what the metric can take (AUC and accuracy 0 to 1, r -1 to 1, MAE from 0). "
              "Patient BMD: mean of the levels DXA evaluated, predicted over the same levels; its T-score on those "
-             "levels' young-adult reference (ISCD 2019). B-A bias: predicted minus DXA patient BMD per DXA "
+             "levels' young-adult reference (ISCD 2019), and its WHO category that of the T-score printed to one "
+             "decimal. B-A bias: predicted minus DXA patient BMD per DXA "
              "device, g/cm2. Differences are the reference method minus the alternative on the same patients "
              "(positive = reference higher; for MAE lower is better).", ""]
+    lines += evidence_goals.markdown(report.get("goals") or {}, f"the experiment's `goals`, {report['experiment']}.yaml")
     for name, sc in report["scenarios"].items():
         ref = labels.get(sc["reference"], sc["reference"])
         lines += [f"## Scenario `{name}` ({len(sc['seeds'])} seeds, sites {', '.join(sc['sites'])})", ""]

@@ -68,6 +68,10 @@ def test_quick_experiment_writes_every_method_site_and_interval(tmp_path):
     # per-device bias: one device per fake site, all three in the pooled figures
     assert {"bias_hologic", "bias_ge_lunar", "bias_norland"} <= set(sc["differences"]["fedavg"]["pooled"])
     assert np.isfinite(written["seconds"]["total"]) and written["round_seconds"]["osteofl"]
+    # the experiment's goals, judged on this report's own numbers
+    judged = written["goals"]["default"]
+    assert len(judged) == 5 and all(row["met"] in (True, False, None) for row in judged)
+    assert set(judged[0]["groups"]) == set(SITES) and "## Goals" in (out / "evidence.md").read_text()
     md = (out / "evidence.md").read_text()
     assert "Paired differences" in md and "FedPer (local heads)" in md and "L1-HU rule" in md
     assert "no manufacturer in gate" in md and "What the site-local parts do" in md and "Onboarding the external" in md
@@ -191,6 +195,7 @@ def test_onboarding_counts_are_capped_once_each():
     ("select: [fedavg]", "reference 'osteofl' is not one of the methods"),
     ("store: ../elsewhere", "store: '../elsewhere' must name a folder under paths.outputs"),
     ("store: /srv/runs", "store: '/srv/runs' must name a folder under paths.outputs"),
+    ("goals: {scenarios: [default], against: fedavg}", r"goals: \['local', 'mae_ratio'"),
 ])
 def test_a_broken_experiment_is_a_config_error(tmp_path, body, match):
     bad = tmp_path / "bad.yaml"
