@@ -39,8 +39,9 @@ def judge_scenario(sc: Mapping[str, Any], goals: Mapping[str, Any]) -> list[dict
     """The goals of one scenario's summary (evidence.json ``scenarios.<name>``)."""
     ref, other, local = sc["reference"], str(goals["against"]), str(goals["local"])
     metrics, sites = sc["metrics"], list(sc["sites"])
-    if other not in metrics or local not in metrics:
-        return []
+    missing = [m for m in (ref, other, local) if m not in metrics]
+    if missing:
+        return [{"goal": f"not judged: this experiment did not run {', '.join(missing)}", "met": None, "groups": {}}]
     mae = {m: {s: _point(metrics[m][s].get("mae")) for s in sites} for m in (ref, other, local)}
     ratio, bias_ratio = float(goals["mae_ratio"]), float(goals["bias_ratio"])
     rows = [

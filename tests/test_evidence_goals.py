@@ -57,3 +57,6 @@ def test_a_missing_number_is_not_judged_and_other_scenarios_are_left_out():
     table = "\n".join(markdown(judge(report, GOALS), "goals"))
     assert "| `s` | BMD MAE <= 0.8 x fedavg's at every site | n/a |" in table and "0.064 ✗" not in table
     assert markdown({}, "goals") == []
+    del report["scenarios"]["s"]["metrics"]["local_only"]  # an experiment that selects other methods says so
+    (row,) = judge(report, GOALS)["s"]
+    assert row["met"] is None and row["goal"] == "not judged: this experiment did not run local_only"
