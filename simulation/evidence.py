@@ -122,8 +122,9 @@ def _data_overrides(exp: DictConfig, out: Path, scenario: str, seed: int) -> lis
 
 
 FIELDS = ("device", "true_bmd", "pred_bmd", "true_cat", "pred_cat", "score")
-RUN_FORMAT = "3: predictions, diagnostics, payload, validation history"
-"""What a run file holds; part of its key, so files of an older format are trained again, not misread."""
+RUN_FORMAT = "4: predictions, diagnostics, payload, validation history; WHO categories of the printed T-score"
+"""What a run file holds; part of its key, so files of an older format are trained again, not misread (a run
+stores its patients' WHO categories, so a change of the category rule is a new format)."""
 ONBOARDING_FORMAT = "onboarding 2: the point of all training patients is 'all'"
 """Part of an onboarding curve's key, so curves saved with per-seed capped names are made again."""
 ONBOARDING_ONLY = ("train.fit_local_shared_lr_factor",)
