@@ -71,8 +71,8 @@ def test_quick_experiment_writes_every_method_site_and_interval(tmp_path):
     # the experiment's goals, judged on this report's own numbers
     judged = written["goals"]["default"]
     assert len(judged) == 5 and all(row["met"] in (True, False, None) for row in judged)
-    assert set(judged[0]["groups"]) == set(SITES) and "## Goals" in (out / "evidence.md").read_text()
-    md = (out / "evidence.md").read_text()
+    assert set(judged[0]["groups"]) == set(SITES) and "## Goals" in (out / "evidence.md").read_text(encoding="utf-8")
+    md = (out / "evidence.md").read_text(encoding="utf-8")
     assert "Paired differences" in md and "FedPer (local heads)" in md and "L1-HU rule" in md
     assert "no manufacturer in gate" in md and "What the site-local parts do" in md and "Onboarding the external" in md
     _check_diagnostics(sc["diagnostics"])
