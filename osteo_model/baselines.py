@@ -3,7 +3,8 @@
 - ``hu_threshold``: the CT-only L1 trabecular-HU rule. Score -HU (AUC needs no threshold); category
   from Pickhardt et al. 2013: HU <= 110 (> 90 % specific) osteoporosis, <= 160 (90 % sensitive)
   osteopenia-or-worse, else normal; also the binary TotalSegmentator rule (< 90.25 HU, non-contrast).
-  Vertebra level: each vertebra's own HU; patient level: the study's L1 HU, as the rule is defined.
+  Vertebra level: each vertebra's own HU; patient level: the study's L1 HU, as the rule is defined (the next
+  level down where the CT has none: ``patient_hu``), against the patient category of the endpoints.
 - ``radiomics_linear``: radiomic features -> ridge regression of sBMD (device BMD via inverse Hui
   1997, category from the T-score) and logistic regression for osteoporosis, fit on the pooled
   training splits.
