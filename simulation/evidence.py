@@ -445,7 +445,8 @@ def _run(plan: Plan, experiment: str, overrides: Sequence[str], log: Callable[[s
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evidence.json", result)
-    (out / "evidence.md").write_text(report.markdown(result, LABELS) + "\n", encoding="utf-8")
+    verdicts = goals.markdown(result.get("goals") or {}, f"the experiment's `goals`, {exp.name}.yaml")
+    (out / "evidence.md").write_text(report.markdown(result, LABELS, verdicts) + "\n", encoding="utf-8")
     report.forest_png(out / "forest.png", result, LABELS)
     if exp.get("onboarding") is not None:
         report.onboarding_png(out / "onboarding.png", result)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-POOLED = "pooled"
+from osteofl.simulation.evidence_report import POOLED
 KEYS = ("scenarios", "against", "local", "mae_ratio", "bias_ratio", "onboarding_patients", "onboarding_auc_gap")
 """What an experiment's ``goals:`` must give."""
 
@@ -29,10 +29,9 @@ def _row(goal: str, checks: Mapping[str, tuple[float | None, float | None]], rel
     return {"goal": goal, "met": met, "groups": detail}
 
 
-def _device_bias(metrics: Mapping[str, Any], site: str) -> tuple[str, float | None]:
-    """The site's Bland-Altman bias on its DXA device (the first device key it has)."""
-    key = next((k for k in metrics.get(site, {}) if k.startswith("bias_")), None)
-    return (key or "bias", _point(metrics.get(site, {}).get(key)) if key else None)
+def _device_key(metrics: Mapping[str, Any], site: str) -> str | None:
+    """The key of the site's Bland-Altman bias on its DXA device (the first device key it has)."""
+    return next((k for k in metrics.get(site, {}) if k.startswith("bias_")), None)
 
 
 def judge_scenario(sc: Mapping[str, Any], goals: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -51,9 +50,10 @@ def judge_scenario(sc: Mapping[str, Any], goals: Mapping[str, Any]) -> list[dict
     ]
     bias = {}
     for s in sites:
-        key, own = _device_bias(metrics[ref], s)
-        theirs = _point(metrics[other][s].get(key))
-        bias[f"{s} ({key[5:]})"] = (None if own is None else abs(own), None if theirs is None else bias_ratio * abs(theirs))
+        key = _device_key(metrics[ref], s)
+        own, theirs = (_point(metrics[m][s].get(key)) if key else None for m in (ref, other))
+        bias[f"{s} ({key[5:]})" if key else s] = (None if own is None else abs(own),
+                                                  None if theirs is None else bias_ratio * abs(theirs))
     rows.append(_row(f"absolute Bland-Altman bias <= {bias_ratio:g} x {other}'s at every site", bias, "le"))
     auc = sc["differences"].get(other, {}).get(POOLED, {}).get("auc") or {}
     rows.append(_row(f"osteoporosis AUC >= {other}'s, paired 95 % interval excluding a loss (pooled)",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -67,7 +67,11 @@ def _test(data: SiteData) -> tuple[np.ndarray, pd.DataFrame]:
 
 def patients_from_bmd(pred_bmd: np.ndarray, table: pd.DataFrame) -> Patients:
     """Per-vertebra device BMD -> the patient-level record (L1-L4 rule, T-score, WHO category)."""
-    pat = metrics.patient_level(pred_bmd, table)
+    return _patients(metrics.patient_level(pred_bmd, table))
+
+
+def _patients(pat: pd.DataFrame) -> Patients:
+    """metrics.patient_level's frame as the benchmark's record (score: minus the predicted T-score)."""
     return Patients(device=pat["device"].to_numpy(str), true_bmd=pat["true"].to_numpy(float),
                     pred_bmd=pat["pred"].to_numpy(float), true_cat=pat["cat_true"].to_numpy(int),
                     pred_cat=pat["cat_pred"].to_numpy(int), score=-pat["t_pred"].to_numpy(float))
@@ -225,10 +229,9 @@ def hu_rule(cfg, datas: Mapping[str, SiteData], device: str) -> MethodRun:
     out = {}
     for site, data in datas.items():
         rows, table = _test(data)
-        pat = patients_from_bmd(np.full(len(rows), np.nan), table)
-        hu = baselines.patient_hu(table, metrics.patient_level(np.full(len(rows), np.nan), table)["study"])
-        out[site] = Patients(device=pat.device, true_bmd=pat.true_bmd, pred_bmd=pat.pred_bmd, true_cat=pat.true_cat,
-                             pred_cat=baselines.hu_category(hu), score=-hu)
+        pat = metrics.patient_level(np.full(len(rows), np.nan), table)
+        hu = baselines.patient_hu(table, pat["study"])
+        out[site] = replace(_patients(pat), pred_cat=baselines.hu_category(hu), score=-hu)
     return MethodRun(out)
 
 

@@ -14,7 +14,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from osteo_model import evidence as ev  # noqa: E402
-from osteofl.simulation import evidence_goals  # noqa: E402
 from osteofl.simulation.evidence_diagnostics import REFIT  # noqa: E402
 from osteofl.simulation.evidence_onboarding import ALL, SHARED_ONLY  # noqa: E402
 
@@ -156,7 +155,8 @@ def _md_table(rows: Mapping[str, Mapping[str, Mapping]], group: str, labels: Map
     return lines
 
 
-def markdown(report: dict, labels: Mapping[str, str]) -> str:
+def markdown(report: dict, labels: Mapping[str, str], first: Sequence[str] = ()) -> str:
+    """evidence.md; ``first``: lines that come right after the header (the goals' verdicts)."""
     lines = [f"# Evidence benchmark: {report['experiment']}", "",
              "Patient-level test metrics, mean over seeds with 95 % intervals (patient bootstrap within each seed, "
              "t-interval across seeds; osteo_model/evidence.py; each seed's value and bootstrap SD are in evidence.json "
@@ -166,7 +166,7 @@ def markdown(report: dict, labels: Mapping[str, str]) -> str:
              "decimal. B-A bias: predicted minus DXA patient BMD per DXA "
              "device, g/cm2. Differences are the reference method minus the alternative on the same patients "
              "(positive = reference higher; for MAE lower is better).", ""]
-    lines += evidence_goals.markdown(report.get("goals") or {}, f"the experiment's `goals`, {report['experiment']}.yaml")
+    lines += first
     for name, sc in report["scenarios"].items():
         ref = labels.get(sc["reference"], sc["reference"])
         lines += [f"## Scenario `{name}` ({len(sc['seeds'])} seeds, sites {', '.join(sc['sites'])})", ""]
