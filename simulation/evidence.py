@@ -100,9 +100,10 @@ def load_experiment(name: str) -> DictConfig:
     if exp.get("data", "per_seed") not in DATA_MODES:
         raise ConfigError(path, f"data: '{exp.data}' is not one of {DATA_MODES}")
     if exp.get("goals") is not None:
-        missing = [k for k in goals.KEYS if OmegaConf.select(exp.goals, k) in (None, "", [])]
-        if missing:
-            raise ConfigError(path, f"goals: {missing} missing (needs {list(goals.KEYS)})")
+        found = goals.problems(OmegaConf.to_container(exp.goals, resolve=True)
+                               if isinstance(exp.goals, DictConfig) else {})
+        if found:
+            raise ConfigError(path, "goals: " + "; ".join(found))
     if exp.get("onboarding") is not None:
         onb = exp.onboarding
         if exp.methods.get(onb.get("method"), {}).get("engine") != "federated":

@@ -11,6 +11,24 @@ from typing import Any, Mapping
 from osteofl.simulation.evidence_report import POOLED
 KEYS = ("scenarios", "against", "local", "mae_ratio", "bias_ratio", "onboarding_patients", "onboarding_auc_gap")
 """What an experiment's ``goals:`` must give."""
+NUMBERS = ("mae_ratio", "bias_ratio", "onboarding_auc_gap")
+
+
+def problems(goals: Mapping[str, Any]) -> list[str]:
+    """What is wrong with an experiment's ``goals:`` (empty: usable), checked before an hour of training
+    rather than when the report is written."""
+    missing = [k for k in KEYS if goals.get(k) in (None, "", [])]
+    if missing:
+        return [f"{missing} missing (needs {list(KEYS)})"]
+    found = []
+    if not isinstance(goals["scenarios"], list) or not all(isinstance(n, str) for n in goals["scenarios"]):
+        found.append(f"scenarios must be a list of scenario names, not {goals['scenarios']!r}")
+    found += [f"{k} must be a number > 0, not {goals[k]!r}" for k in NUMBERS
+              if isinstance(goals[k], bool) or not isinstance(goals[k], (int, float)) or goals[k] <= 0]
+    if isinstance(goals["onboarding_patients"], bool) or not isinstance(goals["onboarding_patients"], int) \
+            or goals["onboarding_patients"] <= 0:
+        found.append(f"onboarding_patients must be a positive integer, not {goals['onboarding_patients']!r}")
+    return found
 
 
 def _point(entry: Mapping | None) -> float | None:

@@ -196,6 +196,12 @@ def test_onboarding_counts_are_capped_once_each():
     ("store: ../elsewhere", "store: '../elsewhere' must name a folder under paths.outputs"),
     ("store: /srv/runs", "store: '/srv/runs' must name a folder under paths.outputs"),
     ("goals: {scenarios: [default], against: fedavg}", r"goals: \['local', 'mae_ratio'"),
+    ("goals: {scenarios: default, against: fedavg, local: local_only, mae_ratio: 0.8, bias_ratio: 0.5, "
+     "onboarding_patients: 20, onboarding_auc_gap: 0.02}", "scenarios must be a list of scenario names, not 'default'"),
+    ("goals: {scenarios: [default], against: fedavg, local: local_only, mae_ratio: eighty, bias_ratio: 0, "
+     "onboarding_patients: 2.5, onboarding_auc_gap: 0.02}", "mae_ratio must be a number > 0, not 'eighty'; bias_ratio "
+     "must be a number > 0, not 0; onboarding_patients must be a positive integer, not 2.5"),
+    ("goals: [strong_shift]", r"goals: \['scenarios'"),
 ])
 def test_a_broken_experiment_is_a_config_error(tmp_path, body, match):
     bad = tmp_path / "bad.yaml"
