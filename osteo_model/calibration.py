@@ -38,10 +38,13 @@ class CalibrationHead(nn.Module):
             nn.init.zeros_(self.residual.bias)
 
     def forward(self, sbmd: torch.Tensor) -> torch.Tensor:
-        device_bmd = bmdlib.from_sbmd(sbmd, self.manufacturer)
-        if self.residual is not None:
-            device_bmd = device_bmd + self.residual((sbmd - HUI_SBMD_CONSTANT).unsqueeze(-1)).squeeze(-1)
-        return device_bmd
+        return bmdlib.from_sbmd(sbmd, self.manufacturer) + self.residual_shift(sbmd)
+
+    def residual_shift(self, sbmd: torch.Tensor) -> torch.Tensor:
+        """The learned residual at ``sbmd`` (g/cm^2 of device BMD; zero where none is learned)."""
+        if self.residual is None:
+            return torch.zeros_like(sbmd)
+        return self.residual((sbmd - HUI_SBMD_CONSTANT).unsqueeze(-1)).squeeze(-1)
 
 
 def t_and_category(device_bmd: np.ndarray, manufacturer: str) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,11 @@ class SiteData:
     def site(self) -> str:
         return self.cache.site
 
+    def patients(self, split: str) -> int:
+        """Number of patients in ``split`` (a patient's vertebrae and studies share one error, so the
+        patient, not the row, is what a site's estimate of its own offset averages over)."""
+        return int(self.cache.table["patient_id"].iloc[self.splits[split]].nunique())
+
 
 def _split_patients(patients: np.ndarray, fractions, rng: np.random.Generator) -> dict[str, np.ndarray]:
     order = rng.permutation(patients)

@@ -55,3 +55,11 @@ def task_losses(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) ->
     diag = _masked_mean(F.cross_entropy(out["diagnosis"], batch["category"].clamp(min=0), reduction="none"), has_cat)
     level = F.cross_entropy(out["level"], batch["level"])
     return {"sbmd": sbmd, "calib": calib, "diag": diag, "level": level}
+
+
+def local_prior_loss(out: dict[str, torch.Tensor], labeled_patients: int) -> torch.Tensor:
+    """Gaussian prior that the site-local parts add nothing to the device BMD, divided by the site's labeled
+    training patients: with weight k (``train.loss.local_prior``) it is worth k patients of evidence, so a
+    site with many labels keeps its own correction and one with a handful is shrunk towards the shared
+    model (k = residual variance / variance of true site offsets; in units of SBMD_SCALE as calib)."""
+    return ((out["local_shift"] / SBMD_SCALE) ** 2).mean() / max(int(labeled_patients), 1)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from osteo_model.calibration import CalibrationHead, check_manufacturer
-from osteo_model.bmd import t_score as bmd_t_score
+from osteo_model import bmd as bmdlib
 from osteo_model.constants import CATEGORIES, HUI_1997, LEVELS, T_NORMAL_MIN, T_OSTEOPOROSIS_MAX
 from osteo_model.errors import StateError
 from osteo_model.networks import build_encoder
@@ -84,6 +84,10 @@ class OsteoNet(nn.Module):
     """Per-vertebra network; ``forward`` returns every head's output so that each parameter takes part in
     every step (Opacus needs per-sample gradients for all trainable parameters)."""
 
+    labeled_patients: int = 0
+    """Labeled training patients of the site this model trains at (set by training.Recipe; not state):
+    the strength of the local prior (losses.local_prior_loss) is relative to it."""
+
     def __init__(self, model_cfg, n_features: int, manufacturer: str) -> None:
         super().__init__()
         embed, hidden = int(model_cfg.embed_dim), int(model_cfg.expert_hidden)
@@ -133,15 +137,31 @@ class OsteoNet(nn.Module):
         h = self.dropout(h)
         sbmd = SBMD_CENTER + SBMD_SCALE * self.heads["sbmd"](h).squeeze(-1)
         device_bmd = self.calibration(sbmd)
-        t = bmd_t_score(device_bmd, self.manufacturer)
+        t = bmdlib.t_score(device_bmd, self.manufacturer)
         return {
             "ssl": self.ssl_head(z),
             "gate": gate,
             "sbmd": sbmd,
             "bmd": device_bmd,
+            "local_shift": self._local_shift(z, gate, sbmd),
             "diagnosis": who_category_logits(t) + self.heads["diagnosis"](h),
             "level": self.heads["level"](z),
         }
+
+
+    def _local_shift(self, z: torch.Tensor, gate: torch.Tensor, sbmd: torch.Tensor) -> torch.Tensor:
+        """What the site-local parts add to the device BMD (g/cm^2): the local expert's share of the sBMD (the
+        head is linear, and dropout keeps the mean) through Hui 1997, plus the calibration residual; the
+        shared parts alone predict ``bmd - local_shift``. Its gradient reaches only the local parameters, so
+        a penalty on it (losses.local_prior_loss) shrinks what the site learns without moving the shared
+        model to dodge it."""
+        sbmd = sbmd.detach()
+        shift = self.calibration.residual_shift(sbmd)
+        if self.moe:
+            local = gate[:, -1:].detach() * self.local_expert(z.detach())
+            local_sbmd = SBMD_SCALE * (local @ self.heads["sbmd"].weight.detach().T).squeeze(-1)
+            shift = shift + bmdlib.from_sbmd(sbmd, self.manufacturer) - bmdlib.from_sbmd(sbmd - local_sbmd, self.manufacturer)
+        return shift
 
 
 def build_model(cfg, n_features: int, manufacturer: str) -> OsteoNet:

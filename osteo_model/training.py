@@ -81,6 +81,9 @@ class Recipe:
                  shared_lr_factor: float = 1.0) -> None:
         self.cfg, self.lengths, self.models, self.datas, self.priors = cfg, dict(lengths), dict(models), datas, priors
         self.shared_lr_factor = float(shared_lr_factor)
+        for site, data in (datas or {}).items():
+            if site in self.models:  # the local prior's strength: the labeled patients the site's model learns from
+                unwrap(self.models[site]).labeled_patients = data.patients("train")
         self.tail = int(cfg.train.get("personalise_steps", 0) or 0) if personalise else 0
         if self.tail and self.tail >= self.lengths.get("task", 0):
             raise ValueError(f"train.personalise_steps={self.tail} must be fewer than the task phase's "
@@ -210,6 +213,8 @@ def _loss_terms(net: nn.Module, batch: dict[str, torch.Tensor], cfg, phase: str,
         return terms, [out]
     terms = losses.task_losses(out, batch)
     terms["balance"] = losses.balance_loss(out["gate"], per_sample=per_sample)
+    if float(cfg.train.loss.get("local_prior", 0.0)) > 0:
+        terms["local_prior"] = losses.local_prior_loss(out, unwrap(net).labeled_patients)
     return terms, [out]
 
 
@@ -371,8 +376,8 @@ def fit_local(model: nn.Module, data: SiteData, cfg, device: str, epochs: int,
             p.requires_grad_(False)
         try:
             # frozen groups get no step; the fit is the site's own, so no personalisation tail either
-            recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, priors=False, personalise=False,
-                            shared_lr_factor=shared_factor)
+            recipe = Recipe({"site": model}, cfg, {"task": int(epochs)}, {"site": data}, priors=False,
+                            personalise=False, shared_lr_factor=shared_factor)
             for epoch in range(int(epochs)):
                 recipe.begin("task", epoch)
                 result = train_steps(model, data, cfg, "task", recipe.optimizer, device, salt=salt, pass_index=epoch)

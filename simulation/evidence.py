@@ -130,7 +130,7 @@ ONBOARDING_FORMAT = "onboarding 2: the point of all training patients is 'all'"
 """Part of an onboarding curve's key, so curves saved with per-seed capped names are made again."""
 ONBOARDING_ONLY = ("train.fit_local_shared_lr_factor",)
 """Settings only onboarding reads: out of the method runs' keys, in the onboarding curve's (_onboard)."""
-NEUTRAL_LATER = {"train.final_refit_epochs": 0, "train.eval_batch_size": 64, "data.split_seed": None}
+NEUTRAL_LATER = {"train.final_refit_epochs": 0, "train.loss.local_prior": 0.0, "train.eval_batch_size": 64, "data.split_seed": None}
 """Settings added after the benchmark's runs were made, left out of a run's key at the value that trains
 exactly as the runs did before them (so those runs stay cached); any other value enters the key."""
 NOT_TRAINING = (
