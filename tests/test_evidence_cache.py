@@ -35,14 +35,14 @@ def test_deployment_only_settings_keep_the_key(tmp_path, override):
 
 
 @pytest.mark.parametrize(("setting", "other"), [
-    ("train.final_refit_epochs", 5), ("train.eval_batch_size", 4), ("data.split_seed", 4)])
+    ("train.final_refit_epochs", 5), ("train.eval_batch_size", 4), ("data.split_seed", 4), ("train.loss.local_prior", 8.0)])
 def test_a_later_setting_keeps_the_key_only_at_its_neutral_value(tmp_path, setting, other):
     """Settings that came after the benchmark's runs (evidence.NEUTRAL_LATER): at the value the runs had
     the runs stay cached, at any other value the method is trained again."""
     before = compose(small_overrides(tmp_path))
-    group, leaf = setting.split(".")
+    parent, _, leaf = setting.rpartition(".")
     with open_dict(before):  # the config as it was when the runs were made
-        del before[group][leaf]
+        del OmegaConf.select(before, parent)[leaf]
         del before.predict["batch_size"]  # came with train.eval_batch_size (osteo-predict's: in no key)
     key = evidence._config_key(before, NO_DATA)
     neutral = evidence.NEUTRAL_LATER[setting]
