@@ -314,7 +314,8 @@ def train_pooled(
 @torch.no_grad()
 def predict(model: nn.Module, data: SiteData, rows: np.ndarray, device: str, batch_size: int) -> dict[str, np.ndarray]:
     """Per-vertebra predictions: sbmd, device bmd, diagnosis probabilities p (N, 3), T-score, category
-    (from T), predicted level. Stays at the site (use metrics for anything that leaves)."""
+    (from T), predicted level, the gate, and what the site-local parts add to the device bmd (local_shift).
+    Stays at the site (use metrics for anything that leaves)."""
     net = unwrap(model).to(device).eval()
     ds = CropDataset(data.cache, rows, augment=False)
     out: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -325,8 +326,10 @@ def predict(model: nn.Module, data: SiteData, rows: np.ndarray, device: str, bat
         out["p"].append(torch.softmax(o["diagnosis"], 1).cpu().numpy())
         out["level_pred"].append(o["level"].argmax(1).cpu().numpy())
         out["gate"].append(o["gate"].cpu().numpy())
+        out["local_shift"].append(o["local_shift"].cpu().numpy())
     if not out:
-        return {k: np.zeros((0, 3) if k == "p" else 0) for k in ("sbmd", "bmd", "p", "level_pred", "t", "category")}
+        return {k: np.zeros((0, 3) if k == "p" else 0)
+                for k in ("sbmd", "bmd", "p", "level_pred", "t", "category", "local_shift")}
     pred = {k: np.concatenate(v) for k, v in out.items()}
     pred["t"], pred["category"] = t_and_category(pred["bmd"], unwrap(model).manufacturer)
     return pred

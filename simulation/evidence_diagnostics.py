@@ -3,13 +3,12 @@
 Measured on a site's test vertebrae with the model the site selected: the gate's mean weight on the
 local expert, and in g/cm^2 of device BMD the mean change made by the calibration head's learned residual
 (predicted device BMD minus the inverse Hui 1997 of the predicted sBMD) and by the local expert (device
-BMD with it minus without it). The synthetic truth says what there was to learn: the site's simulated DXA
+BMD with it minus without it: the model's ``local_shift`` minus that residual). The synthetic truth says what there was to learn: the site's simulated DXA
 device bias (profile ``dxa_bias`` x the true device BMD) and everything its DXA adds to the truth (bias,
 drift, degeneration, calcification, the patients' own errors).
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from osteo_model import bmd as bmdlib, training
-from osteo_model.dataset import SiteData
+from osteo_model import bmd as bmdlib
 from osteo_model.model import unwrap
 
 DIAGNOSTICS = ("gate_local", "calibration_shift", "local_expert_shift")
@@ -29,28 +27,18 @@ refit epoch kept (0: none beat the selected round)."""
 SIMULATED = ("device_bias_rel", "device_bias", "dxa_minus_truth")
 
 
-def _without_local_expert(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose local expert outputs zero (its initial state: the shared mixture alone)."""
-    twin = copy.deepcopy(unwrap(model))
-    with torch.no_grad():
-        twin.local_expert[2].weight.zero_()
-        twin.local_expert[2].bias.zero_()
-    return twin
-
-
-def diagnose(model: torch.nn.Module, data: SiteData, rows: np.ndarray, pred: dict[str, np.ndarray],
-             device: str, batch_size: int) -> dict[str, float]:
-    """DIAGNOSTICS of ``model`` on ``rows`` given its predictions ``pred`` there (training.predict);
-    the MoE entries only for a model with a gate. Empty when there are no rows."""
-    if not len(rows):
+def diagnose(model: torch.nn.Module, pred: dict[str, np.ndarray]) -> dict[str, float]:
+    """DIAGNOSTICS of ``model`` from its predictions ``pred`` on a site's rows (training.predict, which
+    carries what the local parts add: the model's ``local_shift``); the MoE entries only for a model with a
+    gate. Empty when there are no rows."""
+    if not len(pred["bmd"]):
         return {}
     net = unwrap(model)
     residual = pred["bmd"] - bmdlib.from_sbmd(pred["sbmd"], net.manufacturer)
     out = {"calibration_shift": float(np.mean(residual))}
     if net.moe:
-        without = training.predict(_without_local_expert(net), data, rows, device, batch_size)["bmd"]
         out["gate_local"] = float(np.mean(pred["gate"][:, -1]))
-        out["local_expert_shift"] = float(np.mean(pred["bmd"] - without))
+        out["local_expert_shift"] = float(np.mean(pred["local_shift"] - residual))
     return out
 
 

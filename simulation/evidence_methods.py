@@ -83,7 +83,7 @@ def site_outcome(model: torch.nn.Module, data: SiteData, cfg, device: str) -> tu
     batch = int(cfg.train.eval_batch_size)
     pred = training.predict(model, data, rows, device, batch)  # on the site's device, as diagnose reads it
     on_rows = metrics.on_row_devices(pred, table, data.manufacturer)
-    return patients_from_bmd(on_rows["bmd"], table), diagnose(model, data, rows, pred, device, batch)
+    return patients_from_bmd(on_rows["bmd"], table), diagnose(model, pred)
 
 
 class Selector:

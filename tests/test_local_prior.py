@@ -3,6 +3,8 @@ calibration residual add to the device BMD is measured exactly, penalised in pro
 labeled patients, and training under it keeps the local correction smaller."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from model_helpers import make_caches, tiny_cfg
@@ -21,7 +23,7 @@ def _perturb_local(model: osteo.OsteoNet) -> None:
 
 
 def _without_local(model: osteo.OsteoNet) -> osteo.OsteoNet:
-    twin = __import__("copy").deepcopy(model)
+    twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.local_expert[2].weight.zero_()
         twin.local_expert[2].bias.zero_()
