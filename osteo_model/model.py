@@ -148,7 +148,6 @@ class OsteoNet(nn.Module):
             "level": self.heads["level"](z),
         }
 
-
     def _local_shift(self, z: torch.Tensor, gate: torch.Tensor, sbmd: torch.Tensor) -> torch.Tensor:
         """What the site-local parts add to the device BMD (g/cm^2): the local expert's share of the sBMD (the
         head is linear, and dropout keeps the mean) through Hui 1997, plus the calibration residual; the
@@ -160,7 +159,8 @@ class OsteoNet(nn.Module):
         if self.moe:
             local = gate[:, -1:].detach() * self.local_expert(z.detach())
             local_sbmd = SBMD_SCALE * (local @ self.heads["sbmd"].weight.detach().T).squeeze(-1)
-            shift = shift + bmdlib.from_sbmd(sbmd, self.manufacturer) - bmdlib.from_sbmd(sbmd - local_sbmd, self.manufacturer)
+            without = bmdlib.from_sbmd(sbmd - local_sbmd, self.manufacturer)
+            shift = shift + bmdlib.from_sbmd(sbmd, self.manufacturer) - without
         return shift
 
 

@@ -3,9 +3,10 @@
 Measured on a site's test vertebrae with the model the site selected: the gate's mean weight on the
 local expert, and in g/cm^2 of device BMD the mean change made by the calibration head's learned residual
 (predicted device BMD minus the inverse Hui 1997 of the predicted sBMD) and by the local expert (device
-BMD with it minus without it: the model's ``local_shift`` minus that residual). The synthetic truth says what there was to learn: the site's simulated DXA
-device bias (profile ``dxa_bias`` x the true device BMD) and everything its DXA adds to the truth (bias,
-drift, degeneration, calcification, the patients' own errors).
+BMD with it minus without it: the model's ``local_shift`` minus that residual). The synthetic truth says
+what there was to learn: the site's simulated DXA device bias (profile ``dxa_bias`` x the true device BMD)
+and everything its DXA adds to the truth (bias, drift, degeneration, calcification, the patients' own
+errors).
 """
 from __future__ import annotations
 
