@@ -134,12 +134,14 @@ def summarise_curve(preds: Mapping[int, Mapping[str, ev.Patients]], info: Values
     return {"points": points}
 
 
-def _cell(iv: Mapping) -> str:
+def cell(iv: Mapping, signed: bool = False) -> str:
+    """'point [lo, hi]' to three decimals ('n/a' without a point); ``signed``: with '+' (a difference)."""
+    fmt = "{:+.3f}" if signed else "{:.3f}"
     if iv.get("point") is None:
         return "n/a"
     if iv.get("lo") is None:
-        return f"{iv['point']:.3f}"
-    return f"{iv['point']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+        return fmt.format(iv["point"])
+    return f"{fmt.format(iv['point'])} [{fmt.format(iv['lo'])}, {fmt.format(iv['hi'])}]"
 
 
 def _metric_order(table: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
@@ -151,7 +153,7 @@ def _md_table(rows: Mapping[str, Mapping[str, Mapping]], group: str, labels: Map
     head = ["method", *[NAMES.get(c, c.replace("bias_", "B-A bias ")) for c in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, by_group in rows.items():
-        lines.append("| " + " | ".join([labels.get(name, name), *[_cell(by_group[group].get(c, {})) for c in cols]]) + " |")
+        lines.append("| " + " | ".join([labels.get(name, name), *[cell(by_group[group].get(c, {})) for c in cols]]) + " |")
     return lines
 
 
@@ -259,12 +261,12 @@ def _md_onboarding(sc: Mapping, labels: Mapping[str, str]) -> list[str]:
         lines.append("| " + " | ".join([
             "0 (shared only)" if name == SHARED_ONLY else (
                 f"all ({_num(point.get('labeled_patients'), 1)}, mean)" if name == ALL else _num(point.get("labeled_patients"), 0)),
-            *[_cell(point["metrics"].get(k, {})) for k in ("auc", "acc3", "mae")],
-            _cell(point["difference"].get("mae", {})) if "difference" in point else "",
+            *[cell(point["metrics"].get(k, {})) for k in ("auc", "acc3", "mae")],
+            cell(point["difference"].get("mae", {})) if "difference" in point else "",
             "" if kept is None else (", ".join(map(str, kept)) or "none"),
             *[_num(point.get(k)) for k in SHIFTS]]) + " |")
     lines.append(f"| training sites, pooled ({method}) | "
-                 + " | ".join(_cell(pooled.get(k, {})) for k in ("auc", "acc3", "mae")) + " | | | | |")
+                 + " | ".join(cell(pooled.get(k, {})) for k in ("auc", "acc3", "mae")) + " | | | | |")
     return [*lines, ""]
 
 
