@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from osteofl.simulation.evidence_report import POOLED
+from osteofl.simulation.evidence_report import POOLED, device_bias_key
 KEYS = ("scenarios", "against", "local", "mae_ratio", "bias_ratio", "onboarding_patients", "onboarding_auc_gap")
 """What an experiment's ``goals:`` must give."""
 NUMBERS = ("mae_ratio", "bias_ratio", "onboarding_auc_gap")
@@ -47,11 +47,6 @@ def _row(goal: str, checks: Mapping[str, tuple[float | None, float | None]], rel
     return {"goal": goal, "met": met, "groups": detail}
 
 
-def _device_key(metrics: Mapping[str, Any], site: str) -> str | None:
-    """The key of the site's Bland-Altman bias on its DXA device (the first device key it has)."""
-    return next((k for k in metrics.get(site, {}) if k.startswith("bias_")), None)
-
-
 def judge_scenario(sc: Mapping[str, Any], goals: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The goals of one scenario's summary (evidence.json ``scenarios.<name>``)."""
     ref, other, local = sc["reference"], str(goals["against"]), str(goals["local"])
@@ -68,7 +63,7 @@ def judge_scenario(sc: Mapping[str, Any], goals: Mapping[str, Any]) -> list[dict
     ]
     bias = {}
     for s in sites:
-        key = _device_key(metrics[ref], s)
+        key = device_bias_key(metrics[ref], s)
         own, theirs = (_point(metrics[m][s].get(key)) if key else None for m in (ref, other))
         bias[f"{s} ({key[5:]})" if key else s] = (None if own is None else abs(own),
                                                   None if theirs is None else bias_ratio * abs(theirs))

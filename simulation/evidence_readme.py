@@ -14,15 +14,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from osteofl.simulation.evidence import LABELS
-from osteofl.simulation.evidence_report import POOLED, cell
+from osteofl.simulation.evidence_report import POOLED, cell, device_bias_key, md_table
 
 METRIC_TABLES = (("mae", "Patient BMD MAE, g/cm²:"), ("auc", "Osteoporosis AUC (patient):"),
                  ("acc3", "WHO 3-class accuracy (patient):"))
-DIFFERENCE_METRICS = ("mae", "auc", "acc3")
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+"""One table each, and the metrics of the paired differences."""
 
 
 def _rows(label: str, cells: list[str], lead: Sequence[str] = ()) -> list[list[str]]:
@@ -30,13 +26,12 @@ def _rows(label: str, cells: list[str], lead: Sequence[str] = ()) -> list[list[s
     return [] if all(c == "n/a" for c in cells) else [[label, *lead, *cells]]
 
 
-def _device(metrics: Mapping[str, Mapping], site: str) -> str:
-    """The site's DXA device: its one bias entry with a value."""
-    keys = [k for by_site in metrics.values() for k, iv in by_site[site].items()
-            if k.startswith("bias_") and iv.get("point") is not None]
-    if not keys:
-        raise ValueError(f"no Bland-Altman bias at {site}: no method predicted a BMD there")
-    return keys[0].removeprefix("bias_")
+def _device(by_site: Mapping[str, Mapping], site: str) -> str:
+    """The site's DXA device, from the reference method's bias entry there."""
+    key = device_bias_key(by_site, site)
+    if key is None:
+        raise ValueError(f"no Bland-Altman bias at {site}: the reference method has no device BMD there")
+    return key.removeprefix("bias_")
 
 
 def scenario_tables(name: str, sc: Mapping, labels: Mapping[str, str]) -> str:
@@ -46,16 +41,16 @@ def scenario_tables(name: str, sc: Mapping, labels: Mapping[str, str]) -> str:
     lines = [f"#### `{name}` ({len(sites)} sites, {len(sc['seeds'])} seeds)", ""]
     for key, title in METRIC_TABLES:
         rows = [r for m, by in metrics.items() for r in _rows(label(m), [cell(by[g].get(key, {})) for g in groups])]
-        lines += [title, "", *_table(["method", *groups], rows), ""]
-    devices = {s: _device(metrics, s) for s in sites}
+        lines += [title, "", *md_table(["method", *groups], rows), ""]
+    devices = {s: _device(metrics[sc["reference"]], s) for s in sites}
     rows = [r for m, by in metrics.items()
             for r in _rows(label(m), [cell(by[s].get(f"bias_{devices[s]}", {}), signed=True) for s in sites])]
     lines += ["Bland–Altman bias (predicted − DXA patient BMD, g/cm²) at each site (its one DXA device):", "",
-              *_table(["method", *(f"{s} ({devices[s]})" for s in sites)], rows), ""]
-    rows = [r for m, by in diffs.items() for key in DIFFERENCE_METRICS
+              *md_table(["method", *(f"{s} ({devices[s]})" for s in sites)], rows), ""]
+    rows = [r for m, by in diffs.items() for key, _ in METRIC_TABLES
             for r in _rows(label(m), [cell(by[g].get(key, {}), signed=True) for g in groups], lead=[key])]
     lines += [f"{label(sc['reference'])} minus each alternative on the same patients (negative MAE / positive AUC "
-              "and accuracy = the reference better):", "", *_table(["alternative", "metric", *groups], rows)]
+              "and accuracy = the reference better):", "", *md_table(["alternative", "metric", *groups], rows)]
     return "\n".join(lines)
 
 

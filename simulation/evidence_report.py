@@ -144,6 +144,17 @@ def cell(iv: Mapping, signed: bool = False) -> str:
     return f"{fmt.format(iv['point'])} [{fmt.format(iv['lo'])}, {fmt.format(iv['hi'])}]"
 
 
+def md_table(head: Sequence[str], rows: Sequence[Sequence[str]] = ()) -> list[str]:
+    """A Markdown table's lines: header, separator, one line per row."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def device_bias_key(by_site: Mapping[str, Mapping], site: str) -> str | None:
+    """The key of ``site``'s Bland-Altman bias in one method's metrics (``bias_<its DXA device>``; a site has
+    one device), None where it has none."""
+    return next((k for k in by_site.get(site, {}) if k.startswith("bias_")), None)
+
+
 def _metric_order(table: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
     names = {k for rows in table.values() for group in rows.values() for k in group}
     return [*[k for k in NAMES if k in names], *sorted(k for k in names if k.startswith("bias_"))]
@@ -151,10 +162,8 @@ def _metric_order(table: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
 
 def _md_table(rows: Mapping[str, Mapping[str, Mapping]], group: str, labels: Mapping[str, str], cols: list[str]) -> list[str]:
     head = ["method", *[NAMES.get(c, c.replace("bias_", "B-A bias ")) for c in cols]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, by_group in rows.items():
-        lines.append("| " + " | ".join([labels.get(name, name), *[cell(by_group[group].get(c, {})) for c in cols]]) + " |")
-    return lines
+    return md_table(head, [[labels.get(name, name), *[cell(by_group[group].get(c, {})) for c in cols]]
+                           for name, by_group in rows.items()])
 
 
 def markdown(report: dict, labels: Mapping[str, str], first: Sequence[str] = ()) -> str:
@@ -203,7 +212,7 @@ def _md_diagnostics(diag: Mapping | None, labels: Mapping[str, str]) -> list[str
     refit = any(REFIT in values for by_site in diag["methods"].values() for values in by_site.values())
     head = ["method", "site", *DIAGNOSTIC_NAMES.values(), *SIMULATED_NAMES.values(),
             *(["final refit: epoch kept per seed (0: none beat the selected round)"] if refit else [])]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += md_table(head)
     for method, by_site in diag["methods"].items():
         name = labels.get(method, method) + (" *" if method in diag["averaged"] else "")
         for site, values in by_site.items():
