@@ -261,15 +261,10 @@ def local_steps(cfg: DictConfig, steps_per_pass: int) -> int | None:
 
 
 # --- minimum cohort ------------------------------------------------------------------------------------------
-def patients_in(data: SiteData, split: str) -> int:
-    rows = data.splits.get(split, np.array([], dtype=int))
-    return int(data.cache.table["patient_id"].astype(str).iloc[rows].nunique()) if len(rows) else 0
-
-
 def withheld(data: SiteData, split: str, cfg: DictConfig) -> str | None:
     """Why aggregates over ``split`` may not leave (fewer patients than the site's minimum), or None."""
     need = int(cfg.site.policy.min_cohort)
-    if patients_in(data, split) < need:
+    if data.patients(split) < need:
         return f"{split}: fewer than {need} patients (site.policy.min_cohort)"
     return None
 

@@ -58,9 +58,11 @@ class SiteData:
         return self.cache.site
 
     def patients(self, split: str) -> int:
-        """Number of patients in ``split`` (a patient's vertebrae and studies share one error, so the
-        patient, not the row, is what a site's estimate of its own offset averages over)."""
-        return int(self.cache.table["patient_id"].iloc[self.splits[split]].nunique())
+        """Number of patients in ``split`` (0 for a split the site does not have): the count a site's
+        minimum cohort is judged on, and what its estimate of its own offset averages over (a patient's
+        vertebrae and studies share one error)."""
+        rows = self.splits.get(split, np.array([], dtype=int))
+        return int(self.cache.table["patient_id"].astype(str).iloc[rows].nunique()) if len(rows) else 0
 
 
 def _split_patients(patients: np.ndarray, fractions, rng: np.random.Generator) -> dict[str, np.ndarray]:

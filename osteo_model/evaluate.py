@@ -35,8 +35,7 @@ def empty_split_sites(datas: Mapping[str, SiteData], split: str) -> dict[str, st
     out = {}
     for site, data in datas.items():
         if _has_labels(data) and not len(data.splits[split]):
-            counts = ", ".join(f"{s} {data.cache.table.iloc[data.splits[s]]['patient_id'].nunique()}"
-                               for s in ("train", "val", "test"))
+            counts = ", ".join(f"{s} {data.patients(s)}" for s in ("train", "val", "test"))
             out[site] = f"{site}: no labeled patient in the {split} split (patients: {counts}); left out of the tables"
     return out
 
