@@ -96,10 +96,10 @@ class RadiomicsLinear:
         return self
 
     def predict(self, data: SiteData, split: str) -> dict[str, np.ndarray]:
-        x, _ = _xy(data, split)
+        x, table = _xy(data, split)
         sbmd = self.reg.predict(x)
         device_bmd = np.asarray(bmdlib.from_sbmd(sbmd, data.manufacturer))
-        t, cat = t_and_category(device_bmd, data.manufacturer)
+        t, cat = t_and_category(device_bmd, data.manufacturer, table)
         p_osteo = self.clf.predict_proba(x)[:, 1] if self.clf is not None else -t
         p = np.stack([np.zeros_like(p_osteo), np.zeros_like(p_osteo), p_osteo], 1)
         return {"sbmd": sbmd, "bmd": device_bmd, "p": p, "t": t, "category": cat}

@@ -56,10 +56,43 @@ def region_t_score(bmd: float, levels: Sequence[str], manufacturer: str, sex: st
     normal woman's L1 reads about 1.3 T below her L3. The reference is the manufacturer's L1-L4 mean scaled
     by the levels' share of it (LEVEL_REFERENCE_BMD, by sex; both sexes averaged where unknown), with the SD
     of a mean of that many levels (:func:`region_sd_factor`); all four levels give :func:`t_score`."""
+    mean, sd = region_reference(levels, manufacturer, sex)
+    return float((bmd - mean) / sd)
+
+
+def region_reference(levels: Sequence[str], manufacturer: str, sex: str = "") -> tuple[float, float]:
+    """Young-adult (mean, SD) of the BMD over ``levels`` on ``manufacturer``'s scale: what
+    :func:`region_t_score` measures against."""
     mean, sd = YOUNG_ADULT_REFERENCE[manufacturer]
     patterns = [LEVEL_REFERENCE_BMD[sex]] if sex in LEVEL_REFERENCE_BMD else list(LEVEL_REFERENCE_BMD.values())
     share = np.mean([np.mean([p[lv] for lv in levels]) / np.mean([p[lv] for lv in LEVELS]) for p in patterns])
-    return float((bmd - mean * share) / (sd * region_sd_factor(len(levels))))
+    return float(mean * share), float(sd * region_sd_factor(len(levels)))
+
+
+SEX_CODES: tuple[str, ...] = ("female", "male", "")
+"""Row order of :func:`level_reference_table`: a vertebra's sex as an index ("" unknown: both averaged)."""
+
+
+def sex_codes(sexes: Iterable[str]) -> np.ndarray:
+    """Each sex's SEX_CODES index (anything else counts as unknown)."""
+    unknown = SEX_CODES.index("")
+    return np.array([SEX_CODES.index(s) if s in SEX_CODES else unknown for s in sexes], dtype=np.int64)
+
+
+def level_reference_table(manufacturer: str) -> tuple[np.ndarray, float]:
+    """Each single vertebra's young-adult mean on ``manufacturer``'s scale (rows SEX_CODES, columns LEVELS)
+    and one vertebra's SD: the reference a DXA printout gives each level's T-score on, and the one every
+    per-vertebra label, prediction and report uses (so a level's category means the same everywhere)."""
+    means = np.array([[region_reference([lv], manufacturer, sex)[0] for lv in LEVELS] for sex in SEX_CODES])
+    return means, region_reference([LEVELS[0]], manufacturer)[1]
+
+
+def level_t_score(bmd: np.ndarray, levels: Sequence[int], manufacturer: str, sexes: Iterable[str]) -> np.ndarray:
+    """T-score of each vertebra's BMD on its own level's reference (:func:`level_reference_table`); NaN
+    where the BMD is NaN. ``levels`` (LEVELS indices) and ``sexes`` run along ``bmd`` (a sex outside
+    SEX_CODES counts as unknown)."""
+    means, sd = level_reference_table(manufacturer)
+    return (np.asarray(bmd, dtype=float) - means[sex_codes(sexes), np.asarray(levels, dtype=np.int64)]) / sd
 
 
 def region_sd_factor(n_levels: int) -> float:

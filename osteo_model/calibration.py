@@ -9,6 +9,7 @@ of the calibrated device BMD, so category and T-score never disagree.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -47,7 +48,10 @@ class CalibrationHead(nn.Module):
         return self.residual((sbmd - HUI_SBMD_CONSTANT).unsqueeze(-1)).squeeze(-1)
 
 
-def t_and_category(device_bmd: np.ndarray, manufacturer: str) -> tuple[np.ndarray, np.ndarray]:
-    """T-scores on the device's young-adult reference and the WHO categories they imply."""
-    t = np.asarray(bmdlib.t_score(np.asarray(device_bmd, dtype=float), manufacturer), dtype=float)
+def t_and_category(device_bmd: np.ndarray, manufacturer: str, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each vertebra's T-score on its level's young-adult reference on the device (bmd.level_t_score: the
+    labels' reference) and the WHO category it implies. ``rows``: the cache-table rows along ``device_bmd``
+    (their level_idx, and sex where the table has it)."""
+    sexes = rows["sex"].fillna("").astype(str) if "sex" in rows else [""] * len(rows)
+    t = bmdlib.level_t_score(device_bmd, rows["level_idx"].to_numpy(), manufacturer, sexes)
     return t, np.asarray(bmdlib.category_from_t(t))

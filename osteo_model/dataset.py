@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from osteo_model.atomic import atomic_file
+from osteo_model.bmd import sex_codes
 from osteo_model.cache import SiteCache
 from osteo_model.calibration import check_manufacturer
 from osteo_model.errors import ConfigError, StateError
@@ -185,6 +186,7 @@ class CropDataset(Dataset):
             self.bmd[t["dxa_manufacturer"].astype(str).to_numpy() != device] = np.nan
         self.category = t["category"].fillna(-1).to_numpy(dtype=np.int64)
         self.level = t["level_idx"].to_numpy(dtype=np.int64)
+        self.sex = sex_codes(t["sex"])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -213,6 +215,7 @@ class CropDataset(Dataset):
             "bmd": torch.tensor(self.bmd[r]),
             "category": torch.tensor(self.category[r]),
             "level": torch.tensor(self.level[r]),
+            "sex": torch.tensor(self.sex[r]),
             "row": torch.tensor(r),
         }
 

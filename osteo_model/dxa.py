@@ -97,8 +97,8 @@ def _levels(r: pd.Series, manufacturer: str, bmd_range: tuple[float, float],
     """A row's BMD and given T-score per level, and why the whole row is unusable ("" if it is usable).
 
     An implausible BMD or T-score is dropped through ``drop`` and the level's other value kept. A negative
-    BMD (a T-score in a BMD column) or a given T-score that contradicts its BMD quarantines the row instead
-    of using the computed T-score: which of the two values is wrong, and whether the row's other columns
+    BMD (a T-score in a BMD column) or a given T-score that contradicts its BMD (on the level's reference,
+    as a printout gives it) quarantines the row instead of using the computed T-score: which of the two values is wrong, and whether the row's other columns
     are shifted too, cannot be told, and a wrong BMD is a wrong training target.
     """
     bmds = {level: _number(r[BMD_COLUMNS[level]]) for level in LEVELS}
@@ -108,6 +108,7 @@ def _levels(r: pd.Series, manufacturer: str, bmd_range: tuple[float, float],
     values: dict[str, float] = {}
     mismatched = []
     lo, hi = T_SCORE_PLAUSIBLE_RANGE
+    sex = _sex(r)
     for level, value in bmds.items():
         t = _number(r.get(T_COLUMNS[level], ""))
         if not math.isnan(value) and not bmd_range[0] <= value <= bmd_range[1]:
@@ -116,23 +117,28 @@ def _levels(r: pd.Series, manufacturer: str, bmd_range: tuple[float, float],
         if not math.isnan(t) and not lo <= t <= hi:
             drop(f"implausible T-score {t} (plausible {lo:g} to {hi:g})", level)
             t = math.nan
-        computed = float(bmd.t_score(value, manufacturer))
+        computed = bmd.region_t_score(value, [level], manufacturer, sex)
         if abs(t - computed) > T_SCORE_MISMATCH_TOLERANCE:  # False where either is missing (NaN)
             mismatched.append(f"{level} T {t:g} given, BMD {value:g} is T {computed:.1f}")
         values[BMD_COLUMNS[level]], values[T_COLUMNS[level]] = value, t
     if all(math.isnan(values[BMD_COLUMNS[level]]) for level in LEVELS):
         return values, "no usable BMD at any level (missing or implausible)"
     if mismatched:
-        return values, (f"T-score does not match BMD on the {manufacturer} young-adult reference "
+        return values, (f"T-score does not match BMD on the {manufacturer} young-adult reference of its level "
                         f"({'; '.join(mismatched)}; tolerance {T_SCORE_MISMATCH_TOLERANCE:g}): columns swapped or shifted?")
     return values, ""
+
+
+def _sex(r: pd.Series) -> str:
+    """A row's sex as "female", "male" or "" (missing or unknown code)."""
+    return SEXES.get(str(r.get("sex", "")).lower(), "")
 
 
 def _demographics(r: pd.Series, drop: Callable[[str], None]) -> dict[str, Any]:
     """A row's sex and age; an unknown sex code or an implausible age is dropped through ``drop`` (sex picks
     the T-score reference in osteo-predict: none, both sexes averaged, is better than a guess)."""
     code = str(r.get("sex", ""))
-    sex = SEXES.get(code.lower(), "")
+    sex = _sex(r)
     if code and not sex:
         drop(f"unknown sex {code!r} (expected female/f/w or male/m)")
     age, (lo, hi) = _number(r.get("age", "")), AGE_PLAUSIBLE_RANGE
@@ -231,15 +237,16 @@ def _loose_id(patient_id: str) -> str:
 def level_labels(dxa_row: dict[str, Any] | None, level: str) -> dict[str, float | int]:
     """bmd, sbmd, t_score and WHO category of one level; NaN/-1 without a DXA row or BMD there.
 
-    A T-score the DXA report gives (checked against the BMD by :func:`read_dxa`) is used as is: the
-    device's own reference; otherwise it is computed on the manufacturer's young-adult reference.
+    The T-score is always the BMD's on its level's young-adult reference (bmd.region_t_score, by sex where
+    known), the one a DXA printout gives each vertebra. A T-score the report gives only checks the row
+    (:func:`read_dxa`): labels must not mean one thing at a site whose export has T columns and another
+    at one without, and a printed T is rounded and on the vendor's own database version.
     """
     value = math.nan if dxa_row is None else float(dxa_row[BMD_COLUMNS[level]])
     if math.isnan(value):
         return {"bmd": math.nan, "sbmd": math.nan, "t_score": math.nan, "category": -1}
     manufacturer = dxa_row["manufacturer"]
-    given_t = float(dxa_row.get(T_COLUMNS[level], math.nan))
-    t = given_t if not math.isnan(given_t) else float(bmd.t_score(value, manufacturer))
+    t = bmd.region_t_score(value, [level], manufacturer, str(dxa_row.get("sex", "")))
     return {"bmd": value, "sbmd": float(bmd.to_sbmd(value, manufacturer)), "t_score": t, "category": int(bmd.category_from_t(t))}
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.metrics import f1_score, roc_auc_score
 
 from osteo_model import bmd as bmdlib
+from osteo_model.calibration import t_and_category
 from osteo_model.constants import LEVELS
 
 OSTEOPOROSIS = 2
@@ -156,8 +157,7 @@ def on_row_devices(pred: dict[str, np.ndarray], table: pd.DataFrame, manufacture
     for dev in known:
         sel = other & (devices == dev)
         out["bmd"][sel] = bmdlib.from_sbmd(pred["sbmd"][sel], dev)
-        out["t"][sel] = bmdlib.t_score(out["bmd"][sel], dev)
-        out["category"][sel] = bmdlib.category_from_t(out["t"][sel])
+        out["t"][sel], out["category"][sel] = t_and_category(out["bmd"][sel], dev, table[sel])
     return {**pred, **out}
 
 

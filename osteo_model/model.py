@@ -118,12 +118,18 @@ class OsteoNet(nn.Module):
         nn.init.zeros_(self.heads["diagnosis"].weight)
         nn.init.zeros_(self.heads["diagnosis"].bias)
         self.calibration = CalibrationHead(manufacturer, learned=str(model_cfg.get("calibration", "learned")) == "learned")
+        means, sd = bmdlib.level_reference_table(manufacturer)
+        self.register_buffer("level_reference", torch.tensor(means, dtype=torch.float32), persistent=False)
+        self.level_reference_sd = sd
 
     @property
     def manufacturer(self) -> str:
         return self.calibration.manufacturer
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, level: torch.Tensor, sex: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's output for crops ``x`` of vertebrae at ``level`` (LEVELS index, from the segmentation)
+        of patients of ``sex`` (bmd.SEX_CODES index): the diagnosis starts from the T-score on the level's own
+        reference, the one its labels are on (dxa.level_labels)."""
         z = self.encoder(x)
         experts = torch.stack([e(z) for e in self.shared_experts], dim=1)  # (B, K, H)
         if self.moe:
@@ -137,7 +143,7 @@ class OsteoNet(nn.Module):
         h = self.dropout(h)
         sbmd = SBMD_CENTER + SBMD_SCALE * self.heads["sbmd"](h).squeeze(-1)
         device_bmd = self.calibration(sbmd)
-        t = bmdlib.t_score(device_bmd, self.manufacturer)
+        t = (device_bmd - self.level_reference[sex, level]) / self.level_reference_sd
         return {
             "ssl": self.ssl_head(z),
             "gate": gate,

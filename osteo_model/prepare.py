@@ -182,12 +182,18 @@ def _index_row(study: Study, pairing: dxa.Pairing, crop: VertebraCrop, spacing: 
         "scanner": study.scanner, "spacing_mm": spacing, "hu_mean": crop.hu_mean, "hu_median": crop.hu_median,
         "hu_std": crop.hu_std, "body_volume_ml": crop.body_volume_ml,
         "dxa_manufacturer": "", "dxa_model": "", "dxa_date": "", "interval_days": np.nan, "sex": "", "age": np.nan,
-        **dxa.level_labels(pairing.dxa, crop.level),
     }
     if pairing.dxa is not None:
         row.update(dxa_manufacturer=pairing.dxa["manufacturer"], dxa_model=pairing.dxa["model"],
                    dxa_date=pairing.dxa["dxa_date"].date().isoformat(), interval_days=pairing.interval_days,
                    sex=pairing.dxa["sex"], age=pairing.dxa["age"])
+    return _labeled(row, pairing)
+
+
+def _labeled(row: dict[str, Any], pairing: dxa.Pairing) -> dict[str, Any]:
+    """``row`` with its level's DXA labels under today's rule (dxa.level_labels), also for an entry written
+    under an older one: a label rule is not the crop's, so changing it recomputes no crop."""
+    row.update(dxa.level_labels(pairing.dxa, row["level"]))
     row["labeled"] = bool(np.isfinite(row["bmd"]))
     return row
 
@@ -396,6 +402,7 @@ class _SiteRun:
             entry = _load_entry(self.entry(key))
             for row in entry["rows"]:  # set here, not in the entry: entries written before it get it too
                 row["inputs_sha256"] = self.inputs[study.study_id]
+                _labeled(row, self.pairings[study.study_id])
             labels_file = _relative(study.labels, self.site_dir)
             for e in entry["excluded"]:
                 self.report(Problem(study.study_id, labels_file, e.reason, e.level, LEVEL_EXCLUDED))

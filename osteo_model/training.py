@@ -200,14 +200,20 @@ def _second_view(x: torch.Tensor) -> torch.Tensor:
     return torch.flip(torch.rot90(x, 1, dims=(3, 4)), dims=(4,))
 
 
+def forward(net: nn.Module, batch: dict[str, torch.Tensor], x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The network on a batch's crops (or on ``x``, another view of them) with what it needs to know of
+    each vertebra: its level and its patient's sex."""
+    return net(batch["x"] if x is None else x, batch["level"], batch["sex"])
+
+
 def _loss_terms(net: nn.Module, batch: dict[str, torch.Tensor], cfg, phase: str, per_sample: bool):
     """The phase's loss terms and every forward pass's outputs (the consistency term makes a second)."""
-    out = net(batch["x"])
+    out = forward(net, batch)
     if phase == "ssl":
         target = unwrap(net).feature_norm(batch["features"])
         terms = {"ssl": losses.ssl_loss(out["ssl"], target), "level": losses.task_losses(out, batch)["level"]}
         if float(cfg.train.loss.consistency) > 0:
-            second = net(_second_view(batch["x"]))
+            second = forward(net, batch, _second_view(batch["x"]))
             terms["consistency"] = losses.consistency_loss(out["ssl"], second["ssl"])
             return terms, [out, second]
         return terms, [out]
@@ -320,7 +326,7 @@ def predict(model: nn.Module, data: SiteData, rows: np.ndarray, device: str, bat
     ds = CropDataset(data.cache, rows, augment=False)
     out: dict[str, list[np.ndarray]] = defaultdict(list)
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
-        o = net(batch["x"].to(device))
+        o = forward(net, {k: v.to(device) for k, v in batch.items()})
         out["sbmd"].append(o["sbmd"].cpu().numpy())
         out["bmd"].append(o["bmd"].cpu().numpy())
         out["p"].append(torch.softmax(o["diagnosis"], 1).cpu().numpy())
@@ -331,7 +337,7 @@ def predict(model: nn.Module, data: SiteData, rows: np.ndarray, device: str, bat
         return {k: np.zeros((0, 3) if k == "p" else 0)
                 for k in ("sbmd", "bmd", "p", "level_pred", "t", "category", "local_shift")}
     pred = {k: np.concatenate(v) for k, v in out.items()}
-    pred["t"], pred["category"] = t_and_category(pred["bmd"], unwrap(model).manufacturer)
+    pred["t"], pred["category"] = t_and_category(pred["bmd"], unwrap(model).manufacturer, data.cache.table.iloc[rows])
     return pred
 
 

@@ -164,12 +164,12 @@ def sample_site(synth: DictConfig, site: str, profile: dict[str, Any], n_labeled
                 "patient_id": patient_id, "dxa_date": dxa_date.isoformat(),
                 "manufacturer": profile["dxa_manufacturer"], "model": profile["dxa_model"],
                 **{f"bmd_{lv.lower()}": measured[i] for i, lv in enumerate(LEVELS)},
-                **{f"t_{lv.lower()}": bmd.t_score(measured[i], manufacturer) for i, lv in enumerate(LEVELS)},
+                **{f"t_{lv.lower()}": t for lv, t in zip(LEVELS, bmd.level_t_score(measured, range(len(LEVELS)), manufacturer, [sex] * len(LEVELS)))},
                 "sex": sex, "age": age,
             })
         study["interval_days"] = interval
         study["paired"] = bool(labeled and abs(interval) <= max_interval_days)
-        true_t = bmd.t_score(true_bmd, manufacturer)
+        true_t = bmd.level_t_score(true_bmd, range(len(LEVELS)), manufacturer, [sex] * len(LEVELS))
         patient_t = bmd.t_score(bmd.patient_bmd(true_bmd), manufacturer)
         study["true_category"] = bmd.category_name(bmd.category_from_t(patient_t))
         dxa_patient = bmd.patient_bmd(measured)

@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -35,12 +36,17 @@ def test_fixed_head_has_no_parameters():
     assert list(CalibrationHead("hologic", learned=False).parameters()) == []
 
 
-def test_category_agrees_with_t_score_thresholds():
-    mean, sd = 1.047, 0.110  # Hologic young-adult reference
-    bmd = mean + sd * np.array([0.5, -1.0, -1.01, -2.49, -2.5, -3.2])
-    t, cat = t_and_category(bmd, "hologic")
-    assert np.allclose(t, [0.5, -1.0, -1.01, -2.49, -2.5, -3.2])
+def test_category_agrees_with_t_score_thresholds_on_each_levels_reference():
+    """Each vertebra is scored on its own level's reference (a woman's L1: mean 1.047 * 0.960 / 1.0525, SD
+    0.125), as its labels are: the L1-L4 reference would read the same BMD 0.8 T lower."""
+    mean, sd = 1.047 * 0.960 / 1.0525, 0.125
+    t_wanted = np.array([0.5, -1.0, -1.01, -2.49, -2.5, -3.2])
+    t, cat = t_and_category(mean + sd * t_wanted, "hologic", pd.DataFrame({"level_idx": [0] * 6, "sex": "female"}))
+    assert np.allclose(t, t_wanted)
     assert cat.tolist() == [0, 0, 1, 1, 2, 2]
+    l3, _ = t_and_category(np.array([0.8, 0.8]), "hologic", pd.DataFrame({"level_idx": [2, 2], "sex": ["female", None]}))
+    assert l3[0] < l3[1]  # a woman's L3 reference is above the both-sexes one
+    assert l3[0] == pytest.approx((0.8 - 1.047 * 1.100 / 1.0525) / 0.125)
 
 
 def test_unknown_manufacturer_is_a_clear_error():

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from osteo_model import bmd
+from osteo_model.constants import LEVELS
 from osteo_model.dxa import dominant_manufacturer, level_labels, pair_studies, read_dxa
 from osteo_model.errors import InputError
 from osteo_model.quarantine import QUARANTINED, UNLABELED, UNPAIRED, VALUE_DROPPED
@@ -62,24 +63,25 @@ def test_bad_rows_are_quarantined_the_rest_kept(tmp_path):
 
 def test_given_t_scores_are_range_checked_and_must_match_the_bmd(tmp_path):
     """An absurd T-score is dropped and computed from the BMD; one that contradicts its BMD quarantines the row."""
-    bmds = "0.7103,0.9075,0.9273,0.8970"  # Hologic: T -3.06, -1.27, -1.09, -1.36
+    bmds = "0.7103,0.9075,0.9273,0.8970"  # Hologic, a man's level references: T -2.24, -1.25, -1.16, -1.32
     table, problems = read_dxa(write(
         tmp_path,
-        f"p1,2020-11-05,Hologic,H,{bmds},-3.0611,-1.2681,-1.0881,-1.3635,M,69",  # as the device gives them
-        f"p2,2020-11-05,Hologic,H,{bmds},-3.0611,85,-1.0881,-40,M,69",           # typos at L2 and L4
-        f"p3,2020-11-05,Hologic,H,{bmds},2.0,-1.2681,0.9273,-1.3635,M,69",       # L1 wrong, L3 holds the BMD
-        "p4,2020-11-05,Hologic,H,0.96,,,,0.0,,,,F,40",  # on a woman's L1 reference: 0.8 above the L1-L4 one
+        f"p1,2020-11-05,Hologic,H,{bmds},-2.2,-1.3,-1.2,-1.3,M,69",  # as the device prints them
+        f"p2,2020-11-05,Hologic,H,{bmds},-2.2,85,-1.2,-40,M,69",     # typos at L2 and L4
+        f"p3,2020-11-05,Hologic,H,{bmds},2.0,-1.3,0.9273,-1.3,M,69",  # L1 wrong, L3 holds the BMD
+        "p4,2020-11-05,Hologic,H,0.96,,,,0.0,,,,F,40",  # a woman's L1 (T 0.04); 0.8 above it on the L1-L4 reference
     ))
     assert list(table["patient_id"]) == ["p1", "p2", "p4"]
     assert [(p.case, p.level, p.action) for p in problems] == [
         ("dxa.csv line 3", "L2", VALUE_DROPPED), ("dxa.csv line 3", "L4", VALUE_DROPPED), ("dxa.csv line 4", "", QUARANTINED)]
     assert problems[0].reason == "implausible T-score 85.0 (plausible -8 to 8)"
-    assert problems[2].reason == ("T-score does not match BMD on the hologic young-adult reference (L1 T 2 given, BMD 0.7103 "
-                                  "is T -3.1; L3 T 0.9273 given, BMD 0.9273 is T -1.1; tolerance 1.5): columns swapped or shifted?")
+    assert problems[2].reason == ("T-score does not match BMD on the hologic young-adult reference of its level (L1 T 2 "
+                                  "given, BMD 0.7103 is T -2.2; L3 T 0.9273 given, BMD 0.9273 is T -1.2; tolerance 1.5): "
+                                  "columns swapped or shifted?")
     p2 = table.iloc[1].to_dict()
-    assert level_labels(p2, "L1")["t_score"] == -3.0611
-    assert level_labels(p2, "L2")["t_score"] == pytest.approx(bmd.t_score(0.9075, "hologic"))
-    assert level_labels(p2, "L4")["category"] == 1  # -1.36 from the BMD, not "osteoporosis" from -40
+    assert level_labels(p2, "L1")["t_score"] == pytest.approx(-2.2415, abs=1e-4)  # from the BMD, not the printed -2.2
+    assert level_labels(p2, "L2")["t_score"] == pytest.approx(bmd.region_t_score(0.9075, ["L2"], "hologic", "male"))
+    assert level_labels(p2, "L4")["category"] == 1  # -1.32 from the BMD, not "osteoporosis" from -40
 
 
 def test_t_scores_in_the_bmd_columns_quarantine_the_row(tmp_path):
@@ -178,15 +180,22 @@ def test_dxa_rows_of_no_study_are_reported_naming_the_id_a_spreadsheet_changed(t
         ("dxa.csv line 4", "dxa.csv", UNPAIRED, "patient_id 'p9' matches no usable study in studies.csv")]
 
 
-def test_level_labels_use_given_t_score_else_compute():
-    row = {"manufacturer": "hologic", "bmd_l1": 0.75, "bmd_l2": 1.05, "bmd_l3": math.nan, "bmd_l4": 0.9,
-           "t_l1": math.nan, "t_l2": -0.5, "t_l3": math.nan, "t_l4": math.nan}
-    l1 = level_labels(row, "L1")
-    assert l1["t_score"] == pytest.approx(bmd.t_score(0.75, "hologic"))
-    assert l1["category"] == 2  # (0.75 - 1.047) / 0.110 = -2.7
+def test_level_labels_are_on_the_level_reference_whether_or_not_the_report_gives_t():
+    """A site whose export has T columns and one without label the same BMD alike: on the level's own
+    reference, by sex where known, as a DXA printout scores each vertebra (not on the L1-L4 one)."""
+    without_t = {"manufacturer": "hologic", "sex": "female", "bmd_l1": 0.75, "bmd_l2": 1.05, "bmd_l3": math.nan,
+                 "bmd_l4": 0.9, "t_l1": math.nan, "t_l2": math.nan, "t_l3": math.nan, "t_l4": math.nan}
+    with_t = {**without_t, "t_l1": -1.6, "t_l2": -2.5, "t_l4": -1.0}  # L2's printed T off by 2.4: only read_dxa checks it
+    for level in LEVELS:
+        assert level_labels(with_t, level) == pytest.approx(level_labels(without_t, level), nan_ok=True)
+    l1 = level_labels(without_t, "L1")
+    assert l1["t_score"] == pytest.approx(-1.6399, abs=1e-4)  # (0.75 - 1.047 * 0.960 / 1.0525) / 0.125
+    assert l1["category"] == 1  # osteopenia; on the L1-L4 reference (0.75 - 1.047) / 0.110 = -2.7 would be osteoporosis
+    assert bmd.category_from_t(bmd.t_score(0.75, "hologic")) == 2
     assert l1["sbmd"] == pytest.approx(1.0550 * (0.75 - 0.972) + 1.0436)
-    assert level_labels(row, "L2")["t_score"] == -0.5 and level_labels(row, "L2")["category"] == 0
-    assert level_labels(row, "L3")["category"] == -1 and math.isnan(level_labels(row, "L3")["bmd"])
+    assert level_labels({**without_t, "sex": ""}, "L1")["t_score"] == pytest.approx(-1.7819, abs=1e-4)  # both sexes' L1
+    assert level_labels(without_t, "L2")["category"] == 0
+    assert level_labels(without_t, "L3")["category"] == -1 and math.isnan(level_labels(without_t, "L3")["bmd"])
     assert level_labels(None, "L1")["category"] == -1
 
 

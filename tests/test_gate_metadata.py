@@ -8,7 +8,7 @@ import torch
 from osteo_model import model as osteo
 from osteofl.simulation import evidence
 
-from model_helpers import tiny_cfg
+from model_helpers import run, tiny_cfg
 
 
 def _gates(cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,7 +17,7 @@ def _gates(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     lunar.load_state_dict(hologic.state_dict())
     x = torch.randn(4, 2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return hologic.eval()(x)["gate"], lunar.eval()(x)["gate"]
+        return run(hologic.eval(), x)["gate"], run(lunar.eval(), x)["gate"]
 
 
 def _method_cfg(tmp_path, method: str):

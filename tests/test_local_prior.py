@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.utils.data import default_collate
 
-from model_helpers import make_caches, tiny_cfg
+from model_helpers import make_caches, run, tiny_cfg
 from osteo_model import losses, model as osteo, training
 from osteo_model.central import load_sites
 
@@ -35,9 +36,9 @@ def _without_local(model: osteo.OsteoNet) -> osteo.OsteoNet:
 def test_local_shift_is_zero_on_a_fresh_model_and_exact_after_training_the_local_parts(tmp_path):
     model = osteo.build_model(tiny_cfg(tmp_path), 6, "ge_lunar").eval()
     with torch.no_grad():
-        assert torch.equal(model(_x())["local_shift"], torch.zeros(6))
+        assert torch.equal(run(model, _x())["local_shift"], torch.zeros(6))
         _perturb_local(model)
-        out, shared_only = model(_x()), _without_local(model)(_x())
+        out, shared_only = run(model, _x()), run(_without_local(model), _x())
     assert float(out["local_shift"].abs().min()) > 1e-3  # the perturbed local parts move every prediction
     # the device BMD minus the local shift is what the shared parts alone predict
     assert torch.allclose(out["bmd"] - out["local_shift"], shared_only["bmd"], atol=1e-5)
@@ -47,7 +48,7 @@ def test_local_prior_loss_weighs_like_k_patients(tmp_path):
     model = osteo.build_model(tiny_cfg(tmp_path), 6, "hologic").eval()
     _perturb_local(model)
     with torch.no_grad():
-        out = model(_x())
+        out = run(model, _x())
     few, many = losses.local_prior_loss(out, 4), losses.local_prior_loss(out, 16)
     assert float(few) > 0 and torch.isclose(few, 4 * many)
     expected = ((out["local_shift"] / osteo.SBMD_SCALE) ** 2).mean() / 4
@@ -72,6 +73,6 @@ def test_the_recipe_tells_each_model_its_labeled_patients_and_the_prior_shrinks_
         model.eval()
         with torch.no_grad():
             rows = data.splits["train"]
-            x = torch.stack([training.CropDataset(data.cache, rows)[i]["x"] for i in range(len(rows))])
-            shifts.append(float(model(x)["local_shift"].abs().mean()))
+            batch = default_collate([training.CropDataset(data.cache, rows)[i] for i in range(len(rows))])
+            shifts.append(float(training.forward(model, batch)["local_shift"].abs().mean()))
     assert shifts[0] > 0 and shifts[1] < 0.5 * shifts[0]

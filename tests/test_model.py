@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from osteo_model import model as osteo
+from osteo_model import bmd as bmdlib, model as osteo
+from osteo_model.constants import LEVELS
 from osteo_model.errors import StateError
 
-from model_helpers import tiny_cfg
+from model_helpers import run, tiny_cfg
 
 
 @pytest.fixture
@@ -33,10 +34,11 @@ def test_shared_and_local_partition_state_dict(cfg):
 def test_no_batchnorm_and_forward_shapes(tmp_path, overrides):
     m = osteo.build_model(tiny_cfg(tmp_path, *overrides), 6, "ge_lunar")
     assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in m.modules())
-    out = m(_x())
+    out = run(m, _x())
     assert out["ssl"].shape == (3, 6) and out["diagnosis"].shape == (3, 3) and out["level"].shape == (3, 4)
     assert out["sbmd"].shape == out["bmd"].shape == (3,)
     assert torch.allclose(out["gate"].sum(1), torch.ones(3))
+
 
 
 def test_shared_state_roundtrip_between_sites(cfg):
@@ -69,14 +71,14 @@ def test_new_site_prediction_is_the_shared_mixture(cfg):
     """An untrained local expert contributes nothing, whatever its hidden layer holds."""
     m = osteo.build_model(cfg, 6, "hologic").eval()
     x = _x()
-    before = m(x)["sbmd"]
+    before = run(m, x)["sbmd"]
     with torch.no_grad():
         m.local_expert[0].weight.normal_()
         m.gate[2].bias[-1] = 3.0  # even with a large local gate weight
-    assert torch.allclose(m(x)["sbmd"], before, atol=1e-6)
+    assert torch.allclose(run(m, x)["sbmd"], before, atol=1e-6)
     with torch.no_grad():
         m.local_expert[2].weight.normal_()
-    assert not torch.allclose(m(x)["sbmd"], before, atol=1e-4)
+    assert not torch.allclose(run(m, x)["sbmd"], before, atol=1e-4)
 
 
 def test_site_models_share_shared_modules_only(cfg):
@@ -89,7 +91,7 @@ def test_site_models_share_shared_modules_only(cfg):
 def test_no_moe_variant_has_only_feature_norm_local(tmp_path):
     m = osteo.build_model(tiny_cfg(tmp_path, "model.moe=false", "model.calibration=fixed"), 6, "hologic")
     assert osteo.local_keys(m) == ["feature_norm.mean", "feature_norm.std"] and not hasattr(m, "gate")
-    assert m(_x())["gate"].shape == (3, 1)
+    assert run(m, _x())["gate"].shape == (3, 1)
 
 
 def test_feature_stats_standardise(cfg):
@@ -102,16 +104,18 @@ def test_feature_stats_standardise(cfg):
 
 @pytest.mark.parametrize("manufacturer", ["hologic", "ge_lunar"])
 def test_untrained_diagnosis_agrees_with_the_t_score(cfg, manufacturer):
-    # The head is anchored on the calibrated T-score: before any training its argmax is the WHO
-    # category of the predicted device BMD, and P(osteoporosis) falls as the T-score rises.
-    from osteo_model import bmd
-
+    """The head is anchored on the calibrated T-score on the vertebra's own level (and sex) reference, the
+    one its labels are on: before any training its argmax is the WHO category of that T-score, the same
+    crop reads differently as a woman's L1 and her L3, and P(osteoporosis) falls as the T-score rises."""
     net = osteo.build_model(cfg, 5, manufacturer).eval()
+    x = torch.cat([_x(4), _x(1).expand(3, -1, -1, -1, -1)])  # the last three: one crop, three readings
+    levels, sexes = ["L1", "L2", "L3", "L4", "L1", "L3", "L3"], ["female", "male", "", "female", "female", "female", ""]
     with torch.no_grad():
-        out = net(_x(8))
-        t = bmd.t_score(out["bmd"], manufacturer)
-        probs = torch.softmax(out["diagnosis"], 1)
-    assert probs.argmax(1).tolist() == bmd.category_from_t(t.numpy()).tolist()
+        out = net(x, torch.tensor([LEVELS.index(lv) for lv in levels]), torch.tensor(bmdlib.sex_codes(sexes)))
+    t = bmdlib.level_t_score(out["bmd"].numpy(), [LEVELS.index(lv) for lv in levels], manufacturer, sexes)
+    assert torch.allclose(out["diagnosis"], osteo.who_category_logits(torch.tensor(t, dtype=torch.float32)), atol=1e-5)
+    assert torch.softmax(out["diagnosis"], 1).argmax(1).tolist() == bmdlib.category_from_t(t).tolist()
+    assert out["bmd"][4] == out["bmd"][6] and t[4] > t[6] > t[5]  # L1's reference is the lowest, a woman's L3 the highest
     grid = torch.linspace(-4.0, 1.0, 21)
     p_osteo = torch.softmax(osteo.who_category_logits(grid), 1)[:, 2]
     assert torch.all(p_osteo[1:] < p_osteo[:-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_helpers import make_caches, tiny_cfg
+from model_helpers import make_caches, run, tiny_cfg
 from osteo_model import model as osteo, training
 from osteo_model.central import load_sites
 
@@ -20,7 +20,7 @@ def test_local_gate_bias_sets_the_local_weight_but_not_a_fresh_prediction(tmp_pa
         m = osteo.build_model(tiny_cfg(tmp_path, f"model.local_gate_bias={bias}"), 6, "hologic").eval()
         assert float(m.gate[2].bias[-1].detach()) == bias
         with torch.no_grad():
-            outs.append(m(_x()))
+            outs.append(run(m, _x()))
     weights = [float(o["gate"][:, -1].mean()) for o in outs]
     assert weights[0] < 0.1 < weights[1] < weights[2]
     for out in outs[1:]:  # the local expert's output starts at zero: same device BMD whatever its weight

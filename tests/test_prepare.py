@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,27 @@ def test_rerun_is_cached_and_redoes_what_changed(make_site, prepare_cfg):
     relabeled = prepare_site(cfg, progress=False)
     assert (relabeled.prepared, relabeled.cached) == (1, 2)
     assert SiteCache.open(cfg.site.cache_dir).table["labeled"].sum() == 8
+
+
+def test_cached_entries_take_todays_label_rule_without_recomputing_crops(make_site, prepare_cfg):
+    """A label rule is not the crop's: an entry written under an older one (here: its labels overwritten
+    with a wrong category and T-score) is still reused, and the cache carries the labels of today's rule."""
+    site = make_site(n_labeled=2, n_unlabeled=1)
+    cfg = prepare_cfg(site)
+    prepare_site(cfg, progress=False)
+    labels = ["t_score", "category", "labeled"]
+    before = SiteCache.open(cfg.site.cache_dir).table[labels].copy()
+    for path in (Path(cfg.site.cache_dir) / "entries").glob("*.npz"):
+        with np.load(path) as z:
+            parts = {k: z[k] for k in z.files}
+        rows = json.loads(str(parts["rows"]))
+        parts["rows"] = np.array(json.dumps([{**r, "t_score": -9.0, "category": 2} for r in rows]))
+        np.savez(path, **parts)
+    again = prepare_site(cfg, progress=False)
+    assert (again.prepared, again.cached) == (0, 3)
+    after = SiteCache.open(cfg.site.cache_dir).table[labels]
+    pd.testing.assert_frame_equal(after, before)
+    assert (after["category"] == 2).sum() < len(after) and after["t_score"].min() > -9
 
 
 def test_half_written_entry_is_ignored(make_site, prepare_cfg):
