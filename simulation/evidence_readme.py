@@ -2,9 +2,10 @@
 
 ``python -m osteofl.simulation.evidence_readme docs/evidence/evidence.json [scenario ...]`` prints, per
 scenario, one table per metric (methods as rows; pooled and each site as columns), the Bland-Altman bias at
-each site's DXA device, and the reference minus each alternative. tests/test_readme_evidence.py checks that
-README.md carries them exactly as the committed docs/evidence/evidence.json renders them. A row that is
-n/a everywhere (the L1-HU rule predicts a category, not a BMD) is left out.
+each site's DXA device, and the reference minus each alternative; then the external site's onboarding
+curve of those scenarios side by side. tests/test_readme_evidence.py checks that README.md carries them
+exactly as the committed docs/evidence/evidence.json renders them. A row that is n/a everywhere (the L1-HU
+rule predicts a category, not a BMD) is left out.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from osteofl.simulation.evidence import LABELS
+from osteofl.simulation.evidence_onboarding import ALL, SHARED_ONLY
 from osteofl.simulation.evidence_report import POOLED, cell, device_bias_key, md_table
 
 METRIC_TABLES = (("mae", "Patient BMD MAE, g/cm²:"), ("auc", "Osteoporosis AUC (patient):"),
@@ -54,10 +56,50 @@ def scenario_tables(name: str, sc: Mapping, labels: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _onboarding_cells(point: Mapping | None) -> list[str]:
+    """AUC, 3-class accuracy, MAE and MAE minus shared-only (with the seeds that kept shared-only) of one
+    point of a curve; blank where the scenario has no such point (k above what its site has)."""
+    if point is None:
+        return ["", "", "", ""]
+    kept, seeds = point.get("kept_shared_only") or [], point["seeds"]
+    difference = cell(point["difference"]["mae"], signed=True) if "difference" in point else ""
+    if kept:
+        difference += f" (kept shared-only in {len(kept)} of {len(seeds)} seeds)"
+    return [*(cell(point["metrics"].get(k, {})) for k in ("auc", "acc3", "mae")), difference]
+
+
+def onboarding_table(report: Mapping, labels: Mapping[str, str], scenarios: Sequence[str]) -> str:
+    """The external site's metrics against its labeled patients, the scenarios side by side, with the
+    training sites' pooled figures of the curve's method below (evidence.json ``scenarios.<s>.onboarding``)."""
+    curves = {n: report["scenarios"][n]["onboarding"] for n in scenarios if report["scenarios"][n].get("onboarding")}
+    if not curves:
+        return ""
+    names = list(dict.fromkeys(k for c in curves.values() for k in c["points"]))
+    names = [*(k for k in names if k != ALL), ALL]
+    head = ["labeled patients", *(f"`{n}` {h}" for n in curves for h in (
+        "AUC", "3-class accuracy", "BMD MAE g/cm²", "MAE minus shared-only"))]
+    rows = []
+    for name in names:
+        points = [c["points"].get(name) for c in curves.values()]
+        counts = " / ".join(f"{p['labeled_patients']['mean']:.1f}" if p else "–" for p in points)
+        first = next(p for p in points if p)
+        label = ("0 (shared only)" if name == SHARED_ONLY else
+                 f"all the site has ({counts} on average)" if name == ALL else f"{first['labeled_patients']['mean']:.0f}")
+        rows.append([label, *(c for p in points for c in _onboarding_cells(p))])
+    methods = {labels.get(c["method"], c["method"]) for c in curves.values()}
+    rows.append([f"training sites, pooled ({', '.join(sorted(methods))})", *(
+        c for n, curve in curves.items() for c in [
+            *(cell(report["scenarios"][n]["metrics"][curve["method"]][POOLED].get(k, {})) for k in ("auc", "acc3", "mae")),
+            ""])])
+    return "\n".join(md_table(head, rows))
+
+
 def readme_tables(report: Mapping, labels: Mapping[str, str], scenarios: Sequence[str] = ()) -> str:
-    """Every scenario's block (or those named), in the report's order, separated by a blank line."""
+    """Every scenario's block (or those named), in the report's order, then their onboarding table,
+    separated by a blank line."""
     names = list(scenarios) or list(report["scenarios"])
-    return "\n\n".join(scenario_tables(n, report["scenarios"][n], labels) for n in names)
+    blocks = [*(scenario_tables(n, report["scenarios"][n], labels) for n in names), onboarding_table(report, labels, names)]
+    return "\n\n".join(b for b in blocks if b)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,28 @@ def test_the_readme_carries_the_benchmarks_tables(scenario):
                             f"output of python -m osteofl.simulation.evidence_readme docs/evidence/evidence.json"
 
 
+def test_the_readme_carries_the_onboarding_table():
+    table = evidence_readme.onboarding_table(REPORT, LABELS, list(REPORT["scenarios"]))
+    assert table and table in README, "README's onboarding table differs from docs/evidence/evidence.json: paste " \
+                                      "the output of python -m osteofl.simulation.evidence_readme docs/evidence/evidence.json"
+
+
+def test_onboarding_rows_follow_the_curves():
+    """Each planned k is a row; a scenario whose site has fewer labeled patients has no point there (blank),
+    and the seeds that kept shared-only are counted where there are any."""
+    report = copy.deepcopy(REPORT)
+    first, second = list(report["scenarios"])[:2]
+    points = report["scenarios"][second]["onboarding"]["points"]
+    points.pop("k20", None)
+    points["k2"]["kept_shared_only"] = list(points["k2"]["seeds"])
+    table = evidence_readme.onboarding_table(report, LABELS, [first, second])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert rows["20"].endswith("|  |  |  |  |")
+    assert f"(kept shared-only in {len(points['k2']['seeds'])} of {len(points['k2']['seeds'])} seeds) |" in rows["2"]
+    assert list(rows)[2] == "0 (shared only)" and list(rows)[-1].startswith("training sites, pooled")
+    assert evidence_readme.onboarding_table(report, LABELS, [first, second]) not in README
+
+
 def test_a_changed_figure_or_a_missing_method_no_longer_matches():
     name = "strong_shift"
     changed = copy.deepcopy(REPORT["scenarios"][name])
@@ -39,7 +61,8 @@ def test_rows_without_a_value_are_left_out_and_each_site_shows_its_device():
     mae_table = block.split("Osteoporosis AUC")[0]
     assert LABELS["hu_rule"] not in mae_table and LABELS["hu_rule"] in block  # a category rule has no BMD
     assert "| method | site_a (hologic) | site_b (ge_lunar) | site_c (norland) | site_d (hologic) |" in block
-    assert "| " + LABELS["fedavg"] + " | mae | -0.037 [-0.068, -0.006] |" in block  # a difference carries its sign
+    fedavg = sc["differences"]["fedavg"]["pooled"]["mae"]
+    assert "| " + LABELS["fedavg"] + f" | mae | {fedavg['point']:+.3f} [{fedavg['lo']:+.3f}, {fedavg['hi']:+.3f}] |" in block
 
 
 def test_cli_names_the_file_it_cannot_read(tmp_path, capsys):
