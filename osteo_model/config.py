@@ -1,6 +1,7 @@
 """Compose the one Hydra config that every entry point uses."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -16,9 +17,30 @@ CONFIG_MODULE = "osteofl.configs"
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides."""
+    """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides; training settings
+    outside their range are refused (:func:`check_training_ranges`)."""
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    check_training_ranges(cfg)
+    return cfg
+
+
+def check_training_ranges(cfg: DictConfig) -> None:
+    """Refuse a loss weight or learning-rate factor below 0, or a learning rate not above 0, naming the key:
+    a negative weight would maximise its loss and a negative factor climb the gradient, while a code path
+    that reads "> 0" as "on" would quietly turn it off instead (train.loss.local_prior=-8 trained as 0)."""
+    train = cfg.get("train")
+    if train is None:
+        return
+    at_least_zero = {f"train.loss.{k}": v for k, v in (train.get("loss") or {}).items()}
+    at_least_zero.update({f"train.{k}": train.get(k) for k in ("local_lr_factor", "fit_local_shared_lr_factor")})
+    for key, value in {**at_least_zero, "train.lr": train.get("lr")}.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(None, f"{key}={value!r}: not a number")
+        if value < 0 or (key == "train.lr" and value == 0):
+            raise ConfigError(None, f"{key}={value!r}: must be {'> 0' if key == 'train.lr' else '>= 0'}")
 
 
 def compose_site(overrides: Sequence[str] = ()) -> DictConfig:

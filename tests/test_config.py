@@ -27,6 +27,23 @@ def test_unknown_key_is_refused() -> None:
         compose(["crop.no_such_key=1"])
 
 
+@pytest.mark.parametrize("override, problem", [
+    ("train.loss.local_prior=-8", "train.loss.local_prior=-8: must be >= 0"),
+    ("train.loss.diag=-0.5", "train.loss.diag=-0.5: must be >= 0"),
+    ("train.local_lr_factor=-1", "train.local_lr_factor=-1: must be >= 0"),
+    ("train.lr=0", "train.lr=0: must be > 0"),
+    ("train.loss.sbmd=nan", "train.loss.sbmd=nan: not a number"),
+    ("train.loss.calib=abc", "train.loss.calib='abc': not a number"),
+])
+def test_a_training_setting_out_of_range_is_refused_naming_the_key(override, problem) -> None:
+    """Every entry point composes through compose(): a negative loss weight is refused there, not trained
+    as 'off' by a code path that reads > 0, nor as a loss to maximise by another."""
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert str(err.value) == problem
+    assert compose(["train.loss.local_prior=0", "train.local_lr_factor=0"]).train.loss.local_prior == 0
+
+
 def test_site_yaml_merges_over_group(tmp_path) -> None:
     site_dir = tmp_path / "data" / "sites" / "h1"
     site_dir.mkdir(parents=True)
