@@ -131,9 +131,9 @@ T_SCORE_MISMATCH_TOLERANCE = 1.5
 """Largest |given T-score - T-score of the level's BMD on its level's reference (bmd.region_t_score, as DXA reports
 score each vertebra)| accepted. The vendors' own reference databases and their versions differ from
 LEVEL_REFERENCE_BMD by a few tenths, a sex-blind reference (sex unknown) by up to ~0.15, and an export that gives T
-on the L1-L4 reference instead by 0.7-1.2 at L1 for BMD 1.0-0.6 (a woman's L1 is 91 % of her L1-L4 mean). The given T is not used as a
-label (dxa.level_labels), so only values in the wrong column matter, and they differ by more (a BMD of 0.93 pasted as
-T for T -1.1; T 2.0 given for a BMD that is T -3.1)."""
+on the L1-L4 reference instead by 0.7-1.2 at L1 for BMD 1.0-0.6 (a woman's L1 is 91 % of her L1-L4 mean). The
+given T is not used as a label (dxa.level_labels), so only values in the wrong column matter, and they differ by
+more (a BMD of 0.93 pasted as T for T -1.1; T 2.0 given for a BMD that is T -3.1)."""
 AGE_PLAUSIBLE_RANGE = (18.0, 110.0)
 """Age in years at a DXA exam: T-scores and the WHO categories apply to adults (ISCD Official Positions 2019; children
 are reported in Z-scores); ages above 110 are typing errors in practice."""

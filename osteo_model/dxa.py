@@ -98,8 +98,9 @@ def _levels(r: pd.Series, manufacturer: str, bmd_range: tuple[float, float],
 
     An implausible BMD or T-score is dropped through ``drop`` and the level's other value kept. A negative
     BMD (a T-score in a BMD column) or a given T-score that contradicts its BMD (on the level's reference,
-    as a printout gives it) quarantines the row instead of using the computed T-score: which of the two values is wrong, and whether the row's other columns
-    are shifted too, cannot be told, and a wrong BMD is a wrong training target.
+    as a printout gives it) quarantines the row instead of using the computed T-score: which of the two
+    values is wrong, and whether the row's other columns are shifted too, cannot be told, and a wrong BMD is
+    a wrong training target.
     """
     bmds = {level: _number(r[BMD_COLUMNS[level]]) for level in LEVELS}
     negative = [level for level, value in bmds.items() if value < 0]

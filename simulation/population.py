@@ -160,11 +160,12 @@ def sample_site(synth: DictConfig, site: str, profile: dict[str, Any], n_labeled
             dxa_date = ct_date + timedelta(days=interval)
             gain = _dxa_gain(extra, age, calcifications, (dxa_date - start).days / 365.25, profile, dcfg)
             measured = _dxa_measurement(rng, true_bmd, params["wedge"][1:5] > 0, profile, dcfg, gain)
+            printed_t = bmd.level_t_score(measured, range(len(LEVELS)), manufacturer, [sex] * len(LEVELS))  # as a printout
             dxa_rows.append({
                 "patient_id": patient_id, "dxa_date": dxa_date.isoformat(),
                 "manufacturer": profile["dxa_manufacturer"], "model": profile["dxa_model"],
                 **{f"bmd_{lv.lower()}": measured[i] for i, lv in enumerate(LEVELS)},
-                **{f"t_{lv.lower()}": t for lv, t in zip(LEVELS, bmd.level_t_score(measured, range(len(LEVELS)), manufacturer, [sex] * len(LEVELS)))},
+                **{f"t_{lv.lower()}": t for lv, t in zip(LEVELS, printed_t)},
                 "sex": sex, "age": age,
             })
         study["interval_days"] = interval
