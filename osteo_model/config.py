@@ -17,8 +17,8 @@ CONFIG_MODULE = "osteofl.configs"
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides; training settings
-    outside their range are refused (:func:`check_training_ranges`)."""
+    """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides; a negative training
+    weight or rate is refused (:func:`check_training_ranges`)."""
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     check_training_ranges(cfg)
@@ -26,21 +26,22 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 
 
 def check_training_ranges(cfg: DictConfig) -> None:
-    """Refuse a loss weight or learning-rate factor below 0, or a learning rate not above 0, naming the key:
-    a negative weight would maximise its loss and a negative factor climb the gradient, while a code path
-    that reads "> 0" as "on" would quietly turn it off instead (train.loss.local_prior=-8 trained as 0)."""
+    """Refuse a loss weight, learning rate or learning-rate factor below 0 (or not a number), naming the key:
+    a negative weight would maximise its loss and a negative rate climb the gradient, while a code path that
+    reads "> 0" as "on" would quietly turn it off instead (train.loss.local_prior=-8 trained as 0). Zero is
+    allowed: a weight of 0 turns a term off, and a learning rate of 0 freezes training (the DP tests use it)."""
     train = cfg.get("train")
     if train is None:
         return
-    at_least_zero = {f"train.loss.{k}": v for k, v in (train.get("loss") or {}).items()}
-    at_least_zero.update({f"train.{k}": train.get(k) for k in ("local_lr_factor", "fit_local_shared_lr_factor")})
-    for key, value in {**at_least_zero, "train.lr": train.get("lr")}.items():
+    settings = {f"train.loss.{k}": v for k, v in (train.get("loss") or {}).items()}
+    settings.update({f"train.{k}": train.get(k) for k in ("lr", "local_lr_factor", "fit_local_shared_lr_factor")})
+    for key, value in settings.items():
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(None, f"{key}={value!r}: not a number")
-        if value < 0 or (key == "train.lr" and value == 0):
-            raise ConfigError(None, f"{key}={value!r}: must be {'> 0' if key == 'train.lr' else '>= 0'}")
+        if value < 0:
+            raise ConfigError(None, f"{key}={value!r}: must be >= 0")
 
 
 def compose_site(overrides: Sequence[str] = ()) -> DictConfig:
