@@ -5,6 +5,7 @@ patient-level L1-L4 rule. The numbers live in ``osteo_model.constants``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Sequence
 
@@ -79,11 +80,14 @@ def sex_codes(sexes: Iterable[str]) -> np.ndarray:
     return np.array([SEX_CODES.index(s) if s in SEX_CODES else unknown for s in sexes], dtype=np.int64)
 
 
+@functools.lru_cache(maxsize=None)
 def level_reference_table(manufacturer: str) -> tuple[np.ndarray, float]:
     """Each single vertebra's young-adult mean on ``manufacturer``'s scale (rows SEX_CODES, columns LEVELS)
     and one vertebra's SD: the reference a DXA printout gives each level's T-score on, and the one every
-    per-vertebra label, prediction and report uses (so a level's category means the same everywhere)."""
+    per-vertebra label, prediction and report uses (so a level's category means the same everywhere).
+    Computed once per manufacturer (the generator asks for it twice per patient); the array is read-only."""
     means = np.array([[region_reference([lv], manufacturer, sex)[0] for lv in LEVELS] for sex in SEX_CODES])
+    means.setflags(write=False)
     return means, region_reference([LEVELS[0]], manufacturer)[1]
 
 

@@ -48,7 +48,7 @@ INDEX_COLUMNS: tuple[str, ...] = (
     "interval_days",
     "bmd",             # device areal BMD of this level, g/cm^2
     "sbmd",            # standardised BMD (Hui 1997), g/cm^2
-    "t_score",         # T-score of this level on the device's reference
+    "t_score",         # T-score of this level on its own level's reference of the device, by sex (dxa.level_labels)
     "category",        # 0 normal, 1 osteopenia, 2 osteoporosis (from t_score); -1 unknown
     "sex",             # "female" | "male" | ""
     "age",

@@ -176,6 +176,8 @@ def same_scan_twice(studies: list[tuple[Study, str]]) -> dict[str, str]:
 
 
 def _index_row(study: Study, pairing: dxa.Pairing, crop: VertebraCrop, spacing: str) -> dict[str, Any]:
+    """A vertebra's cache row as its entry stores it: what the crop and the paired DXA exam say, without the
+    labels, which :func:`_label` derives when the cache is assembled."""
     row: dict[str, Any] = {
         "study_id": study.study_id, "patient_id": study.patient_id, "level": crop.level,
         "level_idx": LEVELS.index(crop.level), "ct_date": study.ct_date.date().isoformat(),
@@ -187,15 +189,14 @@ def _index_row(study: Study, pairing: dxa.Pairing, crop: VertebraCrop, spacing: 
         row.update(dxa_manufacturer=pairing.dxa["manufacturer"], dxa_model=pairing.dxa["model"],
                    dxa_date=pairing.dxa["dxa_date"].date().isoformat(), interval_days=pairing.interval_days,
                    sex=pairing.dxa["sex"], age=pairing.dxa["age"])
-    return _labeled(row, pairing)
+    return row
 
 
-def _labeled(row: dict[str, Any], pairing: dxa.Pairing) -> dict[str, Any]:
-    """``row`` with its level's DXA labels under today's rule (dxa.level_labels), also for an entry written
-    under an older one: a label rule is not the crop's, so changing it recomputes no crop."""
+def _label(row: dict[str, Any], pairing: dxa.Pairing) -> None:
+    """Set ``row``'s DXA labels of its level under today's rule (dxa.level_labels), also over those an
+    entry written under an older rule holds: a label rule is not the crop's, so changing it recomputes no crop."""
     row.update(dxa.level_labels(pairing.dxa, row["level"]))
     row["labeled"] = bool(np.isfinite(row["bmd"]))
-    return row
 
 
 @dataclass(frozen=True)
@@ -402,7 +403,7 @@ class _SiteRun:
             entry = _load_entry(self.entry(key))
             for row in entry["rows"]:  # set here, not in the entry: entries written before it get it too
                 row["inputs_sha256"] = self.inputs[study.study_id]
-                _labeled(row, self.pairings[study.study_id])
+                _label(row, self.pairings[study.study_id])
             labels_file = _relative(study.labels, self.site_dir)
             for e in entry["excluded"]:
                 self.report(Problem(study.study_id, labels_file, e.reason, e.level, LEVEL_EXCLUDED))
