@@ -36,7 +36,7 @@ from osteofl.protocol import (
 )
 from osteofl.client import audit, policy
 from osteofl.client.dp import PrivacySession
-from osteofl.client.site_session import SiteSession, site_config
+from osteofl.client.site_session import SiteSession, own_site_config
 
 
 def _metric_record(values: dict[str, float], num_examples: int) -> MetricRecord:
@@ -174,7 +174,8 @@ def _run_id(message: Message, context: Context, session: SiteSession) -> str:
     named = session.state.run_names.get(flower)
     if named is None:
         session.state.run_names[flower] = declared
-        session.store.save(session.state)  # not session.save(): an evaluation's refit must not reach the state
+        # not session.save(): an evaluation's refit must not reach the state; nothing trained: the backup stays
+        session.store.save(session.state, keep_previous=False)
     elif named != declared:
         raise policy.PolicyRefusal(f"the coordinator named this run {named!r} to this site and now names it "
                                    f"{declared!r}: a site counts its round budget and keeps its model per run, "
@@ -226,7 +227,7 @@ def _count_evaluation(session: SiteSession, run_id: str) -> None:
         raise policy.PolicyRefusal(reason)
     if "max_evaluations" in policy.compute_caps(session.cfg.site.policy):
         session.state.evaluations_by_run[run_id] = done + 1
-        session.store.save(session.state)  # not session.save(), as in _run_id
+        session.store.save(session.state, keep_previous=False)  # as in _run_id
 
 
 def _keep_site_model(message: Message, session: SiteSession, run_id: str, split: str,
@@ -244,9 +245,8 @@ def _keep_site_model(message: Message, session: SiteSession, run_id: str, split:
     kept = checkpoints.kept_card(cfg.site.state_dir, run_id)
     if not checkpoints.replaces_kept(kept, score):
         return kept, False
-    if kept is None and checkpoints.set_aside_other_run(cfg.site.state_dir, run_id):
-        log(INFO, "site %s: the model another run kept is now %s (run %s keeps its own)", session.site,
-            checkpoints.PREVIOUS_SITE_MODEL_FILE, run_id)
+    if kept is None and (done := checkpoints.set_aside_other_run(cfg.site.state_dir, run_id)):
+        log(INFO, "site %s: %s (run %s keeps its own)", session.site, done, run_id)
     card = checkpoints.site_card(
         kept, run_id=run_id, rnd=rnd, n_sites=config.get(protocol.N_SITES),
         phases=training.phase_lengths(cfg, federated=True), epsilon=session.state.epsilon, metrics=metrics, split=split,
@@ -304,15 +304,15 @@ def answer(kind: str, message: Message, context: Context, extra: Sequence[str] =
     (policy.check_config), so that nothing after the handler can fail on them."""
     config = message.content.config_records.get(CONFIG) if not message.has_error() else None
     try:
-        policy.check_config(config)
+        policy.check_config(config, kind)
         reply = HANDLERS[kind](message, context, extra)
     except policy.PolicyRefusal as exc:
         reply = Message(Error(code=ERROR_POLICY_REFUSED, reason=exc.reason), reply_to=message)
     except Exception as exc:  # noqa: BLE001 - whatever failed, the server gets a clean one-line reason
         log(WARNING, "%s failed at this site: %s: %s", kind, type(exc).__name__, exc)
         reply = Message(Error(code=ERROR_SITE_FAILED, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-    try:
-        site, cfg = site_config(context, extra)
+    try:  # the site's own config says where to audit, even when the run's request was refused
+        site, cfg = own_site_config(context, extra)
     except Exception:  # noqa: BLE001 - a broken config is already in the reply
         site, cfg = str(context.node_config.get(protocol.NODE_SITE, "unknown")), None
     if reply.has_error():

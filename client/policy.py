@@ -19,6 +19,7 @@ looser than the site's policy: the server may ask for more privacy, never for le
   workers), never the run's. A run with another ``seed`` or ``data.split`` would otherwise move patients
   the site holds out for its validation and test into training: its model selection, its reported test
   metrics and osteo-predict's intervals (from validation residuals) would judge patients it trained on.
+- learning rate: no parameter group faster than ``site.policy.max_lr`` (the local parts the site keeps).
 - compute: the run's local steps, batch sizes and refit epochs are cut to ``site.policy.compute``'s caps
   (the server may ask for less of the site's hardware, never for more); a network larger than
   ``max_parameters`` is refused, after ``max_rounds`` train rounds of a run the site only evaluates, and
@@ -141,13 +142,21 @@ def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
 
 def check_request(cfg: DictConfig) -> None:
     """Refuse a run that asks for the whole model when the site has not opted in to that baseline (and
-    under DP in any case), or to keep shared modules at the site."""
+    under DP in any case), a learning rate above the site's ``max_lr``, or to keep shared modules at the
+    site."""
     if cfg.federation.share_all and not cfg.site.policy.allow_share_all:
         raise PolicyRefusal("the run asks for the whole model (federation.share_all=true); this site's "
                             "policy sends shared parameters only (site.policy.allow_share_all=false)")
     if cfg.federation.share_all and cfg.privacy.enabled:
         raise PolicyRefusal("the run asks for the whole model under DP: it would send the site's feature "
                             "standardisation (its patients' exact feature moments), outside epsilon")
+    cap, lr = cfg.site.policy.max_lr, float(cfg.train.lr)
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+        raise ConfigError(None, f"site.policy.max_lr={cap!r} must be a number > 0")
+    if (fastest := lr * max(1.0, float(cfg.train.local_lr_factor))) > cap:
+        raise PolicyRefusal(f"the run trains a parameter group at a learning rate of {fastest:g} (train.lr={lr:g} x "
+                            f"train.local_lr_factor={float(cfg.train.local_lr_factor):g}); this site allows at most "
+                            f"{cap:g} (site.policy.max_lr): its local parts would be thrown far in one round")
     if OmegaConf.select(cfg, "federation.personal_prefixes"):
         raise PolicyRefusal("the run asks to keep shared modules at the site (federation.personal_prefixes): a "
                             "benchmark baseline of osteo-evidence; a site's state file keeps only its local parts")
@@ -172,10 +181,21 @@ CONFIG_TYPES: dict[str, tuple[type, ...]] = {
 """The types of the coordinator's instructions (the message's CONFIG record) that the handlers read."""
 
 
-def check_config(config: Mapping[str, Any] | None) -> None:
-    """Refuse a message whose instructions are not of the protocol's types (:data:`CONFIG_TYPES`; a bool is
-    not a number here) before a handler reads them: a round of ``"x"`` or ``[1, 2]`` failed after the reply
-    was made, outside the handler's vetting, so the message went unaudited and unanswered."""
+REQUIRED_CONFIG: dict[str, tuple[str, ...]] = {"train": (protocol.PHASE, protocol.ROUND), "evaluate": ()}
+"""The instructions a message of each kind must carry (a train round is nothing without its phase and round);
+a kind named here must carry the CONFIG record at all."""
+
+
+def check_config(config: Mapping[str, Any] | None, kind: str) -> None:
+    """Refuse a message whose instructions are missing (:data:`REQUIRED_CONFIG`) or not of the protocol's
+    types (:data:`CONFIG_TYPES`; a bool is not a number here) before a handler reads them: a round of ``"x"``
+    or ``[1, 2]`` failed after the reply was made, outside the handler's vetting, so the message went
+    unaudited and unanswered, and a missing one failed as a bare KeyError."""
+    if kind in REQUIRED_CONFIG and config is None:
+        raise PolicyRefusal(f"the {kind} message carries no {protocol.CONFIG!r} record: refused, nothing computed")
+    if missing := [key for key in REQUIRED_CONFIG.get(kind, ()) if (config or {}).get(key) is None]:
+        raise PolicyRefusal(f"the {kind} message does not say its {' or '.join(map(repr, missing))}: refused, "
+                            "nothing computed")
     for key, kinds in CONFIG_TYPES.items():
         value = (config or {}).get(key)
         if value is not None and (type(value) is bool or not isinstance(value, kinds)):

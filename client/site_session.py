@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 from flwr.app import Context
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from osteo_model import dataset, model as osteo
@@ -57,17 +58,10 @@ def _effective(run: tuple[str, ...], own: tuple[str, ...]) -> DictConfig:
     return policy.effective_config(_compose(run), _compose(own))
 
 
-def site_config(context: Context, extra: Sequence[str] = ()) -> tuple[str, DictConfig]:
-    """The site this node plays and its effective config (client/policy.py): the run's request (run config
-    overrides) made no looser than the site's own configuration, composed from its site.yaml and the
-    node's overrides (``osteo-client --site X <overrides>``) alone. ``extra`` (the app's own overrides,
-    tests) is code running at the site, so it counts on both sides; so does the run config of a node of
-    Flower's simulation engine (``partition-id``): a simulated site has no hospital behind it, its
-    operator is the simulation's."""
+def _sides(context: Context, extra: Sequence[str]) -> tuple[str, list[str], list[str]]:
+    """The site this node plays, the run's overrides and the site's own (each with the node's folders)."""
     node = context.node_config
-    requested = _overrides(context.run_config)
-    policy.check_run_overrides(requested)  # before anything composes, let alone resolves, them
-    run = [*requested, *extra]
+    run = [*_overrides(context.run_config), *extra]
     own = [*(run if _simulated(node) else extra), *_overrides(node)]
     if NODE_SITE in node:
         site = str(node[NODE_SITE])
@@ -86,7 +80,33 @@ def site_config(context: Context, extra: Sequence[str] = ()) -> tuple[str, DictC
         folders.append(f"site.state_dir={node[NODE_STATE_DIR]}")
     if NODE_SITE_DIR in node:  # where the hospital's site.yaml lives (its own settings)
         folders.append(f"site.dir={node[NODE_SITE_DIR]}")
-    return site, copy.deepcopy(_effective(tuple(run + folders), tuple(own + folders)))
+    return site, run + folders, own + folders
+
+
+def own_site_config(context: Context, extra: Sequence[str] = ()) -> tuple[str, DictConfig]:
+    """The site and its own configuration alone (site.yaml and node overrides): where its state folder is,
+    even when the run's request is refused (client/handlers.answer audits that refusal there)."""
+    site, _, own = _sides(context, extra)
+    return site, cached_compose(own)
+
+
+def site_config(context: Context, extra: Sequence[str] = ()) -> tuple[str, DictConfig]:
+    """The site this node plays and its effective config (client/policy.py): the run's request (run config
+    overrides) made no looser than the site's own configuration, composed from its site.yaml and the
+    node's overrides (``osteo-client --site X <overrides>``) alone. ``extra`` (the app's own overrides,
+    tests) is code running at the site, so it counts on both sides; so does the run config of a node of
+    Flower's simulation engine (``partition-id``): a simulated site has no hospital behind it, its
+    operator is the simulation's. A request that does not compose (an unknown key, a value out of range:
+    config.check_ranges) is refused naming the setting, once the site's own config has composed."""
+    policy.check_run_overrides(_overrides(context.run_config))  # before anything composes, let alone resolves, them
+    site, run, own = _sides(context, extra)
+    _compose(tuple(own))  # the site's own config first: an error there is the hospital's to fix
+    try:
+        _compose(tuple(run))
+    except (ConfigError, HydraException) as exc:
+        reason = exc.reason if isinstance(exc, ConfigError) else str(exc).splitlines()[0]
+        raise policy.PolicyRefusal(f"the run's config is refused: {reason}") from exc
+    return site, copy.deepcopy(_effective(tuple(run), tuple(own)))
 
 
 @dataclass

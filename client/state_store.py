@@ -88,10 +88,13 @@ class StateStore:
             revision=int(raw["revision"]),
         )
 
-    def save(self, state: SiteState) -> SiteState:
+    def save(self, state: SiteState, keep_previous: bool = True) -> SiteState:
         """Write ``state`` as the next revision, atomically and readable by the site's owner only (as its
         split pin and audit log): the local parts hold what its patients taught them, the standardisation
-        its feature moments; return what was written."""
+        its feature moments; return what was written. ``keep_previous``: copy the current file to
+        ``site_state.prev.pt`` first. A save that trains nothing (a run's name, an evaluation counted) keeps
+        the backup as it is: otherwise one evaluation after a ruinous round would copy the ruined local parts
+        over the last good ones."""
         self.dir.mkdir(parents=True, exist_ok=True)
         state.revision += 1
         payload = {
@@ -109,7 +112,7 @@ class StateStore:
             "shuffle_salt": state.shuffle_salt,
             "revision": state.revision,
         }
-        if self.path.exists():  # keep the previous revision; the current file is never absent
+        if keep_previous and self.path.exists():  # keep the previous revision; the current file is never absent
             with atomic_file(self.dir / PREVIOUS_FILE, private=True) as fh, open(self.path, "rb") as src:
                 shutil.copyfileobj(src, fh)
         with atomic_file(self.path, private=True) as fh:

@@ -36,7 +36,8 @@ SITE_MODEL_FILE = "site_model.pt"
 MODEL_CARD_FILE = "model_card.json"
 PREVIOUS_SITE_MODEL_FILE = "site_model.previous.pt"
 PREVIOUS_MODEL_CARD_FILE = "model_card.previous.json"
-"""The model (and card) another run kept, set aside when a new run keeps its first (set_aside_other_run)."""
+"""The model (and card) another run kept, set aside when a new run keeps its first (set_aside_other_run);
+the better of two judged ones (worth_more)."""
 STATE_KEYS = ("kind", "shared", "local", "manufacturers", "feature_names", "n_features", "features_sha256",
               "model_cfg", "crop", "card", "file")
 """What every loaded state holds. ``feature_names`` is None for a federated checkpoint (the server only
@@ -322,25 +323,50 @@ def _write_card(state_dir: Path, card: Mapping[str, Any]) -> None:
         fh.write(json.dumps(card, indent=2, allow_nan=False))
 
 
-def set_aside_other_run(state_dir: str | Path, run_id: str) -> bool:
-    """Move a site model that another run kept (and its card) to ``site_model.previous.pt`` before run
-    ``run_id`` keeps its first: a new run starts its own selection, and its first model (unjudged, from a
-    coordinator's first message) must not destroy the model the hospital went home with last time. One
-    generation is kept; True when a model was set aside. An unreadable model is left to be replaced."""
-    state_dir = Path(state_dir)
-    model = state_dir / SITE_MODEL_FILE
-    if not model.is_file():
-        return False
+def _card(path: Path) -> dict[str, Any] | None:
+    """The card inside a model file; None where there is none or it cannot be read."""
     try:
-        card = load_model_state(model)["card"]
+        return load_model_state(path)["card"] if path.is_file() else None
     except StateError:
+        return None
+
+
+def worth_more(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> bool:
+    """Whether the site model set aside earlier (its card) is worth more to the hospital than the one a new
+    run would set aside in its place (``later``): judged on validation where the later one is not, or judged
+    no worse on the same validation patients (:data:`VAL_PATIENTS`). Scores on other patients do not compare:
+    then the later model wins, as it would without a judgement."""
+    score = (earlier.get("selection") or {}).get("score")
+    later_score = (later.get("selection") or {}).get("score")
+    if score is None:
         return False
-    if str(card.get("run_id")) == str(run_id):
-        return False
+    if later_score is None:
+        return True
+    return earlier.get(VAL_PATIENTS) == later.get(VAL_PATIENTS) and not improves(float(later_score), float(score))
+
+
+def set_aside_other_run(state_dir: str | Path, run_id: str) -> str | None:
+    """Before run ``run_id`` keeps its first site model, set aside the one another run kept: a new run starts
+    its own selection, and its first model (unjudged, from a coordinator's first message) must not destroy the
+    model the hospital went home with last time. One generation is kept (``site_model.previous.pt``), the one
+    worth more (:func:`worth_more`): otherwise a coordinator that opened two runs and sent one unjudged
+    model in each would push the hospital's validated model off the disk. Returns what was done, for the
+    log; None where there was nothing to set aside (no model, this run's, or one that cannot be read: it is
+    left to be replaced)."""
+    state_dir = Path(state_dir)
+    model, previous = state_dir / SITE_MODEL_FILE, state_dir / PREVIOUS_SITE_MODEL_FILE
+    card = _card(model)
+    if card is None or str(card.get("run_id")) == str(run_id):
+        return None
+    if (earlier := _card(previous)) is not None and worth_more(earlier, card):
+        for path in (model, state_dir / MODEL_CARD_FILE):
+            path.unlink(missing_ok=True)
+        return (f"the model run {card.get('run_id')} kept is dropped: {PREVIOUS_SITE_MODEL_FILE} (run "
+                f"{earlier.get('run_id')}) predicts the site's validation patients at least as well")
     if (state_dir / MODEL_CARD_FILE).is_file():
         os.replace(state_dir / MODEL_CARD_FILE, state_dir / PREVIOUS_MODEL_CARD_FILE)
-    os.replace(model, state_dir / PREVIOUS_SITE_MODEL_FILE)
-    return True
+    os.replace(model, previous)
+    return f"the model run {card.get('run_id')} kept is now {PREVIOUS_SITE_MODEL_FILE}"
 
 
 # --- compatibility --------------------------------------------------------------------------------------

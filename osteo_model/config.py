@@ -17,31 +17,57 @@ CONFIG_MODULE = "osteofl.configs"
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides; a negative training
-    weight or rate is refused (:func:`check_training_ranges`)."""
+    """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides; a training setting out
+    of its range is refused (:func:`check_ranges`)."""
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-    check_training_ranges(cfg)
+    check_ranges(cfg)
     return cfg
 
 
-def check_training_ranges(cfg: DictConfig) -> None:
-    """Refuse a loss weight, learning rate or learning-rate factor below 0 (or not a number), naming the key:
-    a negative weight would maximise its loss and a negative rate climb the gradient, while a code path that
-    reads "> 0" as "on" would quietly turn it off instead (train.loss.local_prior=-8 trained as 0). Zero is
-    allowed: a weight of 0 turns a term off, and a learning rate of 0 freezes training (the DP tests use it)."""
+WHOLE_RANGES: dict[str, int] = {
+    "seed": 0, "train.batch_size": 1, "train.eval_batch_size": 1, "train.final_refit_epochs": 0,
+    "train.personalise_steps": 0, "federation.local_steps": 1, "federation.ssl_rounds": 0,
+    "federation.task_rounds": 0,
+}
+"""Whole-number settings and the least value each may take (null stays allowed where the config has it).
+``federation.local_steps`` below 1 would still take one step (training.train_steps stops after a step), which a
+site's DP pre-check would have costed at none: the run's step count must be what the site accounts."""
+POSITIVE = ("privacy.max_grad_norm", "privacy.delta", "privacy.epsilon_budget")
+"""DP settings that must be > 0 (delta also < 1): a site's floor takes the smaller of its own and the run's, so
+a run's clipping norm of -1 would otherwise reach Opacus, whatever the site set."""
+
+
+def _number(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(None, f"{key}={value!r}: not a number")
+    return float(value)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Refuse a training setting out of its range, naming the key. Loss weights, learning rates and their
+    factors must be >= 0: a negative weight would maximise its loss and a negative rate climb the gradient,
+    while a code path that reads "> 0" as "on" would quietly turn it off instead (train.loss.local_prior=-8
+    trained as 0). Zero is allowed: a weight of 0 turns a term off, and a learning rate of 0 freezes training
+    (the DP tests use it). Whole numbers (:data:`WHOLE_RANGES`) and DP settings (:data:`POSITIVE`) too: a site
+    composes the coordinator's request through here, so a lying run gets a sentence, not a library's error."""
     train = cfg.get("train")
-    if train is None:
-        return
-    settings = {f"train.loss.{k}": v for k, v in (train.get("loss") or {}).items()}
-    settings.update({f"train.{k}": train.get(k) for k in ("lr", "local_lr_factor", "fit_local_shared_lr_factor")})
-    for key, value in settings.items():
+    least: dict[str, float] = {}
+    if train is not None:
+        least.update({f"train.loss.{k}": 0 for k in (train.get("loss") or {})})
+        least.update({f"train.{k}": 0 for k in ("lr", "local_lr_factor", "fit_local_shared_lr_factor")})
+    for key, floor in {**least, **WHOLE_RANGES, "privacy.noise_multiplier": 0}.items():
+        value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(None, f"{key}={value!r}: not a number")
-        if value < 0:
-            raise ConfigError(None, f"{key}={value!r}: must be >= 0")
+        if key in WHOLE_RANGES and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(None, f"{key}={value!r}: not a whole number")
+        if _number(key, value) < floor:
+            raise ConfigError(None, f"{key}={value!r}: must be >= {floor}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not 0 < _number(key, value) < (1 if key == "privacy.delta" else math.inf):
+            raise ConfigError(None, f"{key}={value!r}: must be > 0{' and < 1' if key == 'privacy.delta' else ''}")
 
 
 def compose_site(overrides: Sequence[str] = ()) -> DictConfig:

@@ -5,12 +5,14 @@ Screening (:mod:`screening`) only catches malformed and non-finite updates; a si
 finite update scaled by 1e20, a sign-flipped one, or claim a huge ``num-examples``. Here:
 
 - every update's change (update - global) is measured against the round's *lower median* change (a
-  minority cannot raise it: with 2 sites it is the smaller, with 3 the middle one) and clipped to
-  ``max_update_norm`` times it; a change larger than ``reject_update_norm`` times the global weights' own
-  norm is not training at all and is rejected;
+  minority cannot raise it: with 2 sites it is the smaller, with 3 the middle one; an update that changed
+  nothing is no reference) and clipped to ``max_update_norm`` times it; a change larger than
+  ``reject_update_norm`` times the global weights' own norm is not training at all and is rejected;
 - aggregation weights are capped by the pool size the site reported at the handshake (or equal), and at
   ``max_weight_ratio`` times the round's lower-median weight: the handshake size is the site's own claim,
   so a site that reports a huge pool still weighs at most that multiple of a typical site;
+- the two multiply, so each update's pull on the average (weight x change) is clipped to ``max_update_norm``
+  times the round's lower-median pull as well (:func:`bound_pulls`);
 - an aggregate that is non-finite or moved the global weights by more than ``max_global_change`` times
   their norm is refused, so it never reaches a checkpoint.
 """
@@ -76,6 +78,25 @@ class Bounded:
     rejected: list[dict[str, Any]]             # {"site", "ratio" (change / global norm), "bound", "reason"}
 
 
+def _clip_to_median(updates: Mapping[Any, Arrays], base: Arrays, size: Mapping[Any, float],
+                    factor: float) -> tuple[dict[Any, dict[str, np.ndarray]], list[dict[str, Any]]]:
+    """Scale each update's change so that its ``size`` is at most ``factor`` x the round's lower median size.
+    A size of 0 (an update that changed nothing: a site that trained at lr 0, or a liar) is not a reference:
+    with two sites it would be the lower median, and every other site would be clipped to nothing."""
+    moved = [s for s in size.values() if s > 0]
+    if not moved:
+        return {site: dict(arrays) for site, arrays in updates.items()}, []
+    reference = lower_median(moved)
+    out, clipped = {}, []
+    for site, arrays in updates.items():
+        if size[site] > factor * reference:
+            scale = factor * reference / size[site]
+            arrays = {k: (base[k] + (np.asarray(v, np.float64) - base[k]) * scale).astype(v.dtype) for k, v in arrays.items()}
+            clipped.append({"site": site, "ratio": size[site] / reference, "bound": factor})
+        out[site] = arrays
+    return out, clipped
+
+
 def bound_updates(updates: Mapping[str, Arrays], base: Arrays, cfg: RobustConfig) -> Bounded:
     """Reject updates whose change exceeds the hard limit, then clip the rest to the median-relative bound."""
     base_norm = norm(base)
@@ -89,18 +110,25 @@ def bound_updates(updates: Mapping[str, Arrays], base: Arrays, cfg: RobustConfig
                                            f"(> federation.robust.reject_update_norm={cfg.reject_update_norm:g})"})
         else:
             out.updates[site] = {k: np.asarray(v) for k, v in updates[site].items()}
-    if cfg.max_update_norm is None or not out.updates:
-        return out
-    reference = lower_median([changes[s] for s in out.updates])
-    limit = cfg.max_update_norm * reference
-    for site, arrays in out.updates.items():
-        if changes[site] > limit:
-            scale = limit / changes[site]
-            out.updates[site] = {k: (base[k] + (np.asarray(v, np.float64) - base[k]) * scale).astype(v.dtype)
-                                 for k, v in arrays.items()}
-            ratio = changes[site] / reference if reference > 0 else math.inf
-            out.clipped.append({"site": site, "ratio": ratio, "bound": cfg.max_update_norm})
+    if cfg.max_update_norm is not None and out.updates:
+        out.updates, out.clipped = _clip_to_median(out.updates, base, {s: changes[s] for s in out.updates},
+                                                   cfg.max_update_norm)
     return out
+
+
+def bound_pulls(updates: Mapping[Any, Arrays], base: Arrays, weights: Mapping[Any, float],
+                cfg: RobustConfig) -> Bounded:
+    """Clip each update so that its pull on the weighted average, weight x change, is at most
+    ``max_update_norm`` x the round's lower-median pull. The change bound and the weight cap each allow a
+    multiple of a typical site, and they multiply: one site of three that claimed a huge pool (weight capped
+    at 3 x) and sent a sign-flipped change at 2.95 x (just under the clip) pulled 8.9 x as hard as a typical
+    site and turned the global step against the honest sites' (cosine -0.37 to -0.46). With equal weights
+    this is the change bound again and clips nothing more."""
+    if cfg.max_update_norm is None or not updates:
+        return Bounded({site: dict(arrays) for site, arrays in updates.items()}, [], [])
+    pulls = {site: float(weights[site]) * change_norm(arrays, base) for site, arrays in updates.items()}
+    bounded, clipped = _clip_to_median(updates, base, pulls, cfg.max_update_norm)
+    return Bounded(bounded, clipped, [])
 
 
 def aggregation_weights(claimed: Mapping[Any, float], caps: Mapping[Any, Any], mode: str,

@@ -4,9 +4,11 @@ malformed handshakes are rejected (logged with the reason, never averaged), fail
 site, a site whose privacy budget is spent) are reported. Every text a site sent is cleaned
 (:func:`site_text`) before it is logged or stored.
 
-The strategy never gets the replies themselves but :func:`for_strategy`'s copies, trimmed to the metric
-keys all of them share (Flower's aggregation refuses replies whose keys differ): one site sending fewer
-keys cannot erase the other sites' own metrics from the history.
+The strategy never gets the replies themselves but :func:`for_strategy`'s copies, under the protocol's
+record names and trimmed to the metric keys all of them share (Flower's aggregation refuses replies whose
+names or keys differ): one site naming its records its own way, or sending fewer keys, cannot erase the
+other sites' aggregate or metrics from the history. Metric names are plain (:data:`METRIC_NAME`), at most
+:data:`MAX_METRICS` of them, and each value a finite number or NaN.
 """
 from __future__ import annotations
 
@@ -21,12 +23,18 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from osteo_model.metrics import value_range
-from osteofl.protocol import (CAP_PREFIX, NUM_EXAMPLES, SITE, SIZES_WITHHELD, SPLIT_SIZES, PayloadError, Spec,
+from osteofl.protocol import (ARRAYS, CAP_PREFIX, METRICS, NUM_EXAMPLES, SITE, SIZES_WITHHELD, SPLIT_SIZES, PayloadError, Spec,
                               non_finite, payload_of, put_payload, withheld_reason)
 from osteofl.server.identity import Identities
 
 SITE_TEXT_LIMIT = 300
 """Characters kept of a text a site sent (an error or withheld reason): what the sites' own sanitiser keeps."""
+MAX_METRICS = 200
+"""Metric keys one reply may carry (a site sends ~40): the history and every checkpoint hold them all, so
+2,000 keys of 1,000 characters grew each checkpoint by 16 MB a round."""
+METRIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A metric's name as osteo_model.metrics and the handlers make them (``bias_bmd_ge_lunar``, ``num-examples``):
+nothing that could forge a log line or a CSV header (newlines, terminal escapes, commas, markup)."""
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # a terminal escape sequence (colour, cursor, erase line)
@@ -88,9 +96,16 @@ def _problem(msg: Message, expected: Spec | None, handshake: bool) -> tuple[str 
     n = metrics[0].get(NUM_EXAMPLES)
     if not _number(n) or not math.isfinite(n) or n <= 0:
         return f"'{NUM_EXAMPLES}' missing or not a positive number ({n!r})", {}
-    # Flower's metric aggregation raises on a list, or on lists of different lengths: one number each (NaN is one)
+    if len(metrics[0]) > MAX_METRICS:
+        return f"{len(metrics[0])} metrics, more than the {MAX_METRICS} a reply may carry", {}
+    if bad := sorted(k for k in metrics[0] if not METRIC_NAME.fullmatch(k)):
+        return f"a metric's name is not a plain name ({site_text(repr(bad[0]))[:80]})", {}
+    # Flower's metric aggregation raises on a list, or on lists of different lengths: one number each. NaN is
+    # one (a metric undefined at a site, e.g. an AUC over one class; the aggregate skips it), an infinity is not
     if bad := sorted(k for k, v in metrics[0].items() if not _number(v)):
         return f"metric {bad[0]!r} is not a number ({type(metrics[0][bad[0]]).__name__})", {}
+    if bad := sorted(k for k, v in metrics[0].items() if math.isinf(v)):
+        return f"metric {bad[0]!r} is not a finite number ({metrics[0][bad[0]]})", {}
     for key, value in sorted(metrics[0].items()):  # an AUC of 1e6 would set the aggregate row at any weight
         if (bounds := value_range(key)) is not None and not bounds[0] <= value <= bounds[1] and not math.isnan(value):
             return f"metric {key!r} = {value:g} is outside its range [{bounds[0]:g}, {bounds[1]:g}]", {}
@@ -124,7 +139,10 @@ def screen(replies: Iterable[Message], expected: Spec | None, identities: Identi
             out.rejected.append({**who, "reason": site_text(f"identity: {refused[node]}")})
         elif msg.has_error():
             out.failed.append({**who, "reason": site_text(msg.error.reason)})
-        elif (reason := withheld_reason(msg)) is not None:  # the site's minimum cohort: not a failure
+        elif (reason := withheld_reason(msg)) is not None and handshake:  # its sizes have a field of their own
+            out.rejected.append({**who, "reason": "a handshake withholds nothing: its facts are checked (sizes "
+                                                  f"may be withheld in {SIZES_WITHHELD!r})"})
+        elif reason is not None:  # the site's minimum cohort: not a failure
             out.withheld.append({**who, "reason": site_text(reason)})
         elif (problem := _problem(msg, expected, handshake))[0] is not None:
             out.rejected.append({**who, "reason": site_text(problem[0])})
@@ -143,14 +161,16 @@ def for_strategy(replies: list[Message], weights: Mapping[int, float],
     slot's own dtype. The replies are left as the sites sent them (Flower's FedMedian even empties what it gets)."""
     if not replies:
         return []
-    records = [next(iter(m.content.metric_records.items())) for m in replies]
-    common = set.intersection(*(set(record) for _, record in records))
+    records = [next(iter(m.content.metric_records.values())) for m in replies]
+    common = set.intersection(*(set(record) for record in records))
     out = []
-    for msg, (name, record) in zip(replies, records, strict=True):
+    for msg, record in zip(replies, records, strict=True):
         node = int(msg.metadata.src_node_id)
-        content = RecordDict({name: MetricRecord({**{k: record[k] for k in sorted(common)}, NUM_EXAMPLES: weights[node]})})
+        # the protocol's record names, whatever a reply used: Flower refuses a round whose replies name their
+        # records differently, so one site renaming its own stalled every round
+        content = RecordDict({METRICS: MetricRecord({**{k: record[k] for k in sorted(common)}, NUM_EXAMPLES: weights[node]})})
         if updates is not None:
-            put_payload(content, updates[node], next(iter(msg.content.array_records)))
+            put_payload(content, updates[node], ARRAYS)
         out.append(Message(content=content, metadata=copy.copy(msg.metadata)))
     return out
 

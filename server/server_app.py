@@ -286,6 +286,8 @@ class Federation:
                        if m.has_error() and m.error.code == protocol.ERROR_BUDGET_SPENT}
         updates = self.bounded(rnd, arrays, got, record)
         weights = self.weights(rnd, got.accepted, training.phase_split(phase))
+        pulled = robust.bound_pulls(updates, arrays, weights, self.robust)
+        updates = self.log_clipped(rnd, pulled, "pull (weight x change)", record)
         for r in got.rejected:
             log(WARNING, "round %d: REJECTED update from %s (node %s): %s", rnd, r["site"], r["node"], r["reason"])
         for f in got.failed:
@@ -341,12 +343,16 @@ class Federation:
         for r in bounded.rejected:
             got.rejected.append({"node": str(r["site"]), "site": self.name_of(r["site"]), "reason": r["reason"]})
         record["clipped"] = []
+        got.accepted = [m for m in got.accepted if int(m.metadata.src_node_id) in bounded.updates]
+        return self.log_clipped(rnd, bounded, "change", record)
+
+    def log_clipped(self, rnd: int, bounded: robust.Bounded, what: str, record: dict[str, Any]) -> dict[int, dict[str, np.ndarray]]:
+        """Log and record the updates ``bounded`` clipped (by their ``what``); return its updates."""
         for c in bounded.clipped:
             node = c["site"]
-            log(WARNING, "round %d: CLIPPED update from %s: change %.3g x the round's median change "
-                "(federation.robust.max_update_norm=%g)", rnd, self.name_of(node), c["ratio"], c["bound"])
-            record["clipped"].append({"node": str(node), "site": self.name_of(node), "ratio": c["ratio"]})
-        got.accepted = [m for m in got.accepted if int(m.metadata.src_node_id) in bounded.updates]
+            log(WARNING, "round %d: CLIPPED update from %s: %s %.3g x the round's median (federation.robust."
+                "max_update_norm=%g)", rnd, self.name_of(node), what, c["ratio"], c["bound"])
+            record["clipped"].append({"node": str(node), "site": self.name_of(node), "ratio": c["ratio"], "of": what})
         return bounded.updates
 
     def weights(self, rnd: int, replies: list[Message], split: str) -> dict[int, float]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +29,20 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedmedian": FedMedian,
 }
 _STATEFUL_ATTRS = ("m_t", "v_t")  # FedOpt's server-optimiser moments (dict[str, ndarray] | None)
+
+
+def mean_of_defined(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Each metric's weighted mean over the replies where it is defined (finite), the weights renormalised
+    over those: a site's NaN (an AUC over one class at that site, sent so that every site sends the same
+    keys) would otherwise make the federation's aggregate NaN for everyone; NaN only where no site has it."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    out = MetricRecord()
+    for key in sorted({k for row in rows for k in row} - {weighting_key}):
+        pairs = [(float(row[weighting_key]), float(row[key])) for row in rows
+                 if key in row and math.isfinite(float(row[key]))]
+        total = sum(w for w, _ in pairs)
+        out[key] = sum(w * v for w, v in pairs) / total if total > 0 else math.nan
+    return out
 
 
 def build_strategy(cfg: DictConfig) -> Strategy:
@@ -45,6 +60,8 @@ def build_strategy(cfg: DictConfig) -> Strategy:
         min_train_nodes=n,
         min_evaluate_nodes=n,
         min_available_nodes=n,
+        train_metrics_aggr_fn=mean_of_defined,
+        evaluate_metrics_aggr_fn=mean_of_defined,
         **args,
     )
     need = min_robust_replies(strategy)

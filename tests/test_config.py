@@ -34,14 +34,20 @@ def test_unknown_key_is_refused() -> None:
     ("train.lr=-0.001", "train.lr=-0.001: must be >= 0"),
     ("train.loss.sbmd=nan", "train.loss.sbmd=nan: not a number"),
     ("train.loss.calib=abc", "train.loss.calib='abc': not a number"),
+    ("federation.local_steps=0", "federation.local_steps=0: must be >= 1"),
+    ("train.batch_size=2.5", "train.batch_size=2.5: not a whole number"),
+    ("seed=-1", "seed=-1: must be >= 0"),
+    ("privacy=dp privacy.max_grad_norm=-1", "privacy.max_grad_norm=-1: must be > 0"),
+    ("privacy=dp privacy.delta=1", "privacy.delta=1: must be > 0 and < 1"),
 ])
 def test_a_training_setting_out_of_range_is_refused_naming_the_key(override, problem) -> None:
     """Every entry point composes through compose(): a negative loss weight is refused there, not trained
     as 'off' by a code path that reads > 0, nor as a loss to maximise by another."""
     with pytest.raises(ConfigError) as err:
-        compose([override])
+        compose(override.split())
     assert str(err.value) == problem
     assert compose(["train.loss.local_prior=0", "train.lr=0"]).train.lr == 0  # zero: off, or frozen
+    assert compose(["federation.local_steps=null", "train.final_refit_epochs=0"]).federation.local_steps is None
 
 
 def test_site_yaml_merges_over_group(tmp_path) -> None:

@@ -4,6 +4,7 @@ ServerApp round loop against the real ClientApp handlers (in-process LocalGrid),
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -182,3 +183,70 @@ def test_text_a_site_sends_is_cleaned_before_it_is_logged_or_stored() -> None:
     for reason in (got.failed[0]["reason"], got.withheld[0]["reason"]):
         assert "\n" not in reason and "\x1b" not in reason and "[92m" not in reason and len(reason) <= 300
         assert reason.startswith("fine INFO :")  # one line, readable, the site's words kept
+
+
+@pytest.mark.parametrize("records", ["array_records", "metric_records"])
+def test_a_site_naming_its_records_its_own_way_does_not_stall_the_federation(root: Path, records: str) -> None:
+    """The audit's a_rename_record: screening took "the one record" whatever its name, and Flower's strategy
+    then refused every round whose replies named them differently: no aggregate, no checkpoint, and the site
+    unnamed. The strategy now gets the protocol's names."""
+    fed, grid = _federation(root, **{"federation.task_rounds": 1})
+
+    def rename(reply: Message) -> None:
+        (name,) = list(getattr(reply.content, records))
+        reply.content[name + "_v2"] = getattr(reply.content, records)[name]
+        del reply.content[name]
+
+    _lying(grid, "train", rename)
+    records_ = fed.run().records
+    assert all("aggregate_rejected" not in r and set(r["site_train"]) == {"site_a", "site_b", "site_c"} for r in records_)
+    assert ckpt.load_latest(root / "outputs" / "federated" / "checkpoints").round == 2
+
+
+def test_an_infinite_metric_is_rejected_and_a_nan_leaves_the_others_aggregate(root: Path) -> None:
+    """The audit's e_metric_inf: an infinity passed screening ([0, inf] is a closed range, and a bias or loss has
+    none) and Flower's weighted mean made the aggregate inf or NaN for everyone, null in history.json. An
+    infinity is refused by name; NaN stays valid (an AUC over one class) and the aggregate skips it."""
+    fed, grid = _federation(root, **{"federation.task_rounds": 0, "federation.final_eval_split": "null"})
+    _lying(grid, "evaluate", lambda reply: _metrics(reply).__setitem__("mae_bmd", float("inf")))
+    (record,) = fed.run().records
+    assert [r["site"] for r in record["eval_failed"]] == ["site_c"]
+    assert "metric 'mae_bmd' is not a finite number (inf)" in record["eval_failed"][0]["reason"]
+    fed, grid = _federation(root, **{"federation.task_rounds": 0, "federation.final_eval_split": "null",
+                                     "federation.run_name": "nan"})
+    _lying(grid, "evaluate", lambda reply: _metrics(reply).__setitem__("bias_bmd", float("nan")))
+    (record,) = fed.run().records
+    honest = [record["site_eval"][s]["bias_bmd"] for s in ("site_a", "site_b")]
+    assert record["eval_failed"] == [] and math.isnan(record["site_eval"]["site_c"]["bias_bmd"])
+    assert min(honest) <= record["evaluate"]["bias_bmd"] <= max(honest)  # the two sites' mean, not NaN
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda m: m.__setitem__("x\n\x1b[2Kforged", 0.5), "a metric's name is not a plain name"),
+    (lambda m: m.__setitem__("a,b<script>", 0.5), "a metric's name is not a plain name"),
+    (lambda m: [m.__setitem__(f"m{i:04d}", 0.5) for i in range(250)], "more than the 200 a reply may carry"),
+], ids=["log-line", "csv-markup", "flood"])
+def test_a_metric_name_that_is_not_a_plain_name_or_a_flood_of_them_is_rejected(root: Path, edit, reason: str) -> None:
+    """The audit's f_metric_names and h_log_injection: metric names reached the coordinator's log raw (a forged
+    log line), split history.csv's header, and 2,000 keys of 1,000 characters grew each checkpoint by 16 MB."""
+    fed, grid = _federation(root, **{"federation.task_rounds": 0, "federation.final_eval_split": "null"})
+    _lying(grid, "evaluate", lambda reply: edit(_metrics(reply)))
+    (record,) = fed.run().records
+    assert [r["site"] for r in record["eval_failed"]] == ["site_c"] and reason in record["eval_failed"][0]["reason"]
+    assert "\x1b" not in record["eval_failed"][0]["reason"] and "\n" not in record["eval_failed"][0]["reason"]
+    assert set(record["evaluate"]) and all(k.isidentifier() or "-" in k for k in record["evaluate"])
+
+
+def test_a_handshake_that_says_it_withholds_is_refused_not_admitted_unchecked(root: Path) -> None:
+    """The audit's b_withheld_handshake: a handshake with a wrong feature set and payload fingerprint and a
+    'withheld' field was filed as withheld, so never checked, and the site trained every round."""
+    fed, grid = _federation(root)
+
+    def withholding(reply: Message) -> None:
+        reply.content[SITE]["features_sha256"] = reply.content[SITE]["payload_sha256"] = "0" * 64
+        reply.content[SITE][WITHHELD] = "small cohort"
+
+    _lying(grid, "handshake", withholding)
+    fed.handshake()
+    assert list(fed.refused_at_handshake) == ["site_c"] and "a handshake withholds nothing" in fed.refused_at_handshake["site_c"]
+    assert fed.identities.admitted() == {1, 2}

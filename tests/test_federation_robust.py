@@ -60,6 +60,40 @@ def test_the_median_reference_cannot_be_raised_by_one_of_two_sites() -> None:
     assert robust.change_norm(out.updates["b"], base) == pytest.approx(3 * robust.change_norm(small, base), rel=1e-4)
 
 
+def test_an_update_that_changed_nothing_is_no_reference_for_the_others() -> None:
+    """The audit's c_zero_change: with two sites the lower median is the smaller change, so a site returning the
+    global arrays unchanged (a liar, or an honest site at lr 0) had the other clipped to nothing (ratio inf)."""
+    base = {"w": np.ones(8, np.float32)}
+    moved = {"w": base["w"] + 0.01}
+    out = robust.bound_updates({"a": moved, "b": dict(base)}, base, ON)
+    assert out.clipped == [] and np.array_equal(out.updates["a"]["w"], moved["w"])
+    assert robust.bound_updates({"a": dict(base), "b": dict(base)}, base, ON).clipped == []  # nothing moved: nothing to do
+
+
+def test_weight_and_change_cannot_multiply_into_one_sites_steering() -> None:
+    """The audit's g_combined_flip: one site of three weighted 3 x (a huge claimed pool, capped) and sending its
+    change sign-flipped at 2.95 x the median change passed both bounds and pulled 8.9 x as hard as a typical
+    site. bound_pulls clips it to 3 x the median pull (weight x change); equal weights clip nothing more."""
+    rng = np.random.default_rng(1)
+    base = _arrays(rng)
+    honest = {s: {k: v + d for (k, v), d in zip(base.items(), _arrays(rng, 0.01).values())} for s in ("a", "b")}
+    median = sorted(robust.change_norm(honest[s], base) for s in honest)[0]
+    own = _arrays(rng, 0.01)
+    scale = 2.95 * median / robust.norm(own)
+    evil = {k: (base[k] - scale * own[k]).astype(np.float32) for k in base}
+    updates = {**honest, "c": evil}
+    assert robust.bound_updates(updates, base, ON).clipped == []  # each bound alone lets it through
+    weights = {"a": 100.0, "b": 100.0, "c": 300.0}
+    out = robust.bound_pulls(updates, base, weights, ON)
+    before = {s: weights[s] * robust.change_norm(updates[s], base) for s in updates}
+    middle = sorted(before.values())[1]  # the lower median of three: the larger honest pull
+    assert [c["site"] for c in out.clipped] == ["c"] and out.clipped[0]["ratio"] == pytest.approx(before["c"] / middle)
+    assert before["c"] / middle > 5  # 3 x 2.95, less the honest sites' spread
+    pull = {s: weights[s] * robust.change_norm(out.updates[s], base) for s in updates}
+    assert pull["c"] == pytest.approx(3 * middle, rel=1e-3) and all(pull[s] == before[s] for s in ("a", "b"))
+    assert robust.bound_pulls(updates, base, {s: 1.0 for s in updates}, ON).clipped == []
+
+
 def test_aggregation_weights_cannot_be_inflated() -> None:
     claimed = {"a": 1e12, "b": 20.0, "c": 7.0}
     assert robust.aggregation_weights(claimed, {"a": 30, "b": 40, "c": 7}, "capped") == {"a": 30, "b": 20, "c": 7}

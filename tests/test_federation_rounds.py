@@ -423,7 +423,7 @@ def test_fedprox_pulls_updates_towards_the_global_model(root: Path) -> None:
     def update_norm(mu: float, name: str) -> float:
         fed, grid = _federation(root, **{"federation.strategy": "fedprox", "federation.task_rounds": 0,
                                          "federation.strategy_args.fedprox.proximal_mu": mu,
-                                         "federation.run_name": name, "train.lr": 0.05,
+                                         "federation.run_name": name, "train.lr": 0.05, "site.policy.max_lr": 1.0,
                                          "federation.local_steps": 4, "paths.state_root": str(root / name)})
         n_features, _ = fed.handshake()
         start, _ = fed.initial_arrays(n_features)

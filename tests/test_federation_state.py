@@ -35,6 +35,11 @@ def test_state_store_round_trip_revisions_and_backup(tmp_path: Path) -> None:
     previous = torch.load(tmp_path / "site_state.prev.pt", weights_only=True)
     assert previous["revision"] == 1 and torch.equal(previous["local"]["local_expert.w"], torch.ones(2))
     assert not list(tmp_path.glob(".*tmp*"))
+    # a save that trained nothing (a run's name, an evaluation counted) leaves the backup of the last good parts
+    state.evaluations_by_run["R"] = 1
+    store.save(state, keep_previous=False)
+    assert store.load().evaluations_by_run == {"R": 1} and store.load().revision == 3
+    assert torch.load(tmp_path / "site_state.prev.pt", weights_only=True)["revision"] == 1
 
 
 def test_state_files_are_the_sites_owners_alone_and_keep_its_shuffle_salt(tmp_path: Path) -> None:

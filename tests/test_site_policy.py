@@ -37,15 +37,16 @@ def _federation(root: Path, sites=tuple(SITES), run: str = "", node: dict | None
     return Federation(grid, compose([*overrides, *run.split()])), grid
 
 
-def _ask(app, kind: str, config: dict, node: dict, run: str = "", arrays: dict | None = None) -> Message:
+def _ask(app, kind: str, config: dict, node: dict, run: str = "", arrays: dict | None = None, flower_run: int = 1) -> Message:
     """One message of a coordinator straight to a site's ClientApp: ``config`` its instructions, ``node`` the
-    site's node config, ``run`` the run's overrides, ``arrays`` the global model."""
+    site's node config, ``run`` the run's overrides, ``arrays`` the global model, ``flower_run`` Flower's run id."""
     content = RecordDict({protocol.CONFIG: ConfigRecord(config)})
     if arrays is not None:
         protocol.put_payload(content, arrays)
     types = {"query": MessageType.QUERY, "train": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
     return app(Message(content, dst_node_id=1, message_type=types[kind]),
-               Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={"overrides": run} if run else {}))
+               Context(run_id=flower_run, node_id=1, node_config=node, state=RecordDict(),
+                       run_config={"overrides": run} if run else {}))
 
 
 def _handshake(app, site: str, overrides: list[str] | None = None) -> Message:
@@ -735,7 +736,9 @@ def test_a_message_with_instructions_of_the_wrong_type_is_refused_and_audited(ro
              ("evaluate", {protocol.SPLIT: "val", protocol.ROUND: True}, "'round' is a bool"),
              ("train", {protocol.PHASE: 1, protocol.ROUND: 1}, "'phase' is a int"),
              ("evaluate", {protocol.N_SITES: "3", protocol.RUN_ID: 7}, "'n-sites' is a str"),
-             ("train", {protocol.PHASE: "ssl", protocol.ROUND: 1, protocol.PROXIMAL_MU: "0.1"}, "'proximal-mu' is a str")]
+             ("train", {protocol.PHASE: "ssl", protocol.ROUND: 1, protocol.PROXIMAL_MU: "0.1"}, "'proximal-mu' is a str"),
+             ("train", {protocol.ROUND: 1}, "the train message does not say its 'phase'"),  # was a bare KeyError
+             ("train", {protocol.PHASE: "ssl"}, "the train message does not say its 'round'")]
     for kind, config, reason in cases:
         reply = _ask(app, kind, config, {"site": "site_a"})
         assert reply.error.code == protocol.ERROR_POLICY_REFUSED and reason in reply.error.reason, reply.error.reason
@@ -743,3 +746,74 @@ def test_a_message_with_instructions_of_the_wrong_type_is_refused_and_audited(ro
     assert [e["kind"] for e in entries] == [kind for kind, _, _ in cases]
     assert all(e["refused"] and e["round"] in (None, 1) for e in entries)
     assert not (state / "site_state.pt").exists()  # refused before a handler counted or saved anything
+
+
+def test_a_run_out_of_range_is_refused_by_name_and_audited_before_anything_trains(root: Path) -> None:
+    """The audit's f1_dp_budget_bypass: federation.local_steps=-1000 passed the site's DP pre-check (costed at
+    no step) while training still took one, which put epsilon at 3.4 over the site's budget of 0.3. Every
+    setting out of its range (config.check_ranges), or unknown, is refused (902) naming it, before anything
+    trains, and the refusal is audited in the site's state folder, found from its own config."""
+    overrides = [o for o in small_overrides(root) if not o.startswith(("train.batch_size=", "federation.local_steps="))]
+    app, state = make_client_app(overrides), root / "data" / "state" / "site_a"
+    node = {"site": "site_a", "overrides": "privacy=dp privacy.epsilon_budget=0.3"}
+    ask = {protocol.PHASE: "ssl", protocol.ROUND: 1, protocol.RUN_ID: "R"}
+    cases = {"federation.local_steps=-1000": "federation.local_steps=-1000: must be >= 1",
+             "train.eval_batch_size=0": "train.eval_batch_size=0: must be >= 1",
+             "privacy=dp privacy.max_grad_norm=-1": "privacy.max_grad_norm=-1: must be > 0",
+             "train.num_workers=4": "Could not override 'train.num_workers'."}
+    for run, problem in cases.items():
+        reply = _ask(app, "train", ask, node, run=run, arrays=_global_model(root, overrides))
+        assert reply.error.code == protocol.ERROR_POLICY_REFUSED
+        assert reply.error.reason == f"the run's config is refused: {problem}"
+    assert [e["refused"] for e in audit.read(state)] == [f"the run's config is refused: {p}" for p in cases.values()]
+    assert not (state / "site_state.pt").exists()  # no step, no epsilon spent
+    honest = _ask(app, "train", ask, node, run="federation.local_steps=1", arrays=_global_model(root, overrides))
+    assert honest.error.code == protocol.ERROR_BUDGET_SPENT and "over the budget 0.3" in honest.error.reason
+
+
+def test_a_run_faster_than_the_sites_max_lr_is_refused_and_its_local_parts_kept(root: Path) -> None:
+    """The audit's t4_local_lr: one round at train.local_lr_factor=1e6 threw the site's local expert and
+    calibration to |w| ~ 1e3 (finite, so saved) and every later validation bias to -1e6. AdamW moves a weight
+    by about the learning rate per step, so the site's ``max_lr`` bounds what one round can do to its parts."""
+    from osteofl.client.state_store import StateStore
+
+    app, state = make_client_app(small_overrides(root)), root / "data" / "state" / "site_a"
+    arrays, ask = _global_model(root, small_overrides(root)), {protocol.PHASE: "task", protocol.ROUND: 2, protocol.RUN_ID: "R"}
+    assert not _ask(app, "train", ask, {"site": "site_a"}, arrays=arrays).has_error()
+    before = StateStore(state, "site_a").load()
+    reply = _ask(app, "train", ask, {"site": "site_a"}, run="train.local_lr_factor=1e6", arrays=arrays)
+    assert reply.error.code == protocol.ERROR_POLICY_REFUSED
+    assert reply.error.reason == ("the run trains a parameter group at a learning rate of 1000 (train.lr=0.001 x "
+                                  "train.local_lr_factor=1e+06); this site allows at most 0.05 (site.policy.max_lr): "
+                                  "its local parts would be thrown far in one round")
+    after = StateStore(state, "site_a").load()
+    assert after.revision == before.revision and all(torch.equal(after.local[k], v) for k, v in before.local.items())
+    own = {"site": "site_a", "overrides": "site.policy.max_lr=0.005"}  # the hospital's own, stricter cap
+    assert "at most 0.005" in _ask(app, "train", ask, own, arrays=arrays).error.reason  # default 1e-3 x 10 = 0.01
+    with pytest.raises(ConfigError, match=r"site.policy.max_lr=0 must be a number > 0"):
+        policy.check_request(compose([*small_overrides(root), "site.policy.max_lr=0"]))
+
+
+def test_two_new_runs_cannot_push_the_hospitals_validated_model_off_its_disk(root: Path) -> None:
+    """The audit's t5_evict: each new run's first (unjudged) model set the kept one aside, one generation deep,
+    so two one-message runs sending an all-zero model destroyed the model the hospital had validated. The
+    model set aside is now the one worth more: judged, and no worse on the same validation patients."""
+    from osteo_model.checkpoints import PREVIOUS_SITE_MODEL_FILE, SITE_MODEL_FILE, VAL_PATIENTS, worth_more
+
+    app, state = make_client_app(small_overrides(root)), root / "data" / "state" / "site_a"
+    honest = _global_model(root, small_overrides(root))
+    judged = _ask(app, "evaluate", {protocol.SPLIT: "val", protocol.ROUND: 2, protocol.RUN_ID: "real"},
+                  {"site": "site_a"}, arrays=honest)
+    assert not judged.has_error()
+    validated = (state / SITE_MODEL_FILE).read_bytes()
+    junk = {k: np.zeros_like(v) for k, v in honest.items()}
+    for flower_run, run in ((2, "junk-1"), (3, "junk-2")):  # judged on no patient: an SSL round's, a new run's first
+        reply = _ask(app, "evaluate", {protocol.SPLIT: "val", protocol.ROUND: 1, protocol.RUN_ID: run}, {"site": "site_a"},
+                     arrays=junk, flower_run=flower_run)
+        assert not reply.has_error() and json.loads((state / "model_card.json").read_text())["run_id"] == run
+        assert (state / PREVIOUS_SITE_MODEL_FILE).read_bytes() == validated
+    # a later run's model judged strictly better on the same validation patients takes its place in turn; a
+    # judgement on other patients does not compare (the later model wins, as without one)
+    card = lambda score, val="v": {"selection": {"score": score}, VAL_PATIENTS: val}  # noqa: E731
+    assert worth_more(card(0.1), card(None)) and worth_more(card(0.1), card(0.1)) and not worth_more(card(0.1), card(0.09))
+    assert not worth_more(card(0.1), card(0.2, val="w")) and not worth_more(card(None), card(0.2))
