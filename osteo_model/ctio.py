@@ -137,38 +137,92 @@ def read_geometry(path: Path) -> Geometry:
         return Geometry(size, spacing, tuple(first.GetOrigin()), tuple(first.GetDirection()))
     header = _read_header(path)
     check_volume(path, tuple(header.GetSize()), header.GetNumberOfComponents())
+    check_nifti_geometry(path)
     return Geometry.of(header)
 
 
 @dataclass(frozen=True)
-class _NiftiLayout:
-    offset: int             # first byte of the voxel data
-    end: int                # byte after the voxel data
+class _NiftiHeader:
+    """The fields of a NIfTI-1/2 header that ITK reads without complaint although they can be wrong."""
+
+    offset: int              # first byte of the voxel data
+    end: int                 # byte after the voxel data
     float_dtype: str | None  # numpy dtype of float voxel data, None for integer data
+    qform_code: int          # 0: no qform orientation
+    sform_code: int          # 0: no sform orientation
+    pixdim: tuple[float, float, float]  # voxel size along i, j, k (mm)
+    sform: np.ndarray        # 3x4 affine srow_x..z (meaningful only with sform_code > 0)
 
 
-def _nifti_layout(header: bytes) -> _NiftiLayout | None:
-    """Where a NIfTI-1/2 file's voxel data lies and whether it is float, from its header; None if not NIfTI."""
+def _nifti_header(header: bytes) -> _NiftiHeader | None:
+    """Parse the first 540 bytes of a NIfTI-1/2 file; None if the file is not NIfTI."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            codes = struct.unpack(endian + "2h", header[252:256])
+            sform = struct.unpack(endian + "12f", header[280:328])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
             dims = struct.unpack(endian + "8q", header[16:80])
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = struct.unpack(endian + "q", header[168:176])[0]
+            codes = struct.unpack(endian + "2i", header[344:352])
+            sform = struct.unpack(endian + "12d", header[400:496])
             break
     else:
         return None
     end = offset + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
     dtype = NIFTI_FLOAT_TYPES.get(datatype)
-    return _NiftiLayout(offset, end, endian + dtype if dtype else None)
+    return _NiftiHeader(offset, end, endian + dtype if dtype else None, int(codes[0]), int(codes[1]),
+                        tuple(float(v) for v in pixdim[1:4]), np.asarray(sform, dtype=np.float64).reshape(3, 4))
 
 
 def _open_nifti(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _read_nifti_header(path: Path) -> _NiftiHeader | None:
+    """The header of a NIfTI file; None if the file is not NIfTI."""
+    try:
+        with _open_nifti(path) as fh:
+            return _nifti_header(fh.read(540))
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise InputError(path, f"unreadable image ({exc})") from None
+
+
+def check_nifti_geometry(path: Path) -> None:
+    """Refuse a NIfTI header whose orientation or voxel size ITK would silently make up.
+
+    With qform_code = sform_code = 0 ITK assumes the identity direction (LPS): a volume stored in RAS then
+    has front and back swapped, and the posterior elements pass for the vertebral body. A voxel size of 0
+    becomes 1 mm (volumes and crops at the wrong scale), a negative one flips that axis. Where the sform
+    gives the voxel sizes the header contradicts itself, which is no more trustworthy: refused as well.
+    """
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    header = _read_nifti_header(path)
+    if header is None:
+        return
+    if header.qform_code == 0 and header.sform_code == 0:
+        raise InputError(path, "no orientation in the header: qform_code and sform_code are both 0, so front/back and "
+                               "left/right are unknown (ITK would guess); re-export the NIfTI with its qform/sform")
+    if all(d > 0 for d in header.pixdim):
+        return
+    reason = (f"voxel size in the header (pixdim) is {_mm(header.pixdim)} mm, not all positive "
+              "(ITK reads 0 as 1 mm and a negative size as a flipped axis)")
+    if header.sform_code > 0:
+        sform_mm = _mm(np.linalg.norm(header.sform[:, :3], axis=0))
+        reason += f", while the sform's axes give {sform_mm} mm: the header contradicts itself"
+    raise InputError(path, reason)
+
+
+def _mm(values) -> str:
+    """Voxel sizes as '0.82x0.82x0'."""
+    return "x".join(f"{float(v):g}" for v in values)
 
 
 def check_nifti_complete(path: Path) -> None:
@@ -180,9 +234,8 @@ def check_nifti_complete(path: Path) -> None:
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return
+    layout = _read_nifti_header(path)
     try:
-        with _open_nifti(path) as fh:
-            layout = _nifti_layout(fh.read(540))
         if name.endswith(".gz"):
             with open(path, "rb") as fh:
                 fh.seek(-4, 2)
@@ -203,7 +256,7 @@ def _nifti_nonfinite(path: Path) -> int:
     so only the file tells. Integer NIfTIs (most CTs) cannot hold NaN and are not read twice.
     """
     with _open_nifti(path) as fh:
-        layout = _nifti_layout(fh.read(540))
+        layout = _nifti_header(fh.read(540))
         if layout is None or layout.float_dtype is None:
             return 0
         fh.seek(layout.offset)
@@ -249,6 +302,7 @@ def read_image(path: Path) -> sitk.Image:
     except RuntimeError as exc:
         raise InputError(path, f"unreadable or truncated image ({_itk_reason(exc)})") from None
     check_volume(path, tuple(img.GetSize()), img.GetNumberOfComponentsPerPixel())
+    check_nifti_geometry(path)
     check_finite(path, img)
     return img
 

@@ -30,6 +30,7 @@ from osteo_model.site_tables import read_site_table
 BMD_COLUMNS = {level: f"bmd_{level.lower()}" for level in LEVELS}
 T_COLUMNS = {level: f"t_{level.lower()}" for level in LEVELS}
 REQUIRED_COLUMNS = ("patient_id", "dxa_date", "manufacturer", "model", *BMD_COLUMNS.values())
+NUMBER = re.compile(r"[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?")  # one decimal point or comma
 SEXES = {"female": "female", "f": "female", "w": "female", "male": "male", "m": "male"}
 
 
@@ -41,11 +42,11 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
     """Read and validate ``dxa.csv``; return the usable rows and the problems found.
 
     A row is quarantined for an unknown device, an unreadable or future date, no usable BMD at any level,
-    more values than columns, or a duplicate key (patient_id + dxa_date: which of the rows is right cannot be
-    told); so are all rows of a patient_id that disagree on who the patient is (:func:`_shared_ids`). A
-    single implausible BMD, T-score, age or sex code is dropped (reported) and the row's other values kept
-    (:func:`_levels`, :func:`_demographics`). No file means no labels, reported as such. Export dialects:
-    ``osteo_model.site_tables``.
+    more values than columns, or a duplicate key (patient_id + the date it gives, however written: which of
+    the rows is right cannot be told); so are all rows of a patient_id that disagree on who the patient is
+    (:func:`_shared_ids`). A single unreadable or implausible BMD, T-score or age, or an unknown sex code, is
+    dropped (reported) and the row's other values kept (:func:`_levels`, :func:`_demographics`). No file
+    means no labels, reported as such. Export dialects: ``osteo_model.site_tables``.
     """
     if not path.is_file():
         return _empty_table(), [Problem(path.name, path.name, "DXA table not found: every study is unlabeled", action=UNLABELED)]
@@ -57,8 +58,9 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
 
     for line, reason in bad_lines.items():
         report(line, reason)
-    key = raw["patient_id"] + "|" + raw["dxa_date"]
-    duplicated = key.duplicated(keep=False)
+    dates = pd.to_datetime(raw["dxa_date"], format="%Y-%m-%d", errors="coerce")
+    key = raw["patient_id"] + "|" + dates.dt.strftime("%Y-%m-%d")  # "2020-11-5" is "2020-11-05"; NaN: no date
+    duplicated = key.duplicated(keep=False) & key.notna()
     today = pd.Timestamp.today().normalize()
     rows = []
     for i, r in raw.iterrows():
@@ -71,7 +73,7 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
         if manufacturer is None:
             report(line, f"unknown DXA device manufacturer {r['manufacturer']!r} (no sBMD equation for it)")
             continue
-        date = pd.to_datetime(r["dxa_date"], format="%Y-%m-%d", errors="coerce")
+        date = dates[i]
         if pd.isna(date) or not r["patient_id"]:
             report(line, "missing patient_id or dxa_date not YYYY-MM-DD")
             continue
@@ -96,13 +98,13 @@ def _levels(r: pd.Series, manufacturer: str, bmd_range: tuple[float, float],
             drop: Callable[[str, str], None]) -> tuple[dict[str, float], str]:
     """A row's BMD and given T-score per level, and why the whole row is unusable ("" if it is usable).
 
-    An implausible BMD or T-score is dropped through ``drop`` and the level's other value kept. A negative
-    BMD (a T-score in a BMD column) or a given T-score that contradicts its BMD (on the level's reference,
-    as a printout gives it) quarantines the row instead of using the computed T-score: which of the two
-    values is wrong, and whether the row's other columns are shifted too, cannot be told, and a wrong BMD is
-    a wrong training target.
+    An unreadable or implausible BMD or T-score is dropped through ``drop`` and the level's other value kept.
+    A negative BMD (a T-score in a BMD column) or a given T-score that contradicts its BMD (on the level's
+    reference, as a printout gives it) quarantines the row instead of using the computed T-score: which of the
+    two values is wrong, and whether the row's other columns are shifted too, cannot be told, and a wrong BMD
+    is a wrong training target.
     """
-    bmds = {level: _number(r[BMD_COLUMNS[level]]) for level in LEVELS}
+    bmds = {level: _cell(r, BMD_COLUMNS[level], drop, level) for level in LEVELS}
     negative = [level for level, value in bmds.items() if value < 0]
     if negative:
         return {}, f"negative BMD at {', '.join(negative)}: T-scores in the BMD columns?"
@@ -111,7 +113,7 @@ def _levels(r: pd.Series, manufacturer: str, bmd_range: tuple[float, float],
     lo, hi = T_SCORE_PLAUSIBLE_RANGE
     sex = _sex(r)
     for level, value in bmds.items():
-        t = _number(r.get(T_COLUMNS[level], ""))
+        t = _cell(r, T_COLUMNS[level], drop, level)
         if not math.isnan(value) and not bmd_range[0] <= value <= bmd_range[1]:
             drop(f"implausible BMD {value} g/cm2 (plausible {bmd_range[0]}-{bmd_range[1]})", level)
             value = math.nan
@@ -123,7 +125,7 @@ def _levels(r: pd.Series, manufacturer: str, bmd_range: tuple[float, float],
             mismatched.append(f"{level} T {t:g} given, BMD {value:g} is T {computed:.1f}")
         values[BMD_COLUMNS[level]], values[T_COLUMNS[level]] = value, t
     if all(math.isnan(values[BMD_COLUMNS[level]]) for level in LEVELS):
-        return values, "no usable BMD at any level (missing or implausible)"
+        return values, "no usable BMD at any level (missing, unreadable or implausible)"
     if mismatched:
         return values, (f"T-score does not match BMD on the {manufacturer} young-adult reference of its level "
                         f"({'; '.join(mismatched)}; tolerance {T_SCORE_MISMATCH_TOLERANCE:g}): columns swapped or shifted?")
@@ -135,14 +137,15 @@ def _sex(r: pd.Series) -> str:
     return SEXES.get(str(r.get("sex", "")).lower(), "")
 
 
-def _demographics(r: pd.Series, drop: Callable[[str], None]) -> dict[str, Any]:
-    """A row's sex and age; an unknown sex code or an implausible age is dropped through ``drop`` (sex picks
-    the T-score reference in osteo-predict: none, both sexes averaged, is better than a guess)."""
+def _demographics(r: pd.Series, drop: Callable[..., None]) -> dict[str, Any]:
+    """A row's sex and age; an unknown sex code or an unreadable or implausible age is dropped through
+    ``drop`` (sex picks the T-score reference in osteo-predict: none, both sexes averaged, is better than a
+    guess)."""
     code = str(r.get("sex", ""))
     sex = _sex(r)
     if code and not sex:
         drop(f"unknown sex {code!r} (expected female/f/w or male/m)")
-    age, (lo, hi) = _number(r.get("age", "")), AGE_PLAUSIBLE_RANGE
+    age, (lo, hi) = _cell(r, "age", drop), AGE_PLAUSIBLE_RANGE
     if not math.isnan(age) and not lo <= age <= hi:
         drop(f"implausible age {age:g} (plausible {lo:g}-{hi:g})")
         age = math.nan
@@ -169,13 +172,27 @@ def _shared_ids(table: pd.DataFrame) -> dict[int, str]:
     return shared
 
 
-def _number(text: Any) -> float:
-    """A number as exports write it, the decimal comma of a European spreadsheet included; NaN if none."""
+def _cell(r: pd.Series, column: str, drop: Callable[..., None], level: str = "") -> float:
+    """The number in a row's cell; NaN for an empty cell or an absent column (not measured). A cell that is
+    not a number ("0.9O1", "<0.5", "85%", "NaN") is dropped through ``drop``: it is a typo, a unit or a
+    qualifier, not a measurement, and must not pass for a level the report left out."""
+    text = str(r.get(column, ""))
     try:
-        value = float(str(text).strip().replace(",", "."))
+        return _number(text)
     except ValueError:
-        return float("nan")
-    return value if math.isfinite(value) else float("nan")
+        drop(f"unreadable {column} {text!r} (not a number)", level)
+        return math.nan
+
+
+def _number(text: str) -> float:
+    """A number as exports write it, the decimal comma of a European spreadsheet included; NaN for an empty
+    cell, ValueError for any other text (a thousands separator, NaN and inf included)."""
+    text = text.strip()
+    if not text:
+        return math.nan
+    if not NUMBER.fullmatch(text):
+        raise ValueError(f"not a number: {text!r}")
+    return float(text.replace(",", "."))
 
 
 @dataclass(frozen=True)

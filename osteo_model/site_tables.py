@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -36,32 +37,45 @@ def read_site_table(path: Path, required: Sequence[str], what: str) -> tuple[pd.
 
     The delimiter is the one the header line uses most; column names are trimmed and lower-cased. Blank
     rows are skipped without a word; a row with more values than the header has columns is left out
-    (which value belongs where cannot be told), empty trailing fields are not values.
+    (which value belongs where cannot be told). Empty trailing fields are not values only where they are
+    a trailing delimiter (:func:`_row_width`): an unquoted decimal comma before an empty last cell adds one
+    too, and would shift every value after it.
     """
     text = _text(path, what)
     header_line = text.split("\n", 1)[0]
     delimiter = max(DELIMITERS, key=header_line.count)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
-        header = [name.strip().lower() for name in next(reader, [])]
-        while header and not header[-1]:
-            header.pop()
-        twice = sorted({name for name in header if header.count(name) > 1})
-        if twice:
-            raise InputError(path, f"{what} has column(s) {twice} more than once")
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise InputError(path, f"{what} lacks columns {missing} (found {header}, delimiter {delimiter!r})")
-        rows, bad = [], {}
-        for fields in reader:
-            values = [value.strip() for value in fields]
-            if not any(values):
-                continue
-            if any(values[len(header):]):
-                bad[reader.line_num] = (f"{len(values)} values for {len(header)} columns "
-                                        f"(a stray {delimiter!r} would shift every value after it)")
-                continue
-            rows.append([reader.line_num, *values[: len(header)], *[""] * (len(header) - len(values))])
+        names = [name.strip().lower() for name in next(reader, [])]
+        records = [(reader.line_num, [value.strip() for value in fields]) for fields in reader]
     except csv.Error as exc:
         raise InputError(path, f"unreadable {what} (line {reader.line_num}: {exc})") from None
+    header = list(names)
+    while header and not header[-1]:
+        header.pop()
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise InputError(path, f"{what} has column(s) {twice} more than once")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise InputError(path, f"{what} lacks columns {missing} (found {header}, delimiter {delimiter!r})")
+    records = [(line, values) for line, values in records if any(values)]
+    width = _row_width(len(names), [values for _, values in records])
+    rows, bad = [], {}
+    for line, values in records:
+        if len(values) > width or any(values[len(header):]):
+            bad[line] = (f"{len(values)} values for {len(header)} columns "
+                         f"(a stray {delimiter!r} would shift every value after it)")
+            continue
+        rows.append([line, *values[: len(header)], *[""] * (len(header) - len(values))])
     return pd.DataFrame(rows, columns=["line", *header]), bad
+
+
+def _row_width(header_fields: int, rows: Sequence[Sequence[str]]) -> int | float:
+    """How many fields a row may have, empty ones past the header's columns included.
+
+    Where a row ends where the header does, the export writes no delimiter of its own at line ends (a
+    header's own trailing delimiters count as its fields): a longer row holds a stray delimiter. Where none
+    does, every line ends with delimiters the export added, and empty trailing fields are not values.
+    """
+    return header_fields if any(len(values) == header_fields for values in rows) else math.inf

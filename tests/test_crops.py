@@ -7,8 +7,8 @@ import SimpleITK as sitk
 from omegaconf import OmegaConf
 
 from conftest import BODY_VOLUME_ML, LEVEL_Z0
-from osteo_model.constants import LEVELS
-from osteo_model.crops import BODY, CORE, LevelExclusion, VertebraCrop, crop_levels
+from osteo_model.constants import LEVELS, MIN_BONE_COVERAGE
+from osteo_model.crops import BODY, CORE, LevelExclusion, VertebraCrop, bone_coverage, crop_levels
 from osteo_model.errors import ConfigError
 from osteo_model.labels import level_boxes, resolve_label_map
 
@@ -100,3 +100,69 @@ def test_label_presets_and_custom_map(spine_phantom):
     boxes = level_boxes(sitk.GetArrayFromImage(labels), plain)
     assert boxes["L1"][0] == slice(LEVEL_Z0["L1"], LEVEL_Z0["L1"] + 10)
     assert level_boxes(np.zeros((3, 3, 3), np.int32), plain)["L2"] is None
+
+
+def _relabel(labels: sitk.Image, edit) -> sitk.Image:
+    """A copy of ``labels`` whose array ``edit`` changed in place."""
+    arr = sitk.GetArrayFromImage(labels)
+    edit(arr)
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(labels)
+    return img
+
+
+def test_label_cut_in_two_is_excluded_but_a_speck_is_not(spine_phantom):
+    """L1 cut by one empty slice: which half gets measured would be chance, so the level is excluded. A stray
+    speck of the same id (as TotalSegmentator leaves) is ignored."""
+    ct, labels = spine_phantom()
+    z = LEVEL_Z0["L1"] + 5
+
+    def cut(arr):
+        arr[z][arr[z] == TOTAL["L1"]] = 0
+
+    def speck(arr):
+        arr[LEVEL_Z0["L1"] + 4, 2:4, 2:4] = TOTAL["L1"]  # 4 voxels, well away from L1
+
+    results = run(ct, _relabel(labels, cut))
+    assert isinstance(results["L1"], LevelExclusion)
+    assert results["L1"].reason.startswith("label in 2 pieces: the second largest is 80% of the largest")
+    assert all(isinstance(results[lv], VertebraCrop) for lv in ("L2", "L3", "L4"))
+    kept = run(ct, _relabel(labels, speck))["L1"]
+    assert isinstance(kept, VertebraCrop) and kept.body_volume_ml == pytest.approx(BODY_VOLUME_ML)
+    # A vertebra cut by the scan edge may fall apart too: the edge is the reason given.
+    top = z + 3
+    edge = run(ct[:, :, :top], _relabel(labels, cut)[:, :, :top])["L1"]
+    assert isinstance(edge, LevelExclusion) and edge.reason == "truncated by the scan edge"
+
+
+def test_front_and_back_swapped_keeps_too_little_body_and_is_excluded(spine_phantom):
+    """A header that lost its orientation puts the posterior arch in front: the canal cut then keeps the
+    lamina (23 % of the vertebra, still 5 ml, above the tiny limit) as the 'body'; it is excluded."""
+    swapped = []
+    for img in spine_phantom():
+        img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))  # y reversed: anterior <-> posterior
+        swapped.append(img)
+    for level, r in run(*swapped).items():
+        assert isinstance(r, LevelExclusion), level
+        assert "implausible anatomy: the part taken as the vertebral body (5.1 ml) is 23% of the vertebra" in r.reason
+
+
+def test_bone_coverage_is_the_share_of_the_dense_bone_around_a_mask_that_it_holds():
+    """A mask on its bone holds all of it; the same mask moved sideways by most of its width holds little, since
+    the bone it left lies within the margin around it (the mirrored label map of tests/test_real_data.py). The
+    slices above and below the level's are not counted: they are other vertebrae."""
+    ct = np.full((12, 30, 40), 40.0)
+    ct[:, 10:20, 15:25] = 600.0  # a column of dense bone, 10 voxels (20 mm) wide
+    on = np.zeros(ct.shape, bool)
+    on[3:9, 10:20, 15:25] = True
+    box = (slice(3, 9), slice(10, 20), slice(15, 25))
+    spacing = np.array([2.0, 2.0, 2.0])
+    assert bone_coverage(ct, box, on[box], spacing, axial=0) == 1.0
+    def moved(voxels: int) -> float:  # the mask moved sideways; bone within 3 voxels (6 mm) of its box counts
+        return bone_coverage(ct, (box[0], box[1], slice(15 + voxels, 25 + voxels)), on[box], spacing, axial=0)
+
+    assert moved(7) == pytest.approx(3 / 6) and moved(7) >= MIN_BONE_COVERAGE  # half of what it sees: kept
+    assert moved(9) == pytest.approx(1 / 4) and moved(9) < MIN_BONE_COVERAGE  # 18 mm, as the mirrored real L1
+    up = np.zeros((12, 30, 40), np.float32)
+    up[:3] = 600.0  # the vertebra above, outside the level's slices: not its bone
+    assert bone_coverage(up + ct, box, on[box], spacing, axial=0) == 1.0

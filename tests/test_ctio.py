@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import struct
 
 import numpy as np
 import pytest
@@ -163,3 +164,49 @@ def test_label_map_on_same_grid_in_other_orientation_is_reoriented(tmp_path, spi
     sitk.WriteImage(flipped, str(tmp_path / "lab.nii.gz"))
     _, lab = read_study(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")
     np.testing.assert_array_equal(lab, sitk.GetArrayFromImage(labels))
+
+
+def _edit_nifti_header(path, offset: int, fmt: str, *values) -> None:
+    """Overwrite header bytes of a gzipped NIfTI-1 in place, as an old converter or a hand edit would."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[offset : offset + struct.calcsize(fmt)] = struct.pack(fmt, *values)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+QFORM_SFORM_CODES = (252, "<2h")
+PIXDIM_K = (88, "<f")  # pixdim[3]: the slice spacing
+
+
+@pytest.mark.parametrize("which", ["ct", "lab"])
+def test_nifti_without_orientation_is_refused(tmp_path, spine_phantom, which):
+    """qform_code = sform_code = 0: ITK would assume LPS, swapping front and back of a RAS-stored volume, so the
+    posterior elements would be measured as the vertebral body. The file without orientation is named."""
+    for img, name in zip(spine_phantom(), ("ct", "lab")):
+        sitk.WriteImage(sitk.DICOMOrient(img, "RAS"), str(tmp_path / f"{name}.nii.gz"))
+    read_study(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")  # with its orientation the RAS pair reads
+    bad = tmp_path / f"{which}.nii.gz"
+    _edit_nifti_header(bad, QFORM_SFORM_CODES[0], QFORM_SFORM_CODES[1], 0, 0)
+    for read in (read_geometry, read_image):
+        with pytest.raises(InputError, match="no orientation in the header: qform_code and sform_code are both 0") as err:
+            read(bad)
+        assert err.value.path == bad
+    with pytest.raises(InputError, match="no orientation") as err:
+        read_study(tmp_path / "ct.nii.gz", tmp_path / "lab.nii.gz")
+    assert err.value.path == bad
+
+
+@pytest.mark.parametrize("spacing, codes, reason", [
+    (0.0, (1, 1), r"pixdim\) is 2x2x0 mm, not all positive \(ITK reads 0 as 1 mm.*\), while the sform's axes give 2x2x2 mm"),
+    (-2.0, (1, 0), r"pixdim\) is 2x2x-2 mm, not all positive \(ITK reads 0 as 1 mm and a negative size as a flipped axis\)$"),
+])
+def test_nifti_with_non_positive_slice_spacing_is_refused(tmp_path, spine_phantom, spacing, codes, reason):
+    """ITK reads a slice spacing of 0 as 1 mm (wrong scale), a negative one as a flipped axis. Refused even where the
+    sform gives the spacing, since a header that contradicts itself is not trustworthy."""
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(spine_phantom()[0], str(path))
+    _edit_nifti_header(path, *QFORM_SFORM_CODES, *codes)
+    _edit_nifti_header(path, *PIXDIM_K, spacing)
+    for read in (read_geometry, read_image):
+        with pytest.raises(InputError, match=reason) as err:
+            read(path)
+        assert err.value.path == path

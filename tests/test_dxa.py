@@ -208,3 +208,72 @@ def test_dominant_manufacturer(tmp_path):
     ))
     assert dominant_manufacturer(table, "hologic") == "ge_lunar"
     assert dominant_manufacturer(table.iloc[:0], "norland") == "norland"
+
+
+def test_a_stray_decimal_comma_before_an_empty_last_cell_quarantines_the_row(tmp_path):
+    """'0,9553' in a comma file with the age left empty: 11 fields for 10 columns, the extra one empty. Read as a
+    trailing delimiter it would give L3 L2's BMD and L4 L3's; only as many empty extras as the header has pass."""
+    path = tmp_path / "dxa.csv"
+    path.write_text("patient_id,dxa_date,manufacturer,model,bmd_l1,bmd_l2,bmd_l3,bmd_l4,sex,age\n"
+                    "p0,2018-11-13,Hologic,H,0,9553,1.0432,1.0426,1.0955,female,\n"
+                    "p1,2020-11-05,Hologic,H,0.7103,0.9075,0.9273,0.8970,male,69\n"
+                    "p2,2020-05-11,Hologic,H,0.6505,,0.7914,,female,\n")
+    table, problems = read_dxa(path)
+    assert list(table["patient_id"]) == ["p1", "p2"] and list(table["bmd_l3"]) == [0.9273, 0.7914]
+    assert [(p.case, p.file, p.action, p.reason) for p in problems] == [
+        ("dxa.csv line 2", "dxa.csv", QUARANTINED, "11 values for 10 columns (a stray ',' would shift every value after it)")]
+
+    path.write_text("patient_id;dxa_date;manufacturer;model;bmd_l1;bmd_l2;bmd_l3;bmd_l4;sex;age;\n"  # Excel's trailing ';'
+                    "p0;2018-11-13;Hologic;H;0;9553;1,0432;1,0426;1,0955;female;;\n"
+                    "p1;2020-11-05;Hologic;H;0,7103;0,9075;0,9273;0,8970;male;69;\n"
+                    "p2;2020-05-11;Hologic;H;0,6505;;0,7914;;female;;\n")
+    table, problems = read_dxa(path)
+    assert list(table["patient_id"]) == ["p1", "p2"] and list(table["bmd_l1"]) == [0.7103, 0.6505]
+    assert [(p.case, p.reason) for p in problems] == [
+        ("dxa.csv line 2", "12 values for 10 columns (a stray ';' would shift every value after it)")]
+
+
+def test_one_exam_date_written_two_ways_is_a_duplicate_key(tmp_path):
+    """2020-11-05 and 2020-11-5 are one exam: two BMDs for it, and pairing would take whichever came first."""
+    table, problems = read_dxa(write(
+        tmp_path,
+        "p1,2020-11-05,Hologic,H,0.7103,0.9075,0.9273,0.8970,,,,,male,69",
+        "p1,2020-11-5,Hologic,H,0.5103,0.6075,0.6273,0.6970,,,,,male,69",
+        "p2,2020-1-5,Hologic,H,0.8,0.9,1.0,1.0,,,,,F,60",  # one row, however written: kept
+        "p3,05.11.2020,Hologic,H,0.8,0.9,1.0,1.0,,,,,F,60",  # no date to compare: reported as such
+        "p3,05.11.2020,Hologic,H,0.8,0.9,1.0,1.0,,,,,F,60",
+    ))
+    assert list(table["patient_id"]) == ["p2"] and table.iloc[0]["dxa_date"] == pd.Timestamp("2020-01-05")
+    assert [(p.case, p.action, p.reason) for p in problems] == [
+        ("dxa.csv line 2", QUARANTINED, "duplicate key patient_id+dxa_date (also on line 3)"),
+        ("dxa.csv line 3", QUARANTINED, "duplicate key patient_id+dxa_date (also on line 2)"),
+        ("dxa.csv line 5", QUARANTINED, "missing patient_id or dxa_date not YYYY-MM-DD"),
+        ("dxa.csv line 6", QUARANTINED, "missing patient_id or dxa_date not YYYY-MM-DD")]
+
+
+def test_a_cell_that_is_not_a_number_is_reported_not_taken_for_an_empty_one(tmp_path):
+    """A typo, a unit, a qualifier or a spreadsheet's NaN is dropped with a word; the level is not labeled from
+    it and the row's other values are kept. An empty cell still means "not measured" and is not reported."""
+    table, problems = read_dxa(write(
+        tmp_path,
+        "p1,2024-01-10,Hologic,H,0.9O1,0.95 g/cm2,<0.5,1.02,85%,,,,female,70y",
+        "p2,2024-01-10,Hologic,H,NaN,inf,,1.0,,,,,F,60",
+        "p3,2024-01-10,Hologic,H,n/a,,,,,,,,F,60",
+        "p4,2024-01-10,Hologic,H,1e0,\"0,95\",,,,,,,F,",
+    ))
+    assert list(table["patient_id"]) == ["p1", "p2", "p4"]
+    p1, p2, p4 = (table.iloc[i].to_dict() for i in range(3))
+    assert [level_labels(p1, level)["category"] for level in ("L1", "L2", "L3")] == [-1] * 3 and p1["bmd_l4"] == 1.02
+    assert math.isnan(p1["t_l1"]) and math.isnan(p1["age"]) and p1["sex"] == "female"
+    assert math.isnan(p2["bmd_l1"]) and math.isnan(p2["bmd_l2"]) and p2["bmd_l4"] == 1.0
+    assert (p4["bmd_l1"], p4["bmd_l2"]) == (1.0, 0.95)
+    assert [(p.case, p.level, p.action, p.reason) for p in problems] == [
+        ("dxa.csv line 2", "L1", VALUE_DROPPED, "unreadable bmd_l1 '0.9O1' (not a number)"),
+        ("dxa.csv line 2", "L2", VALUE_DROPPED, "unreadable bmd_l2 '0.95 g/cm2' (not a number)"),
+        ("dxa.csv line 2", "L3", VALUE_DROPPED, "unreadable bmd_l3 '<0.5' (not a number)"),
+        ("dxa.csv line 2", "L1", VALUE_DROPPED, "unreadable t_l1 '85%' (not a number)"),
+        ("dxa.csv line 2", "", VALUE_DROPPED, "unreadable age '70y' (not a number)"),
+        ("dxa.csv line 3", "L1", VALUE_DROPPED, "unreadable bmd_l1 'NaN' (not a number)"),
+        ("dxa.csv line 3", "L2", VALUE_DROPPED, "unreadable bmd_l2 'inf' (not a number)"),
+        ("dxa.csv line 4", "L1", VALUE_DROPPED, "unreadable bmd_l1 'n/a' (not a number)"),
+        ("dxa.csv line 4", "", QUARANTINED, "no usable BMD at any level (missing, unreadable or implausible)")]

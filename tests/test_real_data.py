@@ -63,3 +63,22 @@ def test_dicom_series_reads_with_geometry():
     assert labels.shape == (20, 512, 512)
     t12 = sitk.GetArrayViewFromImage(ct)[labels == 32]
     assert 150 < np.median(t12) < 300  # bone, so the mask landed on the vertebra
+
+
+def test_a_label_map_mirrored_left_right_is_excluded_level_by_level(tmp_path):
+    """The input audit's real_apflip: seg_total with its voxels mirrored left-right and the header untouched (a
+    radiological/neurological mix-up) put each mask 15-18 mm beside its vertebra (Dice 0.37-0.50), still over some
+    bone and on the spine's axis; all four levels were cropped, L1 at 66 HU instead of 106. Each is now excluded
+    for holding too little of the dense bone around it; the map as it is keeps all four."""
+    from omegaconf import OmegaConf
+
+    from osteo_model.crops import LevelExclusion, VertebraCrop, crop_levels
+    from osteo_model.labels import resolve_label_map
+
+    crop = OmegaConf.create({"fov_mm": 48.0, "size": 32, "trabecular_erosion_mm": 3.0, "min_body_volume_ml": 4.0,
+                             "edge_margin_vox": 1})
+    ct, labels = read_image(EXAMPLE / "ct.nii.gz"), sitk.GetArrayFromImage(read_image(EXAMPLE / "seg_total.nii.gz"))
+    levels = resolve_label_map("totalseg_total")
+    assert all(isinstance(r, VertebraCrop) for r in crop_levels(ct, labels, levels, crop))
+    mirrored = crop_levels(ct, np.ascontiguousarray(labels[:, :, ::-1]), levels, crop)
+    assert all(isinstance(r, LevelExclusion) and "of the dense bone around it" in r.reason for r in mirrored), mirrored
