@@ -234,22 +234,24 @@ def pair_studies(studies: pd.DataFrame, dxa: pd.DataFrame, max_days: int, dxa_fi
 
 
 def _unpaired(dxa: pd.DataFrame, patient_ids: Iterable[str], dxa_file: str, studies_file: str) -> list[Problem]:
-    """One problem per DXA row whose patient_id no study has, naming the study id it equals up to letter case
-    and leading zeros where there is one (what a spreadsheet changes: '00003' read as the number 3)."""
+    """One problem per DXA row whose patient_id no study has, naming the study id it equals up to letter case,
+    leading zeros and a trailing '.0' where there is one (what a spreadsheet changes: '00003' read as the number
+    3, written back as 3.0)."""
     known = set(patient_ids)
     loose = {_loose_id(pid): pid for pid in known}
     problems = []
     for r in dxa[~dxa["patient_id"].isin(known)].itertuples():
         near = loose.get(_loose_id(r.patient_id))
-        hint = f" (a study has {near!r}: letter case or leading zeros changed by a spreadsheet?)" if near else ""
+        hint = f" (a study has {near!r}: letter case, leading zeros or '.0' changed by a spreadsheet?)" if near else ""
         reason = f"patient_id {r.patient_id!r} matches no usable study in {studies_file}{hint}"
         problems.append(Problem(f"{dxa_file} line {r.line}", dxa_file, reason, action=UNPAIRED))
     return problems
 
 
 def _loose_id(patient_id: str) -> str:
-    """An id without letter case and without the zeros leading a run of digits ('P00005' -> 'p5')."""
-    return re.sub(r"(?<!\d)0+(?=\d)", "", patient_id.casefold())
+    """An id without letter case, without the zeros leading a run of digits ('P00005' -> 'p5') and without the
+    '.0' a spreadsheet gives a number it read ('7.0' -> '7')."""
+    return re.sub(r"(?<!\d)0+(?=\d)", "", re.sub(r"(?<=\d)\.0+$", "", patient_id.casefold()))
 
 
 def level_labels(dxa_row: dict[str, Any] | None, level: str) -> dict[str, float | int]:

@@ -55,6 +55,9 @@ def _site_sizes(synth: DictConfig) -> list[tuple[str, str, int, int]]:
     names = [s[0] for s in sites]
     if len(set(names)) != len(names):
         raise ConfigError(None, f"synth: site names must be unique, got {names}")
+    if empty := [name for name, _, labeled, unlabeled in sites if min(labeled, unlabeled) < 0 or labeled + unlabeled < 1]:
+        raise ConfigError(None, f"synth: site {empty[0]} would have no study (its labeled and unlabeled counts); give it "
+                                "some, or leave it out (synth.external_site=null generates no external site)")
     return sites
 
 

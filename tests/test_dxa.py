@@ -168,16 +168,18 @@ def test_dxa_rows_of_no_study_are_reported_naming_the_id_a_spreadsheet_changed(t
         "P5,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
         "p9,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
         "00004,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
+        "7.0,2024-01-01,Hologic,H,1.0,1.0,1.0,1.0,,,,,F,60",
     ))
-    studies = pd.DataFrame({"study_id": ["a", "b", "c"], "patient_id": ["00003", "p00005", "00004"],
-                            "ct_date": pd.to_datetime(["2024-01-10"] * 3)})
+    studies = pd.DataFrame({"study_id": ["a", "b", "c", "d"], "patient_id": ["00003", "p00005", "00004", "007"],
+                            "ct_date": pd.to_datetime(["2024-01-10"] * 4)})
     pairings, problems = pair_studies(studies, table, max_days=180, dxa_file="dxa.csv", studies_file="studies.csv")
     assert pairings["a"].dxa is None and pairings["b"].dxa is None and pairings["c"].dxa["line"] == 5
-    spreadsheet = "letter case or leading zeros changed by a spreadsheet?"
+    spreadsheet = "letter case, leading zeros or '.0' changed by a spreadsheet?"
     assert [(p.case, p.file, p.action, p.reason) for p in problems] == [
         ("dxa.csv line 2", "dxa.csv", UNPAIRED, f"patient_id '3' matches no usable study in studies.csv (a study has '00003': {spreadsheet})"),
         ("dxa.csv line 3", "dxa.csv", UNPAIRED, f"patient_id 'P5' matches no usable study in studies.csv (a study has 'p00005': {spreadsheet})"),
-        ("dxa.csv line 4", "dxa.csv", UNPAIRED, "patient_id 'p9' matches no usable study in studies.csv")]
+        ("dxa.csv line 4", "dxa.csv", UNPAIRED, "patient_id 'p9' matches no usable study in studies.csv"),
+        ("dxa.csv line 6", "dxa.csv", UNPAIRED, f"patient_id '7.0' matches no usable study in studies.csv (a study has '007': {spreadsheet})")]
 
 
 def test_level_labels_are_on_the_level_reference_whether_or_not_the_report_gives_t():

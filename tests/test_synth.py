@@ -372,3 +372,13 @@ def test_scenarios_compose_with_their_stories():
     assert len(many.sites) == 12
     profiles = [site_profile(many, s) for s in many.sites]
     assert all(0.85 <= p["hu_slope"] <= 1.15 and 0.3 <= p["contrast_fraction"] <= 1.0 for p in profiles)
+
+
+def test_a_site_with_no_study_is_refused_in_one_line(tmp_path):
+    """The input audit: synth.labeled_external=0 synth.unlabeled_external=0 crashed with a pandas KeyError while
+    writing site_ext's studies.csv; a site without a study is refused by name, before anything is written."""
+    for overrides in (["synth.labeled_external=0", "synth.unlabeled_external=0"], ["synth.labeled_per_site=-3"]):
+        cfg = compose([f"paths.root={tmp_path}", "synth.sites=[site_a]", *overrides])
+        with pytest.raises(ConfigError, match=r"synth: site site_\w+ would have no study"):
+            generate(cfg, progress=False)
+    assert not (tmp_path / "data").exists()
