@@ -148,18 +148,17 @@ VERTEBRA_MIN_BONE_HU = 150.0
 """90th percentile HU of a whole vertebra label: cortical shell, endplates and posterior elements keep it well above
 this even in osteoporosis (TotalSegmentator's example CT at 3 mm: 356-412 HU; the synthetic sites' weakest: ~210 HU);
 unenhanced organs stay below ~80 HU. A strongly enhanced organ may pass: the volume and axis checks back this one up."""
-DENSE_BONE_HU = 250.0
-"""HU above which a voxel beside the spine is dense bone (cortex, endplates, posterior elements): above soft
-tissue and unenhanced blood (< 80 HU) and most trabecular bone; for :data:`MIN_BONE_COVERAGE`."""
 BONE_COVERAGE_MARGIN_MM = 6.0
 """How far around a level's mask (in its own slices) dense bone is looked for, for :data:`MIN_BONE_COVERAGE`."""
 MIN_BONE_COVERAGE = 0.4
-"""Least share of the dense bone around a level's mask, in the slices it spans, that the mask must hold. A mask
-on its vertebra holds most of it (TotalSegmentator's example CT at 3 mm, L1-L4: 0.61-0.76; 240 synthetic
-L1-L4 levels: 0.83 and above); the same label map mirrored left-right, header untouched (the classic
-radiological/neurological flip: each mask 15-18 mm sideways, Dice 0.37-0.50 with its vertebra, L1's median
-HU 66 instead of 106) holds 0.16-0.28, and passed every other check. An arterial-phase aorta beside the spine
-lowers the share of a correct mask; if a site's correct levels are excluded for this, its report says so."""
+"""Least share of the dense bone around a level's mask, in the slices it spans, that the mask must hold; dense
+for this vertebra is at or above its mask's own 90th-percentile HU (a fixed 250 HU excluded a synthetic
+osteoporotic L4 whose brightest voxel was 241 HU). A mask on its vertebra holds most of it (TotalSegmentator's
+example CT at 3 mm, L1-L4: 0.65-0.75; 604 synthetic L1-L4 levels: 0.81 and above); the same label map mirrored
+left-right, header untouched (the classic radiological/neurological flip: each mask 15-18 mm sideways, Dice
+0.37-0.50 with its vertebra, L1's median HU 66 instead of 106) holds 0.17-0.26, and passed every other check.
+Bright structures beside the spine (an arterial-phase aorta) lower the share of a correct mask; a site whose
+correct levels are excluded for this sees the reason in its quarantine.csv."""
 SPINE_MAX_AXIAL_OFFSET_MM = 50.0
 """A lumbar level farther than this (axial plane) from the median of the other levels is not on the same spine."""
 

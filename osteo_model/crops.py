@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from osteo_model.constants import (BONE_COVERAGE_MARGIN_MM, DENSE_BONE_HU, LEVELS, MIN_BONE_COVERAGE,
+from osteo_model.constants import (BONE_COVERAGE_MARGIN_MM, LEVELS, MIN_BONE_COVERAGE,
                                    SPINE_MAX_AXIAL_OFFSET_MM, VERTEBRA_MAX_VOLUME_ML, VERTEBRA_MIN_BONE_HU)
 from osteo_model.errors import ConfigError
 from osteo_model.labels import level_boxes
@@ -182,16 +182,16 @@ def long_axis(ct: sitk.Image) -> int:
 
 
 def bone_coverage(ct_arr: np.ndarray, box: tuple[slice, ...], mask: np.ndarray, spacing_zyx: np.ndarray,
-                  axial: int) -> float:
-    """Share of the dense bone (> DENSE_BONE_HU) within BONE_COVERAGE_MARGIN_MM of the level's box, in the
-    slices the level spans (``axial``: the head-feet array axis; the vertebrae above and below are not its
+                  axial: int, dense_hu: float) -> float:
+    """Share of the dense bone (at or above ``dense_hu``) within BONE_COVERAGE_MARGIN_MM of the level's box, in
+    the slices the level spans (``axial``: the head-feet array axis; the vertebrae above and below are not its
     own), that lies inside its mask. A mask off its vertebra leaves much of that bone outside."""
     reach = np.ceil(BONE_COVERAGE_MARGIN_MM / spacing_zyx).astype(int)
     reach[axial] = 0
     around = tuple(slice(max(s.start - r, 0), min(s.stop + r, n)) for s, r, n in zip(box, reach, ct_arr.shape))
     inside = np.zeros([s.stop - s.start for s in around], bool)
     inside[tuple(slice(s.start - a.start, s.stop - a.start) for s, a in zip(box, around))] = mask
-    bone = np.asarray(ct_arr[around]) > DENSE_BONE_HU
+    bone = np.asarray(ct_arr[around]) >= dense_hu
     return float((bone & inside).sum() / max(int(bone.sum()), 1))
 
 
@@ -210,7 +210,7 @@ def implausible_anatomy(ct_arr: np.ndarray, box: tuple[slice, ...], mask: np.nda
     if bone < VERTEBRA_MIN_BONE_HU:
         return (f"implausible anatomy: not bone (90th percentile {bone:.0f} HU, a vertebra has cortex above "
                 f"{VERTEBRA_MIN_BONE_HU:.0f} HU); {WRONG_LABELS}")
-    if (share := bone_coverage(ct_arr, box, mask, spacing_zyx, axial)) < MIN_BONE_COVERAGE:
+    if (share := bone_coverage(ct_arr, box, mask, spacing_zyx, axial, dense_hu=bone)) < MIN_BONE_COVERAGE:
         return (f"implausible anatomy: the label holds {share:.0%} of the dense bone around it, a vertebra's over "
                 f"{MIN_BONE_COVERAGE:.0%}: label map mirrored or shifted against the CT?")
     return None

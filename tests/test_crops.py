@@ -157,12 +157,23 @@ def test_bone_coverage_is_the_share_of_the_dense_bone_around_a_mask_that_it_hold
     on[3:9, 10:20, 15:25] = True
     box = (slice(3, 9), slice(10, 20), slice(15, 25))
     spacing = np.array([2.0, 2.0, 2.0])
-    assert bone_coverage(ct, box, on[box], spacing, axial=0) == 1.0
+    assert bone_coverage(ct, box, on[box], spacing, axial=0, dense_hu=600) == 1.0
     def moved(voxels: int) -> float:  # the mask moved sideways; bone within 3 voxels (6 mm) of its box counts
-        return bone_coverage(ct, (box[0], box[1], slice(15 + voxels, 25 + voxels)), on[box], spacing, axial=0)
+        return bone_coverage(ct, (box[0], box[1], slice(15 + voxels, 25 + voxels)), on[box], spacing, axial=0, dense_hu=600)
 
     assert moved(7) == pytest.approx(3 / 6) and moved(7) >= MIN_BONE_COVERAGE  # half of what it sees: kept
     assert moved(9) == pytest.approx(1 / 4) and moved(9) < MIN_BONE_COVERAGE  # 18 mm, as the mirrored real L1
     up = np.zeros((12, 30, 40), np.float32)
     up[:3] = 600.0  # the vertebra above, outside the level's slices: not its bone
-    assert bone_coverage(up + ct, box, on[box], spacing, axial=0) == 1.0
+    assert bone_coverage(up + ct, box, on[box], spacing, axial=0, dense_hu=600) == 1.0
+
+
+def test_a_vertebra_whose_brightest_bone_is_under_250_hu_is_not_taken_for_a_mask_off_its_bone(spine_phantom):
+    """A fixed 'dense' of 250 HU found no dense bone around a synthetic osteoporotic L4 (brightest voxel 241 HU,
+    make demo's site_c) and excluded it as 0 % covered; dense is the vertebra's own densest tenth."""
+    ct, labels = spine_phantom(trabecular_hu=60.0)
+    arr = sitk.GetArrayFromImage(ct)
+    arr[arr >= 300] = 230  # cortex and arch at 230 HU: above 'not bone' (150), under a fixed 250
+    weak = sitk.GetImageFromArray(arr)
+    weak.CopyInformation(ct)
+    assert all(isinstance(r, VertebraCrop) for r in run(weak, labels).values())
