@@ -181,8 +181,15 @@ def _nifti_header(header: bytes) -> _NiftiHeader | None:
                         tuple(float(v) for v in pixdim[1:4]), np.asarray(sform, dtype=np.float64).reshape(3, 4))
 
 
+def _gzipped(path: Path) -> bool:
+    """Whether the file's bytes are gzip (its magic number), whatever its name says: ITK reads an uncompressed
+    NIfTI named .nii.gz, and a reader that trusted the name quarantined it as 'not a gzipped file'."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
 def _open_nifti(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if _gzipped(path) else open(path, "rb")
 
 
 def _read_nifti_header(path: Path) -> _NiftiHeader | None:
@@ -236,7 +243,7 @@ def check_nifti_complete(path: Path) -> None:
         return
     layout = _read_nifti_header(path)
     try:
-        if name.endswith(".gz"):
+        if _gzipped(path):
             with open(path, "rb") as fh:
                 fh.seek(-4, 2)
                 stored = struct.unpack("<I", fh.read(4))[0]

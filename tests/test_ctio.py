@@ -52,6 +52,20 @@ def test_truncated_file_is_unreadable(tmp_path, spine_phantom, suffix):
         read_image(path)
 
 
+def test_an_uncompressed_nifti_named_nii_gz_reads_and_its_truncation_is_still_caught(tmp_path, spine_phantom):
+    """The input audit: an uncompressed NIfTI named .nii.gz (ITK reads it by its bytes) was quarantined as 'Not a
+    gzipped file', since the header checks opened it by its name; they now go by the gzip magic number."""
+    ct, _ = spine_phantom()
+    sitk.WriteImage(ct, str(tmp_path / "plain.nii"))
+    named = tmp_path / "ct.nii.gz"
+    named.write_bytes((tmp_path / "plain.nii").read_bytes())
+    assert read_image(named).GetSize() == ct.GetSize() and read_geometry(named).size == ct.GetSize()
+    data = named.read_bytes()
+    named.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="unreadable or truncated"):
+        read_image(named)
+
+
 def test_dicom_series_reads_in_order_with_geometry(tmp_path, spine_phantom):
     ct, _ = spine_phantom()
     folder = write_dicom_series(ct, tmp_path / "dcm")
