@@ -126,6 +126,9 @@ def effective_config(run: DictConfig, site: DictConfig) -> DictConfig:
     min_cohort = int(own["site"]["policy"]["min_cohort"])
     if min_cohort < HARD_MIN_COHORT:
         raise ConfigError(None, f"site.policy.min_cohort={min_cohort} is below the hard floor {HARD_MIN_COHORT}")
+    max_lr = own["site"]["policy"]["max_lr"]
+    if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not max_lr > 0:
+        raise ConfigError(None, f"site.policy.max_lr={max_lr!r} must be a number > 0")
     requested = OmegaConf.to_container(run, resolve=True)
     own_privacy = {**own["privacy"], **_site_yaml_privacy(own["site"]["policy"].get("privacy"))}
     cfg = OmegaConf.create({
@@ -151,8 +154,6 @@ def check_request(cfg: DictConfig) -> None:
         raise PolicyRefusal("the run asks for the whole model under DP: it would send the site's feature "
                             "standardisation (its patients' exact feature moments), outside epsilon")
     cap, lr = cfg.site.policy.max_lr, float(cfg.train.lr)
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
-        raise ConfigError(None, f"site.policy.max_lr={cap!r} must be a number > 0")
     if (fastest := lr * max(1.0, float(cfg.train.local_lr_factor))) > cap:
         raise PolicyRefusal(f"the run trains a parameter group at a learning rate of {fastest:g} (train.lr={lr:g} x "
                             f"train.local_lr_factor={float(cfg.train.local_lr_factor):g}); this site allows at most "

@@ -148,6 +148,15 @@ VERTEBRA_MIN_BONE_HU = 150.0
 """90th percentile HU of a whole vertebra label: cortical shell, endplates and posterior elements keep it well above
 this even in osteoporosis (TotalSegmentator's example CT at 3 mm: 356-412 HU; the synthetic sites' weakest: ~210 HU);
 unenhanced organs stay below ~80 HU. A strongly enhanced organ may pass: the volume and axis checks back this one up."""
+BODY_MIN_FRACTION = 0.35
+"""Least share of the whole vertebra mask that the part kept as the body may have. Measured with the canal cut
+of ``anterior_body``: correct levels keep 70-71 % (real TotalSegmentator example CT, L1-L4) and 64-78 % (1260
+synthetic levels); with front and back swapped (header without orientation, flipped label map) the kept
+posterior arch is 13-22 % (real) and 9-16 % (synthetic). 0.35 lies well clear of both."""
+MAX_SECOND_PIECE = 0.2
+"""Largest second connected piece of a level's label, relative to the largest, still taken as a stray fragment.
+Real TotalSegmentator specks are tiny (0.04 % beside T12 of the real DICOM case); a vertebra cut by one empty
+slice gives two halves (real L1: 49 %), and which half gets measured would be chance."""
 BONE_COVERAGE_MARGIN_MM = 6.0
 """How far around a level's mask (in its own slices) dense bone is looked for, for :data:`MIN_BONE_COVERAGE`."""
 MIN_BONE_COVERAGE = 0.4

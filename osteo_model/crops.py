@@ -14,8 +14,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from osteo_model.constants import (BONE_COVERAGE_MARGIN_MM, LEVELS, MIN_BONE_COVERAGE,
-                                   SPINE_MAX_AXIAL_OFFSET_MM, VERTEBRA_MAX_VOLUME_ML, VERTEBRA_MIN_BONE_HU)
+from osteo_model.constants import (BODY_MIN_FRACTION, BONE_COVERAGE_MARGIN_MM, LEVELS, MAX_SECOND_PIECE,
+                                   MIN_BONE_COVERAGE, SPINE_MAX_AXIAL_OFFSET_MM, VERTEBRA_MAX_VOLUME_ML,
+                                   VERTEBRA_MIN_BONE_HU)
 from osteo_model.errors import ConfigError
 from osteo_model.labels import level_boxes
 
@@ -23,15 +24,6 @@ AIR_HU = -1024.0
 """Fill value where a crop reaches beyond the scan."""
 MIDLINE_HALF_WIDTH_MM = 2.5
 """Half width of the sagittal band searched for the spinal canal."""
-BODY_MIN_FRACTION = 0.35
-"""Least share of the whole vertebra mask that the part kept as the body may have. Measured with the canal cut
-of ``anterior_body``: correct levels keep 70-71 % (real TotalSegmentator example CT, L1-L4) and 64-78 % (1260
-synthetic levels); with front and back swapped (header without orientation, flipped label map) the kept
-posterior arch is 13-22 % (real) and 9-16 % (synthetic). 0.35 lies well clear of both."""
-MAX_SECOND_PIECE = 0.2
-"""Largest second connected piece of a level's label, relative to the largest, still taken as a stray fragment.
-Real TotalSegmentator specks are tiny (0.04 % beside T12 of the real DICOM case); a vertebra cut by one empty
-slice gives two halves (real L1: 49 %), and which half gets measured would be chance."""
 BODY = 1
 CORE = 2
 
@@ -247,7 +239,8 @@ def crop_levels(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, i
     Each level is its label's main connected component. Excluded: a level absent from the mask or in two
     large pieces, a vertebra touching the scan edge (truncated: its body and statistics would be incomplete),
     a level whose anatomy is implausible (volume, bone HU, its mask off the bone around it, position against the
-    other levels: a wrong label preset or a mirrored map), a body too small to be real or too small a share of its vertebra, no trabecular core.
+    other levels: a wrong label preset or a mirrored map), a body too small to be real or too small a share of
+    its vertebra, no trabecular core.
     """
     ct_arr = sitk.GetArrayViewFromImage(ct)
     spacing_zyx = np.asarray(ct.GetSpacing())[::-1]

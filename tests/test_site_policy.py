@@ -469,6 +469,8 @@ def test_the_site_worker_states_its_caps_at_start_and_a_broken_policy_stops_it_t
         warm_up({"site": "site_a", "overrides": own})
     with pytest.raises(ConfigError, match=r"site.policy.compute.max_batch_size=0 must be a whole number >= 1"):
         warm_up({"site": "site_a", "overrides": f"{own} {_caps({'max_batch_size': 0})}"})
+    with pytest.raises(ConfigError, match=r"site.policy.max_lr=-1 must be a number > 0"):
+        warm_up({"site": "site_a", "overrides": f"{own} site.policy.max_lr=-1"})
     site_yaml = root / "data" / "sites" / "site_b" / "site.yaml"
     site_yaml.parent.mkdir(parents=True)
     site_yaml.write_text("policy:\n  compute:\n    max_batch: 8\n")  # not a cap this version knows
@@ -790,8 +792,9 @@ def test_a_run_faster_than_the_sites_max_lr_is_refused_and_its_local_parts_kept(
     assert after.revision == before.revision and all(torch.equal(after.local[k], v) for k, v in before.local.items())
     own = {"site": "site_a", "overrides": "site.policy.max_lr=0.005"}  # the hospital's own, stricter cap
     assert "at most 0.005" in _ask(app, "train", ask, own, arrays=arrays).error.reason  # default 1e-3 x 10 = 0.01
+    broken = compose([*small_overrides(root), "site.policy.max_lr=0"])  # the hospital's own typo: found at start
     with pytest.raises(ConfigError, match=r"site.policy.max_lr=0 must be a number > 0"):
-        policy.check_request(compose([*small_overrides(root), "site.policy.max_lr=0"]))
+        policy.effective_config(broken, broken)
 
 
 def test_two_new_runs_cannot_push_the_hospitals_validated_model_off_its_disk(root: Path) -> None:
