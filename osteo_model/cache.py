@@ -15,6 +15,7 @@ Row i of every array is row i of index.csv.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from osteo_model.atomic import remove_stale_temporaries, replace, sync_file, sync_folder, temporary_sibling
 from osteo_model.errors import InputError
 
 FORMAT_VERSION = 1
@@ -121,7 +123,8 @@ def write_site_cache(
         raise ValueError("crops, masks, features and table must have the same number of rows")
     if features.ndim != 2 or features.shape[1] != len(feature_names):
         raise ValueError("features must be (N, F) with F feature names")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(path.parent, glob.escape(path.name))
+    tmp = temporary_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     table.loc[:, list(INDEX_COLUMNS)].to_csv(tmp / "index.csv", index=False)
@@ -138,10 +141,16 @@ def write_site_cache(
     (tmp / "manifest.json").write_text(json.dumps(full_manifest, indent=2, default=str))
     # Keep the entries folder (incremental store) where it is: move the consolidated files only.
     # The manifest goes first and comes back last, so an interrupted swap reads as "no cache", never a mix.
+    # Each file is on disk before the folder's renames are flushed, so a power cut cannot leave a complete
+    # manifest over empty arrays.
     path.mkdir(parents=True, exist_ok=True)
     (path / "manifest.json").unlink(missing_ok=True)
-    for f in ("index.csv", "crops.npy", "masks.npy", "features.npy", "features.json"):
+    sync_folder(path)
+    data_files = ("index.csv", "crops.npy", "masks.npy", "features.npy", "features.json")
+    for f in (*data_files, "manifest.json"):
+        sync_file(tmp / f)
+    for f in data_files:
         os.replace(tmp / f, path / f)
-    os.replace(tmp / "manifest.json", path / "manifest.json")  # last: marks the cache complete
+    replace(tmp / "manifest.json", path / "manifest.json")  # last: marks the cache complete
     shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -19,7 +19,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from osteo_model.atomic import atomic_file
+from osteo_model.atomic import atomic_file, replace
 from osteo_model.errors import ConfigError, StateError
 
 SITE_MODEL_FILE = "site_model.pt"
@@ -364,8 +363,8 @@ def set_aside_other_run(state_dir: str | Path, run_id: str) -> str | None:
         return (f"the model run {card.get('run_id')} kept is dropped: {PREVIOUS_SITE_MODEL_FILE} (run "
                 f"{earlier.get('run_id')}) predicts the site's validation patients at least as well")
     if (state_dir / MODEL_CARD_FILE).is_file():
-        os.replace(state_dir / MODEL_CARD_FILE, state_dir / PREVIOUS_MODEL_CARD_FILE)
-    os.replace(model, previous)
+        replace(state_dir / MODEL_CARD_FILE, state_dir / PREVIOUS_MODEL_CARD_FILE)
+    replace(model, previous)
     return f"the model run {card.get('run_id')} kept is now {PREVIOUS_SITE_MODEL_FILE}"
 
 

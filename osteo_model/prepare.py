@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field, fields
@@ -26,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from osteo_model import ctio, dxa
-from osteo_model.atomic import atomic_file
+from osteo_model.atomic import atomic_file, remove_stale_temporaries
 from osteo_model.cache import INDEX_COLUMNS, write_site_cache
 from osteo_model.constants import LEVELS
 from osteo_model.crops import LevelExclusion, VertebraCrop, check_crop_cfg, crop_levels, crop_spacing_mm
@@ -332,10 +331,7 @@ class _SiteRun:
             except OSError as exc:
                 raise ConfigError(folder, f"cache folder is not writable ({exc.strerror}); "
                                           "choose another site.cache_dir or fix its permissions") from None
-        for tmp in self.entries_dir.glob(".*.npz.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+        remove_stale_temporaries(self.entries_dir)
 
     def report(self, problem: Problem) -> None:
         self.summary.problems.append(problem)
@@ -416,21 +412,6 @@ class _SiteRun:
             parts.append(entry)
             self.summary.unlabeled_studies += self.pairings[study.study_id].dxa is None
         return parts
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs. A zombie counts as dead: a killed run's orphaned pool worker stays one
-    where PID 1 does not reap (containers), and its half-written entry must still be cleaned up."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # no /proc (not Linux), or it ended just now
-        return not Path("/proc/self/stat").exists()
 
 
 def _consolidate(cache_dir: Path, cfg: DictConfig, parts: list[dict], feature_names: list[str],

@@ -1,5 +1,7 @@
 """The consolidated cache: round trip, memory mapping, and refusal of broken caches."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -39,6 +41,16 @@ def test_roundtrip_is_memory_mapped(tmp_path) -> None:
     assert cache.table["study_id"].tolist()[:4] == ["s0"] * 4
     assert cache.table["sex"].tolist()[0] == ""
     assert not list(tmp_path.glob(".c.tmp-*")), "temporary folder left behind"
+
+
+def test_a_killed_consolidations_temporary_folder_is_removed_by_the_next(tmp_path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".c.tmp-{child.pid}"
+    stale.mkdir()
+    (stale / "crops.npy").write_bytes(b"half")
+    _write(tmp_path / "c")
+    assert not stale.exists()
 
 
 def test_missing_cache_names_the_folder(tmp_path) -> None:
