@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -25,7 +24,7 @@ from osteo_model.constants import (
     T_SCORE_PLAUSIBLE_RANGE,
 )
 from osteo_model.quarantine import QUARANTINED, UNLABELED, UNPAIRED, VALUE_DROPPED, Problem
-from osteo_model.site_tables import read_site_table
+from osteo_model.site_tables import EXTRA_FIELDS, read_site_table
 
 BMD_COLUMNS = {level: f"bmd_{level.lower()}" for level in LEVELS}
 T_COLUMNS = {level: f"t_{level.lower()}" for level in LEVELS}
@@ -80,13 +79,23 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
         if date > today:
             report(line, f"dxa_date {r['dxa_date']} is in the future")
             continue
-        drop = partial(report, line, action=VALUE_DROPPED)
+        dropped: list[str] = []
+
+        def drop(reason: str, level: str = "") -> None:
+            dropped.append(reason)
+            report(line, reason, level, VALUE_DROPPED)
+
         values, unusable = _levels(r, manufacturer, bmd_range, drop)
+        if not unusable:
+            values.update(_demographics(r, drop))
+        if dropped and r[EXTRA_FIELDS] and not unusable:
+            unusable = (f"{r[EXTRA_FIELDS]} empty field(s) past the last column and a value it cannot use "
+                        f"({dropped[0]}): a stray delimiter, as in a decimal comma, would shift every value after it")
         if unusable:
             report(line, unusable)
             continue
         rows.append({"line": line, "patient_id": r["patient_id"], "dxa_date": date, "manufacturer": manufacturer,
-                     "model": r["model"], **values, **_demographics(r, drop)})
+                     "model": r["model"], **values})
     table = pd.DataFrame(rows, columns=_empty_table().columns) if rows else _empty_table()
     shared = _shared_ids(table)
     for i, reason in shared.items():

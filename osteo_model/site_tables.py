@@ -18,6 +18,9 @@ import pandas as pd
 from osteo_model.errors import InputError
 
 DELIMITERS = (",", ";", "\t", "|")
+# How many empty fields a row had past the header's: taken as an export's trailing delimiters where no row
+# ends where the header does, which a lone stray delimiter before an empty last cell looks like too.
+EXTRA_FIELDS = "extra_fields"
 
 
 def _text(path: Path, what: str) -> str:
@@ -32,14 +35,16 @@ def _text(path: Path, what: str) -> str:
 
 
 def read_site_table(path: Path, required: Sequence[str], what: str) -> tuple[pd.DataFrame, dict[int, str]]:
-    """The table as whitespace-trimmed strings plus a ``line`` column (the line a spreadsheet shows), and the
-    lines left out with why.
+    """The table as whitespace-trimmed strings plus a ``line`` column (the line a spreadsheet shows) and an
+    :data:`EXTRA_FIELDS` column, and the lines left out with why.
 
     The delimiter is the one the header line uses most; column names are trimmed and lower-cased. Blank
     rows are skipped without a word; a row with more values than the header has columns is left out
     (which value belongs where cannot be told). Empty trailing fields are not values only where they are
     a trailing delimiter (:func:`_row_width`): an unquoted decimal comma before an empty last cell adds one
-    too, and would shift every value after it.
+    too, and would shift every value after it. Where no row ends where the header does, one row alone cannot
+    tell the two apart: its :data:`EXTRA_FIELDS` lets a reader that finds a value it cannot use leave out the
+    whole row (``dxa.read_dxa``).
     """
     text = _text(path, what)
     header_line = text.split("\n", 1)[0]
@@ -67,8 +72,9 @@ def read_site_table(path: Path, required: Sequence[str], what: str) -> tuple[pd.
             bad[line] = (f"{len(values)} values for {len(header)} columns "
                          f"(a stray {delimiter!r} would shift every value after it)")
             continue
-        rows.append([line, *values[: len(header)], *[""] * (len(header) - len(values))])
-    return pd.DataFrame(rows, columns=["line", *header]), bad
+        extra = max(0, len(values) - len(names))
+        rows.append([line, extra, *values[: len(header)], *[""] * (len(header) - len(values))])
+    return pd.DataFrame(rows, columns=["line", EXTRA_FIELDS, *header]), bad
 
 
 def _row_width(header_fields: int, rows: Sequence[Sequence[str]]) -> int | float:
