@@ -168,6 +168,13 @@ left-right, header untouched (the classic radiological/neurological flip: each m
 0.37-0.50 with its vertebra, L1's median HU 66 instead of 106) holds 0.17-0.26, and passed every other check.
 Bright structures beside the spine (an arterial-phase aorta) lower the share of a correct mask; a site whose
 correct levels are excluded for this sees the reason in its quarantine.csv."""
+MIN_RELATIVE_VOLUME = 0.55
+"""Least volume of a level's label, relative to the median of the other levels' in the same scan, for it to be
+a whole vertebra. Lumbar vertebrae grow from L1 to L4: TotalSegmentator's example CT, L1-L4 0.92-1.07; 588
+synthetic levels clear of the scan edge, wedge fractures included, 0.68-1.37. A label that covers part of its
+vertebra, the rest labelled as a neighbour (a boundary put mid-body), would be measured and labelled as if whole:
+the example CT with L1's upper slices relabelled L2 leaves L1 at 26 % (the phantom's half-relabelled L1: 50 %),
+and L2 falls in two pieces (:data:`MAX_SECOND_PIECE`)."""
 SPINE_MAX_AXIAL_OFFSET_MM = 50.0
 """A lumbar level farther than this (axial plane) from the median of the other levels is not on the same spine."""
 

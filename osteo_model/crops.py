@@ -15,8 +15,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from osteo_model.constants import (BODY_MIN_FRACTION, BONE_COVERAGE_MARGIN_MM, LEVELS, MAX_SECOND_PIECE,
-                                   MIN_BONE_COVERAGE, SPINE_MAX_AXIAL_OFFSET_MM, VERTEBRA_MAX_VOLUME_ML,
-                                   VERTEBRA_MIN_BONE_HU)
+                                   MIN_BONE_COVERAGE, MIN_RELATIVE_VOLUME, SPINE_MAX_AXIAL_OFFSET_MM,
+                                   VERTEBRA_MAX_VOLUME_ML, VERTEBRA_MIN_BONE_HU)
 from osteo_model.errors import ConfigError
 from osteo_model.labels import level_boxes
 
@@ -228,6 +228,18 @@ def misplaced_levels(centres: Mapping[str, np.ndarray]) -> dict[str, str]:
     return reasons
 
 
+def partial_levels(volumes_ml: Mapping[str, float]) -> dict[str, str]:
+    """Levels whose label is too small beside the other levels of the scan to cover a whole vertebra."""
+    reasons: dict[str, str] = {}
+    for level, volume in volumes_ml.items():
+        others = [v for lv, v in volumes_ml.items() if lv != level]
+        if len(others) >= 2 and volume < MIN_RELATIVE_VOLUME * (median := float(np.median(others))):
+            reasons[level] = (f"implausible anatomy: {volume:.0f} ml, {volume / median:.0%} of the other levels' median "
+                              f"({median:.0f} ml; a whole vertebra is over {MIN_RELATIVE_VOLUME:.0%}): the label covers "
+                              "part of the vertebra, its rest labelled as a neighbour?")
+    return reasons
+
+
 def _at_edge(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> bool:
     """Whether ``box`` comes within ``margin`` voxels of the scan edge."""
     return any(s.start < margin or s.stop > n - margin for s, n in zip(box, shape))
@@ -238,8 +250,8 @@ def crop_levels(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, i
 
     Each level is its label's main connected component. Excluded: a level absent from the mask or in two
     large pieces, a vertebra touching the scan edge (truncated: its body and statistics would be incomplete),
-    a level whose anatomy is implausible (volume, bone HU, its mask off the bone around it, position against the
-    other levels: a wrong label preset or a mirrored map), a body too small to be real or too small a share of
+    a level whose anatomy is implausible (volume, bone HU, its mask off the bone around it, position and size
+    against the other levels: a wrong label preset, a mirrored map, a boundary put mid-body), a body too small to be real or too small a share of
     its vertebra, no trabecular core.
     """
     ct_arr = sitk.GetArrayViewFromImage(ct)
@@ -265,7 +277,8 @@ def crop_levels(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, i
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     centres = {level: _lps_points(ct, np.argwhere(mask).mean(axis=0, keepdims=True) + [s.start for s in box])[0]
                for level, (box, mask) in found.items() if mask.sum() * voxel_ml >= crop_cfg.min_body_volume_ml}
-    for level, reason in misplaced_levels(centres).items():
+    volumes = {level: float(mask.sum()) * voxel_ml for level, (_, mask) in found.items()}
+    for level, reason in (partial_levels({lv: volumes[lv] for lv in centres}) | misplaced_levels(centres)).items():
         results[level] = LevelExclusion(level, reason)
     for level, (box, mask) in found.items():
         if level not in results:

@@ -36,10 +36,10 @@ from osteo_model.quarantine import LEVEL_EXCLUDED, QUARANTINED, Problem, write_q
 from osteo_model.radiomics_features import extractor_for, n_workers, params_digest, params_path
 from osteo_model.site_tables import read_site_table
 
-ENTRY_VERSION = 3
+ENTRY_VERSION = 4
 """Bump when the content of an entry changes, so old entries are recomputed (2: level anatomy checks, HU on body
 tissue; 3: a mask off its bone, a body too small a share of its vertebra, a label in pieces, a NIfTI header
-without orientation or with a voxel size of 0)."""
+without orientation or with a voxel size of 0; 4: a label too small beside the other levels)."""
 STUDY_COLUMNS = ("study_id", "patient_id", "ct_date", "ct", "labels")
 
 

@@ -135,6 +135,29 @@ def test_label_cut_in_two_is_excluded_but_a_speck_is_not(spine_phantom):
     assert isinstance(edge, LevelExclusion) and edge.reason == "truncated by the scan edge"
 
 
+def test_half_a_vertebra_labelled_as_its_neighbour_excludes_both(spine_phantom):
+    """The L1/L2 boundary put mid-body: L1's lower half carries L2's id. L2 falls in two pieces, and what
+    is left of L1 is one piece of the right bone, but half the size of the other levels: measured, its crop and
+    HU would be labelled with the whole L1's DXA BMD. A wedge-fractured L1 (a third of its height lost) is kept."""
+    ct, labels = spine_phantom()
+    z = LEVEL_Z0["L1"]
+
+    def lower_half_as_l2(arr):
+        half = arr[z:z + 5]
+        half[half == TOTAL["L1"]] = TOTAL["L2"]
+
+    def wedge(arr):
+        top = arr[z:z + 3]
+        top[top == TOTAL["L1"]] = 0
+
+    results = run(ct, _relabel(labels, lower_half_as_l2))
+    assert results["L2"].reason.startswith("label in 2 pieces")
+    assert isinstance(results["L1"], LevelExclusion)
+    assert results["L1"].reason.startswith("implausible anatomy: ") and "50% of the other levels' median" in results["L1"].reason
+    assert all(isinstance(results[lv], VertebraCrop) for lv in ("L3", "L4"))
+    assert all(isinstance(r, VertebraCrop) for r in run(ct, _relabel(labels, wedge)).values())
+
+
 def test_front_and_back_swapped_keeps_too_little_body_and_is_excluded(spine_phantom):
     """A header that lost its orientation puts the posterior arch in front: the canal cut then keeps the
     lamina (23 % of the vertebra, still 5 ml, above the tiny limit) as the 'body'; it is excluded."""
