@@ -79,17 +79,18 @@ def read_dxa(path: Path, bmd_range: tuple[float, float] = BMD_PLAUSIBLE_RANGE) -
         if date > today:
             report(line, f"dxa_date {r['dxa_date']} is in the future")
             continue
-        dropped: list[str] = []
+        dropped: list[str] = []  # numbers that cannot be used: what a stray delimiter leaves behind
 
-        def drop(reason: str, level: str = "") -> None:
-            dropped.append(reason)
+        def drop(reason: str, level: str = "", number: bool = True) -> None:
+            if number:
+                dropped.append(reason)
             report(line, reason, level, VALUE_DROPPED)
 
         values, unusable = _levels(r, manufacturer, bmd_range, drop)
         if not unusable:
             values.update(_demographics(r, drop))
         if dropped and r[EXTRA_FIELDS] and not unusable:
-            unusable = (f"{r[EXTRA_FIELDS]} empty field(s) past the last column and a value it cannot use "
+            unusable = (f"{r[EXTRA_FIELDS]} empty field(s) past the last column and a number it cannot use "
                         f"({dropped[0]}): a stray delimiter, as in a decimal comma, would shift every value after it")
         if unusable:
             report(line, unusable)
@@ -153,7 +154,7 @@ def _demographics(r: pd.Series, drop: Callable[..., None]) -> dict[str, Any]:
     code = str(r.get("sex", ""))
     sex = _sex(r)
     if code and not sex:
-        drop(f"unknown sex {code!r} (expected female/f/w or male/m)")
+        drop(f"unknown sex {code!r} (expected female/f/w or male/m)", number=False)
     age, (lo, hi) = _cell(r, "age", drop), AGE_PLAUSIBLE_RANGE
     if not math.isnan(age) and not lo <= age <= hi:
         drop(f"implausible age {age:g} (plausible {lo:g}-{hi:g})")

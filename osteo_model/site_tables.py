@@ -43,7 +43,7 @@ def read_site_table(path: Path, required: Sequence[str], what: str) -> tuple[pd.
     (which value belongs where cannot be told). Empty trailing fields are not values only where they are
     a trailing delimiter (:func:`_row_width`): an unquoted decimal comma before an empty last cell adds one
     too, and would shift every value after it. Where no row ends where the header does, one row alone cannot
-    tell the two apart: its :data:`EXTRA_FIELDS` lets a reader that finds a value it cannot use leave out the
+    tell the two apart: its :data:`EXTRA_FIELDS` lets a reader that finds a number it cannot use leave out the
     whole row (``dxa.read_dxa``).
     """
     text = _text(path, what)

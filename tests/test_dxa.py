@@ -237,8 +237,8 @@ def test_a_stray_decimal_comma_before_an_empty_last_cell_quarantines_the_row(tmp
 
 def test_a_lone_row_with_a_stray_decimal_comma_is_quarantined_not_shifted(tmp_path):
     """With one row (or every row ending in a delimiter) the extra empty field looks like an export's trailing
-    delimiter. A row like that which also holds a value it cannot use ('0' and '9553' as BMDs) is left out
-    whole: read as it stands, L3 would carry L2's BMD and L4 L3's. A trailing-delimiter export whose values
+    delimiter. A row like that which also holds a number it cannot use ('0' and '9553' as BMDs) is left out
+    whole: read as it stands, L3 would carry L2's BMD and L4 L3's. A trailing-delimiter export whose numbers
     all read is kept as it is."""
     path = tmp_path / "dxa.csv"
     path.write_text("patient_id,dxa_date,manufacturer,model,bmd_l1,bmd_l2,bmd_l3,bmd_l4,sex,age\n"
@@ -247,14 +247,17 @@ def test_a_lone_row_with_a_stray_decimal_comma_is_quarantined_not_shifted(tmp_pa
     assert table.empty
     quarantined = [p.reason for p in problems if p.action == QUARANTINED]
     assert len(quarantined) == 1 and quarantined[0].startswith(
-        "1 empty field(s) past the last column and a value it cannot use (implausible BMD 0.0 g/cm2")
+        "1 empty field(s) past the last column and a number it cannot use (implausible BMD 0.0 g/cm2")
     assert [p.level for p in problems if p.action == VALUE_DROPPED] == ["L1", "L2", "", ""]  # + sex, age
 
     path.write_text("patient_id,dxa_date,manufacturer,model,bmd_l1,bmd_l2,bmd_l3,bmd_l4,sex,age\n"
                     "p0,2018-11-13,Hologic,H,0.9553,1.0432,1.0426,1.0955,female,61,\n"
-                    "p1,2020-11-05,Hologic,H,0.7103,0.9075,0.9273,0.8970,male,69,\n")
+                    "p1,2020-11-05,Hologic,H,0.7103,0.9075,0.9273,0.8970,male,69,\n"
+                    "p2,2020-11-05,Hologic,H,0.7103,0.9075,0.9273,0.8970,X,69,\n")
     table, problems = read_dxa(path)
-    assert problems == [] and list(table["bmd_l4"]) == [1.0955, 0.8970] and list(table["age"]) == [61, 69]
+    assert list(table["bmd_l4"]) == [1.0955, 0.8970, 0.8970] and list(table["age"]) == [61, 69, 69]
+    assert [(p.case, p.action, p.reason) for p in problems] == [  # an unknown sex code is no sign of a shift
+        ("dxa.csv line 4", VALUE_DROPPED, "unknown sex 'X' (expected female/f/w or male/m)")]
 
 
 def test_one_exam_date_written_two_ways_is_a_duplicate_key(tmp_path):
