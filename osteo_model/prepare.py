@@ -39,7 +39,8 @@ from osteo_model.site_tables import read_site_table
 ENTRY_VERSION = 4
 """Bump when the content of an entry changes, so old entries are recomputed (2: level anatomy checks, HU on body
 tissue; 3: a mask off its bone, a body too small a share of its vertebra, a label in pieces, a NIfTI header
-without orientation or with a voxel size of 0; 4: a label too small beside the other levels)."""
+without orientation or with a voxel size of 0; 4: a label too small beside the other levels, weak bone no longer
+taken for soft tissue)."""
 STUDY_COLUMNS = ("study_id", "patient_id", "ct_date", "ct", "labels")
 
 
