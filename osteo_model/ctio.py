@@ -27,8 +27,11 @@ SPACE_TOLERANCE = 1e-3
 """Tolerance (mm for spacing/origin, cosine for direction) when comparing two images' geometry."""
 HU_SAMPLE_SIZE = 2_000_000
 """Voxels drawn (fixed seed) for the HU check: histograms of that many are stable, and cost ~50 ms."""
-AIR_TISSUE_GAP = 600.0
-"""Least distance between the medians of air (-1000 HU) and body tissue (fat -100 HU and denser)."""
+AIR_TISSUE_GAP = 800.0
+"""Least distance between the medians of air (-1000 HU) and body tissue (fat -100 HU and denser) for a split of
+a scan's values to be taken as one of air from body: air and lung lie ~900-1100 below the body's median, in HU
+as in raw stored values. Soft tissue and bone lie ~600 apart in a narrow field of view around the spine, which
+600 took for air and body (the bone's median read as the body's, the scan refused as raw values)."""
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
 """NIfTI datatype codes of the float types, the only ones that can hold NaN."""
 

@@ -133,6 +133,20 @@ def test_ct_not_in_hounsfield_units(tmp_path, spine_phantom):
     read_study(ok, lab_path)  # the same data in HU passes
 
 
+def test_a_narrow_field_of_view_around_the_spine_is_hounsfield(tmp_path):
+    """A scan reconstructed around the spine holds little air, clipped to -1024 (the scan's minimum), and much
+    bone. Left without its minimum, the split of air from body fell between soft tissue and bone (medians
+    ~600 apart), and the bone's median (676-706 HU) was read as the body's: five CTs of `strong_shift`'s
+    site_b were quarantined as raw stored values. The same scan as raw stored values is still refused."""
+    rng = np.random.default_rng(0)
+    hu = np.concatenate([np.full(3_000, -1024.0), rng.normal(-100, 20, 10_000), rng.normal(60, 30, 60_000),
+                         rng.normal(700, 150, 27_000)]).reshape(100, 10, 100)
+    path = tmp_path / "ct.nii.gz"
+    check_hounsfield(hu, path)
+    with pytest.raises(InputError, match="Hounsfield"):
+        check_hounsfield(hu + 1024, path)
+
+
 @pytest.mark.parametrize("slope", [2.0, 0.5, 1.5])
 def test_ct_with_wrong_rescale_slope_is_refused(tmp_path, slope):
     """A wrong slope keeps the body tissue plausible (fat and muscle stay near 0) while trabecular HU is off by
