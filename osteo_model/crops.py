@@ -14,9 +14,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from osteo_model.constants import (BODY_MIN_FRACTION, BONE_COVERAGE_MARGIN_MM, LEVELS, MAX_SECOND_PIECE,
-                                   MIN_BONE_COVERAGE, MIN_RELATIVE_VOLUME, SPINE_MAX_AXIAL_OFFSET_MM,
-                                   VERTEBRA_MAX_VOLUME_ML, VERTEBRA_MIN_BONE_HU)
+from osteo_model.constants import (BODY_MIN_FRACTION, BONE_COVERAGE_MARGIN_MM, LEVELS, MAX_BODY_SHARE_EXCESS,
+                                   MAX_SECOND_PIECE, MIN_BONE_COVERAGE, MIN_RELATIVE_VOLUME,
+                                   SPINE_MAX_AXIAL_OFFSET_MM, VERTEBRA_MAX_VOLUME_ML, VERTEBRA_MIN_BONE_HU)
 from osteo_model.errors import ConfigError
 from osteo_model.labels import level_boxes
 
@@ -240,6 +240,17 @@ def partial_levels(volumes_ml: Mapping[str, float]) -> dict[str, str]:
     return reasons
 
 
+def swollen_bodies(shares: Mapping[str, float]) -> dict[str, str]:
+    """Levels whose body takes a larger share of the vertebra than the other levels' bodies do of theirs."""
+    reasons: dict[str, str] = {}
+    for level, share in shares.items():
+        others = [v for lv, v in shares.items() if lv != level]
+        if len(others) >= 2 and share > (median := float(np.median(others))) + MAX_BODY_SHARE_EXCESS:
+            reasons[level] = (f"implausible anatomy: the part taken as the vertebral body is {share:.0%} of the vertebra, "
+                              f"the other levels' {median:.0%}: part of a neighbour's arch under this id?")
+    return reasons
+
+
 def _at_edge(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> bool:
     """Whether ``box`` comes within ``margin`` voxels of the scan edge."""
     return any(s.start < margin or s.stop > n - margin for s, n in zip(box, shape))
@@ -251,7 +262,7 @@ def crop_levels(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, i
     Each level is its label's main connected component. Excluded: a level absent from the mask or in two
     large pieces, a vertebra touching the scan edge (truncated: its body and statistics would be incomplete),
     a level whose anatomy is implausible (volume, bone HU, its mask off the bone around it, position and size
-    against the other levels: a wrong label preset, a mirrored map, a boundary put mid-body), a body too small to be real or too small a share of
+    against the other levels: a wrong label preset, a mirrored map, a boundary put mid-body or too high), a body too small to be real or too small a share of
     its vertebra, no trabecular core.
     """
     ct_arr = sitk.GetArrayViewFromImage(ct)
@@ -283,4 +294,7 @@ def crop_levels(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, i
     for level, (box, mask) in found.items():
         if level not in results:
             results[level] = crop_vertebra(ct, ct_arr, box, mask, level, crop_cfg)
+    shares = {lv: r.body_volume_ml / volumes[lv] for lv, r in results.items() if isinstance(r, VertebraCrop)}
+    for level, reason in swollen_bodies(shares).items():
+        results[level] = LevelExclusion(level, reason)
     return [results[level] for level in label_map]

@@ -82,3 +82,29 @@ def test_a_label_map_mirrored_left_right_is_excluded_level_by_level(tmp_path):
     assert all(isinstance(r, VertebraCrop) for r in crop_levels(ct, labels, levels, crop))
     mirrored = crop_levels(ct, np.ascontiguousarray(labels[:, :, ::-1]), levels, crop)
     assert all(isinstance(r, LevelExclusion) and "of the dense bone around it" in r.reason for r in mirrored), mirrored
+
+
+def test_a_boundary_put_too_high_excludes_the_level_that_took_the_arch():
+    """L1's lower slices relabelled L2 (the input audit's l1_half_is_l2 on the real CT). On this CT those slices
+    are L1's inferior articular and spinous processes, which reach down beside L2 and join it in one piece:
+    L2's 'body' became its whole label (77 ml against 43, mean HU 127 -> 157) and was cropped and labelled as it
+    was; L1 kept its body and lost its arch. Both labels are now 100 % 'body' against the other levels' 71 %, and
+    both are excluded; L3 and L4 are kept."""
+    from omegaconf import OmegaConf
+
+    from osteo_model.crops import LevelExclusion, VertebraCrop, crop_levels
+    from osteo_model.labels import resolve_label_map
+
+    crop = OmegaConf.create({"fov_mm": 48.0, "size": 32, "trabecular_erosion_mm": 3.0, "min_body_volume_ml": 4.0,
+                             "edge_margin_vox": 1})
+    ct, labels = read_image(EXAMPLE / "ct.nii.gz"), sitk.GetArrayFromImage(read_image(EXAMPLE / "seg_total.nii.gz"))
+    levels = resolve_label_map("totalseg_total")
+    rows = np.flatnonzero((labels == levels["L1"]).any(axis=(1, 2)))
+    for z in rows[: len(rows) // 2]:
+        labels[z][labels[z] == levels["L1"]] = levels["L2"]
+    results = {r.level: r for r in crop_levels(ct, labels, levels, crop)}
+    for level in ("L1", "L2"):
+        assert isinstance(results[level], LevelExclusion), results[level]
+        assert results[level].reason.startswith("implausible anatomy: the part taken as the vertebral body is 100% of "
+                                                "the vertebra, the other levels' 71%")
+    assert all(isinstance(results[lv], VertebraCrop) for lv in ("L3", "L4"))
