@@ -39,8 +39,8 @@ from osteo_model.site_tables import read_site_table
 ENTRY_VERSION = 4
 """Bump when the content of an entry changes, so old entries are recomputed (2: level anatomy checks, HU on body
 tissue; 3: a mask off its bone, a body too small a share of its vertebra, a label in pieces, a NIfTI header
-without orientation or with a voxel size of 0; 4: a label too small beside the other levels, weak bone no longer
-taken for soft tissue)."""
+without orientation or with a voxel size of 0; 4: a label too small, or a body too large a share, beside the other
+levels; weak bone no longer taken for soft tissue; a narrow field of view no longer taken for raw values)."""
 STUDY_COLUMNS = ("study_id", "patient_id", "ct_date", "ct", "labels")
 
 
