@@ -21,13 +21,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import sys
 import time
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from osteo_model import run_lock
@@ -428,7 +430,7 @@ def run(experiment: str, overrides: Sequence[str] = (), log: Callable[[str], Non
 def _run(plan: Plan, experiment: str, overrides: Sequence[str], log: Callable[[str], None], jobs: int) -> dict:
     exp = plan.exp
     result: dict = {"experiment": str(exp.name), "config": OmegaConf.to_container(exp, resolve=True),
-                    "scenarios": {}, "seconds": {}, "round_seconds": {}}
+                    "environment": environment(), "scenarios": {}, "seconds": {}, "round_seconds": {}}
     t_start = time.perf_counter()
     if jobs > 1:
         _train_in_parallel(plan, experiment, overrides, jobs, log)
@@ -454,6 +456,37 @@ def _run(plan: Plan, experiment: str, overrides: Sequence[str], log: Callable[[s
     log(f"evidence: {out / 'evidence.md'} (JSON: evidence.json, forest plot: forest.png), "
         f"{result['seconds']['total']:.0f} s")
     return result
+
+
+def environment() -> dict[str, str]:
+    """What the figures depend on beyond code, config and seed. Training is bit-for-bit repeatable on one
+    machine, not across machines: the same commit and data on another CPU (another SIMD path in torch's
+    kernels) moved per-seed patient MAE by up to ~0.005 g/cm2, enough to flip a goal met by less. Runs reused
+    from the store were trained by the process that wrote them, which this records only for itself."""
+    import platform
+
+    import torch
+
+    versions = {}
+    for package in ("numpy", "scipy", "SimpleITK", "monai", "scikit-learn", "pyradiomics"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": _cpu_model(),
+            "threads": str(torch.get_num_threads()), **versions}
+
+
+def _cpu_model() -> str:
+    """The processor's name as the OS gives it (Linux: /proc/cpuinfo), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _summary(exp: DictConfig, runs: dict[int, dict[str, MethodRun]], curves: dict[int, MethodRun],

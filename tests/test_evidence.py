@@ -68,6 +68,9 @@ def test_quick_experiment_writes_every_method_site_and_interval(tmp_path):
     # per-device bias: one device per fake site, all three in the pooled figures
     assert {"bias_hologic", "bias_ge_lunar", "bias_norland"} <= set(sc["differences"]["fedavg"]["pooled"])
     assert np.isfinite(written["seconds"]["total"]) and written["round_seconds"]["osteofl"]
+    # what the figures depend on beyond code and seed: the same commit on another CPU trains other weights
+    env = written["environment"]
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] and env["cpu"] and env["numpy"] == np.__version__
     # the experiment's goals, judged on this report's own numbers
     judged = written["goals"]["default"]
     assert len(judged) == 5 and all(row["met"] in (True, False, None) for row in judged)
