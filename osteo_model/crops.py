@@ -228,27 +228,25 @@ def misplaced_levels(centres: Mapping[str, np.ndarray]) -> dict[str, str]:
     return reasons
 
 
+def _others_median(values: Mapping[str, float]) -> dict[str, float]:
+    """Each level's yardstick: the median of the other levels' values in the same scan (with two others or more)."""
+    return {level: float(np.median([v for lv, v in values.items() if lv != level])) for level in values
+            if len(values) >= 3}
+
+
 def partial_levels(volumes_ml: Mapping[str, float]) -> dict[str, str]:
     """Levels whose label is too small beside the other levels of the scan to cover a whole vertebra."""
-    reasons: dict[str, str] = {}
-    for level, volume in volumes_ml.items():
-        others = [v for lv, v in volumes_ml.items() if lv != level]
-        if len(others) >= 2 and volume < MIN_RELATIVE_VOLUME * (median := float(np.median(others))):
-            reasons[level] = (f"implausible anatomy: {volume:.0f} ml, {volume / median:.0%} of the other levels' median "
-                              f"({median:.0f} ml; a whole vertebra is over {MIN_RELATIVE_VOLUME:.0%}): the label covers "
-                              "part of the vertebra, its rest labelled as a neighbour?")
-    return reasons
+    return {level: (f"implausible anatomy: {volumes_ml[level]:.0f} ml, {volumes_ml[level] / median:.0%} of the other "
+                    f"levels' median ({median:.0f} ml; a whole vertebra is over {MIN_RELATIVE_VOLUME:.0%}): the label "
+                    "covers part of the vertebra, its rest labelled as a neighbour?")
+            for level, median in _others_median(volumes_ml).items() if volumes_ml[level] < MIN_RELATIVE_VOLUME * median}
 
 
 def swollen_bodies(shares: Mapping[str, float]) -> dict[str, str]:
     """Levels whose body takes a larger share of the vertebra than the other levels' bodies do of theirs."""
-    reasons: dict[str, str] = {}
-    for level, share in shares.items():
-        others = [v for lv, v in shares.items() if lv != level]
-        if len(others) >= 2 and share > (median := float(np.median(others))) + MAX_BODY_SHARE_EXCESS:
-            reasons[level] = (f"implausible anatomy: the part taken as the vertebral body is {share:.0%} of the vertebra, "
-                              f"the other levels' {median:.0%}: part of a neighbour's arch under this id?")
-    return reasons
+    return {level: (f"implausible anatomy: the part taken as the vertebral body is {shares[level]:.0%} of the "
+                    f"vertebra, the other levels' {median:.0%}: part of a neighbour's arch under this id?")
+            for level, median in _others_median(shares).items() if shares[level] > median + MAX_BODY_SHARE_EXCESS}
 
 
 def _at_edge(box: tuple[slice, ...], shape: tuple[int, ...], margin: int) -> bool:
@@ -262,8 +260,8 @@ def crop_levels(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, i
     Each level is its label's main connected component. Excluded: a level absent from the mask or in two
     large pieces, a vertebra touching the scan edge (truncated: its body and statistics would be incomplete),
     a level whose anatomy is implausible (volume, bone HU, its mask off the bone around it, position and size
-    against the other levels: a wrong label preset, a mirrored map, a boundary put mid-body or too high), a body too small to be real or too small a share of
-    its vertebra, no trabecular core.
+    against the other levels: a wrong label preset, a mirrored map, a boundary put mid-body or too high), a
+    body too small to be real or too small a share of its vertebra, no trabecular core.
     """
     ct_arr = sitk.GetArrayViewFromImage(ct)
     spacing_zyx = np.asarray(ct.GetSpacing())[::-1]
