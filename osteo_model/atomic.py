@@ -69,14 +69,17 @@ def sync_file(path: str | Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "wb", private: bool = False) -> Iterator[IO]:
+def atomic_file(path: str | Path, mode: str = "wb", private: bool = False, sweep: bool = True) -> Iterator[IO]:
     """Write through a temporary sibling that replaces ``path`` in one step once the block succeeds.
 
     The data and then the rename are flushed to disk; on an error the temporary file is removed and ``path``
-    keeps its old content. ``private`` creates the file readable by its owner only (keys).
+    keeps its old content. ``private`` creates the file readable by its owner only (keys). ``sweep`` first
+    removes a dead writer's temporary of ``path``; it lists the folder, so a writer of many files into one
+    folder sweeps that folder once itself (``remove_stale_temporaries``) and passes False.
     """
     path = Path(path)
-    remove_stale_temporaries(path.parent, glob.escape(path.name))
+    if sweep:
+        remove_stale_temporaries(path.parent, glob.escape(path.name))
     tmp = temporary_sibling(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
     try:

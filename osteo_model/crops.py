@@ -284,9 +284,9 @@ def crop_levels(ct: sitk.Image, label_arr: np.ndarray, label_map: Mapping[str, i
         else:
             found[level] = box, mask
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    centres = {level: _lps_points(ct, np.argwhere(mask).mean(axis=0, keepdims=True) + [s.start for s in box])[0]
-               for level, (box, mask) in found.items() if mask.sum() * voxel_ml >= crop_cfg.min_body_volume_ml}
     volumes = {level: float(mask.sum()) * voxel_ml for level, (_, mask) in found.items()}
+    centres = {level: _lps_points(ct, np.argwhere(mask).mean(axis=0, keepdims=True) + [s.start for s in box])[0]
+               for level, (box, mask) in found.items() if volumes[level] >= crop_cfg.min_body_volume_ml}
     for level, reason in (partial_levels({lv: volumes[lv] for lv in centres}) | misplaced_levels(centres)).items():
         results[level] = LevelExclusion(level, reason)
     for level, (box, mask) in found.items():

@@ -269,7 +269,7 @@ def _run(tasks: list[StudyTask], n_jobs: int) -> Iterator[tuple[StudyTask, tuple
 def _write_entry(path: Path, crops: list[VertebraCrop], features: np.ndarray, rows: list[dict], excluded: list[LevelExclusion], size: int) -> None:
     """Write one study's entry atomically: a reader finds the whole entry or none."""
     shape = (len(crops), size, size, size)
-    with atomic_file(path) as fh:
+    with atomic_file(path, sweep=False) as fh:  # check_writable swept the entries folder once
         np.savez(
             fh,
             crops=np.stack([c.crop for c in crops]) if crops else np.zeros(shape, np.int16),

@@ -381,8 +381,6 @@ def _prepare_unit(experiment: str, overrides: Sequence[str], scenario: str, seed
 def _train_method(experiment: str, overrides: Sequence[str], scenario: str, seed: int, method: str,
                   threads: int) -> None:
     """A worker's share of the second stage: one method on one (prepared) scenario and seed, into the run cache."""
-    import torch
-
     torch.set_num_threads(threads)
     plan = Plan.make(experiment, overrides)
     unit = _unit_data(plan, scenario, seed, _worker_log, prepare=False)
@@ -461,12 +459,9 @@ def _run(plan: Plan, experiment: str, overrides: Sequence[str], log: Callable[[s
 def environment() -> dict[str, str]:
     """What the figures depend on beyond code, config and seed. Training is bit-for-bit repeatable on one
     machine, not across machines: the same commit and data on another CPU (another SIMD path in torch's
-    kernels) moved per-seed patient MAE by up to ~0.005 g/cm2, enough to flip a goal met by less. Runs reused
-    from the store were trained by the process that wrote them, which this records only for itself."""
-    import platform
-
-    import torch
-
+    kernels) moved per-seed, per-site patient MAE by a median of 0.001-0.005 g/cm2 and up to 0.03, enough to
+    flip a goal met by less. Runs reused from the store were trained by the process that wrote them, which this
+    records only for itself."""
     versions = {}
     for package in ("numpy", "scipy", "SimpleITK", "monai", "scikit-learn", "pyradiomics"):
         try:

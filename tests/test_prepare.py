@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +99,12 @@ def test_half_written_entry_is_ignored(make_site, prepare_cfg):
     cfg = prepare_cfg(site)
     prepare_site(cfg, progress=False)
     entry_dir = Path(cfg.site.cache_dir) / "entries"
-    (entry := next(entry_dir.glob("*.npz"))).rename(entry_dir / f".{entry.name}.tmp-999")  # killed before os.replace
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a writer killed before os.replace: its temporary stays, and its pid runs no more
+    (entry := next(entry_dir.glob("*.npz"))).rename(entry_dir / f".{entry.name}.tmp-{child.pid}")
     summary = prepare_site(cfg, progress=False)
     assert (summary.prepared, summary.cached) == (1, 0) and len(SiteCache.open(cfg.site.cache_dir)) == 4
+    assert not list(entry_dir.glob(".*.tmp-*")), "the dead writer's temporary entry was left behind"
 
 
 def test_parallel_radiomics_matches_serial(make_site, prepare_cfg):
